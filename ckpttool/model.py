@@ -1,0 +1,246 @@
+"""The lazy checkpoint model: plain records that never hold tensor bytes and never need torch.
+
+A reader turns a file into a :class:`Checkpoint`: the unpickled object tree, in which every tensor
+is a :class:`TensorRef` that points at a :class:`StorageInfo` (where the bytes lie in the file) and
+every object the pickle named but ckpttool does not create is an :class:`Opaque` placeholder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """One storage record: its dtype, size, the device it was saved from, and where its bytes are."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str  # the saved device tag: "cpu", "cuda:0", ... ("" when the format has none)
+    file: str  # the file that holds the bytes
+    offset: int  # absolute offset of the first byte in ``file``
+    record: str | None = None  # zip entry name, for zip-based formats
+    compressed: bool = False  # a deflated zip record: bytes must be inflated, not copied
+    big_endian: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.get(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+class TensorRef:
+    """A tensor as the pickle describes it: a view (offset, shape, stride) of a storage."""
+
+    __slots__ = (
+        "attributes",
+        "dtype",
+        "kind",
+        "quantizer",
+        "requires_grad",
+        "shape",
+        "storage",
+        "storage_offset",
+        "stride",
+        "subclass",
+    )
+
+    def __init__(
+        self,
+        storage: StorageInfo | None,
+        storage_offset: int = 0,
+        shape: tuple[int, ...] = (),
+        stride: tuple[int, ...] = (),
+        *,
+        dtype: str | None = None,
+        requires_grad: bool = False,
+        kind: str = "tensor",
+    ) -> None:
+        self.storage = storage
+        self.storage_offset = storage_offset
+        self.shape = shape
+        self.stride = stride
+        self.dtype = dtype or (storage.dtype if storage else "float32")
+        self.requires_grad = requires_grad
+        # "tensor", "parameter", "quantized", "legacy-typed-tensor"
+        self.kind = kind
+        self.quantizer: Any = None  # quantizer parameters of a quantized tensor
+        self.subclass: str | None = None  # a tensor subclass' global name (_rebuild_from_type_v2)
+        self.attributes: Any = None  # Python attributes set on the tensor (its __dict__)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.get(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=False):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def extent(self) -> tuple[int, int]:
+        """The element range [lo, hi) of the storage that this view touches (empty: lo == hi)."""
+        if self.numel == 0:
+            return (self.storage_offset, self.storage_offset)
+        last = self.storage_offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        first = self.storage_offset + sum(
+            (s - 1) * st for s, st in zip(self.shape, self.stride) if st < 0
+        )
+        return (first, last + 1)
+
+    def __setstate__(self, state: Any) -> None:
+        # Old pickles BUILD a rebuilt tensor or Parameter with (requires_grad, volatile, hooks).
+        if isinstance(state, tuple) and state and isinstance(state[0], bool):
+            self.requires_grad = state[0]
+        elif isinstance(state, dict) and state:
+            self.attributes = state
+
+    def __repr__(self) -> str:
+        loc = self.storage.location if self.storage else "?"
+        return f"TensorRef({self.dtype}, {list(self.shape)}, {loc})"
+
+
+class Opaque(dict):
+    """A placeholder for an object the pickle names but ckpttool never imports or creates.
+
+    It records the global's name, how the pickle built it (called with ``args``, or
+    ``cls.__new__(cls, *args)``), the state given to ``__setstate__``, and any list or dict items
+    the pickle appended. Readers create one subclass per global name (see ``unpickler``).
+    """
+
+    __ck_global__: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
+        self = super().__new__(cls)
+        self.__dict__["ck_args"] = args
+        self.__dict__["ck_kwargs"] = kwargs
+        self.__dict__["ck_state"] = None
+        self.__dict__["ck_list"] = []
+        self.__dict__["ck_how"] = "call"
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the pickle's args are kept in __new__
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["ck_state"] = state
+
+    def append(self, item: Any) -> None:
+        self.__dict__["ck_list"].append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__["ck_list"].extend(items)
+
+    @property
+    def global_name(self) -> str:
+        return type(self).__ck_global__
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.__dict__["ck_args"]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.__dict__["ck_kwargs"]
+
+    @property
+    def state(self) -> Any:
+        return self.__dict__["ck_state"]
+
+    @property
+    def list_items(self) -> list[Any]:
+        return self.__dict__["ck_list"]
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}>"
+
+    __hash__ = object.__hash__  # type: ignore[assignment]  # placeholders may be dict keys
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the checkpoint, named by its dotted path from the root."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    storage: StorageInfo | None
+    kind: str
+    requires_grad: bool
+    ref: TensorRef = field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        return self.ref.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.nbytes
+
+    @property
+    def device(self) -> str:
+        return self.storage.location if self.storage else ""
+
+
+@dataclass
+class Checkpoint:
+    """What a reader found in a checkpoint file, without reading tensor bytes."""
+
+    path: str
+    format: str  # "zip", "legacy", "torchscript", "safetensors", "hf-sharded"
+    file_bytes: int
+    root: Any
+    storages: dict[str, StorageInfo]
+    globals: list[str]  # every global the pickle names, in order of first appearance
+    facts: dict[str, Any] = field(default_factory=dict)  # format details worth reporting
+    _tensors: list[TensorInfo] | None = field(default=None, repr=False)
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor reachable from the root, named by its path (cached)."""
+        if self._tensors is None:
+            from .tree import iter_tensors
+
+            self._tensors = [
+                TensorInfo(
+                    name=name,
+                    dtype=ref.dtype,
+                    shape=ref.shape,
+                    stride=ref.stride,
+                    storage_offset=ref.storage_offset,
+                    storage=ref.storage,
+                    kind=ref.kind,
+                    requires_grad=ref.requires_grad,
+                    ref=ref,
+                )
+                for name, ref in iter_tensors(self.root)
+            ]
+        return self._tensors
+
+    def iter_storages(self) -> Iterator[StorageInfo]:
+        return iter(self.storages.values())

@@ -1,0 +1,135 @@
+"""safetensors: an 8-byte header length, a JSON header, then dense little-endian tensor bytes.
+
+The header is validated here rather than trusted to the safetensors library, which accepts some
+files its own spec forbids (duplicate keys, for one).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .. import dtypes
+from ..errors import CheckpointError
+from ..model import Checkpoint, StorageInfo, TensorRef
+
+MAX_HEADER = 100 * 1000 * 1000  # the limit the safetensors library itself applies
+
+
+def _no_duplicates(path: str):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointError(path, f"safetensors header lists {k!r} twice")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def read_header(path: str, file_bytes: int) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, "is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CheckpointError(path, f"safetensors header length {n:,} is absurd")
+        if 8 + n > file_bytes:
+            raise CheckpointError(path, "is truncated: the safetensors header is cut short")
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(path, "safetensors header is not UTF-8") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates(path))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(path, f"safetensors header is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise CheckpointError(path, "safetensors header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "safetensors header is not a JSON object")
+    return 8 + n, header
+
+
+def read(path: str, file_bytes: int) -> Checkpoint:
+    data_start, header = read_header(path, file_bytes)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise CheckpointError(path, "safetensors __metadata__ must map strings to strings")
+    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(path, f"safetensors entry {name!r} is not an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if code not in dtypes.SAFETENSORS_DTYPES:
+            raise CheckpointError(path, f"tensor {name!r} has unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise CheckpointError(path, f"tensor {name!r} has an invalid shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(path, f"tensor {name!r} has invalid data_offsets")
+        dtype = dtypes.SAFETENSORS_DTYPES[code]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * dtype.itemsize != offsets[1] - offsets[0]:
+            raise CheckpointError(
+                path,
+                f"tensor {name!r}: shape {shape} of {code} needs {numel * dtype.itemsize:,} "
+                f"bytes but data_offsets span {offsets[1] - offsets[0]:,}",
+            )
+        entries.append((offsets[0], offsets[1], name, dtype.name, tuple(shape)))
+    entries.sort()
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise CheckpointError(path, f"tensor {name!r} {what} (data_offsets)")
+        pos = end
+    if data_start + pos != file_bytes:
+        if data_start + pos > file_bytes:
+            raise CheckpointError(path, "is truncated: tensor data is cut short")
+        raise CheckpointError(
+            path, f"has {file_bytes - data_start - pos:,} unexpected bytes after the last tensor"
+        )
+    root: dict[str, TensorRef] = {}
+    storages: dict[str, StorageInfo] = {}
+    order = {name: i for i, name in enumerate(header)}
+    for begin, _end, name, dtype, shape in sorted(entries, key=lambda e: order[e[2]]):
+        numel = 1
+        for s in shape:
+            numel *= s
+        storage = StorageInfo(name, dtype, numel, "", path, data_start + begin)
+        stride = tuple(_contiguous_strides(shape))
+        root[name] = TensorRef(storage, 0, shape, stride, dtype=dtype)
+        storages[name] = storage
+    return Checkpoint(
+        path=path,
+        format="safetensors",
+        file_bytes=file_bytes,
+        root=root,
+        storages=storages,
+        globals=[],
+        facts={"metadata": metadata},
+    )
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return list(reversed(strides))

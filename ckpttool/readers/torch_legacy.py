@@ -1,0 +1,95 @@
+"""torch's legacy (non-zip) format: magic number, protocol, sys info, object, keys, raw storages."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import Any
+
+from ..errors import CheckpointError
+from ..model import Checkpoint, StorageInfo
+from ..unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
+from ._pickle import check_views, unpickle
+
+
+def read(path: str, file_bytes: int) -> Checkpoint:
+    with open(path, "rb") as raw:
+        f = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type]
+        magic, _ = unpickle(path, f, "the magic number")
+        if magic != LEGACY_MAGIC:
+            raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")
+        protocol, _ = unpickle(path, f, "the protocol version")
+        if protocol != LEGACY_PROTOCOL:
+            raise CheckpointError(path, f"unsupported legacy protocol version {protocol!r}")
+        sys_info, _ = unpickle(path, f, "the system info")
+        little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
+
+        declared: dict[str, tuple[StorageType, str, int]] = {}
+        placeholders: dict[str, StorageInfo] = {}
+
+        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
+            seen = declared.get(key)
+            if seen is None:
+                declared[key] = (storage_type, location, numel)
+                placeholders[key] = StorageInfo(
+                    key, storage_type.dtype, numel, location, path, -1, big_endian=not little
+                )
+            elif seen[0].dtype != storage_type.dtype or seen[2] != numel:
+                raise CheckpointError(path, f"storage {key!r} is declared twice with other sizes")
+            return placeholders[key]
+
+        root, unpickler = unpickle(path, f, "the pickled object", resolve)
+        keys, _ = unpickle(path, f, "the storage key list")
+        if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
+            raise CheckpointError(path, "the storage key list is corrupt")
+        pos = f.tell()
+
+        storages: dict[str, StorageInfo] = {}
+        for key in map(str, keys):
+            if key not in placeholders:
+                raise CheckpointError(path, f"storage {key!r} is listed but no tensor uses it")
+            if key in storages:
+                raise CheckpointError(path, f"storage {key!r} is listed twice")
+            ph = placeholders[key]
+            header = os.pread(raw.fileno(), 8, pos)
+            if len(header) < 8:
+                raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
+            (numel,) = struct.unpack("<q" if little else ">q", header)
+            if numel != ph.numel:
+                raise CheckpointError(
+                    path,
+                    f"storage {key!r} holds {numel} elements but the pickle says {ph.numel}",
+                )
+            start = pos + 8
+            end = start + ph.nbytes
+            if end > file_bytes:
+                raise CheckpointError(path, f"is truncated: storage {key!r} is cut short")
+            storages[key] = StorageInfo(
+                key, ph.dtype, ph.numel, ph.location, path, start, big_endian=not little
+            )
+            pos = end
+        missing = set(placeholders) - set(storages)
+        if missing:
+            raise CheckpointError(path, f"storage {sorted(missing)[0]!r} is missing from the file")
+
+    for ref in unpickler.tensors:
+        if ref.storage is not None:
+            ref.storage = storages[ref.storage.key]
+    check_views(path, unpickler.tensors)
+    facts: dict[str, Any] = {
+        "protocol_version": protocol,
+        "sys_info": sys_info if isinstance(sys_info, dict) else None,
+        "trailing_bytes": file_bytes - pos,
+    }
+    if unpickler.module_sources:
+        facts["module_sources"] = sorted(set(unpickler.module_sources))
+    return Checkpoint(
+        path=path,
+        format="legacy",
+        file_bytes=file_bytes,
+        root=root,
+        storages=storages,
+        globals=list(unpickler.globals),
+        facts=facts,
+    )

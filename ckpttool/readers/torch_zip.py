@@ -1,0 +1,200 @@
+"""torch's zip format (``torch.save`` since 1.6) and TorchScript archives.
+
+Only the central directory, ``data.pkl`` and the small text records are read; each storage
+record's position is taken from its local header so writers can copy it byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from typing import Any
+
+from ..errors import CheckpointError
+from ..model import Checkpoint, StorageInfo
+from ..unpickler import StorageType
+from ._pickle import check_views, unpickle
+
+MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint we can inspect
+MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+class ZipArchive:
+    """A torch zip archive's entries under its single root folder."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(path, f"is a damaged or truncated zip archive ({exc})") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise CheckpointError(path, f"is a damaged or truncated zip archive ({exc})") from None
+        infos = self.zf.infolist()
+        if not infos:
+            raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise CheckpointError(path, f"zip archive lists {dup!r} twice (a tampered file)")
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1 or any("/" not in n for n in names):
+            raise CheckpointError(
+                path, f"zip entries lie under several roots ({', '.join(sorted(roots)[:3])})"
+            )
+        self.root = roots.pop()
+        for info in infos:
+            if info.flag_bits & 0x1:
+                raise CheckpointError(path, f"zip entry {info.filename!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise CheckpointError(
+                    path, f"zip entry {info.filename!r} uses unsupported compression"
+                )
+            if (
+                info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 1024
+            ):
+                raise CheckpointError(
+                    path,
+                    f"zip entry {info.filename!r} claims {info.file_size:,} bytes from "
+                    f"{info.compress_size:,} compressed (a zip bomb)",
+                )
+        self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    def read_small(self, name: str, limit: int = MAX_PICKLE_BYTES) -> bytes:
+        info = self.entries[name]
+        if info.file_size > limit:
+            raise CheckpointError(
+                self.path, f"{name} is {info.file_size:,} bytes, more than a checkpoint needs"
+            )
+        try:
+            return self.zf.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(self.path, f"cannot read {name} ({exc})") from None
+        except Exception as exc:  # zlib.error and friends
+            raise CheckpointError(self.path, f"cannot read {name} ({exc})") from None
+
+    def data_offset(self, info: zipfile.ZipInfo) -> int:
+        """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size:
+                raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
+            fields = _LOCAL_HEADER.unpack(header)
+            if fields[0] != b"PK\x03\x04":
+                raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
+            name_len, extra_len = fields[9], fields[10]
+            name = f.read(name_len)
+        if name != info.orig_filename.encode("utf-8") and name != info.orig_filename.encode(
+            "cp437", "replace"
+        ):
+            raise CheckpointError(
+                self.path,
+                f"zip entry {info.filename!r} is named {name[:60]!r} in its local header "
+                "(a tampered file)",
+            )
+        return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def read(path: str, file_bytes: int) -> Checkpoint:
+    archive = ZipArchive(path)
+    is_torchscript = archive.has("constants.pkl") and any(
+        n.startswith("code/") for n in archive.entries
+    )
+    if not archive.has("data.pkl"):
+        raise CheckpointError(path, f"zip archive has no {archive.root}/data.pkl: not a checkpoint")
+    byteorder = "little"
+    if archive.has("byteorder"):
+        byteorder = archive.read_small("byteorder", 16).decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise CheckpointError(path, f"unknown byteorder {byteorder!r}")
+    facts: dict[str, Any] = {"archive_name": archive.root}
+    if archive.has("version"):
+        facts["record_version"] = archive.read_small("version", 64).decode("ascii", "replace")
+        facts["record_version"] = facts["record_version"].strip()
+    if archive.has("byteorder"):
+        facts["byteorder"] = byteorder
+
+    storages: dict[str, StorageInfo] = {}
+
+    def resolver(folder: str):
+        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
+            name = f"{folder}/{key}"
+            known = storages.get(name)
+            if known is not None:
+                if known.dtype != storage_type.dtype or known.numel != numel:
+                    raise CheckpointError(path, f"storage {key!r} is declared with two sizes")
+                return known
+            info = archive.entries.get(name)
+            if info is None:
+                raise CheckpointError(path, f"storage record {archive.root}/{name} is missing")
+            itemsize = _itemsize(storage_type.dtype)
+            if info.file_size != numel * itemsize:
+                raise CheckpointError(
+                    path,
+                    f"storage record {archive.root}/{name} holds {info.file_size:,} bytes but "
+                    f"the pickle declares {numel:,} {storage_type.dtype} elements "
+                    f"({numel * itemsize:,} bytes)",
+                )
+            storage = StorageInfo(
+                key=key if folder == "data" else name,
+                dtype=storage_type.dtype,
+                numel=numel,
+                location=location,
+                file=path,
+                offset=archive.data_offset(info),
+                record=info.filename,
+                compressed=info.compress_type != zipfile.ZIP_STORED,
+                big_endian=byteorder == "big",
+            )
+            if not storage.compressed and storage.offset + info.file_size > file_bytes:
+                raise CheckpointError(path, f"is truncated: storage record {name} is cut short")
+            storages[name] = storage
+            return storage
+
+        return resolve
+
+    pkl = archive.read_small("data.pkl")
+    root, unpickler = unpickle(path, io.BytesIO(pkl), "data.pkl", resolver("data"))
+    tensors = list(unpickler.tensors)
+    globals_ = list(unpickler.globals)
+    if is_torchscript:
+        facts["torchscript"] = True
+        if archive.has("constants.pkl"):
+            consts, cu = unpickle(
+                path,
+                io.BytesIO(archive.read_small("constants.pkl")),
+                "constants.pkl",
+                resolver("constants"),
+            )
+            tensors += cu.tensors
+            globals_ += [g for g in cu.globals if g not in unpickler.globals]
+            facts["constants_storages"] = sum(1 for k in storages if k.startswith("constants/"))
+            if cu.tensors:
+                root = {"data": root, "constants": consts}
+    check_views(path, tensors)
+    archive.zf.close()
+    return Checkpoint(
+        path=path,
+        format="torchscript" if is_torchscript else "zip",
+        file_bytes=file_bytes,
+        root=root,
+        storages={s.key: s for s in storages.values()},
+        globals=globals_,
+        facts=facts,
+    )
+
+
+def _itemsize(dtype: str) -> int:
+    from .. import dtypes
+
+    return dtypes.get(dtype).itemsize
+
+
+__all__ = ["ZipArchive", "read"]

@@ -1,0 +1,123 @@
+"""Render reports as text tables (tabulate) or JSON. Never imports torch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tabulate import tabulate
+
+_FORMAT_NAMES = {
+    "zip": "torch zip",
+    "legacy": "torch legacy (pre-1.6)",
+    "torchscript": "TorchScript archive",
+    "safetensors": "safetensors",
+    "hf-sharded": "sharded safetensors/torch (Hugging Face index)",
+}
+
+
+def escape(text: str) -> str:
+    """Show control characters (terminal escapes in hostile key names) as Python escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, ensure_ascii=True)
+
+
+def summary(report: dict[str, Any], fmt: str = "simple") -> str:
+    lines: list[str] = []
+    facts = report["facts"]
+    fmt_name = _FORMAT_NAMES.get(report["format"], report["format"])
+    if report["format"] in ("zip", "torchscript") and "archive_name" in facts:
+        fmt_name += f" (archive '{escape(facts['archive_name'])}'"
+        if facts.get("byteorder") == "big":
+            fmt_name += ", big-endian"
+        fmt_name += ")"
+    lines.append(f"path:     {escape(report['path'])}")
+    lines.append(f"format:   {fmt_name}")
+    lines.append(f"size:     {human_bytes(report['file_bytes'])} ({report['file_bytes']:,} bytes)")
+    lines.append(
+        f"tensors:  {report['tensor_count']:,} in {report['storage_count']:,} storages, "
+        f"{report['parameters']:,} parameters, {human_bytes(report['tensor_bytes'])}"
+    )
+
+    def table(title: str, rows: list[list[Any]], headers: list[str]) -> None:
+        if rows:
+            lines.append("")
+            lines.append(title)
+            lines.append(tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True))
+
+    table(
+        "saved devices",
+        [[escape(k), f"{v['storages']:,}", human_bytes(v["bytes"])] for k, v in report["devices"].items()],
+        ["device", "storages", "bytes"],
+    )  # fmt: skip
+    table(
+        "dtypes",
+        [[k, f"{v['storages']:,}", human_bytes(v["bytes"])] for k, v in report["dtypes"].items()],
+        ["dtype", "storages", "bytes"],
+    )
+    modules = any(s["source"] == "module" for s in report["state_dicts"])
+    table(
+        "state dicts",
+        [
+            [escape(s["path"]) or "(root)", f"{s['tensors']:,}", escape(s["prefix"] or "-")]
+            + (["whole pickled module" if s["source"] == "module" else ""] if modules else [])
+            for s in report["state_dicts"]
+        ],
+        ["path", "tensors", "key prefix"] + (["source"] if modules else []),
+    )
+    table(
+        "entries",
+        [[escape(e["path"]), escape(e["value"])] for e in report["entries"]],
+        ["key", "value"],
+    )
+    table(
+        "globals",
+        [[escape(g["name"]), g["kind"]] for g in report["globals"]],
+        ["global", "kind"],
+    )
+    if report["shared"]:
+        lines.append("")
+        lines.append("shared storages")
+        for group in report["shared"][:20]:
+            lines.append("  " + " = ".join(escape(n) for n in group))
+        if len(report["shared"]) > 20:
+            lines.append(f"  ... and {len(report['shared']) - 20} more groups")
+    if report["warnings"]:
+        lines.append("")
+        lines.append("warnings")
+        lines += [f"- {escape(w)}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def tensors_table(report: dict[str, Any], fmt: str = "simple") -> str:
+    rows = [
+        [
+            escape(t["name"]),
+            t["dtype"],
+            "[" + ", ".join(map(str, t["shape"])) + "]",
+            escape(t["device"]) or "-",
+            human_bytes(t["nbytes"]),
+            ", ".join(escape(n) for n in t["shared_with"]) or "",
+        ]
+        for t in report["tensors"]
+    ]
+    return tabulate(
+        rows,
+        headers=["name", "dtype", "shape", "saved device", "size", "shared with"],
+        tablefmt=fmt,
+        disable_numparse=True,
+    )

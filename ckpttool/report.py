@@ -1,0 +1,227 @@
+"""Turn a :class:`Checkpoint` into the JSON-ready summary that ``inspect`` shows.
+
+The top-level shape is the stable contract documented in the README (``schema`` 1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from typing import Any
+
+from .model import Checkpoint, Opaque, TensorInfo, TensorRef
+from .safety import classify
+from .summary import describe
+from .transforms import find_state_dicts
+from .tree import children
+
+SCHEMA = 1
+
+
+def _shared_groups(tensors: list[TensorInfo]) -> dict[int, list[str]]:
+    """Tensor index -> names of the other tensors whose bytes overlap it in the same storage."""
+    by_storage: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t.storage is not None and t.numel:
+            by_storage[(t.storage.file, t.storage.key)].append(i)
+    shared: dict[int, list[str]] = {}
+    for idxs in by_storage.values():
+        if len(idxs) < 2:
+            continue
+        for i in idxs:
+            lo, hi = tensors[i].ref.extent()
+            lo, hi = lo * tensors[i].ref.itemsize, hi * tensors[i].ref.itemsize
+            others = []
+            for j in idxs:
+                if j == i:
+                    continue
+                lo2, hi2 = tensors[j].ref.extent()
+                lo2, hi2 = lo2 * tensors[j].ref.itemsize, hi2 * tensors[j].ref.itemsize
+                if lo < hi2 and lo2 < hi:
+                    others.append(tensors[j].name)
+            if others:
+                shared[i] = others
+    return shared
+
+
+def _entries(root: Any) -> list[dict[str, str]]:
+    """Non-tensor values near the top (``epoch = 37``), and containers summarised."""
+    if isinstance(root, Opaque) or not isinstance(root, dict):
+        return []
+    out = []
+    for path, value in children(root, ""):
+        if isinstance(value, TensorRef):
+            continue
+        n = _count_tensors(value)
+        if n:
+            text = f"{type(value).__name__ if not isinstance(value, Opaque) else value.global_name}"
+            text += f" holding {n} tensor{'s' if n != 1 else ''}"
+            out.append({"path": path, "value": text, "holds_tensors": "true"})
+        else:
+            out.append({"path": path, "value": describe(value, 100), "holds_tensors": "false"})
+    return out
+
+
+def _count_tensors(node: Any, limit: int = 10**7) -> int:
+    from .tree import iter_tensors
+
+    n = 0
+    for _ in iter_tensors(node):
+        n += 1
+        if n >= limit:
+            break
+    return n
+
+
+def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, Any]:
+    tensors = ckpt.tensors()
+    shared = _shared_groups(tensors)
+    storages = ckpt.storages
+    dtypes_: dict[str, dict[str, int]] = {}
+    for s in storages.values():
+        d = dtypes_.setdefault(s.dtype, {"storages": 0, "bytes": 0})
+        d["storages"] += 1
+        d["bytes"] += s.nbytes
+    devices: dict[str, dict[str, int]] = {}
+    for s in storages.values():
+        if not s.location:
+            continue
+        d = devices.setdefault(s.location, {"storages": 0, "bytes": 0})
+        d["storages"] += 1
+        d["bytes"] += s.nbytes
+    sds = find_state_dicts(ckpt.root)
+    by_name = {t.name: t for t in tensors}
+    params = 0
+    counted: set[int] = set()
+    for sd in sds:
+        prefix = f"{sd.path}." if sd.path else ""
+        for t in tensors:
+            if t.name.startswith(prefix) and id(t.ref) not in counted:
+                counted.add(id(t.ref))
+                params += t.numel
+    if not sds:
+        params = sum(t.numel for t in tensors)
+    globals_ = [{"name": g, "kind": classify(g)} for g in ckpt.globals]
+    tensor_rows = []
+    for i, t in enumerate(tensors):
+        if tensor_filter and not fnmatch.fnmatchcase(t.name, tensor_filter):
+            continue
+        tensor_rows.append(
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "stride": list(t.stride),
+                "storage_offset": t.storage_offset,
+                "device": t.device,
+                "nbytes": t.nbytes,
+                "storage": t.storage.key if t.storage else None,
+                "kind": t.kind,
+                "shared_with": shared.get(i, []),
+            }
+        )
+    del by_name
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "file_bytes": ckpt.file_bytes,
+        "tensor_count": len(tensors),
+        "storage_count": len(storages),
+        "parameters": params,
+        "tensor_bytes": sum(s.nbytes for s in storages.values()),
+        "dtypes": dtypes_,
+        "devices": devices,
+        "state_dicts": [
+            {"path": s.path, "tensors": s.tensors, "prefix": s.prefix, "source": s.source}
+            for s in sds
+        ],
+        "entries": _entries(ckpt.root),
+        "globals": globals_,
+        "shared": _shared_summary(tensors, shared),
+        "facts": _jsonable(ckpt.facts),
+        "tensors": tensor_rows,
+    }
+    report["warnings"] = warnings(report)
+    return report
+
+
+def _shared_summary(tensors: list[TensorInfo], shared: dict[int, list[str]]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for i, others in shared.items():
+        name = tensors[i].name
+        if name in seen:
+            continue
+        group = [name, *others]
+        seen.update(group)
+        groups.append(group)
+    return groups
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return describe(value)
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """Plain-language problems with this file, each with the fix."""
+    out: list[str] = []
+    gpu = sorted(loc for loc in report["devices"] if loc != "cpu")
+    if gpu:
+        where = ", ".join(gpu)
+        first = gpu[0]
+        out.append(
+            f"storages were saved on {where}: a plain torch.load restores them onto that GPU "
+            f"(in every DDP rank: extra memory on {first}) and fails on a machine without one; "
+            "`ckpttool convert IN OUT` re-saves them for CPU"
+        )
+    for sd in report["state_dicts"]:
+        prefix = sd["prefix"]
+        if not prefix:
+            continue
+        where = f"state dict '{sd['path']}'" if sd["path"] else "the state dict"
+        if prefix.startswith("module."):
+            fix = "`ckpttool convert --strip-module`"
+            why = "saved from a DataParallel/DDP wrapper"
+        elif prefix.startswith("_orig_mod."):
+            fix = "`ckpttool convert --strip-prefix _orig_mod.`"
+            why = "saved from a torch.compile wrapper"
+        else:
+            fix = f"`ckpttool convert --strip-prefix {prefix}`"
+            why = "saved from a wrapper module"
+        out.append(
+            f"every key of {where} starts with '{prefix}' ({why}): load_state_dict on an "
+            f"unwrapped model fails with missing/unexpected keys; {fix} removes it"
+        )
+    dangerous = [g["name"] for g in report["globals"] if g["kind"] == "dangerous"]
+    opaque = [g["name"] for g in report["globals"] if g["kind"] == "opaque"]
+    if dangerous:
+        out.append(
+            "DANGER: the pickle names " + ", ".join(dangerous[:5]) + ": torch.load with "
+            "weights_only=False would run code. Do not load this file; ckpttool never runs it"
+        )
+    if opaque and report["format"] != "torchscript":
+        shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")
+        out.append(
+            f"torch.load(weights_only=True) refuses this file: it pickles {shown}; "
+            "`ckpttool convert --plain-objects` writes plain equivalents it accepts"
+        )
+    if report["format"] == "legacy":
+        out.append(
+            "legacy (pre-1.6) format: torch.load(mmap=True) cannot map it; "
+            "`ckpttool convert` rewrites it in the zip format"
+        )
+    if report["format"] == "torchscript":
+        out.append(
+            "a TorchScript archive (torch.jit.save): it holds code as well as weights; "
+            "torch.jit.load runs that code, so load it only if you trust its source"
+        )
+    if report["tensor_count"] == 0:
+        out.append("the file holds no tensors")
+    return out

@@ -1,0 +1,1 @@
+"""Mutation fuzzing of the ckpttool reader (hypothesis tests and a standalone runner)."""
