@@ -16,7 +16,7 @@ from . import dtypes
 
 @dataclass(frozen=True)
 class StorageInfo:
-    """One storage record: its dtype, size, the device it was saved from, and where its bytes are."""
+    """One storage record: dtype, size, the device it was saved from, where its bytes are."""
 
     key: str
     dtype: str
@@ -103,9 +103,11 @@ class TensorRef:
         """The element range [lo, hi) of the storage that this view touches (empty: lo == hi)."""
         if self.numel == 0:
             return (self.storage_offset, self.storage_offset)
-        last = self.storage_offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        last = self.storage_offset + sum(
+            (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True)
+        )
         first = self.storage_offset + sum(
-            (s - 1) * st for s, st in zip(self.shape, self.stride) if st < 0
+            (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True) if st < 0
         )
         return (first, last + 1)
 

@@ -61,9 +61,12 @@ def summary(report: dict[str, Any], fmt: str = "simple") -> str:
 
     table(
         "saved devices",
-        [[escape(k), f"{v['storages']:,}", human_bytes(v["bytes"])] for k, v in report["devices"].items()],
+        [
+            [escape(k), f"{v['storages']:,}", human_bytes(v["bytes"])]
+            for k, v in report["devices"].items()
+        ],
         ["device", "storages", "bytes"],
-    )  # fmt: skip
+    )
     table(
         "dtypes",
         [[k, f"{v['storages']:,}", human_bytes(v["bytes"])] for k, v in report["dtypes"].items()],

@@ -1,4 +1,4 @@
-"""Which globals a pickle may name: torch's weights_only allowlist, and a denylist of code runners."""
+"""Which globals a pickle may name: torch's weights_only allowlist and a denylist."""
 
 from __future__ import annotations
 

@@ -17,9 +17,13 @@ _NUMPY_FORMATS = {
 
 def numpy_dtype_code(obj: Any) -> str | None:
     """'f8' for a pickled ``numpy.dtype('f8', False, True)`` placeholder."""
-    if isinstance(obj, Opaque) and obj.global_name in ("numpy.dtype", "numpy.core.numeric.dtype"):
-        if obj.args and isinstance(obj.args[0], str):
-            return obj.args[0]
+    if (
+        isinstance(obj, Opaque)
+        and obj.global_name in ("numpy.dtype", "numpy.core.numeric.dtype")
+        and obj.args
+        and isinstance(obj.args[0], str)
+    ):
+        return obj.args[0]
     return None
 
 

@@ -98,7 +98,6 @@ def find_state_dicts(root: Any) -> list[StateDictInfo]:
             from .tree import iter_tensors
 
             names = [n for n, _ in iter_tensors(node)]
-            names = [n[len(path) + 1 :] if path else n for n in names]
             if names:
                 found.append(StateDictInfo(path, len(names), detect_prefix(names), (), "module"))
                 taken.append(path)
