@@ -98,3 +98,153 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
+
+
+def _progress_factory(quiet: bool) -> Callable[[int], Callable[[int], None] | None]:
+    """A progress bar on stderr for large jobs (over 256 MB), silent with -q."""
+    bars: list[Any] = []
+
+    def make(total: int) -> Callable[[int], None] | None:
+        if quiet or total < (256 << 20):
+            return None
+        bar = click.progressbar(length=total, label="writing", file=sys.stderr, show_eta=True)
+        bar.__enter__()
+        bars.append(bar)
+        return bar.update
+
+    make.bars = bars  # type: ignore[attr-defined]
+    return make
+
+
+def _close_bars(factory: Any) -> None:
+    for bar in getattr(factory, "bars", []):
+        bar.__exit__(None, None, None)
+
+
+def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by convert and to-safetensors: which state dict and how to rename keys."""
+    options = [
+        click.option("--strip-module", is_flag=True, help="Remove 'module.' (DataParallel/DDP)."),
+        click.option("--add-module", is_flag=True, help="Add 'module.' where it is missing."),
+        click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P."),
+        click.option("--add-prefix", multiple=True, metavar="P", help="Add prefix P."),
+        click.option(
+            "--replace-prefix",
+            multiple=True,
+            metavar="OLD=NEW",
+            help="Replace prefix OLD by NEW (e.g. _orig_mod.= or model.=).",
+        ),
+        click.option("--key", metavar="PATH", help="The state dict to rename (e.g. model)."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float16", "bfloat16", "float32"]),
+            help="Cast floating-point tensors (others are untouched).",
+        ),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--no-verify", is_flag=True, help="Skip reading the output back."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar or report."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _key_kwargs(
+    strip_module: bool,
+    add_module: bool,
+    strip_prefix: tuple[str, ...],
+    add_prefix: tuple[str, ...],
+    replace_prefix: tuple[str, ...],
+) -> dict[str, Any]:
+    replace = []
+    for spec in replace_prefix:
+        if "=" not in spec:
+            raise click.BadParameter(f"{spec!r} is not OLD=NEW", param_hint="--replace-prefix")
+        old, new = spec.split("=", 1)
+        replace.append((old, new))
+    return {
+        "strip_prefix": (("module.",) if strip_module else ()) + tuple(strip_prefix),
+        "add_prefix": tuple(add_prefix) + (("module.",) if add_module else ()),
+        "replace_prefix": tuple(replace),
+    }
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=str))
+@key_options
+@click.option("--only", metavar="PATH", help="Write just this entry (e.g. model).")
+@click.option(
+    "--plain-objects",
+    is_flag=True,
+    help="Replace objects torch.load(weights_only=True) refuses (argparse.Namespace, numpy "
+    "scalars and arrays, ...) by plain dicts, numbers and tensors.",
+)
+@click.option("--in-place", is_flag=True, help="Allow OUTPUT to be INPUT (still atomic).")
+def convert(
+    input_path: str,
+    output_path: str,
+    strip_module: bool,
+    add_module: bool,
+    strip_prefix: tuple[str, ...],
+    add_prefix: tuple[str, ...],
+    replace_prefix: tuple[str, ...],
+    key: str | None,
+    dtype: str | None,
+    force: bool,
+    no_verify: bool,
+    quiet: bool,
+    only: str | None,
+    plain_objects: bool,
+    in_place: bool,
+) -> None:
+    """Re-save a checkpoint for CPU, optionally renaming keys.
+
+    Writes a torch zip file in which every storage is tagged cpu, whatever device it was
+    saved from, so a plain torch.load works anywhere. Storage bytes are copied as they are;
+    the output is written to a temp file, verified, then renamed into place.
+
+    \b
+    Example:
+      ckpttool convert ddp_best.pth best_cpu.pt --strip-module
+      ckpttool convert model.safetensors model.pt --add-module
+      ckpttool convert train.ckpt weights.pt --only state_dict --replace-prefix model.=
+    """
+    from .convert import convert as do_convert
+    from .render import escape
+
+    kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
+    factory = _progress_factory(quiet)
+    try:
+        result = _run(
+            lambda: do_convert(
+                input_path,
+                output_path,
+                key=key,
+                only=only,
+                dtype=dtype,
+                plain_objects=plain_objects,
+                verify=not no_verify,
+                force=force,
+                in_place=in_place,
+                progress=factory,
+                **kwargs,
+            )
+        )
+    finally:
+        _close_bars(factory)
+    if quiet:
+        return
+    for sd_path, n in result.renamed:
+        where = f"'{escape(sd_path)}'" if sd_path else "(root)"
+        click.echo(f"renamed {n} keys in state dict {where}", err=True)
+    for r in result.replaced:
+        click.echo(f"replaced {r}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    check = "verified" if result.verified else "not verified"
+    click.echo(
+        f"wrote {escape(output_path)}: {result.tensors} tensors in {result.storages} storages, "
+        f"all on cpu ({check})",
+        err=True,
+    )

@@ -27,6 +27,7 @@ class StorageInfo:
     record: str | None = None  # zip entry name, for zip-based formats
     compressed: bool = False  # a deflated zip record: bytes must be inflated, not copied
     big_endian: bool = False
+    crc: int | None = None  # the CRC-32 the zip archive records for this storage's bytes
 
     @property
     def itemsize(self) -> int:

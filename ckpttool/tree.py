@@ -92,3 +92,67 @@ def get_path(root: Any, path: str) -> Any:
         else:
             raise KeyError(path)
     return node
+
+
+_KEEP = object()
+
+
+def transform(root: Any, replace: Any) -> Any:
+    """A copy of the tree in which ``replace(node)`` substitutes nodes (return ``KEEP`` for none).
+
+    Shared references stay shared and cycles are preserved; leaves are not copied.
+    """
+    import sys
+
+    memo: dict[int, Any] = {}
+
+    def go(node: Any) -> Any:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        new = replace(node)
+        if new is not _KEEP:
+            memo[key] = new
+            return new
+        if isinstance(node, Opaque):
+            cls = type(node)
+            out = cls.__new__(cls, *(go(a) for a in node.args), **node.kwargs)
+            out.__dict__["ck_how"] = node.__dict__.get("ck_how", "call")
+            memo[key] = out
+            for k, v in node.items():
+                dict.__setitem__(out, go(k), go(v))
+            out.__dict__["ck_list"] = [go(v) for v in node.list_items]
+            out.__dict__["ck_state"] = go(node.state)
+            return out
+        if isinstance(node, dict):
+            out = type(node)()
+            memo[key] = out
+            for k, v in node.items():
+                out[go(k)] = go(v)
+            if getattr(node, "__dict__", None):
+                out.__dict__.update({k: go(v) for k, v in node.__dict__.items()})
+            return out
+        if isinstance(node, list):
+            out = []
+            memo[key] = out
+            out.extend(go(v) for v in node)
+            return out
+        if isinstance(node, tuple):
+            out = tuple(go(v) for v in node)
+            memo[key] = out
+            return out
+        if isinstance(node, (set, frozenset)):
+            out = type(node)(go(v) for v in node)
+            memo[key] = out
+            return out
+        return node
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20000))
+    try:
+        return go(root)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+KEEP = _KEEP

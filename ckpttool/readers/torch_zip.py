@@ -152,6 +152,7 @@ def read(path: str, file_bytes: int) -> Checkpoint:
                 record=info.filename,
                 compressed=info.compress_type != zipfile.ZIP_STORED,
                 big_endian=byteorder == "big",
+                crc=info.CRC,
             )
             if not storage.compressed and storage.offset + info.file_size > file_bytes:
                 raise CheckpointError(path, f"is truncated: storage record {name} is cut short")

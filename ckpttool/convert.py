@@ -1,0 +1,497 @@
+"""``convert``: re-save a checkpoint as a CPU-tagged torch zip file, with key surgery.
+
+The fast path never materialises a tensor: the pickle is rewritten (locations set to ``cpu``,
+keys renamed) and each storage record is copied byte for byte from the input with
+``copy_file_range``. Only dtype casts, big-endian inputs and compressed records pass through
+memory, one chunk at a time. The output is written atomically and verified by reading it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+from .errors import CheckpointError, DangerousCheckpointError
+from .model import Checkpoint, Opaque, StorageInfo, TensorRef
+from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
+from .readers import open_checkpoint
+from .safety import classify
+from .transforms import (
+    KeyCollisionError,
+    add_prefix,
+    find_state_dicts,
+    replace_prefix,
+    strip_prefix,
+)
+from .tree import KEEP, get_path, iter_tensors, transform, walk
+from .writers import copy as bytecopy
+from .writers.atomic import atomic_file, check_target
+from .writers.pt_pickle import OutStorage, dumps
+from .writers.zipwriter import ZipWriter
+
+Progress = Callable[[int], None]
+CAST_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class KeyOps:
+    """Key surgery applied to state dicts, in this order: strip, replace, add."""
+
+    strip: tuple[str, ...] = ()
+    replace: tuple[tuple[str, str], ...] = ()
+    add: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.strip or self.replace or self.add)
+
+    def apply(self, sd: Any) -> Any:
+        for p in self.strip:
+            sd = strip_prefix(sd, p)
+        for old, new in self.replace:
+            sd = replace_prefix(sd, old, new)
+        for p in self.add:
+            sd = add_prefix(sd, p)
+        return sd
+
+
+@dataclass
+class ConvertResult:
+    src: str
+    dst: str
+    tensors: int
+    storages: int
+    bytes: int
+    renamed: list[tuple[str, int]] = field(default_factory=list)  # (state dict path, keys)
+    replaced: list[str] = field(default_factory=list)  # plain-object replacements
+    cast: int = 0  # storages cast to another dtype
+    notes: list[str] = field(default_factory=list)
+    verified: bool = False
+
+
+# -- planning -----------------------------------------------------------------------------
+def _select(ckpt: Checkpoint, only: str | None) -> Any:
+    if only is None:
+        return ckpt.root
+    try:
+        return get_path(ckpt.root, only)
+    except KeyError:
+        top = ", ".join(repr(k) for k in list(ckpt.root)[:8]) if isinstance(ckpt.root, dict) else ""
+        raise CheckpointError(
+            ckpt.path, f"no entry {only!r} to select" + (f" (top-level keys: {top})" if top else "")
+        ) from None
+
+
+def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertResult) -> Any:
+    if not ops:
+        return root
+    if key is not None:
+        try:
+            target = get_path(root, key)
+        except KeyError:
+            raise CheckpointError(path, f"no entry {key!r} (--key)") from None
+        if not isinstance(target, dict) or isinstance(target, Opaque):
+            raise CheckpointError(path, f"{key!r} is not a state dict (--key)")
+        targets = [(key, target)]
+    else:
+        found = find_state_dicts(root)
+        sds = [s for s in found if s.source == "dict"]
+        if not sds:
+            if found:
+                raise CheckpointError(
+                    path,
+                    "holds a whole pickled module, not a state dict: key options do not apply",
+                )
+            raise CheckpointError(path, "no state dict found to rename; choose one with --key")
+        targets = [(s.path, get_path(root, s.path) if s.path else root) for s in sds]
+    replacements: dict[int, Any] = {}
+    for sd_path, sd in targets:
+        try:
+            new = ops.apply(sd)
+        except KeyCollisionError as exc:
+            where = f" in {sd_path!r}" if sd_path else ""
+            raise CheckpointError(
+                path,
+                f"renaming would make {exc.first!r} and {exc.second!r} both {exc.new!r}{where}",
+            ) from None
+        changed = sum(1 for a, b in zip(sd, new, strict=True) if a != b)
+        result.renamed.append((sd_path, changed))
+        replacements[id(sd)] = new
+    return transform(root, lambda n: replacements.get(id(n), KEEP))
+
+
+def _make_plain(path: str, root: Any, result: ConvertResult, made: dict[str, MemoryStorage]) -> Any:
+    failures: list[str] = []
+
+    def replace(node: Any) -> Any:
+        if needs_plain(node):
+            try:
+                value = plain_equivalent(node, made)
+            except NotPlain as exc:
+                failures.append(str(exc))
+                return KEEP
+            kind = type(value).__name__ if not isinstance(value, TensorRef) else "tensor"
+            result.replaced.append(f"{node.global_name} -> {kind}")
+            # Children of a replaced value may hold placeholders too.
+            return transform(value, replace) if isinstance(value, (dict, list)) else value
+        return KEEP
+
+    new_root = transform(root, replace)
+    if failures:
+        raise CheckpointError(path, f"--plain-objects: {failures[0]}")
+    return new_root
+
+
+def _remaining_globals(root: Any) -> list[str]:
+    names: dict[str, None] = {}
+    for _, node in walk(root):
+        if isinstance(node, Opaque) and classify(node.global_name) != "torch":
+            names[node.global_name] = None
+        elif isinstance(node, type) and issubclass(node, Opaque):
+            names[node.__ck_global__] = None
+    return list(names)
+
+
+def plan_storages(
+    root: Any, cast: str | None
+) -> tuple[list[OutStorage], dict[int, OutStorage], dict[int, str], list[tuple[str, TensorRef]]]:
+    """Number the output storages in order of first use, as torch.save does."""
+    outs: list[OutStorage] = []
+    by_source: dict[tuple[str, str], OutStorage] = {}
+    storage_of: dict[int, OutStorage] = {}
+    dtype_of: dict[int, str] = {}
+    named = list(iter_tensors(root))
+    for name, ref in named:
+        src = ref.storage
+        assert src is not None
+        ident = (src.file, src.key)
+        out = by_source.get(ident)
+        if out is None:
+            dtype = src.dtype
+            if cast and dtypes.get(dtype).is_floating and dtype != cast and ref.kind != "quantized":
+                dtype = cast
+            out = OutStorage(str(len(outs)), dtype, src.numel, source=src)
+            by_source[ident] = out
+            outs.append(out)
+        out.tensors.append(name)
+        storage_of[id(ref)] = out
+        if out.dtype != out.source.dtype and ref.dtype == out.source.dtype:  # type: ignore[union-attr]
+            dtype_of[id(ref)] = out.dtype
+    return outs, storage_of, dtype_of, named
+
+
+# -- writing ------------------------------------------------------------------------------
+class _Sources:
+    """Open input files by path (a sharded input has several)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _write_transformed(
+    out: OutStorage,
+    src_fd: int,
+    dst_fd: int,
+    memory: MemoryStorage | None,
+    progress: Progress | None,
+) -> int:
+    """Write a storage that must pass through memory (cast, byte swap, deflated, in-memory).
+
+    Returns the CRC-32 of the bytes written.
+    """
+    src = out.source
+    assert src is not None
+    if memory is not None:
+        _write_all(dst_fd, memory.data)
+        if progress:
+            progress(len(memory.data))
+        return zlib.crc32(memory.data)
+    crc = 0
+    simple = out.dtype == src.dtype and not src.big_endian
+    for chunk in _iter_source(src, src_fd):
+        data = chunk if simple else _recode(chunk, src, out.dtype)
+        _write_all(dst_fd, data)
+        crc = zlib.crc32(data, crc)
+        if progress:
+            progress(len(chunk))
+    return crc
+
+
+def _recode(chunk: bytearray, src: StorageInfo, dtype: str) -> bytearray:
+    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only)."""
+    import torch  # only casts and byte swaps need torch
+
+    t = torch.frombuffer(chunk, dtype=getattr(torch, src.dtype))
+    item = dtypes.get(src.dtype).itemsize
+    if src.big_endian and item > 1:
+        unit = item // 2 if src.dtype.startswith("complex") else item
+        swapped = t.view(torch.uint8).view(-1, unit).flip(1).contiguous()
+        t = swapped.view(-1).view(getattr(torch, src.dtype))
+    if dtype != src.dtype:
+        t = t.to(getattr(torch, dtype))
+    buf = bytearray(t.numel() * t.element_size())
+    if buf:
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
+    return buf
+
+
+def _iter_source(src: StorageInfo, fd: int) -> Any:
+    """The storage's bytes in chunks that hold whole elements."""
+    n = src.nbytes
+    item = dtypes.get(src.dtype).itemsize
+    step = max(item, (bytecopy.CHUNK // item) * item)
+    if src.compressed:
+        import zipfile
+
+        with zipfile.ZipFile(src.file) as zf, zf.open(src.record or "") as f:
+            left = n
+            while left:
+                chunk = f.read(min(step, left))
+                if not chunk:
+                    raise CheckpointError(src.file, f"record {src.record} is truncated")
+                left -= len(chunk)
+                yield bytearray(chunk)
+        return
+    off = src.offset
+    left = n
+    while left:
+        want = min(step, left)
+        chunk = bytearray(want)
+        got = os.preadv(fd, [chunk], off)
+        if got != want:
+            raise CheckpointError(src.file, "is truncated: a storage is cut short")
+        yield chunk
+        off += want
+        left -= want
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _serialization_id(pkl: bytes, outs: list[OutStorage]) -> bytes:
+    h = hashlib.sha1(pkl)
+    for o in outs:
+        h.update(f"{o.key}:{o.dtype}:{o.numel};".encode())
+    return h.hexdigest().encode()
+
+
+def write_pt(
+    dst_tmp: str,
+    root: Any,
+    outs: list[OutStorage],
+    storage_of: dict[int, OutStorage],
+    dtype_of: dict[int, str],
+    memory: dict[str, MemoryStorage],
+    progress: Progress | None,
+    *,
+    check_copies: bool = True,
+    archive: str = "archive",
+) -> dict[str, int]:
+    """Write the torch zip file; return each storage key's data offset in it.
+
+    Verbatim copies get their CRC-32 by reading the output back (``check_copies``, which also
+    proves the copy), or from the input's zip record when that is skipped.
+    """
+    try:
+        pkl = dumps(root, storage_of, dtype_of)
+    except RecursionError:
+        raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
+    sources = _Sources()
+    fd = os.open(dst_tmp, os.O_RDWR | os.O_TRUNC)
+    offsets: dict[str, int] = {}
+    try:
+        zw = ZipWriter(fd)
+        zw.add_bytes(f"{archive}/data.pkl", pkl)
+        zw.add_bytes(f"{archive}/.format_version", b"1")
+        zw.add_bytes(f"{archive}/.storage_alignment", b"64")
+        zw.add_bytes(f"{archive}/byteorder", b"little")
+        pending: list[tuple[int, OutStorage]] = []
+        for out in outs:
+            src = out.source
+            assert src is not None
+            mem = memory.get(src.key) if not src.file else None
+            verbatim = out.copies_verbatim and mem is None
+            phase = src.offset % 4096 if verbatim and src.offset % 64 == 0 else 0
+            offsets[out.key] = zw.begin(
+                f"{archive}/data/{out.key}", out.nbytes, 0, 4096 if phase else 64, phase
+            )
+            if verbatim:
+                try:
+                    bytecopy.copy_range(sources.fd(src.file), src.offset, src.nbytes, fd, progress)
+                except EOFError:
+                    raise CheckpointError(
+                        src.file, "is truncated: a storage is cut short"
+                    ) from None
+                out.crc = None if check_copies or src.crc is None else src.crc
+            else:
+                out.crc = _write_transformed(
+                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress
+                )
+            zw.end()
+            pending.append((len(zw.entries) - 1, out))
+        zw.add_bytes(f"{archive}/version", b"3")
+        zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, outs))
+        for index, out in pending:
+            if out.crc is None:
+                entry = zw.entries[index]
+                out.crc = bytecopy.crc_range(fd, entry.data_offset, entry.size)
+                src = out.source
+                if src is not None and src.crc is not None and src.crc != out.crc:
+                    raise CheckpointError(
+                        src.file,
+                        f"storage record {src.record} does not match its CRC-32: "
+                        "the input is corrupt",
+                    )
+            zw.set_crc(index, out.crc)
+        zw.finish()
+    finally:
+        os.close(fd)
+        sources.close()
+    return offsets
+
+
+# -- verification --------------------------------------------------------------------------
+def verify_pt(
+    path: str,
+    named: list[tuple[str, TensorRef]],
+    storage_of: dict[int, OutStorage],
+    dtype_of: dict[int, str],
+    outs: list[OutStorage],
+) -> None:
+    """Re-open the written file and compare it with what was intended, bytes streamed."""
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(path, f"verification failed: {what}; nothing was written")
+
+    try:
+        back = open_checkpoint(path)
+    except CheckpointError as exc:
+        raise fail(exc.message) from None
+    got = back.tensors()
+    if len(got) != len(named):
+        raise fail(f"{len(got)} tensors read back, {len(named)} written")
+    for t, (name, ref) in zip(got, named, strict=True):
+        out = storage_of[id(ref)]
+        want_dtype = dtype_of.get(id(ref), ref.dtype)
+        if (
+            t.name != name
+            or t.dtype != want_dtype
+            or t.shape != ref.shape
+            or t.stride != ref.stride
+            or t.storage_offset != ref.storage_offset
+            or t.storage is None
+            or t.storage.key != out.key
+            or t.storage.location != "cpu"
+        ):
+            raise fail(f"tensor {name!r} reads back differently")
+    fd = os.open(path, os.O_RDONLY)
+    sources = _Sources()
+    try:
+        for out in outs:
+            s = back.storages.get(out.key)
+            if s is None or s.nbytes != out.nbytes or s.crc != out.crc:
+                raise fail(f"storage {out.key} reads back differently")
+            if bytecopy.crc_range(fd, s.offset, s.nbytes) != out.crc:
+                raise fail(f"storage {out.key}'s bytes differ from what was written")
+            src = out.source
+            if out.copies_verbatim and src is not None and src.file and src.crc is None:
+                # No CRC recorded in the input (legacy, safetensors): compare the bytes.
+                diff = bytecopy.compare_ranges(
+                    sources.fd(src.file), src.offset, fd, s.offset, s.nbytes
+                )
+                if diff is not None:
+                    raise fail(f"storage {out.key} differs from the input at byte {diff}")
+    finally:
+        os.close(fd)
+        sources.close()
+
+
+# -- the command -----------------------------------------------------------------------------
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    strip_prefix: str | tuple[str, ...] = (),
+    add_prefix: str | tuple[str, ...] = (),
+    replace_prefix: tuple[str, str] | tuple[tuple[str, str], ...] = (),
+    key: str | None = None,
+    only: str | None = None,
+    dtype: str | None = None,
+    plain_objects: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    in_place: bool = False,
+    progress: Callable[[int, int], Progress | None] | None = None,
+) -> ConvertResult:
+    """Re-save ``src`` as a torch zip file at ``dst`` with every storage tagged ``cpu``.
+
+    ``strip_prefix="module."`` / ``add_prefix="module."`` rename the keys of every state dict
+    found (or of ``key``); ``only`` writes just one entry (e.g. ``"model"``); ``dtype`` casts
+    floating-point storages; ``plain_objects`` replaces objects torch's ``weights_only``
+    loader refuses by plain equivalents. ``progress(total_bytes)`` may return a callback that
+    receives byte counts. Raises :class:`CheckpointError` on bad input or a failed write;
+    nothing is left behind then.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    ops = KeyOps(
+        strip=(strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix),
+        add=(add_prefix,) if isinstance(add_prefix, str) else tuple(add_prefix),
+        replace=(replace_prefix,)  # type: ignore[arg-type]
+        if replace_prefix and isinstance(replace_prefix[0], str)
+        else tuple(replace_prefix),  # type: ignore[arg-type]
+    )
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise CheckpointError(None, f"--dtype must be one of {', '.join(CAST_DTYPES)}")
+    check_target(src, dst, force=force, in_place=in_place)
+    ckpt = open_checkpoint(src)
+    dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
+    if dangerous:
+        raise DangerousCheckpointError(src, dangerous)
+    if ckpt.format == "torchscript":
+        raise CheckpointError(
+            src,
+            "is a TorchScript archive (code and weights): convert does not rewrite it; "
+            "use `ckpttool to-safetensors --all` to extract its tensors",
+        )
+    result = ConvertResult(src, dst, 0, 0, 0)
+    root = _select(ckpt, only)
+    root = _rename(src, root, ops, key, result)
+    memory: dict[str, MemoryStorage] = {}
+    if plain_objects:
+        root = _make_plain(src, root, result, memory)
+    left = _remaining_globals(root)
+    if left:
+        result.notes.append(
+            "the output still pickles "
+            + ", ".join(left[:4])
+            + (" and more" if len(left) > 4 else "")
+            + ": torch.load(weights_only=True) refuses it; --plain-objects replaces them"
+        )
+    outs, storage_of, dtype_of, named = plan_storages(root, dtype)
+    result.tensors = len(named)
+    result.storages = len(outs)
+    result.bytes = sum(o.nbytes for o in outs)
+    result.cast = sum(1 for o in outs if o.source and o.dtype != o.source.dtype)
+    cb = progress(result.bytes) if progress else None
+    with atomic_file(dst) as tmp:
+        write_pt(tmp, root, outs, storage_of, dtype_of, memory, cb, check_copies=verify)
+        if verify:
+            verify_pt(tmp, named, storage_of, dtype_of, outs)
+            result.verified = True
+    return result

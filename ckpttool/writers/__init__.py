@@ -1,0 +1,1 @@
+"""Writers: torch zip (``pt``) and safetensors, all through one atomic-output helper."""

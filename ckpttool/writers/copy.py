@@ -1,0 +1,77 @@
+"""Moving bytes between files without holding them: kernel copies and streamed CRC-32."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+
+CHUNK = 8 << 20
+
+Progress = Callable[[int], None]
+
+
+def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progress | None) -> None:
+    """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position."""
+    left = n
+    off = src_off
+    use_kernel = hasattr(os, "copy_file_range")
+    while left > 0:
+        step = min(left, 64 << 20)
+        done = 0
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, step, off)
+            except OSError:
+                use_kernel = False
+                continue
+            if done == 0:
+                raise EOFError("the input ended early")
+        else:
+            data = os.pread(src_fd, min(step, CHUNK), off)
+            if not data:
+                raise EOFError("the input ended early")
+            done = os.write(dst_fd, data)
+        off += done
+        left -= done
+        if progress:
+            progress(done)
+
+
+def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> int:
+    """CRC-32 of ``n`` bytes at ``off``, read in chunks into one reused buffer."""
+    buf = bytearray(min(CHUNK, max(n, 1)))
+    view = memoryview(buf)
+    crc = 0
+    left = n
+    while left > 0:
+        want = min(left, len(buf))
+        got = os.preadv(fd, [view[:want]], off)
+        if got <= 0:
+            raise EOFError("the file ended early")
+        crc = zlib.crc32(view[:got], crc)
+        off += got
+        left -= got
+        if progress:
+            progress(got)
+    return crc
+
+
+def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
+    """The first differing byte offset (relative), or None if the ranges are equal."""
+    size = min(CHUNK, max(n, 1))
+    a, b = bytearray(size), bytearray(size)
+    va, vb = memoryview(a), memoryview(b)
+    pos = 0
+    while pos < n:
+        want = min(n - pos, size)
+        ga = os.preadv(fd_a, [va[:want]], off_a + pos)
+        gb = os.preadv(fd_b, [vb[:want]], off_b + pos)
+        if ga != want or gb != want:
+            return pos
+        if va[:want] != vb[:want]:
+            for i in range(want):
+                if a[i] != b[i]:
+                    return pos + i
+        pos += want
+    return None

@@ -1,0 +1,206 @@
+"""Re-pickling a checkpoint tree for torch without creating the objects it names.
+
+Tensors are written the way ``torch.save`` writes them (``_rebuild_tensor_v2`` over a
+``('storage', torch.FloatStorage, key, 'cpu', numel)`` persistent id); every :class:`Opaque`
+placeholder is written back as the same global, built the same way (called or ``__new__``),
+with the same state and items. Nothing is imported.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import dtypes
+from ..model import Opaque, StorageInfo, TensorRef
+from ..unpickler import DTypeRef, StorageType, _Named, global_name
+
+
+@dataclass(eq=False)
+class OutStorage:
+    """A storage of the output: copied from ``source`` (cast to ``dtype`` if it differs)."""
+
+    key: str
+    dtype: str
+    numel: int
+    source: StorageInfo | None = None
+    data: bytes | None = None  # bytes made in memory (e.g. from a pickled numpy array)
+    crc: int | None = None  # expected CRC-32 of the written bytes, once known
+    tensors: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.get(self.dtype).itemsize
+
+    @property
+    def copies_verbatim(self) -> bool:
+        src = self.source
+        return (
+            src is not None
+            and src.dtype == self.dtype
+            and not src.big_endian
+            and not src.compressed
+        )
+
+
+class GlobalRef:
+    """A global written by name (``torch._utils._rebuild_tensor_v2``)."""
+
+    __slots__ = ("module", "name")
+    __name__ = "GlobalRef"
+
+    def __init__(self, full: str) -> None:
+        self.module, _, self.name = full.rpartition(".")
+
+    def __call__(self, *args: Any) -> Any:  # pickle insists that reduce functions are callable
+        raise TypeError("placeholder")
+
+
+def __newobj__(cls: Any, *args: Any) -> Any:
+    raise TypeError("placeholder")
+
+
+_V2 = GlobalRef("torch._utils._rebuild_tensor_v2")
+_V3 = GlobalRef("torch._utils._rebuild_tensor_v3")
+_QTENSOR = GlobalRef("torch._utils._rebuild_qtensor")
+_PARAMETER = GlobalRef("torch._utils._rebuild_parameter")
+_PARAMETER_STATE = GlobalRef("torch._utils._rebuild_parameter_with_state")
+_FROM_TYPE = GlobalRef("torch._tensor._rebuild_from_type_v2")
+_UNTYPED = GlobalRef("torch.storage.UntypedStorage")
+_TENSOR = GlobalRef("torch.Tensor")
+
+
+_REAL_GLOBALS = (OrderedDict, set, frozenset, complex, bytearray, codecs.encode)
+
+
+class _StorageRef:
+    __slots__ = ("out",)
+
+    def __init__(self, out: OutStorage) -> None:
+        self.out = out
+
+
+class _BareTensor:
+    """The plain-tensor part of a Parameter or subclass (written with _rebuild_tensor_v2/v3)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: TensorRef) -> None:
+        self.ref = ref
+
+
+class TreePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """Protocol-2 pickler (what torch.save uses) for ckpttool's trees."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        storage_of: dict[int, OutStorage],
+        dtype_of: dict[int, str],
+    ) -> None:
+        super().__init__(file, protocol=2)
+        self._storage_of = storage_of  # id(TensorRef) -> its output storage
+        self._dtype_of = dtype_of  # id(TensorRef) -> its output dtype
+        self._storage_refs: dict[int, _StorageRef] = {}
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            out = obj.out
+            cls_name = dtypes.STORAGE_CLASS_FOR_DTYPE.get(out.dtype)
+            if self._untyped(out):
+                return ("storage", _UNTYPED, out.key, "cpu", out.nbytes)
+            return ("storage", GlobalRef(f"torch.{cls_name}"), out.key, "cpu", out.numel)
+        return None
+
+    @staticmethod
+    def _untyped(out: OutStorage) -> bool:
+        return out.dtype not in dtypes.STORAGE_CLASS_FOR_DTYPE
+
+    def _storage_ref(self, ref: TensorRef) -> _StorageRef:
+        out = self._storage_of[id(ref)]
+        sref = self._storage_refs.get(id(out))
+        if sref is None:
+            sref = self._storage_refs[id(out)] = _StorageRef(out)
+        return sref
+
+    def _tensor_args(self, ref: TensorRef) -> tuple[GlobalRef, tuple[Any, ...]]:
+        out = self._storage_of[id(ref)]
+        dtype = self._dtype_of.get(id(ref), ref.dtype)
+        view = (self._storage_ref(ref), ref.storage_offset, ref.shape, ref.stride)
+        hooks: OrderedDict[Any, Any] = OrderedDict()
+        if ref.kind == "quantized":
+            return _QTENSOR, (*view, ref.quantizer, ref.requires_grad, hooks)
+        if self._untyped(out) or out.dtype != dtype:
+            return _V3, (*view, ref.requires_grad, hooks, DTypeRef(dtype))
+        return _V2, (*view, ref.requires_grad, hooks)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, TensorRef):
+            if obj.subclass or (obj.attributes and obj.kind != "parameter"):
+                func, args = self._tensor_args(obj)
+                new_type = GlobalRef(obj.subclass) if obj.subclass else _TENSOR
+                return _FROM_TYPE, (func, new_type, args, obj.attributes or {})
+            if obj.kind == "parameter":
+                if obj.attributes:
+                    return _PARAMETER_STATE, (
+                        _BareTensor(obj),
+                        obj.requires_grad,
+                        OrderedDict(),
+                        obj.attributes,
+                    )
+                return _PARAMETER, (_BareTensor(obj), obj.requires_grad, OrderedDict())
+            return self._tensor_args(obj)
+        if isinstance(obj, _BareTensor):
+            return self._tensor_args(obj.ref)
+        if isinstance(obj, Opaque):
+            if obj.kwargs:
+                raise pickle.PicklingError(
+                    f"{obj.global_name} was built with keyword arguments (protocol 4)"
+                )
+            listitems = iter(obj.list_items) if obj.list_items else None
+            dictitems = iter(dict.items(obj)) if len(obj) else None
+            if obj.__dict__.get("ck_how") == "newobj":
+                return (__newobj__, (type(obj), *obj.args), obj.state, listitems, dictitems)
+            return (type(obj), obj.args, obj.state, listitems, dictitems)
+        return NotImplemented
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        full = obj.module + "." + obj.name if isinstance(obj, GlobalRef) else global_name(obj)
+        if full is None and obj in _REAL_GLOBALS:  # OrderedDict & co., created for real
+            full = f"{obj.__module__}.{obj.__qualname__}"
+        if full is None:
+            raise pickle.PicklingError(f"cannot write {obj!r} without importing it")
+        module, _, attr = full.rpartition(".")
+        if "\n" in full or not module:
+            raise pickle.PicklingError(f"invalid global name {full!r}")
+        self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + attr.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+    def _save_global_obj(self, obj: Any) -> None:
+        memo = self.memo.get(id(obj))
+        if memo is not None:
+            self.write(self.get(memo[0]))
+            return
+        self.save_global(obj)
+
+    for _t in (GlobalRef, _Named, DTypeRef, StorageType):
+        dispatch[_t] = _save_global_obj
+    del _t
+
+
+def dumps(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]) -> bytes:
+    buf = io.BytesIO()
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20000))
+    try:
+        TreePickler(buf, storage_of, dtype_of).dump(root)
+    finally:
+        sys.setrecursionlimit(limit)
+    return buf.getvalue()
