@@ -248,3 +248,103 @@ def convert(
         f"all on cpu ({check})",
         err=True,
     )
+
+
+@cli.command(name="to-safetensors", epilog=EPILOG)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=str))
+@key_options
+@click.option("--all", "all_tensors", is_flag=True, help="Write every tensor, named by path.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to __metadata__.")
+@click.option(
+    "--duplicate-shared",
+    is_flag=True,
+    help="Write tied/shared tensors as independent copies instead of one copy + aliases.",
+)
+@click.option("--keep", multiple=True, metavar="NAME", help="Prefer NAME when deduplicating.")
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Shard into OUTPUT/ (a folder) with model.safetensors.index.json, e.g. 5GB.",
+)
+def to_safetensors(
+    input_path: str,
+    output_path: str,
+    strip_module: bool,
+    add_module: bool,
+    strip_prefix: tuple[str, ...],
+    add_prefix: tuple[str, ...],
+    replace_prefix: tuple[str, ...],
+    key: str | None,
+    dtype: str | None,
+    force: bool,
+    no_verify: bool,
+    quiet: bool,
+    all_tensors: bool,
+    metadata: tuple[str, ...],
+    duplicate_shared: bool,
+    keep: tuple[str, ...],
+    max_shard_size: str | None,
+) -> None:
+    """Write a checkpoint's tensors as safetensors (streamed, verified).
+
+    By default writes the model state dict found in the checkpoint (a bare state dict, or
+    model/state_dict/... inside a training checkpoint). Scalar entries (epoch, step) go to
+    __metadata__ as strings with {"format": "pt"}; what is left out is reported. Tied
+    weights are stored once and their aliases recorded in __metadata__.
+
+    \b
+    Example:
+      ckpttool to-safetensors best.pth model.safetensors --strip-module
+      ckpttool to-safetensors big.pt out/ --max-shard-size 5GB
+    """
+    from .render import escape
+    from .to_safetensors import parse_size
+    from .to_safetensors import to_safetensors as do_convert
+
+    kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
+    meta = {}
+    for spec in metadata:
+        if "=" not in spec:
+            raise click.BadParameter(f"{spec!r} is not KEY=VALUE", param_hint="--metadata")
+        k, v = spec.split("=", 1)
+        meta[k] = v
+    shard = None
+    if max_shard_size is not None:
+        try:
+            shard = parse_size(max_shard_size)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+    factory = _progress_factory(quiet)
+    try:
+        result = _run(
+            lambda: do_convert(
+                input_path,
+                output_path,
+                key=key,
+                all_tensors=all_tensors,
+                dtype=dtype,
+                metadata=meta,
+                duplicate_shared=duplicate_shared,
+                keep=keep,
+                max_shard_size=shard,
+                verify=not no_verify,
+                force=force,
+                progress=factory,
+                **kwargs,
+            )
+        )
+    finally:
+        _close_bars(factory)
+    if quiet:
+        return
+    if result.renamed:
+        click.echo(f"renamed {result.renamed} keys", err=True)
+    for alias, kept in result.aliases.items():
+        click.echo(f"shared: {escape(alias)} is stored once as {escape(kept)}", err=True)
+    for item in result.left_out:
+        click.echo(f"left out: {escape(item)}", err=True)
+    check = "verified" if result.verified else "not verified"
+    where = escape(output_path)
+    files = f" in {len(result.files) - 1} shards" if max_shard_size else ""
+    click.echo(f"wrote {where}: {result.tensors} tensors{files} ({check})", err=True)

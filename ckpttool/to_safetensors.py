@@ -1,0 +1,462 @@
+"""``to-safetensors``: stream a checkpoint's tensors into safetensors, one tensor at a time.
+
+The header is computed from metadata alone; then each contiguous tensor's bytes are copied
+straight from the input (``copy_file_range``) and only non-contiguous, cast or big-endian
+tensors pass through memory. Tied tensors are stored once with their aliases recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+from .convert import CAST_DTYPES, KeyOps, _iter_source, _recode, _Sources, _write_all
+from .errors import CheckpointError, DangerousCheckpointError
+from .model import Checkpoint, Opaque, TensorRef
+from .readers import open_checkpoint
+from .safety import classify
+from .summary import numpy_scalar_value
+from .transforms import KeyCollisionError, default_state_dict_path, find_state_dicts
+from .tree import children, get_path, iter_tensors
+from .writers import copy as bytecopy
+from .writers.atomic import atomic_dir, atomic_file, check_target
+
+Progress = Callable[[int], None]
+ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class _Item:
+    name: str
+    ref: TensorRef
+    dtype: str  # output dtype
+    shard: int = 0
+    begin: int = 0  # data offset within its shard
+    crc: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.numel * dtypes.get(self.dtype).itemsize
+
+
+@dataclass
+class SafetensorsResult:
+    src: str
+    dst: str
+    tensors: int
+    bytes: int
+    files: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    renamed: int = 0
+    verified: bool = False
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` (decimal, as Hugging Face writes it), ``500MiB`` (binary) or a byte count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").upper()
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if "I" in unit else 1000
+    size = int(number * base ** powers[unit.rstrip("B").rstrip("I")])
+    if size <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return size
+
+
+# -- choosing the tensors -----------------------------------------------------------------
+def _select(
+    ckpt: Checkpoint, key: str | None, all_tensors: bool
+) -> tuple[Any, list[tuple[str, Any]]]:
+    """(the chosen node, its (name, value) entries) — values are tensors or None."""
+    if all_tensors:
+        return ckpt.root, list(iter_tensors(ckpt.root))
+    if key is not None:
+        try:
+            node = get_path(ckpt.root, key)
+        except KeyError:
+            raise CheckpointError(ckpt.path, f"no entry {key!r} (--key)") from None
+    else:
+        path = default_state_dict_path(ckpt.root)
+        if path is None:
+            modules = [s for s in find_state_dicts(ckpt.root) if s.source == "module"]
+            if modules:
+                path = modules[0].path
+            elif not ckpt.tensors():
+                raise CheckpointError(ckpt.path, "holds no tensors: nothing to write")
+            elif ckpt.format == "torchscript":
+                raise CheckpointError(
+                    ckpt.path, "is a TorchScript archive: use --all to write its tensors"
+                )
+            else:
+                raise CheckpointError(
+                    ckpt.path, "no state dict found: choose one with --key PATH, or use --all"
+                )
+        node = get_path(ckpt.root, path) if path else ckpt.root
+    if isinstance(node, dict) and not isinstance(node, Opaque):
+        entries = [(k, v) for k, v in node.items()]
+        if all(isinstance(k, str) for k, _ in entries) and all(
+            isinstance(v, TensorRef) or v is None for _, v in entries
+        ):
+            return node, entries
+    return node, list(iter_tensors(node))
+
+
+def _scalar_metadata(root: Any, chosen: Any) -> tuple[dict[str, str], list[str]]:
+    """Top-level scalar entries (epoch, step, best metric) as strings; what was left out."""
+    meta: dict[str, str] = {}
+    left: list[str] = []
+    if not isinstance(root, dict) or isinstance(root, Opaque) or root is chosen:
+        return meta, left
+    for name, value in children(root, ""):
+        if value is chosen:
+            continue
+        if isinstance(value, Opaque) and numpy_scalar_value(value) is not None:
+            value = numpy_scalar_value(value)
+        if isinstance(value, (bool, int, float, str)) and len(str(value)) <= 1000:
+            meta[name] = str(value)
+        elif isinstance(value, TensorRef):
+            left.append(f"{name} (a tensor outside the chosen state dict; --all keeps it)")
+        else:
+            left.append(f"{name} (not a scalar)")
+    return meta, left
+
+
+def _shared_groups(items: list[_Item]) -> list[list[_Item]]:
+    """Groups of tensors whose bytes overlap in the same storage (truly shared)."""
+    by_storage: dict[tuple[str, str], list[_Item]] = {}
+    for it in items:
+        s = it.ref.storage
+        if s is not None and it.ref.numel:
+            by_storage.setdefault((s.file, s.key), []).append(it)
+    groups = []
+    for members in by_storage.values():
+        if len(members) < 2:
+            continue
+        spans = sorted(
+            ((m.ref.extent()[0] * m.ref.itemsize, m.ref.extent()[1] * m.ref.itemsize, i), m)
+            for i, m in enumerate(members)
+        )
+        current: list[_Item] = []
+        end = -1
+        for (lo, hi, _), m in spans:
+            if current and lo < end:
+                current.append(m)
+                end = max(end, hi)
+            else:
+                if len(current) > 1:
+                    groups.append(current)
+                current, end = [m], hi
+        if len(current) > 1:
+            groups.append(current)
+    return groups
+
+
+def _same_view(a: TensorRef, b: TensorRef) -> bool:
+    return (a.storage_offset, a.shape, a.stride, a.dtype) == (
+        b.storage_offset,
+        b.shape,
+        b.stride,
+        b.dtype,
+    )
+
+
+# -- writing --------------------------------------------------------------------------------
+def _header(items: list[_Item], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for it in items:
+        code = dtypes.get(it.dtype).safetensors
+        header[it.name] = {
+            "dtype": code,
+            "shape": list(it.ref.shape),
+            "data_offsets": [it.begin, it.begin + it.nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_tensor(it: _Item, sources: _Sources, fd: int, progress: Progress | None) -> None:
+    ref = it.ref
+    src = ref.storage
+    assert src is not None
+    itemsize = ref.itemsize
+    direct = (
+        ref.is_contiguous()
+        and it.dtype == ref.dtype == src.dtype
+        and not src.big_endian
+        and not src.compressed
+        and src.file
+    )
+    if direct:
+        start = src.offset + ref.storage_offset * itemsize
+        bytecopy.copy_range(sources.fd(src.file), start, it.nbytes, fd, progress)
+        return
+    import zlib
+
+    if ref.is_contiguous() and not src.compressed and src.file and it.dtype != ref.dtype:
+        # a cast of a contiguous view: stream it in chunks of whole elements
+        from dataclasses import replace
+
+        window = replace(src, offset=src.offset + ref.storage_offset * itemsize, numel=ref.numel)
+        crc = 0
+        for chunk in _iter_source(window, sources.fd(src.file)):
+            data = _recode(chunk, window, it.dtype)
+            _write_all(fd, data)
+            crc = zlib.crc32(data, crc)
+            if progress:
+                progress(len(chunk))
+        it.crc = crc
+        return
+    data = _gather(ref, sources, it.dtype)  # non-contiguous, big-endian or deflated: one tensor
+    _write_all(fd, data)
+    it.crc = zlib.crc32(data)
+    if progress:
+        progress(len(data))
+
+
+def _gather(ref: TensorRef, sources: _Sources, dtype: str) -> bytearray:
+    """The view's values, contiguous, little-endian, in ``dtype`` (holds one tensor)."""
+    from dataclasses import replace
+
+    import torch
+
+    src = ref.storage
+    assert src is not None
+    lo, hi = ref.extent()
+    window = (
+        replace(src, offset=src.offset + lo * ref.itemsize, numel=hi - lo)
+        if not src.compressed
+        else src
+    )
+    buf = bytearray()
+    for chunk in _iter_source(window, sources.fd(src.file) if src.file else -1):
+        buf += _recode(chunk, window, window.dtype) if src.big_endian else chunk
+    if src.compressed:
+        buf = buf[lo * ref.itemsize : hi * ref.itemsize]
+    if not buf:
+        return bytearray()
+    base = torch.frombuffer(buf, dtype=getattr(torch, ref.dtype))
+    t = torch.as_strided(base, ref.shape, ref.stride, ref.storage_offset - lo)
+    if dtype != ref.dtype:
+        t = t.to(getattr(torch, dtype))
+    out = bytearray(t.numel() * t.element_size())
+    torch.frombuffer(out, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
+    return out
+
+
+def _write_file(
+    path: str,
+    items: list[_Item],
+    metadata: dict[str, str],
+    sources: _Sources,
+    progress: Progress | None,
+) -> None:
+    pos = 0
+    for it in items:
+        it.begin = pos
+        pos += it.nbytes
+    header = _header(items, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        _write_all(fd, header)
+        for it in items:
+            _write_tensor(it, sources, fd, progress)
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if end != len(header) + pos:
+            raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
+    finally:
+        os.close(fd)
+
+
+def _verify(path: str, items: list[_Item], metadata: dict[str, str], sources: _Sources) -> None:
+    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed."""
+    from safetensors import safe_open
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(path, f"verification failed: {what}; nothing was written")
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            got_meta = f.metadata() or {}
+            for it in items:
+                sl = f.get_slice(it.name)
+                if list(sl.get_shape()) != list(it.ref.shape):
+                    raise fail(f"tensor {it.name!r} has another shape")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise fail(f"safetensors cannot open it ({exc})") from None
+    if sorted(names) != sorted(it.name for it in items) or got_meta != metadata:
+        raise fail("the tensor names or metadata differ")
+    back = open_checkpoint(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for it in items:
+            s = back.storages[it.name]
+            ref, src = it.ref, it.ref.storage
+            assert src is not None
+            if it.crc is not None:
+                if bytecopy.crc_range(fd, s.offset, s.nbytes) != it.crc:
+                    raise fail(f"tensor {it.name!r}'s bytes differ from what was written")
+                continue
+            start = src.offset + ref.storage_offset * ref.itemsize
+            diff = bytecopy.compare_ranges(sources.fd(src.file), start, fd, s.offset, s.nbytes)
+            if diff is not None:
+                raise fail(f"tensor {it.name!r} differs from the input at byte {diff}")
+    finally:
+        os.close(fd)
+
+
+def to_safetensors(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    all_tensors: bool = False,
+    strip_prefix: str | tuple[str, ...] = (),
+    add_prefix: str | tuple[str, ...] = (),
+    replace_prefix: tuple[tuple[str, str], ...] = (),
+    dtype: str | None = None,
+    metadata: dict[str, str] | None = None,
+    duplicate_shared: bool = False,
+    keep: tuple[str, ...] = (),
+    max_shard_size: int | str | None = None,
+    verify: bool = True,
+    force: bool = False,
+    progress: Callable[[int], Progress | None] | None = None,
+) -> SafetensorsResult:
+    """Write the model state dict of ``src`` (or ``key``, or every tensor) as safetensors.
+
+    Without ``max_shard_size`` ``dst`` is a file; with it, a folder of
+    ``model-0000K-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``.
+    Tied tensors are stored once (the first name, or one in ``keep``) and their aliases
+    recorded in ``__metadata__["ckpttool.aliases"]``; ``duplicate_shared`` writes copies.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise CheckpointError(None, f"--dtype must be one of {', '.join(CAST_DTYPES)}")
+    ops = KeyOps(
+        strip=(strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix),
+        add=(add_prefix,) if isinstance(add_prefix, str) else tuple(add_prefix),
+        replace=tuple(replace_prefix),
+    )
+    check_target(src, dst, force=force, in_place=False, is_dir=shard_limit is not None)
+    ckpt = open_checkpoint(src)
+    dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
+    if dangerous:
+        raise DangerousCheckpointError(src, dangerous)
+    chosen, entries = _select(ckpt, key, all_tensors)
+    left_out = [f"{name} (None)" for name, v in entries if not isinstance(v, TensorRef)]
+    tensors: OrderedDict[str, TensorRef] = OrderedDict(
+        (name, v) for name, v in entries if isinstance(v, TensorRef)
+    )
+    if not tensors:
+        raise CheckpointError(src, "holds no tensors to write")
+    try:
+        renamed_sd = ops.apply(tensors) if ops else tensors
+    except KeyCollisionError as exc:
+        raise CheckpointError(
+            src, f"renaming would make {exc.first!r} and {exc.second!r} both {exc.new!r}"
+        ) from None
+    renamed = sum(1 for a, b in zip(tensors, renamed_sd, strict=True) if a != b)
+    items: list[_Item] = []
+    for name, ref in renamed_sd.items():
+        out_dtype = ref.dtype
+        if dtype and dtypes.get(ref.dtype).is_floating:
+            out_dtype = dtype
+        if ref.kind == "quantized" or dtypes.get(out_dtype).safetensors is None:
+            raise CheckpointError(
+                src, f"tensor {name!r} is {ref.dtype}, which safetensors cannot store"
+            )
+        items.append(_Item(name, ref, out_dtype))
+    aliases: dict[str, str] = {}
+    groups = _shared_groups(items)
+    if not duplicate_shared:
+        drop: set[str] = set()
+        for group in groups:
+            first = next((m for m in group if m.name in keep), group[0])
+            for m in group:
+                if m is first:
+                    continue
+                if _same_view(m.ref, first.ref) and m.dtype == first.dtype:
+                    aliases[m.name] = first.name
+                    drop.add(m.name)
+        items = [it for it in items if it.name not in drop]
+    meta, left = _scalar_metadata(ckpt.root, chosen)
+    left_out += left
+    meta = {"format": "pt", **meta, **(metadata or {})}
+    meta["format"] = (metadata or {}).get("format", "pt")
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    total = sum(it.nbytes for it in items)
+    result = SafetensorsResult(src, dst, len(items), total, [], aliases, meta, left_out, renamed)
+    cb = progress(total) if progress else None
+    sources = _Sources()
+    try:
+        if shard_limit is None:
+            with atomic_file(dst) as tmp:
+                _write_file(tmp, items, meta, sources, cb)
+                if verify:
+                    _verify(tmp, items, meta, sources)
+            result.files = [dst]
+        else:
+            shards = _assign_shards(items, groups if duplicate_shared else [], shard_limit)
+            n = len(shards)
+            with atomic_dir(dst) as tmpdir:
+                weight_map: dict[str, str] = {}
+                for i, shard in enumerate(shards, 1):
+                    fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                    path = os.path.join(tmpdir, fname)
+                    open(path, "wb").close()
+                    _write_file(path, shard, meta, sources, cb)
+                    if verify:
+                        _verify(path, shard, meta, sources)
+                    for it in shard:
+                        weight_map[it.name] = fname
+                    result.files.append(os.path.join(dst, fname))
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                with open(os.path.join(tmpdir, INDEX_NAME), "w", encoding="utf-8") as f:
+                    json.dump(index, f, indent=2)
+                    f.write("\n")
+            result.files.append(os.path.join(dst, INDEX_NAME))
+    finally:
+        sources.close()
+    result.verified = verify
+    return result
+
+
+def _assign_shards(items: list[_Item], groups: list[list[_Item]], limit: int) -> list[list[_Item]]:
+    """Greedy shards of at most ``limit`` bytes (a bigger tensor gets a shard of its own);
+    members of a shared group stay in one shard."""
+    group_of: dict[str, list[_Item]] = {}
+    for g in groups:
+        for m in g:
+            group_of[m.name] = g
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    placed: set[str] = set()
+    for it in items:
+        if it.name in placed:
+            continue
+        unit = [m for m in group_of.get(it.name, [it]) if m.name not in placed]
+        unit_size = sum(m.nbytes for m in unit)
+        if shards[-1] and size + unit_size > limit:
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += unit_size
+        placed.update(m.name for m in unit)
+    return [s for s in shards if s]
