@@ -13,6 +13,11 @@ _NUMPY_FORMATS = {
     "f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b",
     "u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?",
 }  # fmt: skip
+_NUMPY_NAMES = {
+    "f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32",
+    "i2": "int16", "i1": "int8", "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8",
+    "b1": "bool",
+}  # fmt: skip
 
 
 def numpy_dtype_code(obj: Any) -> str | None:
@@ -59,7 +64,9 @@ def _describe(value: Any, budget: int, depth: int) -> str:
         name = value.global_name
         scalar = numpy_scalar_value(value)
         if scalar is not None:
-            return f"{name.rsplit('.', 1)[0].split('.')[0]}.{type(scalar).__name__}({scalar!r})"
+            code = numpy_dtype_code(value.args[0]) or ""
+            kind = _NUMPY_NAMES.get(code.lstrip("<>=|"), type(scalar).__name__)
+            return f"numpy.{kind}({scalar!r})"
         if name in _NUMPY_RECONSTRUCT:
             state = value.state
             if isinstance(state, tuple) and len(state) >= 3:

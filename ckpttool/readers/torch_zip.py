@@ -7,8 +7,10 @@ record's position is taken from its local header so writers can copy it byte for
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 from ..errors import CheckpointError
@@ -62,37 +64,52 @@ class ZipArchive:
                     f"{info.compress_size:,} compressed (a zip bomb)",
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
+        self.fd = os.open(path, os.O_RDONLY)
 
     def has(self, name: str) -> bool:
         return name in self.entries
 
     def read_small(self, name: str, limit: int = MAX_PICKLE_BYTES) -> bytes:
+        """An entry's bytes, read the way torch reads them: CRCs are not checked.
+
+        torch ignores CRCs (it can even write files without them), so a scanner that stops at
+        a bad CRC misses what torch would load; ckpttool reads what torch reads.
+        """
         info = self.entries[name]
         if info.file_size > limit:
             raise CheckpointError(
                 self.path, f"{name} is {info.file_size:,} bytes, more than a checkpoint needs"
             )
+        offset = self.data_offset(info)
+        raw = os.pread(self.fd, info.compress_size, offset)
+        if len(raw) < info.compress_size:
+            raise CheckpointError(self.path, f"is truncated: {name} is cut short")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size:
+                raise CheckpointError(self.path, f"zip entry {name} has inconsistent sizes")
+            return raw
         try:
-            return self.zf.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError(self.path, f"cannot read {name} ({exc})") from None
-        except Exception as exc:  # zlib.error and friends
-            raise CheckpointError(self.path, f"cannot read {name} ({exc})") from None
+            inflater = zlib.decompressobj(-15)
+            data = inflater.decompress(raw, info.file_size + 1)
+        except zlib.error as exc:
+            raise CheckpointError(self.path, f"cannot inflate {name} ({exc})") from None
+        if len(data) != info.file_size:
+            raise CheckpointError(self.path, f"zip entry {name} inflates to the wrong size")
+        return data
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            header = f.read(_LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size:
-                raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
-            fields = _LOCAL_HEADER.unpack(header)
-            if fields[0] != b"PK\x03\x04":
-                raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
-            name_len, extra_len = fields[9], fields[10]
-            name = f.read(name_len)
-        if name != info.orig_filename.encode("utf-8") and name != info.orig_filename.encode(
-            "cp437", "replace"
+        header = os.pread(self.fd, _LOCAL_HEADER.size, info.header_offset)
+        if len(header) < _LOCAL_HEADER.size:
+            raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
+        fields = _LOCAL_HEADER.unpack(header)
+        if fields[0] != b"PK\x03\x04":
+            raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
+        name_len, extra_len = fields[9], fields[10]
+        name = os.pread(self.fd, name_len, info.header_offset + _LOCAL_HEADER.size)
+        if name not in (
+            info.orig_filename.encode("utf-8"),
+            info.orig_filename.encode("cp437", "replace"),
         ):
             raise CheckpointError(
                 self.path,
@@ -101,9 +118,20 @@ class ZipArchive:
             )
         return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
+    def close(self) -> None:
+        self.zf.close()
+        os.close(self.fd)
+
 
 def read(path: str, file_bytes: int) -> Checkpoint:
     archive = ZipArchive(path)
+    try:
+        return _read(archive, path, file_bytes)
+    finally:
+        archive.close()
+
+
+def _read(archive: ZipArchive, path: str, file_bytes: int) -> Checkpoint:
     is_torchscript = archive.has("constants.pkl") and any(
         n.startswith("code/") for n in archive.entries
     )
@@ -152,7 +180,8 @@ def read(path: str, file_bytes: int) -> Checkpoint:
                 record=info.filename,
                 compressed=info.compress_type != zipfile.ZIP_STORED,
                 big_endian=byteorder == "big",
-                crc=info.CRC,
+                # torch can write records without CRCs (zeros): then there is none to check
+                crc=info.CRC if info.CRC or not info.file_size else None,
             )
             if not storage.compressed and storage.offset + info.file_size > file_bytes:
                 raise CheckpointError(path, f"is truncated: storage record {name} is cut short")
@@ -180,7 +209,6 @@ def read(path: str, file_bytes: int) -> Checkpoint:
             if cu.tensors:
                 root = {"data": root, "constants": consts}
     check_views(path, tensors)
-    archive.zf.close()
     return Checkpoint(
         path=path,
         format="torchscript" if is_torchscript else "zip",
