@@ -1,3 +1,49 @@
-"""ckpttool: inspect, fix and convert PyTorch checkpoints without running their code."""
+"""ckpttool: inspect, fix and convert PyTorch checkpoints without running their code.
+
+The library API (importing it never imports torch)::
+
+    from ckpttool import open_checkpoint, convert, to_safetensors
+    ckpt = open_checkpoint("best.pth")          # metadata only: no tensor bytes, no code run
+    convert("best.pth", "best_cpu.pt", strip_prefix="module.")
+    to_safetensors("best.pth", "model.safetensors", strip_prefix="module.")
+
+Training scripts: ``ckpttool.load``, ``ckpttool.fix_state_dict``, ``ckpttool.save``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_checkpoint": "ckpttool.readers",
+    "Checkpoint": "ckpttool.model",
+    "TensorInfo": "ckpttool.model",
+    "StorageInfo": "ckpttool.model",
+    "CheckpointError": "ckpttool.errors",
+    "convert": "ckpttool.resave",
+    "ConvertResult": "ckpttool.resave",
+    "to_safetensors": "ckpttool.safetensors_export",
+    "strip_prefix": "ckpttool.transforms",
+    "add_prefix": "ckpttool.transforms",
+    "replace_prefix": "ckpttool.transforms",
+    "find_state_dicts": "ckpttool.transforms",
+    "load": "ckpttool.api",
+    "fix_state_dict": "ckpttool.api",
+    "save": "ckpttool.api",
+    "unwrap": "ckpttool.api",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names lazily, so ``import ckpttool`` and ``--help`` stay fast."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckpttool' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

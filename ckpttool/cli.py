@@ -210,8 +210,8 @@ def convert(
       ckpttool convert model.safetensors model.pt --add-module
       ckpttool convert train.ckpt weights.pt --only state_dict --replace-prefix model.=
     """
-    from .convert import convert as do_convert
     from .render import escape
+    from .resave import convert as do_convert
 
     kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
     factory = _progress_factory(quiet)
@@ -299,8 +299,8 @@ def to_safetensors(
       ckpttool to-safetensors big.pt out/ --max-shard-size 5GB
     """
     from .render import escape
-    from .to_safetensors import parse_size
-    from .to_safetensors import to_safetensors as do_convert
+    from .safetensors_export import parse_size
+    from .safetensors_export import to_safetensors as do_convert
 
     kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
     meta = {}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from .. import dtypes
+from ..errors import CheckpointError
+from ..model import StorageInfo
 
 CHUNK = 8 << 20
 
@@ -75,3 +79,73 @@ def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int 
                     return pos + i
         pos += want
     return None
+
+
+class Sources:
+    """Open input files by path (a sharded input has several)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def recode(chunk: bytearray, src: StorageInfo, dtype: str) -> bytearray:
+    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only)."""
+    import torch  # only casts and byte swaps need torch
+
+    t = torch.frombuffer(chunk, dtype=getattr(torch, src.dtype))
+    item = dtypes.get(src.dtype).itemsize
+    if src.big_endian and item > 1:
+        unit = item // 2 if src.dtype.startswith("complex") else item
+        swapped = t.view(torch.uint8).view(-1, unit).flip(1).contiguous()
+        t = swapped.view(-1).view(getattr(torch, src.dtype))
+    if dtype != src.dtype:
+        t = t.to(getattr(torch, dtype))
+    buf = bytearray(t.numel() * t.element_size())
+    if buf:
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
+    return buf
+
+
+def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
+    """The storage's bytes in chunks that hold whole elements."""
+    n = src.nbytes
+    item = dtypes.get(src.dtype).itemsize
+    step = max(item, (CHUNK // item) * item)
+    if src.compressed:
+        import zipfile
+
+        with zipfile.ZipFile(src.file) as zf, zf.open(src.record or "") as f:
+            left = n
+            while left:
+                chunk = f.read(min(step, left))
+                if not chunk:
+                    raise CheckpointError(src.file, f"record {src.record} is truncated")
+                left -= len(chunk)
+                yield bytearray(chunk)
+        return
+    off = src.offset
+    left = n
+    while left:
+        want = min(step, left)
+        chunk = bytearray(want)
+        got = os.preadv(fd, [chunk], off)
+        if got != want:
+            raise CheckpointError(src.file, "is truncated: a storage is cut short")
+        yield chunk
+        off += want
+        left -= want
+
+
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

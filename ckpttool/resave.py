@@ -17,7 +17,7 @@ from typing import Any
 
 from . import dtypes
 from .errors import CheckpointError, DangerousCheckpointError
-from .model import Checkpoint, Opaque, StorageInfo, TensorRef
+from .model import Checkpoint, Opaque, TensorRef
 from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
 from .readers import open_checkpoint
 from .safety import classify
@@ -185,22 +185,6 @@ def plan_storages(
 
 
 # -- writing ------------------------------------------------------------------------------
-class _Sources:
-    """Open input files by path (a sharded input has several)."""
-
-    def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
-
-    def fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-
 def _write_transformed(
     out: OutStorage,
     src_fd: int,
@@ -215,73 +199,19 @@ def _write_transformed(
     src = out.source
     assert src is not None
     if memory is not None:
-        _write_all(dst_fd, memory.data)
+        bytecopy.write_all(dst_fd, memory.data)
         if progress:
             progress(len(memory.data))
         return zlib.crc32(memory.data)
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
-    for chunk in _iter_source(src, src_fd):
-        data = chunk if simple else _recode(chunk, src, out.dtype)
-        _write_all(dst_fd, data)
+    for chunk in bytecopy.iter_storage_chunks(src, src_fd):
+        data = chunk if simple else bytecopy.recode(chunk, src, out.dtype)
+        bytecopy.write_all(dst_fd, data)
         crc = zlib.crc32(data, crc)
         if progress:
             progress(len(chunk))
     return crc
-
-
-def _recode(chunk: bytearray, src: StorageInfo, dtype: str) -> bytearray:
-    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only)."""
-    import torch  # only casts and byte swaps need torch
-
-    t = torch.frombuffer(chunk, dtype=getattr(torch, src.dtype))
-    item = dtypes.get(src.dtype).itemsize
-    if src.big_endian and item > 1:
-        unit = item // 2 if src.dtype.startswith("complex") else item
-        swapped = t.view(torch.uint8).view(-1, unit).flip(1).contiguous()
-        t = swapped.view(-1).view(getattr(torch, src.dtype))
-    if dtype != src.dtype:
-        t = t.to(getattr(torch, dtype))
-    buf = bytearray(t.numel() * t.element_size())
-    if buf:
-        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
-    return buf
-
-
-def _iter_source(src: StorageInfo, fd: int) -> Any:
-    """The storage's bytes in chunks that hold whole elements."""
-    n = src.nbytes
-    item = dtypes.get(src.dtype).itemsize
-    step = max(item, (bytecopy.CHUNK // item) * item)
-    if src.compressed:
-        import zipfile
-
-        with zipfile.ZipFile(src.file) as zf, zf.open(src.record or "") as f:
-            left = n
-            while left:
-                chunk = f.read(min(step, left))
-                if not chunk:
-                    raise CheckpointError(src.file, f"record {src.record} is truncated")
-                left -= len(chunk)
-                yield bytearray(chunk)
-        return
-    off = src.offset
-    left = n
-    while left:
-        want = min(step, left)
-        chunk = bytearray(want)
-        got = os.preadv(fd, [chunk], off)
-        if got != want:
-            raise CheckpointError(src.file, "is truncated: a storage is cut short")
-        yield chunk
-        off += want
-        left -= want
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _serialization_id(pkl: bytes, outs: list[OutStorage]) -> bytes:
@@ -312,7 +242,7 @@ def write_pt(
         pkl = dumps(root, storage_of, dtype_of)
     except RecursionError:
         raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
-    sources = _Sources()
+    sources = bytecopy.Sources()
     fd = os.open(dst_tmp, os.O_RDWR | os.O_TRUNC)
     offsets: dict[str, int] = {}
     try:
@@ -401,7 +331,7 @@ def verify_pt(
         ):
             raise fail(f"tensor {name!r} reads back differently")
     fd = os.open(path, os.O_RDONLY)
-    sources = _Sources()
+    sources = bytecopy.Sources()
     try:
         for out in outs:
             s = back.storages.get(out.key)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import dtypes
-from .convert import CAST_DTYPES, KeyOps, _iter_source, _recode, _Sources, _write_all
 from .errors import CheckpointError, DangerousCheckpointError
 from .model import Checkpoint, Opaque, TensorRef
 from .readers import open_checkpoint
+from .resave import CAST_DTYPES, KeyOps
 from .safety import classify
 from .summary import numpy_scalar_value
 from .transforms import KeyCollisionError, default_state_dict_path, find_state_dicts
@@ -186,7 +186,7 @@ def _header(items: list[_Item], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_tensor(it: _Item, sources: _Sources, fd: int, progress: Progress | None) -> None:
+def _write_tensor(it: _Item, sources: bytecopy.Sources, fd: int, progress: Progress | None) -> None:
     ref = it.ref
     src = ref.storage
     assert src is not None
@@ -210,22 +210,22 @@ def _write_tensor(it: _Item, sources: _Sources, fd: int, progress: Progress | No
 
         window = replace(src, offset=src.offset + ref.storage_offset * itemsize, numel=ref.numel)
         crc = 0
-        for chunk in _iter_source(window, sources.fd(src.file)):
-            data = _recode(chunk, window, it.dtype)
-            _write_all(fd, data)
+        for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file)):
+            data = bytecopy.recode(chunk, window, it.dtype)
+            bytecopy.write_all(fd, data)
             crc = zlib.crc32(data, crc)
             if progress:
                 progress(len(chunk))
         it.crc = crc
         return
     data = _gather(ref, sources, it.dtype)  # non-contiguous, big-endian or deflated: one tensor
-    _write_all(fd, data)
+    bytecopy.write_all(fd, data)
     it.crc = zlib.crc32(data)
     if progress:
         progress(len(data))
 
 
-def _gather(ref: TensorRef, sources: _Sources, dtype: str) -> bytearray:
+def _gather(ref: TensorRef, sources: bytecopy.Sources, dtype: str) -> bytearray:
     """The view's values, contiguous, little-endian, in ``dtype`` (holds one tensor)."""
     from dataclasses import replace
 
@@ -240,8 +240,8 @@ def _gather(ref: TensorRef, sources: _Sources, dtype: str) -> bytearray:
         else src
     )
     buf = bytearray()
-    for chunk in _iter_source(window, sources.fd(src.file) if src.file else -1):
-        buf += _recode(chunk, window, window.dtype) if src.big_endian else chunk
+    for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file) if src.file else -1):
+        buf += bytecopy.recode(chunk, window, window.dtype) if src.big_endian else chunk
     if src.compressed:
         buf = buf[lo * ref.itemsize : hi * ref.itemsize]
     if not buf:
@@ -259,7 +259,7 @@ def _write_file(
     path: str,
     items: list[_Item],
     metadata: dict[str, str],
-    sources: _Sources,
+    sources: bytecopy.Sources,
     progress: Progress | None,
 ) -> None:
     pos = 0
@@ -269,7 +269,7 @@ def _write_file(
     header = _header(items, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
-        _write_all(fd, header)
+        bytecopy.write_all(fd, header)
         for it in items:
             _write_tensor(it, sources, fd, progress)
         end = os.lseek(fd, 0, os.SEEK_CUR)
@@ -279,7 +279,9 @@ def _write_file(
         os.close(fd)
 
 
-def _verify(path: str, items: list[_Item], metadata: dict[str, str], sources: _Sources) -> None:
+def _verify(
+    path: str, items: list[_Item], metadata: dict[str, str], sources: bytecopy.Sources
+) -> None:
     """Re-open with safetensors' own reader and compare every tensor's bytes, streamed."""
     from safetensors import safe_open
 
@@ -404,7 +406,7 @@ def to_safetensors(
     total = sum(it.nbytes for it in items)
     result = SafetensorsResult(src, dst, len(items), total, [], aliases, meta, left_out, renamed)
     cb = progress(total) if progress else None
-    sources = _Sources()
+    sources = bytecopy.Sources()
     try:
         if shard_limit is None:
             with atomic_file(dst) as tmp:

@@ -1,0 +1,507 @@
+"""A small API for training scripts: load safely, fix key prefixes, save safely.
+
+The seed problem: a DDP job saves from rank 0 with ``torch.save(ddp.state_dict(), path)``. Every
+storage in that file is tagged ``cuda:0`` and every key starts with ``module.``. A later plain
+``torch.load(path)`` in each rank then puts a copy on GPU 0 (or fails without a GPU), and
+``load_state_dict(strict=True)`` into an unwrapped model fails on the prefix. These helpers avoid
+both, on the reading side and on the writing side::
+
+    from ckpttool import api
+
+    # reading: never lands on the device recorded in the file; prefixes fixed to fit the model
+    ckpt = api.load("ddp_best.pth", map_location=f"cuda:{local_rank}")   # or "cpu"
+    fixed = api.fix_state_dict(model, ckpt["model"])  # model: bare, DDP, DataParallel, compiled
+    model.load_state_dict(fixed.state_dict, strict=True)
+
+    # writing: bare keys, cpu-tagged storages, atomic, rank 0 only, every rank waits
+    api.save({"model": ddp_model, "optimizer": optimizer, "epoch": epoch}, "ckpt.pt")
+
+Importing this module does not import torch; each function imports it when called.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["FixResult", "fix_state_dict", "load", "save", "unwrap"]
+
+PathLike = str | os.PathLike[str]
+
+_CUDA_TAG_ERROR = "Attempting to deserialize object on a CUDA device"
+
+
+# -- load ---------------------------------------------------------------------------------------
+def _device(map_location: Any, path: str) -> torch.device:
+    import torch
+
+    if map_location is None:
+        raise ValueError(
+            "map_location=None would use the device recorded in the file; "
+            "give 'cpu', 'cuda:N' or a torch.device"
+        )
+    if isinstance(map_location, torch.device):
+        device = map_location
+    elif isinstance(map_location, str):
+        try:
+            device = torch.device(map_location)
+        except RuntimeError as exc:
+            raise ValueError(f"map_location {map_location!r} is not a device: {exc}") from None
+    else:
+        raise TypeError(
+            f"map_location must be a str such as 'cpu' or 'cuda:0', or a torch.device, "
+            f"not {type(map_location).__name__}"
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(path, f"map_location {device} asked for, but CUDA is absent")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                path,
+                f"map_location {device} asked for, but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist",
+            )
+    return device
+
+
+def _format(path: str) -> tuple[str, str]:
+    """``(format, file)`` where ``file`` is the index file for a sharded folder."""
+    from .readers import open_checkpoint, sniff
+
+    if os.path.isdir(path) or path.endswith(".json"):
+        ckpt = open_checkpoint(path)  # resolves the index, checks every shard exists
+        return ckpt.format, ckpt.path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        head = b""
+    kind = sniff(head, path)
+    if kind in ("zip", "legacy", "safetensors"):
+        return kind, path
+    ckpt = open_checkpoint(path)  # raises a CheckpointError that says what the file is
+    return ckpt.format, ckpt.path
+
+
+def load(
+    path: PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    weights_only: bool = True,
+    mmap: bool | None = None,
+) -> Any:
+    """Open any checkpoint ckpttool reads, with every storage on ``map_location``.
+
+    Never uses the device recorded in the file: a file saved from ``cuda:0`` by rank 0 loads onto
+    ``"cpu"`` (the default) or onto the device given, e.g. ``f"cuda:{local_rank}"``.
+
+    Args:
+        path: a torch file (zip or legacy ``.pt``/``.pth``/``.bin``/``.ckpt``), a ``.safetensors``
+            file, a sharded checkpoint's ``*.index.json``, or the folder holding that index.
+        map_location: ``"cpu"``, ``"cuda:N"`` or a :class:`torch.device`; ``None`` is refused.
+        weights_only: passed to :func:`torch.load` (torch files only). Keep ``True`` for files
+            you did not write yourself: then no pickled code runs.
+        mmap: map torch zip files into memory instead of reading them (:func:`torch.load`'s
+            ``mmap``). Default: on for zip files loaded to the CPU, off otherwise. Mapped
+            tensors read the file lazily and copy on write; do not rewrite the file in place
+            (``open(path, "wb")``) while you still use them (:func:`save` replaces files
+            atomically, which is safe).
+
+    Returns:
+        What :func:`torch.load` returns; for safetensors files and sharded checkpoints, a dict of
+        tensor name to tensor (a sharded checkpoint's shards merged in the index's order).
+
+    Raises:
+        CheckpointError: the file is missing, not a checkpoint, damaged, needs
+            ``weights_only=False``, or the device asked for does not exist.
+    """
+    path = os.fspath(path)
+    kind, real = _format(path)
+    device = _device(map_location, path)
+    if kind == "hf-sharded":
+        return _load_sharded(real, device, weights_only=weights_only, mmap=mmap)
+    if kind == "safetensors":
+        return _load_safetensors(real, device)
+    return _load_torch(real, kind, device, weights_only=weights_only, mmap=mmap)
+
+
+def _load_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot load safetensors file: {_one_line(exc)}") from None
+
+
+def _load_torch(
+    path: str, kind: str, device: torch.device, *, weights_only: bool, mmap: bool | None
+) -> Any:
+    import torch
+
+    zip_like = kind in ("zip", "torchscript")
+    if kind == "torchscript":
+        raise CheckpointError(
+            path,
+            f"is a TorchScript archive, not a checkpoint: use "
+            f"torch.jit.load(path, map_location={str(device)!r})",
+        )
+    if mmap is None:
+        mmap = zip_like and device.type == "cpu"
+    elif mmap and not zip_like:
+        raise CheckpointError(path, f"mmap=True needs a torch zip file; this one is {kind}")
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        hint = " (it holds objects torch's weights_only loader refuses; see `ckpttool inspect`)"
+        raise CheckpointError(
+            path, f"cannot load with weights_only={weights_only}{hint}: {_one_line(exc)}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(path, f"cannot load: {_one_line(exc)}") from None
+
+
+def _load_sharded(
+    index: str, device: torch.device, *, weights_only: bool, mmap: bool | None
+) -> dict[str, Any]:
+    import json
+
+    with open(index, encoding="utf-8") as f:
+        weight_map: dict[str, str] = json.load(f)["weight_map"]  # validated by open_checkpoint
+    folder = os.path.dirname(os.path.abspath(index))
+    merged: dict[str, Any] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = os.path.join(folder, shard)
+        kind, _ = _format(shard_path)
+        if kind == "safetensors":
+            part: Any = _load_safetensors(shard_path, device)
+        else:
+            part = _load_torch(shard_path, kind, device, weights_only=weights_only, mmap=mmap)
+        if not isinstance(part, Mapping):
+            raise CheckpointError(shard_path, "shard is not a dict of tensors")
+        merged.update(part)
+    missing = [name for name in weight_map if name not in merged]
+    if missing:
+        raise CheckpointError(index, f"tensor {missing[0]!r} is not in its shard")
+    return {name: merged[name] for name in weight_map}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- unwrap -------------------------------------------------------------------------------------
+def _inner(model: Any) -> Any | None:
+    """The module a wrapper holds, or None when ``model`` is no known wrapper."""
+    from torch import nn
+
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    # torch.compile's OptimizedModule (torch._dynamo.eval_frame); checked by name so that
+    # importing dynamo is not needed.
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        model._modules.get("_orig_mod"), nn.Module
+    ):
+        return model._modules["_orig_mod"]
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DataParallel, DistributedDataParallel and ``torch.compile``.
+
+    Wrappers may be stacked in any order (``DDP(torch.compile(m))``, ``torch.compile(DDP(m))``);
+    all are removed. A module that is not wrapped is returned as it is.
+    """
+    seen = 0
+    inner = _inner(model)
+    while inner is not None:
+        model = inner
+        inner = _inner(model)
+        seen += 1
+        if seen > 64:
+            raise ValueError("module wrappers nested more than 64 deep (a cycle?)")
+    return model
+
+
+# -- fix_state_dict -----------------------------------------------------------------------------
+@dataclass
+class FixResult:
+    """What :func:`fix_state_dict` did, and what still does not fit the model.
+
+    Attributes:
+        state_dict: a new dict whose keys fit the model (the input is never modified).
+        stripped: the prefix removed from every key (e.g. ``"module."``), or None.
+        added: the prefix added to every key (e.g. ``"_orig_mod."``), or None.
+        missing: keys the model expects that ``state_dict`` lacks, after the fix.
+        unexpected: keys in ``state_dict`` that the model does not have, after the fix.
+    """
+
+    state_dict: collections.OrderedDict[str, Any]
+    stripped: str | None = None
+    added: str | None = None
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """True if keys were renamed."""
+        return self.stripped is not None or self.added is not None
+
+    @property
+    def ok(self) -> bool:
+        """True if ``model.load_state_dict(self.state_dict, strict=True)`` will find every key."""
+        return not self.missing and not self.unexpected
+
+    def summary(self) -> str:
+        """One line for logs: what changed, and how many keys are still missing/unexpected."""
+        parts = []
+        if self.stripped:
+            parts.append(f"stripped {self.stripped!r}")
+        if self.added:
+            parts.append(f"added {self.added!r}")
+        if not parts:
+            parts.append("keys unchanged")
+        if self.ok:
+            parts.append("all keys match")
+        else:
+            parts.append(f"{len(self.missing)} missing, {len(self.unexpected)} unexpected")
+            shown = (self.missing or self.unexpected)[:3]
+            parts.append("e.g. " + ", ".join(shown))
+        return "; ".join(parts)
+
+
+def _keys(state_dict: Mapping[str, Any]) -> list[str]:
+    return [k for k in state_dict if k != "_metadata"]
+
+
+def fix_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> FixResult:
+    """Rename ``state_dict``'s keys to the prefixes ``model`` expects.
+
+    ``model`` may be bare or wrapped in DataParallel, DistributedDataParallel or
+    ``torch.compile`` (stacked too); ``state_dict`` may come from any of these. The wrapper prefix
+    each side carries on every key (``module.``, ``_orig_mod.``, ``module._orig_mod.``, ... see
+    :data:`ckpttool.transforms.KNOWN_PREFIXES`) is detected, the file's prefix is stripped and
+    the model's added. The ``_metadata`` that ``load_state_dict`` uses for version hooks is
+    renamed the same way. If renaming would match fewer of the model's keys than leaving the
+    keys alone, they are left alone.
+
+    Returns:
+        a :class:`FixResult`; ``model.load_state_dict(result.state_dict, strict=True)`` works
+        when ``result.ok``.
+
+    Raises:
+        ValueError: ``state_dict`` looks like a whole training checkpoint (pass its model entry,
+            e.g. ``ckpt["model"]``), or renaming would make two keys equal.
+    """
+    from .transforms import KeyCollisionError, detect_prefix, rename_keys
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, not {type(state_dict).__name__}")
+    _refuse_training_checkpoint(state_dict)
+    wanted = list(model.state_dict().keys())
+    given = _keys(state_dict)
+    have = detect_prefix(given) or ""
+    want = detect_prefix(wanted) or ""
+
+    def rename(key: str) -> str:
+        return want + key[len(have) :] if key.startswith(have) else key
+
+    try:
+        fixed = rename_keys(state_dict, lambda k: k)  # a copy, _metadata included
+        stripped = added = None
+        if set(given) != set(wanted) and have != want:
+            candidate = rename_keys(state_dict, rename)
+            if _matches(candidate, wanted) >= _matches(state_dict, wanted):
+                fixed = candidate
+                if want.startswith(have):  # e.g. "" -> "module.", "module." -> "module._orig_mod."
+                    added = want[len(have) :]
+                elif have.startswith(want):  # e.g. "module." -> ""
+                    stripped = have[len(want) :]
+                else:  # e.g. "module." -> "_orig_mod."
+                    stripped, added = have, want
+    except KeyCollisionError as exc:
+        raise ValueError(f"cannot fix the keys: {exc}") from None
+
+    wanted_set = set(wanted)
+    fixed_keys = _keys(fixed)
+    fixed_set = set(fixed_keys)
+    return FixResult(
+        state_dict=fixed,
+        stripped=stripped,
+        added=added,
+        missing=[k for k in wanted if k not in fixed_set],
+        unexpected=[k for k in fixed_keys if k not in wanted_set],
+    )
+
+
+def _matches(state_dict: Mapping[str, Any], wanted: list[str]) -> int:
+    keys = set(_keys(state_dict))
+    return sum(1 for k in wanted if k in keys)
+
+
+def _refuse_training_checkpoint(state_dict: Mapping[str, Any]) -> None:
+    import torch
+
+    values = list(state_dict.values())
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return
+    for name, value in state_dict.items():
+        if isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            raise ValueError(
+                f"this looks like a training checkpoint, not a state dict: pass its model "
+                f"entry, e.g. ckpt[{name!r}]"
+            )
+
+
+# -- save ---------------------------------------------------------------------------------------
+def _to_cpu(obj: Any, memo: dict[Any, Any]) -> Any:
+    """``obj`` with every tensor on the CPU; tensors sharing a storage still share one."""
+    import torch
+    from torch import nn
+
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in memo:
+            return memo[id(obj)]
+        memo[id(obj)] = out = _tensor_to_cpu(obj, memo, torch, nn)
+        return out
+    if isinstance(obj, Mapping):
+        items = [(k, _to_cpu(v, memo)) for k, v in obj.items()]
+        if all(new is old for (_, new), old in zip(items, obj.values(), strict=True)):
+            return obj
+        if type(obj) is dict:
+            return dict(items)
+        if type(obj) is collections.OrderedDict:
+            new: Any = collections.OrderedDict(items)
+        else:
+            try:
+                new = copy.copy(obj)
+                for k, v in items:
+                    new[k] = v
+            except Exception:
+                new = dict(items)
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:
+            new._metadata = metadata  # state dicts carry version info for load_state_dict
+        return new
+    if isinstance(obj, list):
+        items_l = [_to_cpu(v, memo) for v in obj]
+        if all(a is b for a, b in zip(items_l, obj, strict=True)):
+            return obj
+        return items_l
+    if isinstance(obj, tuple):
+        items_t = [_to_cpu(v, memo) for v in obj]
+        if all(a is b for a, b in zip(items_t, obj, strict=True)):
+            return obj
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items_t)
+        return tuple(items_t)
+    return obj
+
+
+def _tensor_to_cpu(t: torch.Tensor, memo: dict[Any, Any], torch: Any, nn: Any) -> torch.Tensor:
+    if t.device.type in ("cpu", "meta"):
+        return t
+    is_param = isinstance(t, nn.Parameter)
+    plain = type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided
+    if not plain or t.is_quantized:
+        return t.detach().cpu()  # sparse, quantized, subclasses: no storage to share
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        cpu_storage = torch.UntypedStorage(0)
+    else:
+        key = ("storage", str(t.device), storage.data_ptr(), storage.nbytes())
+        cpu_storage = memo.get(key)
+        if cpu_storage is None:
+            memo[key] = cpu_storage = storage.cpu()
+    out = torch.empty(0, dtype=t.dtype).set_(cpu_storage, t.storage_offset(), t.size(), t.stride())
+    if is_param:
+        return nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
+def _as_saveable(obj: Any) -> Any:
+    import torch
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        return unwrap(obj).state_dict()
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = {}
+        for k, v in obj.items():
+            if isinstance(v, nn.Module):
+                out[k] = unwrap(v).state_dict()
+            elif isinstance(v, torch.optim.Optimizer):
+                out[k] = v.state_dict()
+            else:
+                out[k] = v
+        return out
+    return obj
+
+
+def _rank(rank: int | None) -> tuple[int, bool]:
+    """(this process's rank, whether a process group is initialised)."""
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is not None:
+        return rank, initialised
+    return (dist.get_rank() if initialised else 0), initialised
+
+
+def save(obj_or_model: Any, path: PathLike, *, rank: int | None = None) -> None:
+    """Write a checkpoint that any later plain ``torch.load(path)`` opens safely.
+
+    - An ``nn.Module`` is saved as the state dict of the bare module inside any DataParallel,
+      DDP or ``torch.compile`` wrappers (keys without ``module.``/``_orig_mod.``).
+    - In a dict, module values are replaced the same way, optimizer values by their
+      ``state_dict()``; other entries are kept as they are.
+    - Every tensor is moved to the CPU, so every storage is tagged ``cpu``. Tensors that share
+      a storage (tied weights, views) still share one in the file.
+    - The file is written to a temp file beside ``path`` and renamed into place: a failed or
+      interrupted save leaves the previous file untouched and no partial file.
+    - Only rank 0 writes (``torch.distributed.get_rank()`` when a process group is initialised,
+      else 0, unless ``rank`` is given). When a process group is initialised, every rank
+      then waits on ``torch.distributed.barrier()``, so no rank reads the file before it exists.
+      If rank 0's write fails it raises after the barrier; the other ranks return normally.
+
+    Raises:
+        CheckpointError: the object cannot be pickled or the file cannot be written.
+    """
+    import torch
+
+    from .writers.atomic import atomic_file
+
+    dst = os.fspath(path)
+    me, initialised = _rank(rank)
+    error: Exception | None = None
+    if me == 0:
+        try:
+            data = _to_cpu(_as_saveable(obj_or_model), {})
+            with atomic_file(dst) as tmp:
+                try:
+                    torch.save(data, tmp)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                    raise CheckpointError(dst, f"cannot save: {_one_line(exc)}") from None
+                except RuntimeError as exc:
+                    raise CheckpointError(dst, f"write failed: {_one_line(exc)}") from None
+        except Exception as exc:
+            error = exc
+    if initialised:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if error is not None:
+        raise error
