@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DangerousCheckpointError
+from .safety import classify
 
 if TYPE_CHECKING:
     import torch
@@ -152,10 +153,10 @@ def _load_torch(
     import torch
 
     zip_like = kind in ("zip", "torchscript")
-    if kind == "torchscript":
+    if kind == "torchscript" or (kind == "zip" and _is_torchscript(path)):
         raise CheckpointError(
             path,
-            f"is a TorchScript archive, not a checkpoint: use "
+            "is a TorchScript archive, not a checkpoint: use "
             f"torch.jit.load(path, map_location={str(device)!r})",
         )
     if mmap is None:
@@ -165,12 +166,39 @@ def _load_torch(
     try:
         return torch.load(path, map_location=device, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        hint = " (it holds objects torch's weights_only loader refuses; see `ckpttool inspect`)"
+        text = str(exc)
+        reason = next(
+            (
+                line.strip().removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+                for line in text.splitlines()
+                if "WeightsUnpickler error" in line
+            ),
+            _one_line(exc),
+        )
+        global_name = reason.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in reason else ""
+        if global_name and "." not in global_name:
+            global_name = "builtins." + global_name  # torch prints builtins bare
+        if global_name and classify(global_name) == "dangerous":
+            raise DangerousCheckpointError(path, [global_name]) from None
         raise CheckpointError(
-            path, f"cannot load with weights_only={weights_only}{hint}: {_one_line(exc)}"
+            path,
+            f"torch's weights_only loader refuses it ({reason}); "
+            "`ckpttool convert --plain-objects` writes a copy it accepts, or pass "
+            "weights_only=False if you trust the file",
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(path, f"cannot load: {_one_line(exc)}") from None
+
+
+def _is_torchscript(path: str) -> bool:
+    """Torch's own test (a ``constants.pkl`` record), read from the zip's central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False  # torch.load gives the error
 
 
 def _load_sharded(
@@ -243,8 +271,10 @@ class FixResult:
 
     Attributes:
         state_dict: a new dict whose keys fit the model (the input is never modified).
-        stripped: the prefix removed from every key (e.g. ``"module."``), or None.
-        added: the prefix added to every key (e.g. ``"_orig_mod."``), or None.
+        stripped: the wrapper prefix removed from every key (e.g. ``"module."``), or None.
+        added: the wrapper prefix added to every key (e.g. ``"module."``), or None. When both
+            sides share an outer prefix, these name the part after it: ``module.`` keys fixed
+            for ``DDP(torch.compile(m))`` report ``added="_orig_mod."``.
         missing: keys the model expects that ``state_dict`` lacks, after the fix.
         unexpected: keys in ``state_dict`` that the model does not have, after the fix.
     """
