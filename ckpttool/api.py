@@ -166,28 +166,33 @@ def _load_torch(
     try:
         return torch.load(path, map_location=device, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        reason = next(
-            (
-                line.strip().removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
-                for line in text.splitlines()
-                if "WeightsUnpickler error" in line
-            ),
-            _one_line(exc),
-        )
-        global_name = reason.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in reason else ""
-        if global_name and "." not in global_name:
-            global_name = "builtins." + global_name  # torch prints builtins bare
-        if global_name and classify(global_name) == "dangerous":
-            raise DangerousCheckpointError(path, [global_name]) from None
-        raise CheckpointError(
-            path,
-            f"torch's weights_only loader refuses it ({reason}); "
-            "`ckpttool convert --plain-objects` writes a copy it accepts, or pass "
-            "weights_only=False if you trust the file",
-        ) from None
+        raise _weights_only_error(path, exc) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(path, f"cannot load: {_one_line(exc)}") from None
+
+
+def _weights_only_error(path: str, exc: pickle.UnpicklingError) -> CheckpointError:
+    """Name the globals torch refused, from ckpttool's own reading of the pickle."""
+    from .readers import open_checkpoint
+
+    try:
+        names = [g for g in open_checkpoint(path).globals if classify(g) != "torch"]
+    except CheckpointError:
+        names = []
+    dangerous = [g for g in names if classify(g) == "dangerous"]
+    if dangerous:
+        return DangerousCheckpointError(path, dangerous)
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        reason = f"it names {shown}"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        reason = lines[0] if lines else _one_line(exc)
+    return CheckpointError(
+        path,
+        f"torch's weights_only loader refuses it ({reason}); `ckpttool convert --plain-objects` "
+        "writes a copy it accepts, or pass weights_only=False if you trust the file",
+    )
 
 
 def _is_torchscript(path: str) -> bool:

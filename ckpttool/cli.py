@@ -11,7 +11,7 @@ import click
 from tabulate import tabulate_formats
 
 from . import __version__
-from .errors import EXIT_DANGEROUS, CheckpointError
+from .errors import EXIT_DANGEROUS, CheckpointError, DangerousCheckpointError
 
 EPILOG = """\b
 Exit codes:
@@ -24,7 +24,10 @@ Exit codes:
 
 
 def _fail(err: CheckpointError) -> None:
-    click.echo(f"Error: {err}", err=True)
+    from .render import escape
+
+    prefix = "Danger: " if err.exit_code == EXIT_DANGEROUS else "Error: "
+    click.echo(prefix + escape(str(err)), err=True)
     sys.exit(err.exit_code)
 
 
@@ -42,7 +45,7 @@ def cli() -> None:
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("path", type=str)
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor.")
 @click.option("--filter", "name_filter", metavar="GLOB", help="Only tensors whose name matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -71,7 +74,14 @@ def inspect(
     from . import render, report
     from .readers import open_checkpoint
 
-    ckpt = _run(lambda: open_checkpoint(path))
+    try:
+        ckpt = open_checkpoint(path)
+    except DangerousCheckpointError as err:  # hostile and broken: report what it names
+        if as_json:
+            click.echo(render.to_json(report.broken(path, err)))
+        _fail(err)
+    except CheckpointError as err:
+        _fail(err)
     rep = report.build(ckpt, tensor_filter=name_filter)
     if as_json:
         click.echo(render.to_json(rep))
@@ -170,8 +180,8 @@ def _key_kwargs(
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
-@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=str))
+@click.argument("input_path", metavar="INPUT", type=str)
+@click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
 @click.option("--only", metavar="PATH", help="Write just this entry (e.g. model).")
 @click.option(
@@ -251,8 +261,8 @@ def convert(
 
 
 @cli.command(name="to-safetensors", epilog=EPILOG)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
-@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=str))
+@click.argument("input_path", metavar="INPUT", type=str)
+@click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
 @click.option("--all", "all_tensors", is_flag=True, help="Write every tensor, named by path.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to __metadata__.")

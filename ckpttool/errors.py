@@ -31,12 +31,20 @@ class DangerousCheckpointError(CheckpointError):
 
     exit_code = EXIT_DANGEROUS
 
-    def __init__(self, path: str | os.PathLike[str] | None, names: list[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, names: list[str], detail: str | None = None
+    ) -> None:
         self.names = names
+        self.detail = detail
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        super().__init__(
-            path, f"refusing: the pickle names dangerous globals ({shown}); it may run code"
-        )
+        if detail:
+            message = (
+                f"the pickle names dangerous globals ({shown}) and is not a valid checkpoint "
+                f"either ({detail})"
+            )
+        else:
+            message = f"refusing: the pickle names dangerous globals ({shown}); it may run code"
+        super().__init__(path, message)
 
 
 class InterruptedWriteError(CheckpointError):

@@ -225,3 +225,16 @@ def warnings(report: dict[str, Any]) -> list[str]:
     if report["tensor_count"] == 0:
         out.append("the file holds no tensors")
     return out
+
+
+def broken(path: str, err: Any) -> dict[str, Any]:
+    """The JSON report of a file that names dangerous globals but cannot be read."""
+    return {
+        "schema": SCHEMA,
+        "path": path,
+        "format": None,
+        "error": err.detail,
+        "globals": [{"name": g, "kind": classify(g)} for g in err.names],
+        "tensors": [],
+        "warnings": [str(err.message)],
+    }

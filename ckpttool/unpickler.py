@@ -146,10 +146,12 @@ class SafeUnpickler(pickle.Unpickler):
         self,
         file: IO[bytes],
         resolve: Callable[[StorageType, str, str, int], StorageInfo] | None = None,
+        seen: dict[str, str] | None = None,
     ) -> None:
         super().__init__(file)
         self._resolve = resolve
         self.globals: dict[str, str] = {}  # name -> kind, in order of appearance
+        self.seen = seen if seen is not None else {}  # shared by all pickles of one file
         self.tensors: list[TensorRef] = []
         self.module_sources: list[str] = []  # legacy whole-module pickles embed class sources
         self._opaque_types: dict[str, type[Opaque]] = {}
@@ -163,6 +165,7 @@ class SafeUnpickler(pickle.Unpickler):
         full = f"{module}.{name}"
         if full not in self.globals:
             self.globals[full] = classify(full)
+            self.seen.setdefault(full, self.globals[full])
         return self._handler(module, name, full)
 
     def _handler(self, module: str, name: str, full: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -103,25 +104,49 @@ def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) 
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     kind = sniff(head, path)
+    seen: dict[str, str] = {}  # every global any pickle in the file names, even if it is broken
+    try:
+        return _read(path, size, kind, head, seen, _allow_index)
+    except CheckpointError as exc:
+        from ..errors import DangerousCheckpointError
+
+        dangerous = [g for g, k in seen.items() if k == "dangerous"]
+        if dangerous and not isinstance(exc, DangerousCheckpointError):
+            raise DangerousCheckpointError(path, dangerous, detail=exc.message) from None
+        raise
+
+
+def _read(
+    path: str, size: int, kind: str, head: bytes, seen: dict[str, str], allow_index: bool
+) -> Checkpoint:
     try:
         if kind == "zip":
             from . import torch_zip
 
-            return torch_zip.read(path, size)
+            return torch_zip.read(path, size, seen)
         if kind == "legacy":
             from . import torch_legacy
 
-            return torch_legacy.read(path, size)
+            return torch_legacy.read(path, size, seen)
         if kind == "safetensors":
             from . import safetensors
 
             return safetensors.read(path, size)
-        if kind == "index" and _allow_index:
+        if kind == "index" and allow_index:
             from . import hf_sharded
 
             return hf_sharded.read(path, size)
     except OSError as exc:
         raise CheckpointError(path, f"read failed: {exc.strerror or exc}") from None
     if kind == "pickle":
+        _scan_plain_pickle(path, seen)
         raise CheckpointError(path, "is a plain pickle, not a torch checkpoint (no magic number)")
     raise CheckpointError(path, _describe_unknown(head))
+
+
+def _scan_plain_pickle(path: str, seen: dict[str, str]) -> None:
+    """Record the globals a non-torch pickle names (so a payload is reported as dangerous)."""
+    from ._pickle import unpickle
+
+    with open(path, "rb") as f, contextlib.suppress(CheckpointError):
+        unpickle(path, f, "the pickle", seen=seen)

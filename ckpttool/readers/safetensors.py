@@ -68,7 +68,7 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         if not isinstance(entry, dict):
             raise CheckpointError(path, f"safetensors entry {name!r} is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in dtypes.SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in dtypes.SAFETENSORS_DTYPES:
             raise CheckpointError(path, f"tensor {name!r} has unknown dtype {code!r}")
         if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape

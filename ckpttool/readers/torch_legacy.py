@@ -13,16 +13,17 @@ from ..unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
 from ._pickle import check_views, unpickle
 
 
-def read(path: str, file_bytes: int) -> Checkpoint:
+def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
+    seen = {} if seen is None else seen
     with open(path, "rb") as raw:
         f = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type]
-        magic, _ = unpickle(path, f, "the magic number")
+        magic, _ = unpickle(path, f, "the magic number", seen=seen)
         if magic != LEGACY_MAGIC:
             raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")
-        protocol, _ = unpickle(path, f, "the protocol version")
+        protocol, _ = unpickle(path, f, "the protocol version", seen=seen)
         if protocol != LEGACY_PROTOCOL:
             raise CheckpointError(path, f"unsupported legacy protocol version {protocol!r}")
-        sys_info, _ = unpickle(path, f, "the system info")
+        sys_info, _ = unpickle(path, f, "the system info", seen=seen)
         little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
 
         declared: dict[str, tuple[StorageType, str, int]] = {}
@@ -39,8 +40,8 @@ def read(path: str, file_bytes: int) -> Checkpoint:
                 raise CheckpointError(path, f"storage {key!r} is declared twice with other sizes")
             return placeholders[key]
 
-        root, unpickler = unpickle(path, f, "the pickled object", resolve)
-        keys, _ = unpickle(path, f, "the storage key list")
+        root, unpickler = unpickle(path, f, "the pickled object", resolve, seen)
+        keys, _ = unpickle(path, f, "the storage key list", seen=seen)
         if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
             raise CheckpointError(path, "the storage key list is corrupt")
         pos = f.tell()
@@ -90,6 +91,6 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         file_bytes=file_bytes,
         root=root,
         storages=storages,
-        globals=list(unpickler.globals),
+        globals=list(seen),
         facts=facts,
     )

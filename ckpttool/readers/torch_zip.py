@@ -26,14 +26,16 @@ _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 class ZipArchive:
     """A torch zip archive's entries under its single root folder."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, file_bytes: int) -> None:
         self.path = path
+        self.file_bytes = file_bytes
         try:
             self.zf = zipfile.ZipFile(path)
-        except zipfile.BadZipFile as exc:
-            raise CheckpointError(path, f"is a damaged or truncated zip archive ({exc})") from None
-        except (OSError, ValueError, EOFError) as exc:
-            raise CheckpointError(path, f"is a damaged or truncated zip archive ({exc})") from None
+        except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise CheckpointError(
+                path, f"is a damaged or truncated zip archive ({reason})"
+            ) from None
         infos = self.zf.infolist()
         if not infos:
             raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
@@ -48,6 +50,11 @@ class ZipArchive:
             )
         self.root = roots.pop()
         for info in infos:
+            end = info.header_offset + info.compress_size
+            if info.header_offset >= file_bytes or end > file_bytes:
+                raise CheckpointError(
+                    path, f"is truncated: zip entry {info.filename!r} lies past the end of the file"
+                )
             if info.flag_bits & 0x1:
                 raise CheckpointError(path, f"zip entry {info.filename!r} is encrypted")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -81,6 +88,8 @@ class ZipArchive:
                 self.path, f"{name} is {info.file_size:,} bytes, more than a checkpoint needs"
             )
         offset = self.data_offset(info)
+        if offset + info.compress_size > self.file_bytes:
+            raise CheckpointError(self.path, f"is truncated: {name} is cut short")
         raw = os.pread(self.fd, info.compress_size, offset)
         if len(raw) < info.compress_size:
             raise CheckpointError(self.path, f"is truncated: {name} is cut short")
@@ -123,15 +132,15 @@ class ZipArchive:
         os.close(self.fd)
 
 
-def read(path: str, file_bytes: int) -> Checkpoint:
-    archive = ZipArchive(path)
+def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
+    archive = ZipArchive(path, file_bytes)
     try:
-        return _read(archive, path, file_bytes)
+        return _read(archive, path, file_bytes, {} if seen is None else seen)
     finally:
         archive.close()
 
 
-def _read(archive: ZipArchive, path: str, file_bytes: int) -> Checkpoint:
+def _read(archive: ZipArchive, path: str, file_bytes: int, seen: dict[str, str]) -> Checkpoint:
     is_torchscript = archive.has("constants.pkl") and any(
         n.startswith("code/") for n in archive.entries
     )
@@ -191,9 +200,8 @@ def _read(archive: ZipArchive, path: str, file_bytes: int) -> Checkpoint:
         return resolve
 
     pkl = archive.read_small("data.pkl")
-    root, unpickler = unpickle(path, io.BytesIO(pkl), "data.pkl", resolver("data"))
+    root, unpickler = unpickle(path, io.BytesIO(pkl), "data.pkl", resolver("data"), seen)
     tensors = list(unpickler.tensors)
-    globals_ = list(unpickler.globals)
     if is_torchscript:
         facts["torchscript"] = True
         if archive.has("constants.pkl"):
@@ -202,9 +210,9 @@ def _read(archive: ZipArchive, path: str, file_bytes: int) -> Checkpoint:
                 io.BytesIO(archive.read_small("constants.pkl")),
                 "constants.pkl",
                 resolver("constants"),
+                seen,
             )
             tensors += cu.tensors
-            globals_ += [g for g in cu.globals if g not in unpickler.globals]
             facts["constants_storages"] = sum(1 for k in storages if k.startswith("constants/"))
             if cu.tensors:
                 root = {"data": root, "constants": consts}
@@ -215,7 +223,7 @@ def _read(archive: ZipArchive, path: str, file_bytes: int) -> Checkpoint:
         file_bytes=file_bytes,
         root=root,
         storages={s.key: s for s in storages.values()},
-        globals=globals_,
+        globals=list(seen),
         facts=facts,
     )
 
