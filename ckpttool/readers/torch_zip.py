@@ -51,7 +51,7 @@ class ZipArchive:
         self.root = roots.pop()
         for info in infos:
             end = info.header_offset + info.compress_size
-            if info.header_offset >= file_bytes or end > file_bytes:
+            if not 0 <= info.header_offset < file_bytes or end > file_bytes:
                 raise CheckpointError(
                     path, f"is truncated: zip entry {info.filename!r} lies past the end of the file"
                 )

@@ -183,7 +183,7 @@ class Enc:
     proto: int = 2
     out: list[bytes] = field(default_factory=list)
 
-    def emit(self, v: Any) -> None:  # noqa: C901 - a flat type switch
+    def emit(self, v: Any) -> None:
         w = self.out.append
         if isinstance(v, Raw):
             w(v.data)
@@ -356,4 +356,5 @@ def legacy_tensor(key: str, numel: int, size: tuple[int, ...], dtype: str = "flo
 
 def np_dtype(code: str) -> Build:
     """``numpy.dtype(code)`` as numpy pickles it (protocol-2 shape, numpy 2 module names)."""
-    return Build(Call(G("numpy", "dtype"), (code, False, True)), (3, "<", None, None, None, -1, -1, 0))
+    state = (3, "<", None, None, None, -1, -1, 0)
+    return Build(Call(G("numpy", "dtype"), (code, False, True)), state)

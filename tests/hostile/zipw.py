@@ -28,6 +28,9 @@ class ZEntry:
     declared_size: int | None = None  # uncompressed size in the headers (None: real size)
     raw: bytes | None = None  # bytes actually stored (None: ``data``, deflated if asked)
     align: int = 64  # STORED entries: pad the local extra field so the data is aligned
+    declared_csize: int | None = None  # compressed size in the headers (None: real size)
+    version_needed: int | None = None  # "version needed to extract" (None: 20, or 45 zip64)
+    declared_offset: int | None = None  # central-directory local-header offset (zip64 if big)
 
 
 def raw_deflate(data: bytes) -> bytes:
@@ -47,25 +50,48 @@ def deflate_zeros(total: int, chunk: int = 1 << 20) -> bytes:
     return block * (total // chunk) + final
 
 
-def build_zip(entries: list[ZEntry], *, prefix: bytes = b"", comment: bytes = b"") -> bytes:
-    """Serialize ``entries``; offsets are absolute (``prefix`` counts), like a polyglot."""
+def build_zip(
+    entries: list[ZEntry],
+    *,
+    prefix: bytes = b"",
+    comment: bytes = b"",
+    eocd_cd_shift: int = 0,
+    zip64_eocd_cd_shift: int | None = None,
+) -> bytes:
+    """Serialize ``entries``; offsets are absolute (``prefix`` counts), like a polyglot.
+
+    ``eocd_cd_shift`` moves the central-directory offset recorded in the end record: zipfile
+    then "corrects" every local-header offset by minus that much (negative offsets).
+    ``zip64_eocd_cd_shift`` adds a zip64 end record + locator whose 64-bit central-directory
+    offset is shifted the same way (so the shift can exceed 2**63).
+    """
     out = bytearray(prefix)
     central = bytearray()
     for e in entries:
-        stored = e.raw if e.raw is not None else (
-            raw_deflate(e.data) if e.method == DEFLATED else e.data
+        stored = (
+            e.raw
+            if e.raw is not None
+            else (raw_deflate(e.data) if e.method == DEFLATED else e.data)
         )
         crc = zlib.crc32(e.data) if e.crc is None else e.crc
         usize = len(e.data) if e.declared_size is None else e.declared_size
-        csize = len(stored)
-        zip64 = usize >= _U32_MAX or csize >= _U32_MAX
-        version = 45 if zip64 else 20
-        h_usize, h_csize = (_U32_MAX, _U32_MAX) if zip64 else (usize, csize)
-        z64 = struct.pack("<HHQQ", 1, 16, usize, csize) if zip64 else b""
+        csize = len(stored) if e.declared_csize is None else e.declared_csize
+        big_offset = e.declared_offset is not None and e.declared_offset >= _U32_MAX
+        zip64 = usize >= _U32_MAX or csize >= _U32_MAX or big_offset
+        version = e.version_needed if e.version_needed is not None else (45 if zip64 else 20)
+        sizes64 = usize >= _U32_MAX or csize >= _U32_MAX
+        h_usize, h_csize = (_U32_MAX, _U32_MAX) if sizes64 else (usize, csize)
+        z64 = struct.pack("<QQ", usize, csize) if sizes64 else b""
+        if big_offset:
+            z64 += struct.pack("<Q", e.declared_offset)
+        z64 = struct.pack("<HH", 1, len(z64)) + z64 if z64 else b""
+        z64_local = struct.pack("<HHQQ", 1, 16, usize, csize) if sizes64 else b""
         lname = (e.local_name if e.local_name is not None else e.name).encode()
         cname = e.name.encode()
         offset = len(out)
-        extra = z64
+        cd_offset = offset if e.declared_offset is None else e.declared_offset
+        cd_offset = _U32_MAX if big_offset else cd_offset
+        extra = z64_local
         if e.method == STORED and e.align:
             base = offset + 30 + len(lname) + len(extra) + 4
             pad = (-base) % e.align
@@ -103,11 +129,18 @@ def build_zip(entries: list[ZEntry], *, prefix: bytes = b"", comment: bytes = b"
             0,
             0,
             0o100644 << 16,
-            offset,
+            cd_offset,
         )
         central += cname + z64
-    cd_offset = len(out)
+    cd_start = len(out)
     out += central
+    if zip64_eocd_cd_shift is not None:
+        rec64 = len(out)
+        n = len(entries)
+        cd_off = (cd_start + zip64_eocd_cd_shift) % (1 << 64)
+        out += struct.pack("<4sQHHII", b"PK\x06\x06", 44, 45, 45, 0, 0)
+        out += struct.pack("<QQQQ", n, n, len(central), cd_off)
+        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, rec64, 1)
     out += struct.pack(
         "<IHHHHIIH",
         0x06054B50,
@@ -116,7 +149,7 @@ def build_zip(entries: list[ZEntry], *, prefix: bytes = b"", comment: bytes = b"
         len(entries),
         len(entries),
         len(central),
-        cd_offset,
+        cd_start + eocd_cd_shift,
         len(comment),
     )
     out += comment
