@@ -44,7 +44,7 @@ def _shared_groups(tensors: list[TensorInfo]) -> dict[int, list[str]]:
     return shared
 
 
-def _entries(root: Any) -> list[dict[str, str]]:
+def _entries(root: Any) -> list[dict[str, Any]]:
     """Non-tensor values near the top (``epoch = 37``), and containers summarised."""
     if isinstance(root, Opaque) or not isinstance(root, dict):
         return []
@@ -56,9 +56,9 @@ def _entries(root: Any) -> list[dict[str, str]]:
         if n:
             text = f"{type(value).__name__ if not isinstance(value, Opaque) else value.global_name}"
             text += f" holding {n} tensor{'s' if n != 1 else ''}"
-            out.append({"path": path, "value": text, "holds_tensors": "true"})
+            out.append({"path": path, "value": text, "holds_tensors": True})
         else:
-            out.append({"path": path, "value": describe(value, 100), "holds_tensors": "false"})
+            out.append({"path": path, "value": describe(value, 100), "holds_tensors": False})
     return out
 
 

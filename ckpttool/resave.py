@@ -74,6 +74,11 @@ class ConvertResult:
 
 
 # -- planning -----------------------------------------------------------------------------
+def input_files(ckpt: Checkpoint) -> list[str]:
+    """Every file the checkpoint is made of (an index and its shards), to protect them."""
+    return [ckpt.path, *dict.fromkeys(s.file for s in ckpt.storages.values() if s.file)]
+
+
 def _select(ckpt: Checkpoint, only: str | None) -> Any:
     if only is None:
         return ckpt.root
@@ -156,10 +161,25 @@ def _remaining_globals(root: Any) -> list[str]:
     return list(names)
 
 
+def castable_refs(root: Any) -> set[int]:
+    """The tensors ``--dtype`` casts: those of the state dicts found (model weights), so that
+    optimizer state such as Adam's float32 ``step`` counters stays exact; every tensor when
+    there is no state dict."""
+    sds = [s for s in find_state_dicts(root) if s.source in ("dict", "module")]
+    if not sds:
+        return {id(ref) for _, ref in iter_tensors(root)}
+    out: set[int] = set()
+    for sd in sds:
+        node = get_path(root, sd.path) if sd.path else root
+        out.update(id(ref) for _, ref in iter_tensors(node))
+    return out
+
+
 def plan_storages(
     root: Any, cast: str | None
 ) -> tuple[list[OutStorage], dict[int, OutStorage], dict[int, str], list[tuple[str, TensorRef]]]:
     """Number the output storages in order of first use, as torch.save does."""
+    castable = castable_refs(root) if cast else set()
     outs: list[OutStorage] = []
     by_source: dict[tuple[str, str], OutStorage] = {}
     storage_of: dict[int, OutStorage] = {}
@@ -172,7 +192,13 @@ def plan_storages(
         out = by_source.get(ident)
         if out is None:
             dtype = src.dtype
-            if cast and dtypes.get(dtype).is_floating and dtype != cast and ref.kind != "quantized":
+            if (
+                cast
+                and id(ref) in castable
+                and dtypes.get(dtype).is_floating
+                and dtype != cast
+                and ref.kind != "quantized"
+            ):
                 dtype = cast
             out = OutStorage(str(len(outs)), dtype, src.numel, source=src)
             by_source[ident] = out
@@ -388,8 +414,8 @@ def convert(
     )
     if dtype is not None and dtype not in CAST_DTYPES:
         raise CheckpointError(None, f"--dtype must be one of {', '.join(CAST_DTYPES)}")
-    check_target(src, dst, force=force, in_place=in_place)
     ckpt = open_checkpoint(src)
+    check_target(input_files(ckpt), dst, force=force, in_place=in_place)
     dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
     if dangerous:
         raise DangerousCheckpointError(src, dangerous)

@@ -7,6 +7,7 @@ tensors pass through memory. Tied tensors are stored once with their aliases rec
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -19,16 +20,17 @@ from . import dtypes
 from .errors import CheckpointError, DangerousCheckpointError
 from .model import Checkpoint, Opaque, TensorRef
 from .readers import open_checkpoint
-from .resave import CAST_DTYPES, KeyOps
+from .resave import CAST_DTYPES, KeyOps, input_files
 from .safety import classify
 from .summary import numpy_scalar_value
 from .transforms import KeyCollisionError, default_state_dict_path, find_state_dicts
 from .tree import children, get_path, iter_tensors
 from .writers import copy as bytecopy
-from .writers.atomic import atomic_dir, atomic_file, check_target
+from .writers.atomic import atomic_file, atomic_shards, check_target
 
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
+RESERVED_METADATA = ("format", ALIASES_KEY)
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -112,11 +114,13 @@ def _select(
     return node, list(iter_tensors(node))
 
 
-def _scalar_metadata(root: Any, chosen: Any) -> tuple[dict[str, str], list[str]]:
+def _scalar_metadata(
+    root: Any, chosen: Any, all_: bool = False
+) -> tuple[dict[str, str], list[str]]:
     """Top-level scalar entries (epoch, step, best metric) as strings; what was left out."""
     meta: dict[str, str] = {}
     left: list[str] = []
-    if not isinstance(root, dict) or isinstance(root, Opaque) or root is chosen:
+    if not isinstance(root, dict) or isinstance(root, Opaque) or (root is chosen and not all_):
         return meta, left
     for name, value in children(root, ""):
         if value is chosen:
@@ -124,12 +128,20 @@ def _scalar_metadata(root: Any, chosen: Any) -> tuple[dict[str, str], list[str]]
         if isinstance(value, Opaque) and numpy_scalar_value(value) is not None:
             value = numpy_scalar_value(value)
         if isinstance(value, (bool, int, float, str)) and len(str(value)) <= 1000:
-            meta[name] = str(value)
+            if name in RESERVED_METADATA:
+                left.append(f"{name} (the metadata key {name!r} is reserved)")
+            else:
+                meta[name] = str(value)
         elif isinstance(value, TensorRef):
-            left.append(f"{name} (a tensor outside the chosen state dict; --all keeps it)")
-        else:
+            if not all_:
+                left.append(f"{name} (a tensor outside the chosen state dict; --all keeps it)")
+        elif not (all_ and _holds_tensor(value)):
             left.append(f"{name} (not a scalar)")
     return meta, left
+
+
+def _holds_tensor(node: Any) -> bool:
+    return next(iter_tensors(node), None) is not None
 
 
 def _shared_groups(items: list[_Item]) -> list[list[_Item]]:
@@ -279,6 +291,10 @@ def _write_file(
         os.close(fd)
 
 
+# Opening with numpy avoids importing torch (a second or more) just to read the header back.
+_FRAMEWORK = "numpy" if importlib.util.find_spec("numpy") else "pt"
+
+
 def _verify(
     path: str, items: list[_Item], metadata: dict[str, str], sources: bytecopy.Sources
 ) -> None:
@@ -289,7 +305,7 @@ def _verify(
         return CheckpointError(path, f"verification failed: {what}; nothing was written")
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework=_FRAMEWORK) as f:
             names = list(f.keys())
             got_meta = f.metadata() or {}
             for it in items:
@@ -355,16 +371,21 @@ def to_safetensors(
         add=(add_prefix,) if isinstance(add_prefix, str) else tuple(add_prefix),
         replace=tuple(replace_prefix),
     )
-    check_target(src, dst, force=force, in_place=False, is_dir=shard_limit is not None)
     ckpt = open_checkpoint(src)
+    check_target(input_files(ckpt), dst, force=force, in_place=None, is_dir=shard_limit is not None)
     dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
     if dangerous:
         raise DangerousCheckpointError(src, dangerous)
     chosen, entries = _select(ckpt, key, all_tensors)
     left_out = [f"{name} (None)" for name, v in entries if not isinstance(v, TensorRef)]
-    tensors: OrderedDict[str, TensorRef] = OrderedDict(
-        (name, v) for name, v in entries if isinstance(v, TensorRef)
-    )
+    tensors: OrderedDict[str, TensorRef] = OrderedDict()
+    for name, v in entries:
+        if isinstance(v, TensorRef):
+            if name in tensors and tensors[name] is not v:
+                raise CheckpointError(
+                    src, f"two tensors would both be named {name!r}; choose one with --key"
+                )
+            tensors[name] = v
     if not tensors:
         raise CheckpointError(src, "holds no tensors to write")
     try:
@@ -397,10 +418,18 @@ def to_safetensors(
                     aliases[m.name] = first.name
                     drop.add(m.name)
         items = [it for it in items if it.name not in drop]
-    meta, left = _scalar_metadata(ckpt.root, chosen)
+    meta, left = _scalar_metadata(ckpt.root, chosen, all_tensors)
     left_out += left
-    meta = {"format": "pt", **meta, **(metadata or {})}
-    meta["format"] = (metadata or {}).get("format", "pt")
+    carried = ckpt.facts.get("metadata") or {}  # a safetensors input's own metadata
+    for k in RESERVED_METADATA:
+        if metadata and k in metadata:
+            raise CheckpointError(None, f"--metadata cannot set the reserved key {k!r}")
+    meta = {
+        **{k: v for k, v in carried.items() if k not in RESERVED_METADATA},
+        **meta,
+        **(metadata or {}),
+        "format": "pt",
+    }
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     total = sum(it.nbytes for it in items)
@@ -417,7 +446,7 @@ def to_safetensors(
         else:
             shards = _assign_shards(items, groups if duplicate_shared else [], shard_limit)
             n = len(shards)
-            with atomic_dir(dst) as tmpdir:
+            with atomic_shards(dst) as tmpdir:
                 weight_map: dict[str, str] = {}
                 for i, shard in enumerate(shards, 1):
                     fname = f"model-{i:05d}-of-{n:05d}.safetensors"

@@ -86,8 +86,7 @@ def find_state_dicts(root: Any) -> list[StateDictInfo]:
     for path, node in walk(root):
         if any(path == t or path.startswith(t + ".") for t in taken if t or path):
             continue
-        last = path.rpartition(".")[2]
-        if last.isdigit() and _under_optimizer(path):
+        if _under_optimizer(path) or _is_param_state(node):
             continue  # optimizer.state.0 = {exp_avg: T, ...} is per-parameter state
         if is_state_dict(node):
             keys = tuple(node.keys())
@@ -106,8 +105,35 @@ def find_state_dicts(root: Any) -> list[StateDictInfo]:
     return found
 
 
+_OPTIMIZER_KEYS = ("optim", "opt_state", "scheduler", "scaler")
+_PARAM_STATE_KEYS = frozenset(
+    [
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "square_avg",
+        "acc_delta",
+        "sum",
+        "mu",
+        "eta",
+        "prev",
+        "step_size",
+        "ax",
+        "exp_inf",
+    ]
+)
+
+
 def _under_optimizer(path: str) -> bool:
-    return any(p in path for p in ("optimizer", "optim", ".state.", "state."))
+    """Inside an optimizer's state (``optimizer.state.3``, ``optimizer_states.0.state.fc.w``)."""
+    return any(any(o in part.lower() for o in _OPTIMIZER_KEYS) for part in path.split(".")[:-1])
+
+
+def _is_param_state(node: Any) -> bool:
+    """Per-parameter optimizer state ({step, exp_avg, exp_avg_sq}), whatever it is keyed by."""
+    return isinstance(node, dict) and bool(node) and set(node) <= _PARAM_STATE_KEYS
 
 
 def default_state_dict_path(root: Any) -> str | None:
@@ -140,7 +166,11 @@ def rename_keys(state_dict: Mapping[str, Any], rename: Any) -> OrderedDict[str, 
     The ``_metadata`` attribute that ``load_state_dict`` uses for version hooks is renamed the
     same way (its keys are module paths without the trailing dot; "" is the root module).
     """
-    out: OrderedDict[str, Any] = OrderedDict()
+    out: OrderedDict[str, Any] = (
+        OrderedDict()
+        if isinstance(state_dict, OrderedDict) or not isinstance(state_dict, dict)
+        else {}  # type: ignore[assignment]
+    )
     origin: dict[str, str] = {}
     for key, value in state_dict.items():
         new = rename(key)
@@ -149,7 +179,7 @@ def rename_keys(state_dict: Mapping[str, Any], rename: Any) -> OrderedDict[str, 
         out[new] = value
         origin[new] = key
     metadata = getattr(state_dict, "_metadata", None)
-    if isinstance(metadata, Mapping):
+    if isinstance(metadata, Mapping) and isinstance(out, OrderedDict):
         new_meta: OrderedDict[str, Any] = OrderedDict()
         for key, value in metadata.items():
             renamed = rename(key + "." if key else "")

@@ -32,7 +32,10 @@ def children(node: Any, path: str) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [(join(path, key_str(k)), v) for k, v in node.items()]
         out += [(join(path, str(i)), v) for i, v in enumerate(node.list_items)]
         state = node.state
-        states = state if isinstance(state, tuple) else (state,)
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            states: tuple[Any, ...] = state  # (__dict__, slots) as pickle writes it
+        else:
+            states = (state,)
         for st in states:
             if isinstance(st, dict):
                 for k, v in st.items():
@@ -44,6 +47,14 @@ def children(node: Any, path: str) -> list[tuple[str, Any]]:
                 out.append((join(path, "__state__"), st))
         if node.args:
             out.append((join(path, "__args__"), node.args))
+        return out
+    if isinstance(node, TensorRef):
+        # A per-channel quantized tensor's scales and zero points are tensors too.
+        out = []
+        if node.quantizer is not None:
+            out.append((join(path, "__quantizer__"), node.quantizer))
+        if node.attributes:
+            out.append((join(path, "__dict__"), node.attributes))
         return out
     if isinstance(node, dict):
         return [(join(path, key_str(k)), v) for k, v in node.items()]
@@ -66,7 +77,7 @@ def walk(root: Any) -> Iterator[tuple[str, Any]]:
     while stack:
         path, node = stack.pop()
         yield path, node
-        if isinstance(node, (dict, list, tuple, set, frozenset)):  # Opaque is a dict
+        if isinstance(node, (dict, list, tuple, set, frozenset, TensorRef)):  # Opaque is a dict
             if id(node) in seen:
                 continue
             seen.add(id(node))

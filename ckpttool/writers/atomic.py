@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -27,27 +28,57 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def resolve_output(dst: str) -> str:
+    """Write through a symbolic link to its target, as ``cp`` does (never replace the link)."""
+    return os.path.realpath(dst) if os.path.islink(dst) else dst
+
+
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json")
+
+
+def is_shard_output(name: str) -> bool:
+    """A file that ``to-safetensors --max-shard-size`` writes (and replaces with --force)."""
+    return _SHARD.fullmatch(name) is not None
+
+
 def check_target(
-    src: str | list[str], dst: str, *, force: bool, in_place: bool, is_dir: bool = False
+    sources: str | list[str],
+    dst: str,
+    *,
+    force: bool,
+    in_place: bool | None,
+    is_dir: bool = False,
 ) -> None:
-    """Refuse outputs that would clobber something without being asked to."""
-    sources = [src] if isinstance(src, str) else src
-    for s in sources:
-        if os.path.exists(dst) and _same_file(s, dst) and not in_place:
-            raise CheckpointError(dst, "output is the input file; pass --in-place to replace it")
-    if os.path.isdir(dst) and not is_dir:
-        raise CheckpointError(dst, "output is a directory; give a file name")
-    if (
-        os.path.lexists(dst)
-        and not force
-        and not (in_place and any(_same_file(s, dst) for s in sources))
-    ) and not (is_dir and os.path.isdir(dst) and not os.listdir(dst)):
-        raise CheckpointError(dst, "output exists; pass --force to replace it")
+    """Refuse outputs that would clobber something without being asked to.
+
+    ``sources`` are every file the input is made of (an index and its shards); ``in_place`` is
+    None for commands that have no ``--in-place`` option.
+    """
+    files = [sources] if isinstance(sources, str) else list(sources)
+    shown, dst = dst, resolve_output(dst)  # messages name the path the user gave
+    same = any(os.path.exists(dst) and _same_file(s, dst) for s in files)
+    if same and not in_place:
+        hint = "; pass --in-place to replace it" if in_place is not None else ""
+        raise CheckpointError(shown, f"output is the input file{hint}")
+    if is_dir:
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            raise CheckpointError(shown, "output exists and is not a folder")
+        if os.path.isdir(dst):
+            replaced = [n for n in os.listdir(dst) if is_shard_output(n)]
+            if any(_same_file(s, os.path.join(dst, n)) for s in files for n in replaced):
+                raise CheckpointError(shown, "output is the input file")
+            if replaced and not force:
+                raise CheckpointError(shown, "output exists; pass --force to replace it")
+    else:
+        if os.path.isdir(dst):
+            raise CheckpointError(shown, "output is a directory; give a file name")
+        if os.path.lexists(dst) and not force and not same:
+            raise CheckpointError(shown, "output exists; pass --force to replace it")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
-        raise CheckpointError(dst, f"output folder {parent} does not exist")
+        raise CheckpointError(shown, f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise CheckpointError(dst, f"permission denied: cannot write in {parent}")
+        raise CheckpointError(shown, f"permission denied: cannot write in {parent}")
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -86,6 +117,32 @@ def interrupts_as_errors(dst: str) -> Iterator[None]:
             signal.signal(sig, h)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the output is renamed into place: a commit is never half done.
+
+    A signal that arrives meanwhile is delivered after the block (the write has then finished).
+    """
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -101,83 +158,89 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(dst: str) -> Iterator[str]:
-    """Yield a temp path beside ``dst``; on success fsync it and rename it over ``dst``."""
+    """Yield a temp path beside ``dst``; on success fsync it and rename it over ``dst``.
+
+    A symbolic link at ``dst`` is written through (its target is replaced).
+    """
+    dst = resolve_output(dst)
     parent = os.path.dirname(os.path.abspath(dst))
-    try:
-        fd, tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(dst) + ".", suffix=TMP_SUFFIX, dir=parent
-        )
-    except OSError as exc:
-        raise CheckpointError(dst, describe_os_error(exc)) from None
-    os.close(fd)
-    done = False
+    tmp: str | None = None
+    committed = False
     try:
         with interrupts_as_errors(dst):
             try:
+                fd, tmp = tempfile.mkstemp(
+                    prefix="." + os.path.basename(dst) + ".", suffix=TMP_SUFFIX, dir=parent
+                )
+                os.close(fd)
                 yield tmp
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(tmp)
                 os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, dst)
-                done = True
+                with _signals_held():
+                    os.replace(tmp, dst)
+                    committed = True
             except OSError as exc:
                 raise CheckpointError(dst, describe_os_error(exc)) from None
         _fsync_dir(parent)
     finally:
-        if not done:
+        if not committed and tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(dst: str) -> Iterator[str]:
-    """Yield a temp folder beside ``dst``; on success it replaces ``dst`` (all or nothing)."""
+def atomic_shards(dst: str) -> Iterator[str]:
+    """Yield a temp folder for new shards; on success they replace the old shards in ``dst``.
+
+    ``dst`` is created if missing. Other files in it (``config.json``, the input) are never
+    touched; previous shards and index are replaced as a set: moved aside, the new files moved
+    in, then the old ones deleted, with SIGINT/SIGTERM held meanwhile. On failure ``dst`` is as
+    it was (and removed again if this call created it).
+    """
     import shutil
 
-    parent = os.path.dirname(os.path.abspath(dst))
-    try:
-        tmp = tempfile.mkdtemp(
-            prefix="." + os.path.basename(dst) + ".", suffix=TMP_SUFFIX, dir=parent
-        )
-    except OSError as exc:
-        raise CheckpointError(dst, describe_os_error(exc)) from None
-    done = False
+    created = False
+    tmp: str | None = None
     old: str | None = None
+    committed = False
     try:
         with interrupts_as_errors(dst):
             try:
+                if not os.path.isdir(dst):
+                    os.mkdir(dst)
+                    created = True
+                tmp = tempfile.mkdtemp(prefix=".shards.", suffix=TMP_SUFFIX, dir=dst)
                 yield tmp
-                for name in os.listdir(tmp):
-                    fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+                new = sorted(os.listdir(tmp))
+                for name in new:
+                    _fsync(os.path.join(tmp, name))
+                with _signals_held():
+                    old = tempfile.mkdtemp(prefix=".old.", suffix=TMP_SUFFIX, dir=dst)
+                    moved: list[str] = []
                     try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                os.chmod(tmp, 0o777 & ~_umask())
-                if os.path.lexists(dst):
-                    old = tempfile.mkdtemp(prefix=".old.", suffix=TMP_SUFFIX, dir=parent)
-                    os.rmdir(old)
-                    os.rename(dst, old)
-                os.rename(tmp, dst)
-                done = True
+                        for name in sorted(os.listdir(dst)):
+                            if is_shard_output(name):
+                                os.rename(os.path.join(dst, name), os.path.join(old, name))
+                                moved.append(name)
+                        for name in new:  # the index comes last in sorted order
+                            os.rename(os.path.join(tmp, name), os.path.join(dst, name))
+                    except OSError:
+                        for name in new:
+                            if os.path.exists(os.path.join(dst, name)) and name not in moved:
+                                os.unlink(os.path.join(dst, name))
+                        for name in moved:
+                            os.rename(os.path.join(old, name), os.path.join(dst, name))
+                        raise
+                    committed = True
             except OSError as exc:
-                if old is not None and not os.path.lexists(dst):
-                    os.rename(old, dst)
-                    old = None
                 raise CheckpointError(dst, describe_os_error(exc)) from None
-        _fsync_dir(parent)
+        _fsync_dir(dst)
     finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(old)
+        for folder in (tmp, old):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        if created and not committed:
+            shutil.rmtree(dst, ignore_errors=True)
 
 
 def _umask() -> int:

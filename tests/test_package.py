@@ -1,0 +1,137 @@
+"""Packaging: entry points, help and version, and that inspect never imports torch."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ckpttool
+from ckpttool.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures"
+
+# Runs ckpttool's __main__ with the given argv, then reports what got imported.
+_PROBE = """
+import json, runpy, sys
+argv = json.loads(sys.argv[1])
+sys.argv = ["ckpttool", *argv]
+code = 0
+if argv != ["<import>"]:
+    try:
+        runpy.run_module("ckpttool", run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+else:
+    import ckpttool
+sys.stdout.flush()
+print("\\nPROBE " + json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def _probe(*argv: str) -> tuple[int, bool, str, str]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(list(argv))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr
+    out, _, tail = res.stdout.rpartition("\nPROBE ")
+    facts = json.loads(tail)
+    return facts["code"], facts["torch"], out, res.stderr
+
+
+def test_import_does_not_import_torch() -> None:
+    code, torch_imported, _, err = _probe("<import>")
+    assert code == 0, err
+    assert not torch_imported
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["inspect", "--help"],
+        ["inspect", str(FIXTURES / "ddp_rank0_checkpoint.pt")],
+        ["inspect", "--json", "--tensors", str(FIXTURES / "legacy_format.pt")],
+        ["inspect", str(FIXTURES / "model.safetensors")],
+    ],
+    ids=["help", "version", "inspect-help", "inspect-zip", "inspect-legacy-json", "inspect-st"],
+)
+def test_cli_does_not_import_torch(argv: list[str]) -> None:
+    code, torch_imported, out, err = _probe(*argv)
+    assert code in (0, None), err
+    assert out.strip(), "the command printed nothing"
+    assert not torch_imported, f"ckpttool {' '.join(argv)} imported torch"
+
+
+def test_version_matches_package() -> None:
+    code, _, out, _ = _probe("--version")
+    assert code in (0, None)
+    assert out.strip() == f"ckpttool, version {ckpttool.__version__}"
+    assert importlib.metadata.version("ckpttool") == ckpttool.__version__
+
+
+def test_python_dash_m_help() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "ckpttool", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Usage: python -m ckpttool [OPTIONS] COMMAND [ARGS]...")
+    for name in cli.commands:
+        assert name in res.stdout
+    assert res.stderr == ""
+
+
+def test_console_script_points_at_main() -> None:
+    scripts = {
+        ep.name: ep.value
+        for ep in importlib.metadata.distribution("ckpttool").entry_points
+        if ep.group == "console_scripts"
+    }
+    assert scripts.get("ckpttool") == "ckpttool.cli:main"
+
+
+def test_exit_codes_documented_in_help(run_cli) -> None:
+    res = run_cli("--help")
+    assert res.exit_code == 0
+    for line in ("0    success", "2    usage error", "3    the pickle names dangerous globals"):
+        assert line in res.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help(run_cli, name: str) -> None:
+    command = cli.commands[name]
+    assert (command.help or "").strip(), f"{name} has no help text"
+    assert command.get_short_help_str().strip()
+    res = run_cli(name, "--help")
+    assert res.exit_code == 0
+    assert res.stdout.startswith(f"Usage: ckpttool {name} [OPTIONS] ")
+    assert "Example:" in res.stdout
+    for param in command.params:
+        if param.param_type_name == "option" and not getattr(param, "hidden", False):
+            assert (param.help or "").strip(), f"{name} {param.opts} has no help text"
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_is_in_readme(name: str) -> None:
+    readme = REPO / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md not written yet")
+    assert f"ckpttool {name}" in readme.read_text(encoding="utf-8"), (
+        f"README.md never mentions `ckpttool {name}`"
+    )
