@@ -40,8 +40,6 @@ __all__ = ["FixResult", "fix_state_dict", "load", "save", "unwrap"]
 
 PathLike = str | os.PathLike[str]
 
-_CUDA_TAG_ERROR = "Attempting to deserialize object on a CUDA device"
-
 
 # -- load ---------------------------------------------------------------------------------------
 def _device(map_location: Any, path: str) -> torch.device:
@@ -128,8 +126,8 @@ def load(
             ``weights_only=False``, or the device asked for does not exist.
     """
     path = os.fspath(path)
-    kind, real = _format(path)
     device = _device(map_location, path)
+    kind, real = _format(path)
     if kind == "hf-sharded":
         return _load_sharded(real, device, weights_only=weights_only, mmap=mmap)
     if kind == "safetensors":

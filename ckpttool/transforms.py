@@ -194,7 +194,11 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str,
 
 
 def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
-    """Add ``prefix`` to every key that does not already carry it (never ``module.module.``)."""
+    """Add ``prefix`` to every key that does not already carry it (never ``module.module.``).
+
+    Running it twice is a no-op. (A model with a child really named ``module`` is the one case
+    this cannot tell apart; rename such keys with ``rename_keys``.)
+    """
     return rename_keys(state_dict, lambda k: k if k.startswith(prefix) else prefix + k)
 
 

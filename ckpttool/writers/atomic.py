@@ -164,6 +164,8 @@ def atomic_file(dst: str) -> Iterator[str]:
     """
     dst = resolve_output(dst)
     parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise CheckpointError(dst, f"output folder {parent} does not exist")
     tmp: str | None = None
     committed = False
     try:

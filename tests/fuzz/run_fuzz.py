@@ -32,10 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]  # tests/ and the repo root
 
-from hostile import contract as C  # noqa: E402
-
 from fuzz.bases import make_bases, marker_paths  # noqa: E402
 from fuzz.mutate import Mutation, mutate, random_mutation  # noqa: E402
+from hostile import contract as C  # noqa: E402
 
 _STATE: dict = {}
 
