@@ -31,9 +31,10 @@ _EXPORTS = {
     "replace_prefix": "ckpttool.transforms",
     "find_state_dicts": "ckpttool.transforms",
     "load": "ckpttool.api",
-    "fix_state_dict": "ckpttool.api",
+    "fix_state_dict": "ckpttool.wrappers",
+    "FixResult": "ckpttool.wrappers",
     "save": "ckpttool.api",
-    "unwrap": "ckpttool.api",
+    "unwrap": "ckpttool.wrappers",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -126,9 +126,14 @@ def _progress_factory(quiet: bool) -> Callable[[int], Callable[[int], None] | No
     return make
 
 
-def _close_bars(factory: Any) -> None:
-    for bar in getattr(factory, "bars", []):
-        bar.__exit__(None, None, None)
+def _run_writer(quiet: bool, call: Callable[[Any], Any]) -> Any:
+    """Run a writer with a progress-bar factory, closing any bar it opened."""
+    factory = _progress_factory(quiet)
+    try:
+        return _run(lambda: call(factory))
+    finally:
+        for bar in getattr(factory, "bars", []):
+            bar.__exit__(None, None, None)
 
 
 def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -224,25 +229,22 @@ def convert(
     from .resave import convert as do_convert
 
     kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
-    factory = _progress_factory(quiet)
-    try:
-        result = _run(
-            lambda: do_convert(
-                input_path,
-                output_path,
-                key=key,
-                only=only,
-                dtype=dtype,
-                plain_objects=plain_objects,
-                verify=not no_verify,
-                force=force,
-                in_place=in_place,
-                progress=factory,
-                **kwargs,
-            )
-        )
-    finally:
-        _close_bars(factory)
+    result = _run_writer(
+        quiet,
+        lambda progress: do_convert(
+            input_path,
+            output_path,
+            key=key,
+            only=only,
+            dtype=dtype,
+            plain_objects=plain_objects,
+            verify=not no_verify,
+            force=force,
+            in_place=in_place,
+            progress=progress,
+            **kwargs,
+        ),
+    )
     if quiet:
         return
     for sd_path, n in result.renamed:
@@ -325,27 +327,24 @@ def to_safetensors(
             shard = parse_size(max_shard_size)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
-    factory = _progress_factory(quiet)
-    try:
-        result = _run(
-            lambda: do_convert(
-                input_path,
-                output_path,
-                key=key,
-                all_tensors=all_tensors,
-                dtype=dtype,
-                metadata=meta,
-                duplicate_shared=duplicate_shared,
-                keep=keep,
-                max_shard_size=shard,
-                verify=not no_verify,
-                force=force,
-                progress=factory,
-                **kwargs,
-            )
-        )
-    finally:
-        _close_bars(factory)
+    result = _run_writer(
+        quiet,
+        lambda progress: do_convert(
+            input_path,
+            output_path,
+            key=key,
+            all_tensors=all_tensors,
+            dtype=dtype,
+            metadata=meta,
+            duplicate_shared=duplicate_shared,
+            keep=keep,
+            max_shard_size=shard,
+            verify=not no_verify,
+            force=force,
+            progress=progress,
+            **kwargs,
+        ),
+    )
     if quiet:
         return
     if result.renamed:
