@@ -149,4 +149,4 @@ def _scan_plain_pickle(path: str, seen: dict[str, str]) -> None:
     from ._pickle import unpickle
 
     with open(path, "rb") as f, contextlib.suppress(CheckpointError):
-        unpickle(path, f, "the pickle", seen=seen)
+        unpickle(path, f, "the pickle", seen=seen, end=os.fstat(f.fileno()).st_size)

@@ -28,21 +28,56 @@ def _quiet_unraisable() -> Iterator[None]:
         sys.unraisablehook = old
 
 
-def _check_declared_sizes(data: bytes) -> str | None:
-    """A bytearray8/bytes8 opcode that claims more bytes than the pickle has (an allocation
-    bomb: CPython allocates before reading). Only scanned when such an opcode may be present."""
-    if b"\x96" not in data and b"\x8e" not in data:
-        return None
+class _SizeBomb(ValueError):
+    pass
+
+
+_BOMB = 1 << 20
+
+
+class _BoundedReader:
+    """A read-only view of a file that refuses reads past ``end`` instead of allocating them,
+    so that scanning a pickle's opcodes never allocates what a hostile opcode declares."""
+
+    def __init__(self, f: IO[bytes], end: int) -> None:
+        self.f = f
+        self.end = end
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.end - self.f.tell()
+        if n < 0 or n > left:
+            if n > _BOMB:  # what CPython would allocate before finding the data short
+                raise _SizeBomb(f"declares {n:,} bytes but only {max(left, 0):,} remain")
+            raise EOFError("truncated")
+        return self.f.read(n)
+
+    def readline(self) -> bytes:
+        return self.f.readline(max(self.end - self.f.tell(), 0))
+
+
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _scan(f: IO[bytes], end: int) -> tuple[str | None, int | None]:
+    """Walk one pickle's opcodes with bounded reads (about 15 ms for a 200 KB pickle).
+
+    Returns (a size bomb found, the offset where the opcodes stop parsing). CPython's
+    unpickler allocates what BYTEARRAY8 or a memo index declares before it notices that the
+    data is short (and can leak it), so such pickles never reach it; a pickle that stops
+    parsing is only unpickled up to that point.
+    """
+    start = f.tell()
+    good = start
     try:
-        for _op, _arg, _pos in pickletools.genops(io.BytesIO(data)):
-            pass
-    except ValueError as exc:
-        text = str(exc)
-        if "bytearray8" in text or "bytes8" in text:
-            return text.split(",")[0]
+        for op, arg, _pos in pickletools.genops(_BoundedReader(f, end)):
+            if op.name in _MEMO_OPS and isinstance(arg, int) and arg > end - start:
+                return f"uses memo index {arg:,}, more than it has bytes", None
+            good = f.tell()
+    except _SizeBomb as exc:
+        return str(exc), None
     except Exception:
-        return None  # other junk is left to the unpickler, which reports it
-    return None
+        return None, good
+    return None, None
 
 
 def unpickle(
@@ -51,16 +86,33 @@ def unpickle(
     what: str,
     resolve: Callable[[StorageType, str, str, int], StorageInfo] | None = None,
     seen: dict[str, str] | None = None,
+    end: int | None = None,
+    *,
+    scan: bool = True,
 ) -> tuple[Any, SafeUnpickler]:
     """Load one pickle from ``file``; ``what`` names it in errors (``data.pkl``).
 
     ``seen`` collects every global named, also when loading fails, so that a hostile file is
     reported as dangerous even when it is broken too.
     """
-    if isinstance(file, io.BytesIO):
-        bomb = _check_declared_sizes(file.getbuffer().tobytes())
+    if scan and (isinstance(file, io.BytesIO) or end is not None):
+        start = file.tell()
+        limit = len(file.getbuffer()) if isinstance(file, io.BytesIO) else end
+        assert limit is not None
+        bomb, stop = _scan(file, limit)
+        file.seek(start)
         if bomb:
-            raise CheckpointError(path, f"{what} declares an impossible size ({bomb})")
+            raise CheckpointError(path, f"{what} {bomb} (a corrupt or hostile pickle)")
+        if stop is not None:
+            # Unpickle only what parses, to learn the globals it names; then report it.
+            head = io.BytesIO(file.read(stop - start))
+            try:
+                unpickle(path, head, what, resolve, seen, scan=False)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    path, exc.message.replace(" is truncated", " is corrupt")
+                ) from None
+            raise CheckpointError(path, f"{what} is corrupt")
     unpickler = SafeUnpickler(file, resolve, seen)
     try:
         with _quiet_unraisable():

@@ -17,13 +17,13 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
     seen = {} if seen is None else seen
     with open(path, "rb") as raw:
         f = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type]
-        magic, _ = unpickle(path, f, "the magic number", seen=seen)
+        magic, _ = unpickle(path, f, "the magic number", seen=seen, end=file_bytes)
         if magic != LEGACY_MAGIC:
             raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")
-        protocol, _ = unpickle(path, f, "the protocol version", seen=seen)
+        protocol, _ = unpickle(path, f, "the protocol version", seen=seen, end=file_bytes)
         if protocol != LEGACY_PROTOCOL:
             raise CheckpointError(path, f"unsupported legacy protocol version {protocol!r}")
-        sys_info, _ = unpickle(path, f, "the system info", seen=seen)
+        sys_info, _ = unpickle(path, f, "the system info", seen=seen, end=file_bytes)
         little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
 
         declared: dict[str, tuple[StorageType, str, int]] = {}
@@ -40,8 +40,8 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
                 raise CheckpointError(path, f"storage {key!r} is declared twice with other sizes")
             return placeholders[key]
 
-        root, unpickler = unpickle(path, f, "the pickled object", resolve, seen)
-        keys, _ = unpickle(path, f, "the storage key list", seen=seen)
+        root, unpickler = unpickle(path, f, "the pickled object", resolve, seen, end=file_bytes)
+        keys, _ = unpickle(path, f, "the storage key list", seen=seen, end=file_bytes)
         if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
             raise CheckpointError(path, "the storage key list is corrupt")
         pos = f.tell()
