@@ -42,6 +42,8 @@ class _Item:
     shard: int = 0
     begin: int = 0  # data offset within its shard
     crc: int | None = None
+    job: Any = None  # the background read-back of a direct copy
+    read_back: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -198,7 +200,14 @@ def _header(items: list[_Item], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_tensor(it: _Item, sources: bytecopy.Sources, fd: int, progress: Progress | None) -> None:
+def _write_tensor(
+    it: _Item,
+    sources: bytecopy.Sources,
+    fd: int,
+    progress: Progress | None,
+    background: bytecopy.Background,
+    check: bool,
+) -> None:
     ref = it.ref
     src = ref.storage
     assert src is not None
@@ -212,7 +221,16 @@ def _write_tensor(it: _Item, sources: bytecopy.Sources, fd: int, progress: Progr
     )
     if direct:
         start = src.offset + ref.storage_offset * itemsize
-        bytecopy.copy_range(sources.fd(src.file), start, it.nbytes, fd, progress)
+        src_fd = sources.fd(src.file)
+        dst_off = os.lseek(fd, 0, os.SEEK_CUR)
+        bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
+        if check:  # check the copy in the background while the next tensor is written
+            whole = ref.storage_offset == 0 and it.nbytes == src.nbytes
+            crc = src.crc if whole else None
+            it.job = background.submit(
+                bytecopy.read_back, fd, dst_off, it.nbytes, src_fd, start, crc
+            )
+        background.submit(bytecopy.start_writeback, fd, dst_off, it.nbytes)
         return
     import zlib
 
@@ -273,21 +291,33 @@ def _write_file(
     metadata: dict[str, str],
     sources: bytecopy.Sources,
     progress: Progress | None,
+    check: bool = True,
 ) -> None:
     pos = 0
     for it in items:
         it.begin = pos
         pos += it.nbytes
     header = _header(items, metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
+    background = bytecopy.Background()
     try:
         bytecopy.write_all(fd, header)
         for it in items:
-            _write_tensor(it, sources, fd, progress)
+            _write_tensor(it, sources, fd, progress, background, check)
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
+        for it in items:
+            if it.job is not None:
+                try:
+                    it.crc = it.job.result()
+                    it.read_back = True
+                except bytecopy.CopyMismatch as exc:
+                    raise CheckpointError(
+                        path, f"verification failed: tensor {it.name!r} {exc}"
+                    ) from None
     finally:
+        background.close()
         os.close(fd)
 
 
@@ -320,11 +350,16 @@ def _verify(
         raise fail("the tensor names or metadata differ")
     back = open_checkpoint(path)
     fd = os.open(path, os.O_RDONLY)
+    back_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")  # where tensor data begins
     try:
         for it in items:
             s = back.storages[it.name]
             ref, src = it.ref, it.ref.storage
             assert src is not None
+            if s.offset != back_start + it.begin or s.nbytes != it.nbytes:
+                raise fail(f"tensor {it.name!r} is not where it was written")
+            if it.read_back:
+                continue  # already read back and compared with the input while writing
             if it.crc is not None:
                 if bytecopy.crc_range(fd, s.offset, s.nbytes) != it.crc:
                     raise fail(f"tensor {it.name!r}'s bytes differ from what was written")
@@ -439,7 +474,7 @@ def to_safetensors(
     try:
         if shard_limit is None:
             with atomic_file(dst) as tmp:
-                _write_file(tmp, items, meta, sources, cb)
+                _write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
                     _verify(tmp, items, meta, sources)
             result.files = [dst]
@@ -452,7 +487,7 @@ def to_safetensors(
                     fname = f"model-{i:05d}-of-{n:05d}.safetensors"
                     path = os.path.join(tmpdir, fname)
                     open(path, "wb").close()
-                    _write_file(path, shard, meta, sources, cb)
+                    _write_file(path, shard, meta, sources, cb, verify)
                     if verify:
                         _verify(path, shard, meta, sources)
                     for it in shard:
