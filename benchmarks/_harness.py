@@ -34,6 +34,7 @@ import :func:`run_cases` and :func:`markdown_table`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -155,6 +156,9 @@ class RunStats:
     stdout: str | None = None
     output_bytes: int | None = None
     ru_maxrss: int = 0  # bytes, raw wait4 figure (includes the harness's own floor)
+    cpu_s: float = 0.0  # user + system CPU seconds of the command and its reaped descendants
+    cpu_sys_s: float = 0.0  # the system part (page faults, copies in the kernel, ...)
+    loadavg: float = 0.0  # 1-minute load average just before the run (others on the machine?)
     polled_vmhwm: int = 0  # bytes, largest VmHWM read from /proc while running
     harness_maxrss: int = 0  # bytes, the harness's own ru_maxrss when the command started
 
@@ -172,6 +176,7 @@ def run_once(
     """Run ``argv`` once and measure it.  stdout goes to /dev/null unless captured."""
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             list(argv),
@@ -224,7 +229,9 @@ def run_once(
         proc.returncode = os.waitstatus_to_exitcode(status)
         rusage = reaped["rusage"]
         ru_maxrss = int(rusage.ru_maxrss) * 1024  # type: ignore[attr-defined]
-        vmhwm = ru_maxrss if ru_maxrss > floor else hwm_seen
+        # ru_maxrss is exact unless the harness's own peak (the floor) dominates it; then use
+        # what /proc showed, unless the command ended before the first sample.
+        vmhwm = ru_maxrss if ru_maxrss > floor or hwm_seen == 0 else hwm_seen
         wall = float(reaped["t1"]) - t0  # type: ignore[arg-type]
 
         err.seek(0)
@@ -243,6 +250,9 @@ def run_once(
         stderr_tail=tail,
         stdout=stdout_text,
         ru_maxrss=ru_maxrss,
+        cpu_s=float(rusage.ru_utime + rusage.ru_stime),  # type: ignore[attr-defined]
+        cpu_sys_s=float(rusage.ru_stime),  # type: ignore[attr-defined]
+        loadavg=load,
         polled_vmhwm=hwm_seen,
         harness_maxrss=floor,
     )
@@ -294,6 +304,11 @@ class CaseResult:
         return (min(ok), max(ok)) if ok else None
 
     @property
+    def cpu_median(self) -> float | None:
+        ok = [r.cpu_s for r in self.runs if r.returncode == 0]
+        return statistics.median(ok) if ok else None
+
+    @property
     def peak_rss_anon(self) -> int | None:
         return max((r.peak_rss_anon for r in self.runs), default=None)
 
@@ -319,6 +334,22 @@ def remove_outputs(paths: Sequence[Path]) -> None:
             shutil.rmtree(p)
 
 
+def wait_for_load(max_load: float, max_wait_s: float, *, verbose: bool = True) -> float:
+    """Sleep until the 1-minute load average is ≤ ``max_load`` or ``max_wait_s`` passed."""
+    t0 = time.perf_counter()
+    told = False
+    while os.getloadavg()[0] > max_load and time.perf_counter() - t0 < max_wait_s:
+        if verbose and not told:
+            print(
+                f"[bench]   waiting for load {os.getloadavg()[0]:.2f} to drop to {max_load}",
+                file=sys.stderr,
+                flush=True,
+            )
+            told = True
+        time.sleep(1.0)
+    return os.getloadavg()[0]
+
+
 def warm_page_cache(path: Path, chunk: int = 16 << 20) -> float:
     """Read ``path`` once so that it sits in the page cache; returns seconds taken."""
     t0 = time.perf_counter()
@@ -337,107 +368,126 @@ def run_cases(
     keep_outputs: bool = False,
     verbose: bool = True,
     tree: bool = True,
+    max_load: float | None = None,
+    max_wait_s: float = 120.0,
+    interleave: bool = False,
 ) -> list[CaseResult]:
     """Run each case ``repeat`` times (plus ``warmup`` discarded runs).
 
     Before every run the case's outputs are deleted and (unless ``sync=False``) ``sync`` is
     called, outside the timed region, so that each run starts with no dirty pages from the
-    previous one.  A failing command (non-zero exit or a failed ``check``) marks the row
+    previous one.  With ``max_load``, each run first waits (at most ``max_wait_s``) until the
+    1-minute load average is at most ``max_load`` -- a crude guard on a shared machine.
+    With ``interleave``, the cases take turns (cp, A, B, cp, A, B, ...) so that a disk whose
+    speed drifts over minutes (a shared virtual machine) biases no row against another.
+    A failing command (non-zero exit or a failed ``check``) marks the row
     FAILED, its stderr tail is kept, and the remaining cases still run.
     """
-    results: list[CaseResult] = []
-    for case in cases:
-        runs: list[RunStats] = []
-        error = ""
-        command = " ".join(shlex.quote(a) for a in case.argv)
-        if verbose:
-            print(f"[bench] {case.label}: {command}", file=sys.stderr, flush=True)
+    runs: list[list[RunStats]] = [[] for _ in cases]
+    errors = ["" for _ in cases]
+    commands = [" ".join(shlex.quote(a) for a in case.argv) for case in cases]
+    total = [warmup + case.warmup + repeat for case in cases]
+    if interleave:
+        schedule = [(k, i) for i in range(max(total, default=0)) for k in range(len(cases))]
+    else:
+        schedule = [(k, i) for k in range(len(cases)) for i in range(total[k])]
+    announced: set[int] = set()
+    for k, i in schedule:
+        case = cases[k]
+        if i >= total[k] or errors[k]:
+            continue
+        if verbose and k not in announced:
+            print(f"[bench] {case.label}: {commands[k]}", file=sys.stderr, flush=True)
+            announced.add(k)
         n_warm = warmup + case.warmup
-        for i in range(n_warm + repeat):
-            remove_outputs(case.outputs)
-            if sync:
-                os.sync()
-            stats = run_once(case.argv, env=case.env, capture_stdout=case.capture_stdout, tree=tree)
-            if stats.returncode == 0 and case.outputs:
-                try:
-                    stats.output_bytes = sum(p.stat().st_size for p in case.outputs)
-                except OSError:
-                    stats.output_bytes = None
-            if stats.returncode != 0:
-                error = f"exit code {stats.returncode}; stderr tail:\n{stats.stderr_tail.rstrip()}"
-            elif case.check is not None:
-                msg = case.check(stats)
-                if msg:
-                    error = f"check failed: {msg}"
-                    stats.returncode = -1000
-            if verbose:
-                tag = "warmup" if i < n_warm else f"run {i - n_warm + 1}/{repeat}"
-                state = "ok" if stats.returncode == 0 else "FAILED"
-                print(
-                    f"[bench]   {tag}: {state} wall {stats.wall_s:.3f}s "
-                    f"RssAnon {stats.peak_rss_anon / MB:.1f}MB VmHWM {stats.vmhwm / MB:.1f}MB",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if i >= n_warm:
-                runs.append(stats)
-            if error:
-                if verbose:
-                    print(f"[bench]   {error}", file=sys.stderr, flush=True)
-                break  # no point repeating a failing command
+        remove_outputs(case.outputs)
+        if sync:
+            os.sync()
+        if max_load is not None:
+            wait_for_load(max_load, max_wait_s, verbose=verbose)
+        stats = run_once(case.argv, env=case.env, capture_stdout=case.capture_stdout, tree=tree)
+        if stats.returncode == 0 and case.outputs:
+            try:
+                stats.output_bytes = sum(p.stat().st_size for p in case.outputs)
+            except OSError:
+                stats.output_bytes = None
+        if stats.returncode != 0:
+            errors[k] = f"exit code {stats.returncode}; stderr tail:\n{stats.stderr_tail.rstrip()}"
+        elif case.check is not None:
+            msg = case.check(stats)
+            if msg:
+                errors[k] = f"check failed: {msg}"
+                stats.returncode = -1000
+        if verbose:
+            tag = "warmup" if i < n_warm else f"run {i - n_warm + 1}/{repeat}"
+            state = "ok" if stats.returncode == 0 else "FAILED"
+            print(
+                f"[bench]   {case.label[:40]} {tag}: {state} wall {stats.wall_s:.3f}s "
+                f"RssAnon {stats.peak_rss_anon / MB:.1f}MB VmHWM {stats.vmhwm / MB:.1f}MB "
+                f"CPU {stats.cpu_s:.2f}s (sys {stats.cpu_sys_s:.2f}s) "
+                f"(load {stats.loadavg:.2f})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if i >= n_warm:
+            runs[k].append(stats)
+        if errors[k] and verbose:
+            print(f"[bench]   {errors[k]}", file=sys.stderr, flush=True)
         if not keep_outputs:
             remove_outputs(case.outputs)
-        results.append(
-            CaseResult(
-                label=case.label,
-                command=command,
-                runs=runs,
-                failed=bool(error),
-                error=error,
-                note=case.note,
-                target_ratio=case.target_ratio,
-                target_wall_s=case.target_wall_s,
-                target_mb=case.target_mb,
-                baseline=case.baseline,
-            )
+    return [
+        CaseResult(
+            label=case.label,
+            command=commands[k],
+            runs=runs[k],
+            failed=bool(errors[k]),
+            error=errors[k],
+            note=case.note,
+            target_ratio=case.target_ratio,
+            target_wall_s=case.target_wall_s,
+            target_mb=case.target_mb,
+            baseline=case.baseline,
         )
-    return results
+        for k, case in enumerate(cases)
+    ]
 
 
 def _target_text(r: CaseResult, ratio: float | None) -> str:
-    parts: list[str] = []
-    verdict = True
+    """E.g. "≤ 1.3× cp **missed**, < 100 MB met" (each part judged on its own)."""
     wall = r.wall_median
     peak = r.peak_rss_anon
+    parts: list[tuple[str, bool]] = []
     if r.target_ratio is not None:
-        parts.append(f"≤ {r.target_ratio:g}× cp")
-        verdict &= ratio is not None and ratio <= r.target_ratio
+        parts.append((f"≤ {r.target_ratio:g}× cp", ratio is not None and ratio <= r.target_ratio))
     if r.target_wall_s is not None:
-        parts.append(f"< {r.target_wall_s:g} s")
-        verdict &= wall is not None and wall < r.target_wall_s
+        parts.append((f"< {r.target_wall_s:g} s", wall is not None and wall < r.target_wall_s))
     if r.target_mb is not None:
-        parts.append(f"< {r.target_mb:g} MB")
-        verdict &= peak is not None and peak / MB < r.target_mb
+        parts.append((f"< {r.target_mb:g} MB", peak is not None and peak / MB < r.target_mb))
     if not parts:
         return ""
     if r.failed:
-        return ", ".join(parts) + ": FAILED"
-    return ", ".join(parts) + (": **met**" if verdict else ": **missed**")
+        return ", ".join(text for text, _ in parts) + ": FAILED"
+    return ", ".join(f"{text} met" if ok else f"{text} **missed**" for text, ok in parts)
 
 
-def markdown_table(results: Sequence[CaseResult], *, show_output: bool = False) -> str:
-    """Markdown table: command, wall s (median), × cp, peak RssAnon MB (max), VmHWM MB (max)."""
+def markdown_table(results: Sequence[CaseResult], *, show_output: bool | None = None) -> str:
+    """Markdown table: command, wall s (median, min–max), × cp, peak RssAnon MB (max),
+    VmHWM MB (max), CPU s (median user+sys), [output MB], [target].
+
+    ``show_output`` adds the output file size column (default: if any row wrote one)."""
+    if show_output is None:
+        show_output = any(r.output_bytes is not None for r in results)
     base = next((r for r in results if r.baseline and not r.failed), None)
     base_wall = base.wall_median if base else None
     has_targets = any(
         x is not None for r in results for x in (r.target_ratio, r.target_wall_s, r.target_mb)
     )
-    head = ["command", "wall s", "× cp", "peak RssAnon MB", "VmHWM MB"]
+    head = ["command", "wall s", "× cp", "peak RssAnon MB", "VmHWM MB", "CPU s"]
     if show_output:
         head.append("output MB")
     if has_targets:
         head.append("target")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 4) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
     if show_output:
         lines[1] += "---:|"
     if has_targets:
@@ -460,6 +510,7 @@ def markdown_table(results: Sequence[CaseResult], *, show_output: bool = False) 
             f"{ratio:.2f}" if ratio is not None else "-",
             f"{r.peak_rss_anon / MB:.1f}" if r.peak_rss_anon is not None else "-",
             f"{r.vmhwm / MB:.1f}" if r.vmhwm is not None else "-",
+            f"{r.cpu_median:.2f}" if r.cpu_median is not None else "-",
         ]
         if show_output:
             ob = r.output_bytes
@@ -489,9 +540,7 @@ def results_json(results: Sequence[CaseResult], **extra: object) -> str:
                 "peak_rss_anon_bytes": r.peak_rss_anon,
                 "vmhwm_bytes": r.vmhwm,
                 "output_bytes": r.output_bytes,
-                "runs": [
-                    {k: v for k, v in asdict(run).items() if k != "stdout"} for run in r.runs
-                ],
+                "runs": [{k: v for k, v in asdict(run).items() if k != "stdout"} for run in r.runs],
             }
             for r in results
         ],
@@ -534,6 +583,175 @@ def python_env() -> dict[str, str]:
     root = str(repo_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+# --------------------------------------------------------------------------------------
+# shared by the bench_*.py drivers
+
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "ckpttool-bench"
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help=f"where checkpoints and outputs go (default {DEFAULT_WORKDIR}); outputs are "
+        "written to the same filesystem as the input",
+    )
+    ap.add_argument("-n", "--repeat", type=int, default=3, help="timed runs per row (default 3)")
+    ap.add_argument("--warmup", type=int, default=0, help="extra discarded runs per row")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the input checkpoint(s) generated by this run (later runs reuse them); "
+        "inputs that were already cached are never deleted, outputs always are",
+    )
+    ap.add_argument("--force-generate", action="store_true", help="regenerate cached inputs")
+    ap.add_argument("--no-sync", action="store_true", help="do not call sync before each run")
+    ap.add_argument(
+        "--max-load",
+        type=float,
+        metavar="L",
+        help="before each run wait (up to 120 s) for the 1-min load average to be <= L "
+        "(for shared machines; the load of each run is recorded anyway)",
+    )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the rows in turns (cp, A, B, cp, A, B, ...) instead of one row after another",
+    )
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+
+
+def cp_cases(path: Path, out: Path) -> list[Case]:
+    """The baselines: ``cp`` (the ratio column's reference) and ``cp`` followed by an fsync of
+    the copy, which is what a writer that makes its output durable (ckpttool) should match."""
+    return [
+        Case(
+            label="cp IN OUT",
+            argv=["cp", str(path), str(out)],
+            outputs=[out],
+            baseline=True,
+            warmup=1,
+        ),
+        Case(
+            label="cp IN OUT && sync OUT (durable copy)",
+            argv=["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(path), str(out)],
+            outputs=[out],
+            note="cp, then fsync of the copy: ckpttool fsyncs its output before renaming it",
+        ),
+    ]
+
+
+def ckpttool_argv(*args: str) -> list[str]:
+    """``python -m ckpttool ARGS`` with this interpreter (the whole CLI process is measured)."""
+    return [sys.executable, "-m", "ckpttool", *args]
+
+
+def python_code_argv(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+def package_versions() -> str:
+    from importlib import metadata
+
+    parts = []
+    for name in ("torch", "safetensors", "ckpttool"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts)
+
+
+def header(title: str) -> str:
+    return (
+        f"## {title}\n\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+        f"- machine: {machine_description()}\n"
+        f"- packages: {package_versions()}\n"
+        f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`\n"
+        f"- 1-min load average at the end: {os.getloadavg()[0]:.2f} "
+        "(per-run values in the stderr log / --json)\n"
+    )
+
+
+def output_exists_check(path: Path, min_bytes: int = 1) -> Callable[[RunStats], str | None]:
+    """A :attr:`Case.check` that fails the row when the command did not write ``path``."""
+
+    def check(stats: RunStats) -> str | None:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"exit code 0 but {path} was not written"
+        if size < min_bytes:
+            return f"{path} has only {size} bytes (expected at least {min_bytes})"
+        return None
+
+    return check
+
+
+class Inputs:
+    """Generated input checkpoints: reused from cache when possible; the ones generated by
+    this run are deleted by :meth:`cleanup` unless ``keep``."""
+
+    def __init__(self, workdir: Path, *, keep: bool, force: bool) -> None:
+        self.workdir = Path(workdir)
+        self.keep = keep
+        self.force = force
+        self.created: list[Path] = []
+
+    def get(self, size_bytes: int, *, adam: bool = False, layout: str = "nested") -> Path:
+        import make_big_checkpoint as mbc
+
+        spec = mbc.Spec(size_bytes=size_bytes, adam=adam, layout=layout)
+        path = mbc.checkpoint_path(self.workdir, spec)
+        cached = not self.force and mbc.is_cached(path, spec)
+        if not cached:
+            print(f"[gen] generating {path} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        mbc.ensure_checkpoint(self.workdir, spec, force=self.force)
+        if not cached:
+            print(f"[gen] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            self.created.append(path)
+        return path
+
+    def cleanup(self) -> None:
+        if self.keep:
+            return
+        import make_big_checkpoint as mbc
+
+        for path in self.created:
+            remove_outputs([path, mbc.sidecar_path(path)])
+        with contextlib.suppress(OSError):
+            self.workdir.rmdir()  # only if empty
+
+
+def emit(
+    title: str,
+    sections: Sequence[tuple[str, Sequence[CaseResult]]],
+    json_path: Path | None,
+    **extra: object,
+) -> None:
+    """Print the header and one markdown table per section; optionally write JSON."""
+    print(header(title))
+    for subtitle, results in sections:
+        if subtitle:
+            print(f"### {subtitle}\n")
+        print(markdown_table(results))
+        print()
+    if json_path is not None:
+        payload = {
+            "title": title,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_description(),
+            "packages": package_versions(),
+            "argv": sys.argv,
+            **extra,
+            "sections": {sub: json.loads(results_json(res)) for sub, res in sections},
+        }
+        Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------

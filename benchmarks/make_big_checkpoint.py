@@ -105,10 +105,7 @@ def is_cached(path: Path, spec: Spec) -> bool:
     side = sidecar_path(path)
     try:
         info = json.loads(side.read_text())
-        return (
-            info.get("params") == spec.params()
-            and path.stat().st_size == info.get("file_bytes")
-        )
+        return info.get("params") == spec.params() and path.stat().st_size == info.get("file_bytes")
     except (OSError, ValueError):
         return False
 
