@@ -7,7 +7,6 @@ tensors pass through memory. Tied tensors are stored once with their aliases rec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -27,27 +26,12 @@ from .transforms import KeyCollisionError, default_state_dict_path, find_state_d
 from .tree import children, get_path, iter_tensors
 from .writers import copy as bytecopy
 from .writers.atomic import atomic_file, atomic_shards, check_target
+from .writers.safetensors import Item, assign_shards, verify_file, write_file
 
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
 RESERVED_METADATA = ("format", ALIASES_KEY)
 INDEX_NAME = "model.safetensors.index.json"
-
-
-@dataclass
-class _Item:
-    name: str
-    ref: TensorRef
-    dtype: str  # output dtype
-    shard: int = 0
-    begin: int = 0  # data offset within its shard
-    crc: int | None = None
-    job: Any = None  # the background read-back of a direct copy
-    read_back: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.ref.numel * dtypes.get(self.dtype).itemsize
 
 
 @dataclass
@@ -146,9 +130,9 @@ def _holds_tensor(node: Any) -> bool:
     return next(iter_tensors(node), None) is not None
 
 
-def _shared_groups(items: list[_Item]) -> list[list[_Item]]:
+def _shared_groups(items: list[Item]) -> list[list[Item]]:
     """Groups of tensors whose bytes overlap in the same storage (truly shared)."""
-    by_storage: dict[tuple[str, str], list[_Item]] = {}
+    by_storage: dict[tuple[str, str], list[Item]] = {}
     for it in items:
         s = it.ref.storage
         if s is not None and it.ref.numel:
@@ -161,7 +145,7 @@ def _shared_groups(items: list[_Item]) -> list[list[_Item]]:
             ((m.ref.extent()[0] * m.ref.itemsize, m.ref.extent()[1] * m.ref.itemsize, i), m)
             for i, m in enumerate(members)
         )
-        current: list[_Item] = []
+        current: list[Item] = []
         end = -1
         for (lo, hi, _), m in spans:
             if current and lo < end:
@@ -183,193 +167,6 @@ def _same_view(a: TensorRef, b: TensorRef) -> bool:
         b.stride,
         b.dtype,
     )
-
-
-# -- writing --------------------------------------------------------------------------------
-def _header(items: list[_Item], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
-    for it in items:
-        code = dtypes.get(it.dtype).safetensors
-        header[it.name] = {
-            "dtype": code,
-            "shape": list(it.ref.shape),
-            "data_offsets": [it.begin, it.begin + it.nbytes],
-        }
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def _write_tensor(
-    it: _Item,
-    sources: bytecopy.Sources,
-    fd: int,
-    progress: Progress | None,
-    background: bytecopy.Background,
-    check: bool,
-) -> None:
-    ref = it.ref
-    src = ref.storage
-    assert src is not None
-    itemsize = ref.itemsize
-    direct = (
-        ref.is_contiguous()
-        and it.dtype == ref.dtype == src.dtype
-        and not src.big_endian
-        and not src.compressed
-        and src.file
-    )
-    if direct:
-        start = src.offset + ref.storage_offset * itemsize
-        src_fd = sources.fd(src.file)
-        dst_off = os.lseek(fd, 0, os.SEEK_CUR)
-        bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
-        if check:  # check the copy in the background while the next tensor is written
-            whole = ref.storage_offset == 0 and it.nbytes == src.nbytes
-            crc = src.crc if whole else None
-            it.job = background.submit(
-                bytecopy.read_back, fd, dst_off, it.nbytes, src_fd, start, crc
-            )
-        background.submit(bytecopy.start_writeback, fd, dst_off, it.nbytes)
-        return
-    import zlib
-
-    if ref.is_contiguous() and not src.compressed and src.file and it.dtype != ref.dtype:
-        # a cast of a contiguous view: stream it in chunks of whole elements
-        from dataclasses import replace
-
-        window = replace(src, offset=src.offset + ref.storage_offset * itemsize, numel=ref.numel)
-        crc = 0
-        for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file)):
-            data = bytecopy.recode(chunk, window, it.dtype)
-            bytecopy.write_all(fd, data)
-            crc = zlib.crc32(data, crc)
-            if progress:
-                progress(len(chunk))
-        it.crc = crc
-        return
-    data = _gather(ref, sources, it.dtype)  # non-contiguous, big-endian or deflated: one tensor
-    bytecopy.write_all(fd, data)
-    it.crc = zlib.crc32(data)
-    if progress:
-        progress(len(data))
-
-
-def _gather(ref: TensorRef, sources: bytecopy.Sources, dtype: str) -> bytearray:
-    """The view's values, contiguous, little-endian, in ``dtype`` (holds one tensor)."""
-    from dataclasses import replace
-
-    import torch
-
-    src = ref.storage
-    assert src is not None
-    lo, hi = ref.extent()
-    window = (
-        replace(src, offset=src.offset + lo * ref.itemsize, numel=hi - lo)
-        if not src.compressed
-        else src
-    )
-    buf = bytearray()
-    for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file) if src.file else -1):
-        buf += bytecopy.recode(chunk, window, window.dtype) if src.big_endian else chunk
-    if src.compressed:
-        buf = buf[lo * ref.itemsize : hi * ref.itemsize]
-    if not buf:
-        return bytearray()
-    base = torch.frombuffer(buf, dtype=getattr(torch, ref.dtype))
-    t = torch.as_strided(base, ref.shape, ref.stride, ref.storage_offset - lo)
-    if dtype != ref.dtype:
-        t = t.to(getattr(torch, dtype))
-    out = bytearray(t.numel() * t.element_size())
-    torch.frombuffer(out, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
-    return out
-
-
-def _write_file(
-    path: str,
-    items: list[_Item],
-    metadata: dict[str, str],
-    sources: bytecopy.Sources,
-    progress: Progress | None,
-    check: bool = True,
-) -> None:
-    pos = 0
-    for it in items:
-        it.begin = pos
-        pos += it.nbytes
-    header = _header(items, metadata)
-    fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
-    background = bytecopy.Background()
-    try:
-        bytecopy.write_all(fd, header)
-        for it in items:
-            _write_tensor(it, sources, fd, progress, background, check)
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-        if end != len(header) + pos:
-            raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
-        for it in items:
-            if it.job is not None:
-                try:
-                    it.crc = it.job.result()
-                    it.read_back = True
-                except bytecopy.CopyMismatch as exc:
-                    raise CheckpointError(
-                        path, f"verification failed: tensor {it.name!r} {exc}"
-                    ) from None
-    finally:
-        background.close()
-        os.close(fd)
-
-
-# Opening with numpy avoids importing torch (a second or more) just to read the header back.
-_FRAMEWORK = "numpy" if importlib.util.find_spec("numpy") else "pt"
-
-
-def _verify(
-    path: str, items: list[_Item], metadata: dict[str, str], sources: bytecopy.Sources
-) -> None:
-    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed."""
-    from safetensors import safe_open
-
-    def fail(what: str) -> CheckpointError:
-        return CheckpointError(path, f"verification failed: {what}; nothing was written")
-
-    try:
-        with safe_open(path, framework=_FRAMEWORK) as f:
-            names = list(f.keys())
-            got_meta = f.metadata() or {}
-            for it in items:
-                sl = f.get_slice(it.name)
-                if list(sl.get_shape()) != list(it.ref.shape):
-                    raise fail(f"tensor {it.name!r} has another shape")
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise fail(f"safetensors cannot open it ({exc})") from None
-    if sorted(names) != sorted(it.name for it in items) or got_meta != metadata:
-        raise fail("the tensor names or metadata differ")
-    back = open_checkpoint(path)
-    fd = os.open(path, os.O_RDONLY)
-    back_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")  # where tensor data begins
-    try:
-        for it in items:
-            s = back.storages[it.name]
-            ref, src = it.ref, it.ref.storage
-            assert src is not None
-            if s.offset != back_start + it.begin or s.nbytes != it.nbytes:
-                raise fail(f"tensor {it.name!r} is not where it was written")
-            if it.read_back:
-                continue  # already read back and compared with the input while writing
-            if it.crc is not None:
-                if bytecopy.crc_range(fd, s.offset, s.nbytes) != it.crc:
-                    raise fail(f"tensor {it.name!r}'s bytes differ from what was written")
-                continue
-            start = src.offset + ref.storage_offset * ref.itemsize
-            diff = bytecopy.compare_ranges(sources.fd(src.file), start, fd, s.offset, s.nbytes)
-            if diff is not None:
-                raise fail(f"tensor {it.name!r} differs from the input at byte {diff}")
-    finally:
-        os.close(fd)
 
 
 def to_safetensors(
@@ -430,7 +227,7 @@ def to_safetensors(
             src, f"renaming would make {exc.first!r} and {exc.second!r} both {exc.new!r}"
         ) from None
     renamed = sum(1 for a, b in zip(tensors, renamed_sd, strict=True) if a != b)
-    items: list[_Item] = []
+    items: list[Item] = []
     for name, ref in renamed_sd.items():
         out_dtype = ref.dtype
         if dtype and dtypes.get(ref.dtype).is_floating:
@@ -439,7 +236,7 @@ def to_safetensors(
             raise CheckpointError(
                 src, f"tensor {name!r} is {ref.dtype}, which safetensors cannot store"
             )
-        items.append(_Item(name, ref, out_dtype))
+        items.append(Item(name, ref, out_dtype))
     aliases: dict[str, str] = {}
     groups = _shared_groups(items)
     if not duplicate_shared:
@@ -474,12 +271,12 @@ def to_safetensors(
     try:
         if shard_limit is None:
             with atomic_file(dst) as tmp:
-                _write_file(tmp, items, meta, sources, cb, verify)
+                write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
-                    _verify(tmp, items, meta, sources)
+                    verify_file(tmp, items, meta, sources)
             result.files = [dst]
         else:
-            shards = _assign_shards(items, groups if duplicate_shared else [], shard_limit)
+            shards = assign_shards(items, groups if duplicate_shared else [], shard_limit)
             n = len(shards)
             with atomic_shards(dst) as tmpdir:
                 weight_map: dict[str, str] = {}
@@ -487,9 +284,9 @@ def to_safetensors(
                     fname = f"model-{i:05d}-of-{n:05d}.safetensors"
                     path = os.path.join(tmpdir, fname)
                     open(path, "wb").close()
-                    _write_file(path, shard, meta, sources, cb, verify)
+                    write_file(path, shard, meta, sources, cb, verify)
                     if verify:
-                        _verify(path, shard, meta, sources)
+                        verify_file(path, shard, meta, sources)
                     for it in shard:
                         weight_map[it.name] = fname
                     result.files.append(os.path.join(dst, fname))
@@ -502,27 +299,3 @@ def to_safetensors(
         sources.close()
     result.verified = verify
     return result
-
-
-def _assign_shards(items: list[_Item], groups: list[list[_Item]], limit: int) -> list[list[_Item]]:
-    """Greedy shards of at most ``limit`` bytes (a bigger tensor gets a shard of its own);
-    members of a shared group stay in one shard."""
-    group_of: dict[str, list[_Item]] = {}
-    for g in groups:
-        for m in g:
-            group_of[m.name] = g
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    placed: set[str] = set()
-    for it in items:
-        if it.name in placed:
-            continue
-        unit = [m for m in group_of.get(it.name, [it]) if m.name not in placed]
-        unit_size = sum(m.nbytes for m in unit)
-        if shards[-1] and size + unit_size > limit:
-            shards.append([])
-            size = 0
-        shards[-1].extend(unit)
-        size += unit_size
-        placed.update(m.name for m in unit)
-    return [s for s in shards if s]

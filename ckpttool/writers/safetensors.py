@@ -1,0 +1,249 @@
+"""The safetensors writer: header from metadata, tensors streamed from the input, read back.
+
+Contiguous tensors are copied with ``copy_file_range`` and checked in a background thread
+(against the input record's CRC-32 when the tensor is a whole record, else byte for byte);
+non-contiguous, cast or big-endian tensors pass through memory one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import dtypes
+from ..errors import CheckpointError
+from ..model import TensorRef
+from ..readers import open_checkpoint
+from . import copy as bytecopy
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Item:
+    name: str
+    ref: TensorRef
+    dtype: str  # output dtype
+    shard: int = 0
+    begin: int = 0  # data offset within its shard
+    crc: int | None = None
+    job: Any = None  # the background read-back of a direct copy
+    read_back: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.numel * dtypes.get(self.dtype).itemsize
+
+
+def header_bytes(items: list[Item], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for it in items:
+        code = dtypes.get(it.dtype).safetensors
+        header[it.name] = {
+            "dtype": code,
+            "shape": list(it.ref.shape),
+            "data_offsets": [it.begin, it.begin + it.nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_tensor(
+    it: Item,
+    sources: bytecopy.Sources,
+    fd: int,
+    progress: Progress | None,
+    background: bytecopy.Background,
+    check: bool,
+) -> None:
+    ref = it.ref
+    src = ref.storage
+    assert src is not None
+    itemsize = ref.itemsize
+    direct = (
+        ref.is_contiguous()
+        and it.dtype == ref.dtype == src.dtype
+        and not src.big_endian
+        and not src.compressed
+        and src.file
+    )
+    if direct:
+        start = src.offset + ref.storage_offset * itemsize
+        src_fd = sources.fd(src.file)
+        dst_off = os.lseek(fd, 0, os.SEEK_CUR)
+        bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
+        if check:  # check the copy in the background while the next tensor is written
+            whole = ref.storage_offset == 0 and it.nbytes == src.nbytes
+            crc = src.crc if whole else None
+            it.job = background.submit(
+                bytecopy.read_back, fd, dst_off, it.nbytes, src_fd, start, crc
+            )
+        background.submit(bytecopy.start_writeback, fd, dst_off, it.nbytes)
+        return
+
+    if ref.is_contiguous() and not src.compressed and src.file and it.dtype != ref.dtype:
+        # a cast of a contiguous view: stream it in chunks of whole elements
+        from dataclasses import replace
+
+        window = replace(src, offset=src.offset + ref.storage_offset * itemsize, numel=ref.numel)
+        crc = 0
+        for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file)):
+            data = bytecopy.recode(chunk, window, it.dtype)
+            bytecopy.write_all(fd, data)
+            crc = zlib.crc32(data, crc)
+            if progress:
+                progress(len(chunk))
+        it.crc = crc
+        return
+    data = gather(ref, sources, it.dtype)  # non-contiguous, big-endian or deflated: one tensor
+    bytecopy.write_all(fd, data)
+    it.crc = zlib.crc32(data)
+    if progress:
+        progress(len(data))
+
+
+def gather(ref: TensorRef, sources: bytecopy.Sources, dtype: str) -> bytearray:
+    """The view's values, contiguous, little-endian, in ``dtype`` (holds one tensor)."""
+    from dataclasses import replace
+
+    import torch
+
+    src = ref.storage
+    assert src is not None
+    lo, hi = ref.extent()
+    window = (
+        replace(src, offset=src.offset + lo * ref.itemsize, numel=hi - lo)
+        if not src.compressed
+        else src
+    )
+    buf = bytearray()
+    for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file) if src.file else -1):
+        buf += bytecopy.recode(chunk, window, window.dtype) if src.big_endian else chunk
+    if src.compressed:
+        buf = buf[lo * ref.itemsize : hi * ref.itemsize]
+    if not buf:
+        return bytearray()
+    base = torch.frombuffer(buf, dtype=getattr(torch, ref.dtype))
+    t = torch.as_strided(base, ref.shape, ref.stride, ref.storage_offset - lo)
+    if dtype != ref.dtype:
+        t = t.to(getattr(torch, dtype))
+    out = bytearray(t.numel() * t.element_size())
+    torch.frombuffer(out, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
+    return out
+
+
+def write_file(
+    path: str,
+    items: list[Item],
+    metadata: dict[str, str],
+    sources: bytecopy.Sources,
+    progress: Progress | None,
+    check: bool = True,
+) -> None:
+    pos = 0
+    for it in items:
+        it.begin = pos
+        pos += it.nbytes
+    header = header_bytes(items, metadata)
+    fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
+    background = bytecopy.Background()
+    try:
+        bytecopy.write_all(fd, header)
+        for it in items:
+            write_tensor(it, sources, fd, progress, background, check)
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if end != len(header) + pos:
+            raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
+        for it in items:
+            if it.job is not None:
+                try:
+                    it.crc = it.job.result()
+                    it.read_back = True
+                except bytecopy.CopyMismatch as exc:
+                    raise CheckpointError(
+                        path, f"verification failed: tensor {it.name!r} {exc}"
+                    ) from None
+    finally:
+        background.close()
+        os.close(fd)
+
+
+# Opening with numpy avoids importing torch (a second or more) just to read the header back.
+_FRAMEWORK = "numpy" if importlib.util.find_spec("numpy") else "pt"
+
+
+def verify_file(
+    path: str, items: list[Item], metadata: dict[str, str], sources: bytecopy.Sources
+) -> None:
+    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed."""
+    from safetensors import safe_open
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(path, f"verification failed: {what}; nothing was written")
+
+    try:
+        with safe_open(path, framework=_FRAMEWORK) as f:
+            names = list(f.keys())
+            got_meta = f.metadata() or {}
+            for it in items:
+                sl = f.get_slice(it.name)
+                if list(sl.get_shape()) != list(it.ref.shape):
+                    raise fail(f"tensor {it.name!r} has another shape")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise fail(f"safetensors cannot open it ({exc})") from None
+    if sorted(names) != sorted(it.name for it in items) or got_meta != metadata:
+        raise fail("the tensor names or metadata differ")
+    back = open_checkpoint(path)
+    fd = os.open(path, os.O_RDONLY)
+    back_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")  # where tensor data begins
+    try:
+        for it in items:
+            s = back.storages[it.name]
+            ref, src = it.ref, it.ref.storage
+            assert src is not None
+            if s.offset != back_start + it.begin or s.nbytes != it.nbytes:
+                raise fail(f"tensor {it.name!r} is not where it was written")
+            if it.read_back:
+                continue  # already read back and compared with the input while writing
+            if it.crc is not None:
+                if bytecopy.crc_range(fd, s.offset, s.nbytes) != it.crc:
+                    raise fail(f"tensor {it.name!r}'s bytes differ from what was written")
+                continue
+            start = src.offset + ref.storage_offset * ref.itemsize
+            diff = bytecopy.compare_ranges(sources.fd(src.file), start, fd, s.offset, s.nbytes)
+            if diff is not None:
+                raise fail(f"tensor {it.name!r} differs from the input at byte {diff}")
+    finally:
+        os.close(fd)
+
+
+def assign_shards(items: list[Item], groups: list[list[Item]], limit: int) -> list[list[Item]]:
+    """Greedy shards of at most ``limit`` bytes (a bigger tensor gets a shard of its own);
+    members of a shared group stay in one shard."""
+    group_of: dict[str, list[Item]] = {}
+    for g in groups:
+        for m in g:
+            group_of[m.name] = g
+    shards: list[list[Item]] = [[]]
+    size = 0
+    placed: set[str] = set()
+    for it in items:
+        if it.name in placed:
+            continue
+        unit = [m for m in group_of.get(it.name, [it]) if m.name not in placed]
+        unit_size = sum(m.nbytes for m in unit)
+        if shards[-1] and size + unit_size > limit:
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += unit_size
+        placed.update(m.name for m in unit)
+    return [s for s in shards if s]
