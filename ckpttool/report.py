@@ -90,7 +90,6 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         d["storages"] += 1
         d["bytes"] += s.nbytes
     sds = find_state_dicts(ckpt.root)
-    by_name = {t.name: t for t in tensors}
     params = 0
     counted: set[int] = set()
     for sd in sds:
@@ -120,7 +119,6 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
                 "shared_with": shared.get(i, []),
             }
         )
-    del by_name
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "path": ckpt.path,

@@ -29,7 +29,7 @@ def sniff(head: bytes, path: str = "") -> str:
         (n,) = struct.unpack("<Q", head[:8])
         if n >= 2:
             return "safetensors"
-    if head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) > 1 else False:
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO 2..5: some pickle
         return "pickle"
     stripped = head.lstrip()
     if stripped.startswith(b"{") and path.endswith(".json"):
