@@ -164,24 +164,27 @@ def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _key_kwargs(
-    strip_module: bool,
-    add_module: bool,
-    strip_prefix: tuple[str, ...],
-    add_prefix: tuple[str, ...],
-    replace_prefix: tuple[str, ...],
-) -> dict[str, Any]:
+def _writer_kwargs(opts: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Turn the shared options (``key_options``) into library keyword arguments.
+
+    Returns (quiet, kwargs); ``opts`` is what Click passed for them.
+    """
     replace = []
-    for spec in replace_prefix:
+    for spec in opts.pop("replace_prefix"):
         if "=" not in spec:
             raise click.BadParameter(f"{spec!r} is not OLD=NEW", param_hint="--replace-prefix")
         old, new = spec.split("=", 1)
         replace.append((old, new))
-    return {
-        "strip_prefix": (("module.",) if strip_module else ()) + tuple(strip_prefix),
-        "add_prefix": tuple(add_prefix) + (("module.",) if add_module else ()),
+    strip_module, add_module = opts.pop("strip_module"), opts.pop("add_module")
+    quiet = opts.pop("quiet")
+    kwargs = {
+        "strip_prefix": (("module.",) if strip_module else ()) + tuple(opts.pop("strip_prefix")),
+        "add_prefix": tuple(opts.pop("add_prefix")) + (("module.",) if add_module else ()),
         "replace_prefix": tuple(replace),
+        "verify": not opts.pop("no_verify"),
+        **opts,  # key, dtype, force
     }
+    return quiet, kwargs
 
 
 @cli.command(epilog=EPILOG)
@@ -199,19 +202,10 @@ def _key_kwargs(
 def convert(
     input_path: str,
     output_path: str,
-    strip_module: bool,
-    add_module: bool,
-    strip_prefix: tuple[str, ...],
-    add_prefix: tuple[str, ...],
-    replace_prefix: tuple[str, ...],
-    key: str | None,
-    dtype: str | None,
-    force: bool,
-    no_verify: bool,
-    quiet: bool,
     only: str | None,
     plain_objects: bool,
     in_place: bool,
+    **opts: Any,
 ) -> None:
     """Re-save a checkpoint for CPU, optionally renaming keys.
 
@@ -228,18 +222,14 @@ def convert(
     from .render import escape
     from .resave import convert as do_convert
 
-    kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
+    quiet, kwargs = _writer_kwargs(opts)
     result = _run_writer(
         quiet,
         lambda progress: do_convert(
             input_path,
             output_path,
-            key=key,
             only=only,
-            dtype=dtype,
             plain_objects=plain_objects,
-            verify=not no_verify,
-            force=force,
             in_place=in_place,
             progress=progress,
             **kwargs,
@@ -282,21 +272,12 @@ def convert(
 def to_safetensors(
     input_path: str,
     output_path: str,
-    strip_module: bool,
-    add_module: bool,
-    strip_prefix: tuple[str, ...],
-    add_prefix: tuple[str, ...],
-    replace_prefix: tuple[str, ...],
-    key: str | None,
-    dtype: str | None,
-    force: bool,
-    no_verify: bool,
-    quiet: bool,
     all_tensors: bool,
     metadata: tuple[str, ...],
     duplicate_shared: bool,
     keep: tuple[str, ...],
     max_shard_size: str | None,
+    **opts: Any,
 ) -> None:
     """Write a checkpoint's tensors as safetensors (streamed, verified).
 
@@ -314,7 +295,7 @@ def to_safetensors(
     from .safetensors_export import parse_size
     from .safetensors_export import to_safetensors as do_convert
 
-    kwargs = _key_kwargs(strip_module, add_module, strip_prefix, add_prefix, replace_prefix)
+    quiet, kwargs = _writer_kwargs(opts)
     meta = {}
     for spec in metadata:
         if "=" not in spec:
@@ -332,15 +313,11 @@ def to_safetensors(
         lambda progress: do_convert(
             input_path,
             output_path,
-            key=key,
             all_tensors=all_tensors,
-            dtype=dtype,
             metadata=meta,
             duplicate_shared=duplicate_shared,
             keep=keep,
             max_shard_size=shard,
-            verify=not no_verify,
-            force=force,
             progress=progress,
             **kwargs,
         ),
