@@ -624,6 +624,19 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
 
 
+def run_with_args(cases: Sequence[Case], args: argparse.Namespace) -> list[CaseResult]:
+    """``run_cases`` with the options ``add_common_args`` defined."""
+    return run_cases(
+        cases,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        sync=not args.no_sync,
+        max_load=args.max_load,
+        interleave=args.interleave,
+        keep_outputs=False,
+    )
+
+
 def cp_cases(path: Path, out: Path) -> list[Case]:
     """The baselines: ``cp`` (the ratio column's reference) and ``cp`` followed by an fsync of
     the copy, which is what a writer that makes its output durable (ckpttool) should match."""

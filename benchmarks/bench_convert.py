@@ -32,7 +32,7 @@ from _harness import (
     parse_size,
     python_code_argv,
     python_env,
-    run_cases,
+    run_with_args,
 )
 
 TARGET_RATIO = 1.3
@@ -121,15 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = inputs.get(args.size, adam=args.adam)
         cases = build_cases(path, args.workdir, naive=not args.no_naive, extra=args.ckpttool_arg)
-        results = run_cases(
-            cases,
-            repeat=args.repeat,
-            warmup=args.warmup,
-            sync=not args.no_sync,
-            max_load=args.max_load,
-            interleave=args.interleave,
-            keep_outputs=False,
-        )
+        results = run_with_args(cases, args)
         title = f"{path.name} ({path.stat().st_size / 1e9:.2f} GB)"
     finally:
         inputs.cleanup()

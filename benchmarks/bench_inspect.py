@@ -33,7 +33,7 @@ from _harness import (
     parse_size,
     python_code_argv,
     python_env,
-    run_cases,
+    run_with_args,
 )
 
 TARGET_WALL_S = 0.3
@@ -138,15 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 reference=not args.no_reference and i == len(sizes) - 1,
                 torch_rows=not args.no_torch,
             )
-            results = run_cases(
-                cases,
-                repeat=args.repeat,
-                warmup=args.warmup,
-                sync=not args.no_sync,
-                max_load=args.max_load,
-                interleave=args.interleave,
-                keep_outputs=False,
-            )
+            results = run_with_args(cases, args)
             sections.append((f"{path.name} ({path.stat().st_size / 1e9:.2f} GB)", results))
     finally:
         inputs.cleanup()

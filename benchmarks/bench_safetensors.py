@@ -40,7 +40,7 @@ from _harness import (
     parse_size,
     python_code_argv,
     python_env,
-    run_cases,
+    run_with_args,
 )
 
 TARGET_RATIO = 1.1
@@ -190,15 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe_verify=args.recipe_verify,
             extra=args.ckpttool_arg,
         )
-        results = run_cases(
-            cases,
-            repeat=args.repeat,
-            warmup=args.warmup,
-            sync=not args.no_sync,
-            max_load=args.max_load,
-            interleave=args.interleave,
-            keep_outputs=False,
-        )
+        results = run_with_args(cases, args)
         title = f"{path.name} ({path.stat().st_size / 1e9:.2f} GB)"
     finally:
         inputs.cleanup()
