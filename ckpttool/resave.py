@@ -109,7 +109,7 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
                     "holds a whole pickled module, not a state dict: key options do not apply",
                 )
             raise CheckpointError(path, "no state dict found to rename; choose one with --key")
-        targets = [(s.path, get_path(root, s.path) if s.path else root) for s in sds]
+        targets = [(s.path, s.node) for s in sds]
     replacements: dict[int, Any] = {}
     for sd_path, sd in targets:
         try:
@@ -167,8 +167,7 @@ def castable_refs(root: Any) -> set[int]:
         return {id(ref) for _, ref in iter_tensors(root)}
     out: set[int] = set()
     for sd in sds:
-        node = get_path(root, sd.path) if sd.path else root
-        out.update(id(ref) for _, ref in iter_tensors(node))
+        out.update(id(ref) for _, ref in iter_tensors(sd.node))
     return out
 
 

@@ -22,7 +22,7 @@ from .readers import open_checkpoint
 from .resave import CAST_DTYPES, KeyOps, input_files
 from .safety import classify
 from .summary import numpy_scalar_value
-from .transforms import KeyCollisionError, default_state_dict_path, find_state_dicts
+from .transforms import KeyCollisionError, default_state_dict
 from .tree import children, get_path, iter_tensors
 from .writers import copy as bytecopy
 from .writers.atomic import atomic_file, atomic_shards, check_target
@@ -75,22 +75,18 @@ def _select(
         except KeyError:
             raise CheckpointError(ckpt.path, f"no entry {key!r} (--key)") from None
     else:
-        path = default_state_dict_path(ckpt.root)
-        if path is None:
-            modules = [s for s in find_state_dicts(ckpt.root) if s.source == "module"]
-            if modules:
-                path = modules[0].path
-            elif not ckpt.tensors():
+        found = default_state_dict(ckpt.root)
+        if found is None:
+            if not ckpt.tensors():
                 raise CheckpointError(ckpt.path, "holds no tensors: nothing to write")
-            elif ckpt.format == "torchscript":
+            if ckpt.format == "torchscript":
                 raise CheckpointError(
                     ckpt.path, "is a TorchScript archive: use --all to write its tensors"
                 )
-            else:
-                raise CheckpointError(
-                    ckpt.path, "no state dict found: choose one with --key PATH, or use --all"
-                )
-        node = get_path(ckpt.root, path) if path else ckpt.root
+            raise CheckpointError(
+                ckpt.path, "no state dict found: choose one with --key PATH, or use --all"
+            )
+        node = found.node
     if isinstance(node, dict) and not isinstance(node, Opaque):
         entries = [(k, v) for k, v in node.items()]
         if all(isinstance(k, str) for k, _ in entries) and all(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .model import Opaque, TensorRef
@@ -38,6 +38,7 @@ class StateDictInfo:
     prefix: str | None  # a wrapper prefix every key carries, e.g. "module."
     keys: tuple[str, ...]
     source: str = "dict"  # "dict", or "module" for a whole pickled nn.Module
+    node: Any = field(default=None, repr=False, compare=False)  # the mapping or module itself
 
 
 def is_state_dict(node: Any) -> bool:
@@ -91,14 +92,16 @@ def find_state_dicts(root: Any) -> list[StateDictInfo]:
         if is_state_dict(node):
             keys = tuple(node.keys())
             n = sum(1 for v in node.values() if isinstance(v, TensorRef))
-            found.append(StateDictInfo(path, n, detect_prefix(keys), keys))
+            found.append(StateDictInfo(path, n, detect_prefix(keys), keys, node=node))
             taken.append(path)
         elif _is_module(node):
             from .tree import iter_tensors
 
             names = [n for n, _ in iter_tensors(node)]
             if names:
-                found.append(StateDictInfo(path, len(names), detect_prefix(names), (), "module"))
+                found.append(
+                    StateDictInfo(path, len(names), detect_prefix(names), (), "module", node)
+                )
                 taken.append(path)
         if path == "" and (found or _is_module(node)):
             break
@@ -136,18 +139,18 @@ def _is_param_state(node: Any) -> bool:
     return isinstance(node, dict) and bool(node) and set(node) <= _PARAM_STATE_KEYS
 
 
-def default_state_dict_path(root: Any) -> str | None:
-    """The state dict a training checkpoint's model lives in: the root, or ``model`` & co."""
-    sds = [s for s in find_state_dicts(root) if s.source == "dict"]
+def default_state_dict(root: Any) -> StateDictInfo | None:
+    """The model's weights in a checkpoint: a bare state dict, ``model`` & co. in a training
+    checkpoint, else the largest state dict, else a whole pickled module."""
+    found = find_state_dicts(root)
+    sds = [s for s in found if s.source == "dict"]
     if not sds:
-        return None
+        return next((s for s in found if s.source == "module"), None)
     paths = {s.path: s for s in sds}
-    if "" in paths:
-        return ""
-    for key in MODEL_KEYS:
+    for key in ("", *MODEL_KEYS):
         if key in paths:
-            return key
-    return max(sds, key=lambda s: s.tensors).path
+            return paths[key]
+    return max(sds, key=lambda s: s.tensors)
 
 
 # -- key surgery ---------------------------------------------------------------------------

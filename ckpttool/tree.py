@@ -91,14 +91,19 @@ def iter_tensors(root: Any) -> Iterator[tuple[str, TensorRef]]:
 
 
 def get_path(root: Any, path: str) -> Any:
-    """Follow a dotted path of mapping keys / indices (``model``, ``optimizer.state``)."""
+    """Follow a dotted path of mapping keys / indices (``model``, ``optimizer.state``).
+
+    Keys may contain dots themselves (``{"run.v2": {...}}``): at each level the longest key
+    that matches the rest of the path wins.
+    """
     node = root
-    if not path:
-        return node
-    for part in path.split("."):
-        for name, child in children(node, ""):
-            if name == part:
-                node = child
+    parts = path.split(".") if path else []
+    while parts:
+        names = dict(children(node, ""))
+        for n in range(len(parts), 0, -1):
+            name = ".".join(parts[:n])
+            if name in names:
+                node, parts = names[name], parts[n:]
                 break
         else:
             raise KeyError(path)

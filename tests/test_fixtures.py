@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -119,16 +120,14 @@ def test_cuda_tagged_fixture_fails_in_plain_torch_load(name: str) -> None:
         torch.load(FIXTURES / name)
 
 
-def iter_tensors(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-    """Same traversal as the generator's: dicts, lists and tuples, keys joined by '/'."""
-    if isinstance(obj, torch.Tensor):
-        yield "/".join(path), obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from iter_tensors(value, (*path, str(key)))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from iter_tensors(value, (*path, str(index)))
+@functools.cache
+def _shared_generator() -> ModuleType:
+    return load_generator()
+
+
+def iter_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The generator's own traversal (keys joined by '/'), so this test and EXPECTED.json agree."""
+    return _shared_generator().iter_tensors(obj)
 
 
 @pytest.mark.parametrize("name", TORCH_PICKLES)

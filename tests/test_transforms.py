@@ -255,3 +255,20 @@ def test_whole_pickled_module_is_reported_as_module(real_world: Path) -> None:
     root = open_checkpoint(real_world / "15_legacy-whole-module-sequential.pkl").root
     found = find_state_dicts(root)
     assert [(s.path, s.tensors, s.source) for s in found] == [("", 4, "module")]
+
+
+def test_state_dict_under_a_key_with_dots_is_found_and_renamed(tmp_path: Path) -> None:
+    """A state dict stored under a key that contains dots ({"run.v2": sd}) is reached by the
+    node find_state_dicts returns, not by re-parsing its dotted path (which used to crash)."""
+    import ckpttool
+
+    src = tmp_path / "dot.pt"
+    torch.save({"run.v2": {"w": torch.ones(2)}, "epoch": 1}, src)
+    (sd,) = find_state_dicts(ckpttool.open_checkpoint(src).root)
+    assert sd.path == "run.v2" and list(sd.node) == ["w"]
+    out = tmp_path / "out.pt"
+    result = ckpttool.convert(src, out, add_prefix="module.")
+    assert result.renamed == [("run.v2", 1)]
+    assert list(torch.load(out, weights_only=True)["run.v2"]) == ["module.w"]
+    st = tmp_path / "out.safetensors"
+    assert ckpttool.to_safetensors(src, st, key="run.v2").tensors == 1
