@@ -14,7 +14,7 @@ One GPU:
 4. in a fresh process, load the converted file with the same plain ``torch.load(path)``: nothing
    is on the GPU and no CUDA context exists until the script itself moves the model
    (``model.to("cuda:0")``);
-5. the same with ``ckpttool.api``: ``api.load`` of the unconverted file, and a plain
+5. the same with ``ckpttool.training.api``: ``api.load`` of the unconverted file, and a plain
    ``torch.load`` of a file written by ``api.save`` from the CUDA model.
 
 With more than one GPU, also the 2-rank picture: two processes, rank ``r`` on ``cuda:r``
@@ -124,7 +124,7 @@ def child(args: argparse.Namespace) -> int:
     try:
         t1 = time.perf_counter()
         if args.how == "api.load":
-            from ckpttool import api
+            from ckpttool.training import api
 
             device = f"cuda:{args.rank}" if args.rank is not None else "cpu"
             obj = api.load(args.path, map_location=device)
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> int:
             model = build_mlp(args.mb)  # on the CPU
             state = obj["model"]
             if args.how == "api.load":
-                from ckpttool import api
+                from ckpttool.training import api
 
                 state = api.fix_state_dict(model, state).state_dict
             try:
@@ -298,8 +298,8 @@ def parent(args: argparse.Namespace) -> int:
         print("gpu_ddp_check: CUDA is not available here; nothing to check (exit 0).")
         return 0
     sys.path.insert(0, str(REPO))
-    from ckpttool import api
     from ckpttool.readers import open_checkpoint
+    from ckpttool.training import api
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     work = Path(tempfile.mkdtemp(prefix="gpu_ddp_check-", dir=args.workdir))

@@ -71,7 +71,8 @@ def inspect(
       ckpttool inspect best.pth --tensors --filter 'model.*'
       ckpttool inspect best.pth --json | jq .devices
     """
-    from . import render, report
+    from . import render
+    from .analysis import report
     from .readers import open_checkpoint
 
     try:
@@ -219,8 +220,8 @@ def convert(
       ckpttool convert model.safetensors model.pt --add-module
       ckpttool convert train.ckpt weights.pt --only state_dict --replace-prefix model.=
     """
+    from .ops.convert import convert as do_convert
     from .render import escape
-    from .resave import convert as do_convert
 
     quiet, kwargs = _writer_kwargs(opts)
     result = _run_writer(
@@ -291,9 +292,9 @@ def to_safetensors(
       ckpttool to-safetensors best.pth model.safetensors --strip-module
       ckpttool to-safetensors big.pt out/ --max-shard-size 5GB
     """
+    from .ops.to_safetensors import parse_size
+    from .ops.to_safetensors import to_safetensors as do_convert
     from .render import escape
-    from .safetensors_export import parse_size
-    from .safetensors_export import to_safetensors as do_convert
 
     quiet, kwargs = _writer_kwargs(opts)
     meta = {}

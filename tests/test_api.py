@@ -1,4 +1,4 @@
-"""``ckpttool.api``: load, fix_state_dict, unwrap, save."""
+"""``ckpttool.training.api``: load, fix_state_dict, unwrap, save."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckpttool import api
 from ckpttool.errors import CheckpointError, DangerousCheckpointError
 from ckpttool.readers import open_checkpoint
 from ckpttool.testing import save_as, saved_as
+from ckpttool.training import api
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
@@ -80,7 +80,7 @@ def compile_model() -> Any:
 
 # -- import ---------------------------------------------------------------------------------------
 def test_import_does_not_import_torch() -> None:
-    code = "import sys, ckpttool.api; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ckpttool.training.api; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -114,8 +114,8 @@ def train_worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def train_and_save(rank: int, world: int, out: str) -> None:
-    from ckpttool import api
     from ckpttool.testing import saved_as
+    from ckpttool.training import api
 
     model = make_model(seed=0)
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -151,7 +151,7 @@ def resume_worker(rank: int, world: int, store: str, out: str, plan: list[tuple[
 
 
 def resume_once(rank: int, world: int, out: str, mode: str, path: str) -> None:
-    from ckpttool import api
+    from ckpttool.training import api
 
     model = make_model(seed=100 + rank)  # differs per rank and from the saved weights
     fix_summary = ""

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from ckpttool import report
+from ckpttool.analysis import report
 from ckpttool.errors import CheckpointError
 from ckpttool.readers import open_checkpoint
-from ckpttool.safety import classify
+from ckpttool.unpickling.policy import classify
 
 # safetensors' dtype codes -> torch's names (written out here, not taken from ckpttool).
 SAFETENSORS_CODES = {

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import ckpttool
 from ckpttool.cli import cli
-from ckpttool.safetensors_export import ALIASES_KEY, INDEX_NAME, parse_size
+from ckpttool.ops.to_safetensors import ALIASES_KEY, INDEX_NAME, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"

@@ -146,7 +146,7 @@ def _read(
 
 def _scan_plain_pickle(path: str, seen: dict[str, str]) -> None:
     """Record the globals a non-torch pickle names (so a payload is reported as dangerous)."""
-    from ._pickle import unpickle
+    from ..unpickling.scan import unpickle
 
     with open(path, "rb") as f, contextlib.suppress(CheckpointError):
         unpickle(path, f, "the pickle", seen=seen, end=os.fstat(f.fileno()).st_size)

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
-from ..unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
-from ._pickle import check_views, unpickle
+from ..unpickling.scan import check_views, unpickle
+from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
 
 
 def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:

@@ -15,22 +15,62 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
-from ..unpickler import StorageType
-from ._pickle import check_views, unpickle
+from ..unpickling.scan import check_views, unpickle
+from ..unpickling.unpickler import StorageType
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint we can inspect
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 
 
-class ZipArchive:
-    """A torch zip archive's entries under its single root folder."""
+class _Window(io.RawIOBase):
+    """Bytes ``[base, base + size)`` of a file, seen as a whole file (a zip inside a file)."""
 
-    def __init__(self, path: str, file_bytes: int) -> None:
+    def __init__(self, path: str, base: int, size: int) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115  # closed with the archive
+        self.base, self.size, self.pos = base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, self.size)[whence]
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self.size - self.pos, 0)
+        n = left if n is None or n < 0 else min(n, left)
+        self.f.seek(self.base + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+class ZipArchive:
+    """A torch zip archive's entries under its single root folder.
+
+    ``base`` > 0 reads an archive stored inside a larger file at that offset (``file_bytes``
+    is then the archive's length): DCP's items are such archives. Offsets it returns are
+    absolute in the file.
+    """
+
+    def __init__(self, path: str, file_bytes: int, base: int = 0) -> None:
         self.path = path
         self.file_bytes = file_bytes
+        self.base = base
+        self.window = _Window(path, base, file_bytes) if base else None
         try:
-            self.zf = zipfile.ZipFile(path)
+            self.zf = zipfile.ZipFile(self.window or path)
         except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
             reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
             raise CheckpointError(
@@ -88,7 +128,7 @@ class ZipArchive:
                 self.path, f"{name} is {info.file_size:,} bytes, more than a checkpoint needs"
             )
         offset = self.data_offset(info)
-        if offset + info.compress_size > self.file_bytes:
+        if offset - self.base + info.compress_size > self.file_bytes:
             raise CheckpointError(self.path, f"is truncated: {name} is cut short")
         raw = os.pread(self.fd, info.compress_size, offset)
         if len(raw) < info.compress_size:
@@ -108,14 +148,15 @@ class ZipArchive:
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
-        header = os.pread(self.fd, _LOCAL_HEADER.size, info.header_offset)
+        header_offset = self.base + info.header_offset
+        header = os.pread(self.fd, _LOCAL_HEADER.size, header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
         name_len, extra_len = fields[9], fields[10]
-        name = os.pread(self.fd, name_len, info.header_offset + _LOCAL_HEADER.size)
+        name = os.pread(self.fd, name_len, header_offset + _LOCAL_HEADER.size)
         if name not in (
             info.orig_filename.encode("utf-8"),
             info.orig_filename.encode("cp437", "replace"),
@@ -125,15 +166,20 @@ class ZipArchive:
                 f"zip entry {info.filename!r} is named {name[:60]!r} in its local header "
                 "(a tampered file)",
             )
-        return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        return header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
     def close(self) -> None:
         self.zf.close()
+        if self.window is not None:
+            self.window.close()
         os.close(self.fd)
 
 
-def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
-    archive = ZipArchive(path, file_bytes)
+def read(
+    path: str, file_bytes: int, seen: dict[str, str] | None = None, *, base: int = 0
+) -> Checkpoint:
+    """Read a torch zip; ``base`` > 0: the archive lies at that offset, ``file_bytes`` long."""
+    archive = ZipArchive(path, file_bytes, base)
     try:
         return _read(archive, path, file_bytes, {} if seen is None else seen)
     finally:
@@ -192,7 +238,10 @@ def _read(archive: ZipArchive, path: str, file_bytes: int, seen: dict[str, str])
                 # torch can write records without CRCs (zeros): then there is none to check
                 crc=info.CRC if info.CRC or not info.file_size else None,
             )
-            if not storage.compressed and storage.offset + info.file_size > file_bytes:
+            if (
+                not storage.compressed
+                and storage.offset + info.file_size > archive.base + file_bytes
+            ):
                 raise CheckpointError(path, f"is truncated: storage record {name} is cut short")
             storages[name] = storage
             return storage

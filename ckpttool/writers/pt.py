@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import TensorRef
-from ..plain import MemoryStorage
+from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .pt_pickle import OutStorage, dumps

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import dtypes
 from ..model import Opaque, StorageInfo, TensorRef
-from ..unpickler import DTypeRef, StorageType, _Named, global_name
+from ..unpickling.unpickler import DTypeRef, StorageType, _Named, global_name
 
 
 @dataclass(eq=False)

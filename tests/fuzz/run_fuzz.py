@@ -6,7 +6,7 @@
 Generates ``-n`` mutated inputs (see ``mutate.py``) from valid bases, reproducibly from
 ``--seed``. In-process mode (the default when ``open_checkpoint`` is importable from
 ``ckpttool`` or ``ckpttool.readers``) opens each input with ``open_checkpoint(path)``, then
-builds the inspect report (``ckpttool.report.build``) when that exists; the only allowed
+builds the inspect report (``ckpttool.analysis.report.build``) when that exists; the only allowed
 exception is ``CheckpointError``, anything else (or > ``--timeout`` s, or the marker file
 appearing) is a failure. ``--mode subprocess`` runs the real CLI and checks the contract
 instead (slower). Each failure is saved as ``<out>/<n>-<kind>.bin`` with a ``.txt``
@@ -55,7 +55,7 @@ def _find_api():
     except ImportError:
         CheckpointError = getattr(importlib.import_module("ckpttool"), "CheckpointError", None)
     try:
-        from ckpttool.report import build as build_report
+        from ckpttool.analysis.report import build as build_report
     except ImportError:
         build_report = None
     return opener, CheckpointError, build_report

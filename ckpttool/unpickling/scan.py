@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from ..errors import CheckpointError
 from ..model import Opaque, StorageInfo, TensorRef
-from ..unpickler import SafeUnpickler, StorageType, UnpickleRefused
+from .unpickler import SafeUnpickler, StorageType, UnpickleRefused
 
 MAX_DEPTH = 1000  # real checkpoints nest a few dozen levels; deeper is an attack on walkers
 

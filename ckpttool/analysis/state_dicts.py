@@ -1,17 +1,13 @@
-"""Pure functions on the checkpoint tree: find the state dicts inside, rename their keys.
-
-Nothing here mutates its input; renaming returns new mappings.
-"""
+"""Find the state dicts inside a checkpoint tree and the wrapper prefix their keys carry."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from .model import Opaque, TensorRef
-from .tree import walk
+from ..model import Opaque, TensorRef
+from ..tree import walk
 
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning's
 # LightningModule holding `self.model`, Fabric, FSDP.
@@ -95,7 +91,7 @@ def find_state_dicts(root: Any) -> list[StateDictInfo]:
             found.append(StateDictInfo(path, n, detect_prefix(keys), keys, node=node))
             taken.append(path)
         elif _is_module(node):
-            from .tree import iter_tensors
+            from ..tree import iter_tensors
 
             names = [n for n, _ in iter_tensors(node)]
             if names:
@@ -151,60 +147,3 @@ def default_state_dict(root: Any) -> StateDictInfo | None:
         if key in paths:
             return paths[key]
     return max(sds, key=lambda s: s.tensors)
-
-
-# -- key surgery ---------------------------------------------------------------------------
-M = TypeVar("M", bound=Mapping[str, Any])
-
-
-class KeyCollisionError(ValueError):
-    def __init__(self, first: str, second: str, new: str) -> None:
-        self.first, self.second, self.new = first, second, new
-        super().__init__(f"renaming would make {first!r} and {second!r} both {new!r}")
-
-
-def rename_keys(state_dict: Mapping[str, Any], rename: Any) -> OrderedDict[str, Any]:
-    """A new OrderedDict with ``rename(key)`` applied to every key, refusing collisions.
-
-    The ``_metadata`` attribute that ``load_state_dict`` uses for version hooks is renamed the
-    same way (its keys are module paths without the trailing dot; "" is the root module).
-    """
-    out: OrderedDict[str, Any] = (
-        OrderedDict()
-        if isinstance(state_dict, OrderedDict) or not isinstance(state_dict, dict)
-        else {}  # type: ignore[assignment]
-    )
-    origin: dict[str, str] = {}
-    for key, value in state_dict.items():
-        new = rename(key)
-        if new in out:
-            raise KeyCollisionError(origin[new], key, new)
-        out[new] = value
-        origin[new] = key
-    metadata = getattr(state_dict, "_metadata", None)
-    if isinstance(metadata, Mapping) and isinstance(out, OrderedDict):
-        new_meta: OrderedDict[str, Any] = OrderedDict()
-        for key, value in metadata.items():
-            renamed = rename(key + "." if key else "")
-            new_meta[renamed[:-1] if renamed.endswith(".") else renamed] = value
-        out._metadata = new_meta  # type: ignore[attr-defined]
-    return out
-
-
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
-    """Remove ``prefix`` from the keys that carry it (others are kept as they are)."""
-    return rename_keys(state_dict, lambda k: k[len(prefix) :] if k.startswith(prefix) else k)
-
-
-def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
-    """Add ``prefix`` to every key that does not already carry it (never ``module.module.``).
-
-    Running it twice is a no-op. (A model with a child really named ``module`` is the one case
-    this cannot tell apart; rename such keys with ``rename_keys``.)
-    """
-    return rename_keys(state_dict, lambda k: k if k.startswith(prefix) else prefix + k)
-
-
-def replace_prefix(state_dict: Mapping[str, Any], old: str, new: str) -> OrderedDict[str, Any]:
-    """Replace ``old`` by ``new`` at the start of the keys that carry ``old``."""
-    return rename_keys(state_dict, lambda k: new + k[len(old) :] if k.startswith(old) else k)

@@ -122,7 +122,8 @@ def fix_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> FixResult
         ValueError: ``state_dict`` looks like a whole training checkpoint (pass its model entry,
             e.g. ``ckpt["model"]``), or renaming would make two keys equal.
     """
-    from .transforms import KeyCollisionError, detect_prefix, rename_keys
+    from ..analysis.state_dicts import detect_prefix
+    from ..ops.keys import KeyCollisionError, rename_keys
 
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, not {type(state_dict).__name__}")

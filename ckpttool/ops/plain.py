@@ -12,9 +12,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Opaque, StorageInfo, TensorRef
-from .safety import classify
-from .summary import numpy_dtype_code, numpy_scalar_value
+from ..analysis.describe import numpy_dtype_code, numpy_scalar_value
+from ..model import Opaque, StorageInfo, TensorRef
+from ..unpickling.policy import classify
 
 _NUMPY_ARRAY = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
 _NUMPY_TO_TORCH = {
@@ -53,7 +53,7 @@ def _array_to_tensor(obj: Opaque, made: dict[str, MemoryStorage]) -> Any:
         raise NotPlain(f"a numpy array of dtype {code}")
     if not isinstance(raw, (bytes, bytearray)) or not isinstance(shape, tuple):
         raise NotPlain("a numpy array without its bytes")
-    from . import dtypes
+    from .. import dtypes
 
     itemsize = dtypes.get(torch_dtype).itemsize
     numel = 1

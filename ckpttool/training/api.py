@@ -28,8 +28,8 @@ import pickle
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, DangerousCheckpointError
-from .safety import classify
+from ..errors import CheckpointError, DangerousCheckpointError
+from ..unpickling.policy import classify
 from .wrappers import FixResult, fix_state_dict, unwrap
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _device(map_location: Any, path: str) -> torch.device:
 
 def _format(path: str) -> tuple[str, str]:
     """``(format, file)`` where ``file`` is the index file for a sharded folder."""
-    from .readers import open_checkpoint, sniff
+    from ..readers import open_checkpoint, sniff
 
     if os.path.isdir(path) or path.endswith(".json"):
         ckpt = open_checkpoint(path)  # resolves the index, checks every shard exists
@@ -170,7 +170,7 @@ def _load_torch(
 
 def _weights_only_error(path: str, exc: pickle.UnpicklingError) -> CheckpointError:
     """Name the globals torch refused, from ckpttool's own reading of the pickle."""
-    from .readers import open_checkpoint
+    from ..readers import open_checkpoint
 
     try:
         names = [g for g in open_checkpoint(path).globals if classify(g) != "torch"]
@@ -349,7 +349,7 @@ def save(obj_or_model: Any, path: PathLike, *, rank: int | None = None) -> None:
     """
     import torch
 
-    from .writers.atomic import atomic_file
+    from ..writers.atomic import atomic_file
 
     dst = os.fspath(path)
     me, initialised = _rank(rank)

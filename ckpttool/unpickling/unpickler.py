@@ -15,9 +15,9 @@ import pickle
 from collections.abc import Callable
 from typing import IO, Any
 
-from . import dtypes
-from .model import Opaque, StorageInfo, TensorRef
-from .safety import classify
+from .. import dtypes
+from ..model import Opaque, StorageInfo, TensorRef
+from .policy import classify
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

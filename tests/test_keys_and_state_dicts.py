@@ -14,15 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from ckpttool.analysis.state_dicts import detect_prefix, find_state_dicts
+from ckpttool.ops.keys import KeyCollisionError, add_prefix, replace_prefix, strip_prefix
 from ckpttool.readers import open_checkpoint
-from ckpttool.transforms import (
-    KeyCollisionError,
-    add_prefix,
-    detect_prefix,
-    find_state_dicts,
-    replace_prefix,
-    strip_prefix,
-)
 
 
 def _with_metadata(keys: list[str], meta: dict[str, Any]) -> OrderedDict[str, Any]:

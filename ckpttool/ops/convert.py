@@ -13,47 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import dtypes
-from .errors import CheckpointError, DangerousCheckpointError
-from .model import Checkpoint, Opaque, TensorRef
+from .. import dtypes
+from ..analysis.state_dicts import find_state_dicts
+from ..errors import CheckpointError, DangerousCheckpointError
+from ..model import Checkpoint, Opaque, TensorRef
+from ..readers import open_checkpoint
+from ..tree import KEEP, get_path, iter_tensors, transform, walk
+from ..unpickling.policy import classify
+from ..writers.atomic import atomic_file, check_target
+from ..writers.pt import verify_pt, write_pt
+from ..writers.pt_pickle import OutStorage
+from .keys import CAST_DTYPES, KeyCollisionError, KeyOps
 from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
-from .readers import open_checkpoint
-from .safety import classify
-from .transforms import (
-    KeyCollisionError,
-    add_prefix,
-    find_state_dicts,
-    replace_prefix,
-    strip_prefix,
-)
-from .tree import KEEP, get_path, iter_tensors, transform, walk
-from .writers.atomic import atomic_file, check_target
-from .writers.pt import verify_pt, write_pt
-from .writers.pt_pickle import OutStorage
 
 Progress = Callable[[int], None]
-CAST_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-@dataclass(frozen=True)
-class KeyOps:
-    """Key surgery applied to state dicts, in this order: strip, replace, add."""
-
-    strip: tuple[str, ...] = ()
-    replace: tuple[tuple[str, str], ...] = ()
-    add: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.strip or self.replace or self.add)
-
-    def apply(self, sd: Any) -> Any:
-        for p in self.strip:
-            sd = strip_prefix(sd, p)
-        for old, new in self.replace:
-            sd = replace_prefix(sd, old, new)
-        for p in self.add:
-            sd = add_prefix(sd, p)
-        return sd
 
 
 @dataclass

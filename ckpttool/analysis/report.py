@@ -9,11 +9,11 @@ import fnmatch
 from collections import defaultdict
 from typing import Any
 
-from .model import Checkpoint, Opaque, TensorInfo, TensorRef
-from .safety import classify
-from .summary import describe
-from .transforms import find_state_dicts
-from .tree import children
+from ..model import Checkpoint, Opaque, TensorInfo, TensorRef
+from ..tree import children
+from ..unpickling.policy import classify
+from .describe import describe
+from .state_dicts import find_state_dicts
 
 SCHEMA = 1
 
@@ -63,7 +63,7 @@ def _entries(root: Any) -> list[dict[str, Any]]:
 
 
 def _count_tensors(node: Any, limit: int = 10**7) -> int:
-    from .tree import iter_tensors
+    from ..tree import iter_tensors
 
     n = 0
     for _ in iter_tensors(node):

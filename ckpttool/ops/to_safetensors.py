@@ -15,18 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import dtypes
-from .errors import CheckpointError, DangerousCheckpointError
-from .model import Checkpoint, Opaque, TensorRef
-from .readers import open_checkpoint
-from .resave import CAST_DTYPES, KeyOps, input_files
-from .safety import classify
-from .summary import numpy_scalar_value
-from .transforms import KeyCollisionError, default_state_dict
-from .tree import children, get_path, iter_tensors
-from .writers import copy as bytecopy
-from .writers.atomic import atomic_file, atomic_shards, check_target
-from .writers.safetensors import Item, assign_shards, verify_file, write_file
+from .. import dtypes
+from ..analysis.describe import numpy_scalar_value
+from ..analysis.state_dicts import default_state_dict
+from ..errors import CheckpointError, DangerousCheckpointError
+from ..model import Checkpoint, Opaque, TensorRef
+from ..readers import open_checkpoint
+from ..tree import children, get_path, iter_tensors
+from ..unpickling.policy import classify
+from ..writers import copy as bytecopy
+from ..writers.atomic import atomic_file, atomic_shards, check_target
+from ..writers.safetensors import Item, assign_shards, verify_file, write_file
+from .convert import input_files
+from .keys import CAST_DTYPES, KeyCollisionError, KeyOps
 
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}

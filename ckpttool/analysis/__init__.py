@@ -1,0 +1,1 @@
+"""What a checkpoint holds: state dicts and prefixes, sharing, value descriptions, the report."""

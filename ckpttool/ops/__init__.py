@@ -1,0 +1,1 @@
+"""The commands as library operations: one module per command, built from shared steps."""

@@ -1,0 +1,1 @@
+"""Helpers for training scripts: load without device surprises, fix keys, save safely."""

@@ -1,0 +1,1 @@
+"""The non-executing unpickler, the safety policy and the bounded opcode scan."""
