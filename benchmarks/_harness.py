@@ -715,10 +715,17 @@ class Inputs:
         self.force = force
         self.created: list[Path] = []
 
-    def get(self, size_bytes: int, *, adam: bool = False, layout: str = "nested") -> Path:
+    def get(
+        self,
+        size_bytes: int,
+        *,
+        adam: bool = False,
+        layout: str = "nested",
+        transposed: bool = False,
+    ) -> Path:
         import make_big_checkpoint as mbc
 
-        spec = mbc.Spec(size_bytes=size_bytes, adam=adam, layout=layout)
+        spec = mbc.Spec(size_bytes=size_bytes, adam=adam, layout=layout, transposed=transposed)
         path = mbc.checkpoint_path(self.workdir, spec)
         cached = not self.force and mbc.is_cached(path, spec)
         if not cached:

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=parse_size, default=parse_size("4GB"), help="checkpoint size (default 4GB)"
     )
     ap.add_argument("--adam", action="store_true", help="include Adam state (optimizer)")
+    ap.add_argument(
+        "--transposed", action="store_true", help="one layer weight saved as a transposed view"
+    )
     ap.add_argument("--no-naive", action="store_true", help="skip the naive torch recipe")
     ap.add_argument(
         "--ckpttool-arg",
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = Inputs(args.workdir, keep=args.keep, force=args.force_generate)
     try:
-        path = inputs.get(args.size, adam=args.adam)
+        path = inputs.get(args.size, adam=args.adam, transposed=args.transposed)
         cases = build_cases(path, args.workdir, naive=not args.no_naive, extra=args.ckpttool_arg)
         results = run_with_args(cases, args)
         title = f"{path.name} ({path.stat().st_size / 1e9:.2f} GB)"

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=parse_size, default=parse_size("4GB"), help="checkpoint size (default 4GB)"
     )
     ap.add_argument("--adam", action="store_true", help="include Adam state (optimizer)")
+    ap.add_argument(
+        "--transposed", action="store_true", help="one layer weight saved as a transposed view"
+    )
     ap.add_argument("--no-recipe", action="store_true", help="skip the convert.py recipe")
     ap.add_argument(
         "--recipe-verify",
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = Inputs(args.workdir, keep=args.keep, force=args.force_generate)
     try:
-        path = inputs.get(args.size, adam=args.adam)
+        path = inputs.get(args.size, adam=args.adam, transposed=args.transposed)
         cases = build_cases(
             path,
             args.workdir,

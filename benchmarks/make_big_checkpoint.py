@@ -74,6 +74,9 @@ class Spec:
     size_bytes: int
     adam: bool = False
     layout: str = "nested"  # "nested" ({"model": ..., "optimizer": ..., "epoch": ...}) or "flat"
+    # one 2-D weight saved as a transposed (non-contiguous) view, as an import from a TF/JAX
+    # layout gives: writers that need dense bytes must gather it
+    transposed: bool = False
 
     def params(self) -> dict[str, Any]:
         return {"generator_version": GENERATOR_VERSION, **asdict(self)}
@@ -89,6 +92,8 @@ def checkpoint_name(spec: Spec) -> str:
         name += "_adam"
     if spec.layout != "nested":
         name += f"_{spec.layout}"
+    if spec.transposed:
+        name += "_transposed"
     return name + ".pt"
 
 
@@ -134,6 +139,8 @@ def ensure_checkpoint(
     ]
     if spec.adam:
         argv.append("--adam")
+    if spec.transposed:
+        argv.append("--transposed")
     if quiet:
         argv.append("--quiet")
     subprocess.run(argv, check=True, env=python_env(), stdout=subprocess.DEVNULL)
@@ -300,9 +307,17 @@ def generate(path: Path, spec: Spec, *, quiet: bool = False) -> dict[str, Any]:
 
     seed = 0
     params: OrderedDict[str, Any] = OrderedDict()
+    transposed = next(
+        (n for n, s, _ in shapes if spec.transposed and len(s) == 2 and "layers." in n), None
+    )
     for name, shape, dt in shapes:
-        t = arena.tensor(shape, dtypes[dt])
-        fill(t, seed)
+        if name == transposed:  # stored as (out, in).t(): stride (1, out)
+            t = arena.tensor(shape[::-1], dtypes[dt])
+            fill(t, seed)
+            t = t.t()
+        else:
+            t = arena.tensor(shape, dtypes[dt])
+            fill(t, seed)
         seed += 1
         params[name] = t
 
@@ -354,6 +369,7 @@ def generate(path: Path, spec: Spec, *, quiet: bool = False) -> dict[str, Any]:
         "file_bytes": path.stat().st_size,
         "plan": asdict(plan),
         "n_state_dict_entries": len(sd),
+        "transposed": transposed,
         "n_storages": seed + (len(params) if spec.adam else 0),
         "fill_s": round(fill_s, 2),
         "total_s": round(time.perf_counter() - t0, 2),
@@ -393,11 +409,18 @@ def main(argv: list[str] | None = None) -> int:
         default="nested",
         help="nested: {'model', 'optimizer', 'epoch', ...} (default); flat: the state dict only",
     )
+    ap.add_argument(
+        "--transposed",
+        action="store_true",
+        help="save one layer weight as a transposed (non-contiguous) view",
+    )
     ap.add_argument("--force", action="store_true", help="regenerate even if cached")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
 
-    spec = Spec(size_bytes=args.size, adam=args.adam, layout=args.layout)
+    spec = Spec(
+        size_bytes=args.size, adam=args.adam, layout=args.layout, transposed=args.transposed
+    )
     if spec.adam and spec.layout == "flat":
         ap.error("--adam needs --layout nested")
     path = checkpoint_path(args.folder, spec)
