@@ -108,13 +108,13 @@ def read(path: str, file_bytes: int) -> Checkpoint:
     root: dict[str, TensorRef] = {}
     storages: dict[str, StorageInfo] = {}
     order = {name: i for i, name in enumerate(header)}
-    for begin, _end, name, dtype, shape in sorted(entries, key=lambda e: order[e[2]]):
+    for begin, _end, name, dtype_name, shape in sorted(entries, key=lambda e: order[e[2]]):
         numel = 1
         for s in shape:
             numel *= s
-        storage = StorageInfo(name, dtype, numel, "", path, data_start + begin)
+        storage = StorageInfo(name, dtype_name, numel, "", path, data_start + begin)
         stride = tuple(_contiguous_strides(shape))
-        root[name] = TensorRef(storage, 0, shape, stride, dtype=dtype)
+        root[name] = TensorRef(storage, 0, shape, stride, dtype=dtype_name)
         storages[name] = storage
     return Checkpoint(
         path=path,
