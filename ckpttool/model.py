@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import dtypes
+
+if TYPE_CHECKING:
+    from .unpickling.policy import Verdict
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class StorageInfo:
         return self.numel * self.itemsize
 
 
+PACKED = {"quint4x2": 2, "quint2x4": 4}  # values per storage element of packed dtypes
+
+
 class TensorRef:
     """A tensor as the pickle describes it: a view (offset, shape, stride) of a storage."""
 
@@ -45,6 +51,8 @@ class TensorRef:
         "attributes",
         "dtype",
         "kind",
+        "metadata",
+        "parameter",
         "quantizer",
         "requires_grad",
         "shape",
@@ -76,6 +84,8 @@ class TensorRef:
         self.quantizer: Any = None  # quantizer parameters of a quantized tensor
         self.subclass: str | None = None  # a tensor subclass' global name (_rebuild_from_type_v2)
         self.attributes: Any = None  # Python attributes set on the tensor (its __dict__)
+        self.metadata: Any = None  # _rebuild_tensor_v2's metadata: {"conj": True}, {"neg": True}
+        self.parameter = False  # a 2017 typed tensor wrapped in a Parameter (kind stays)
 
     @property
     def numel(self) -> int:
@@ -90,7 +100,8 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        per = PACKED.get(self.dtype, 1)
+        return -(-self.numel // per) * self.itemsize
 
     def is_contiguous(self) -> bool:
         expected = 1
@@ -110,7 +121,8 @@ class TensorRef:
         first = self.storage_offset + sum(
             (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True) if st < 0
         )
-        return (first, last + 1)
+        per = PACKED.get(self.dtype, 1)  # quint4x2 & co.: several values in each storage byte
+        return (first // per, -(-(last + 1) // per))
 
     def __setstate__(self, state: Any) -> None:
         # Old pickles BUILD a rebuilt tensor or Parameter with (requires_grad, volatile, hooks).
@@ -124,15 +136,29 @@ class TensorRef:
         return f"TensorRef({self.dtype}, {list(self.shape)}, {loc})"
 
 
-class Opaque(dict):
+class _OpaqueMeta(type):
+    """Tells a call (REDUCE: ``Cls(*args)``) from NEWOBJ (``Cls.__new__(Cls, *args)``): the
+    unpickler calls the class for the first and only ``__new__`` for the second."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__call__(*args, **kwargs)  # Opaque.__init__ does nothing
+        obj.__dict__["ck_how"] = "call"
+        return obj
+
+
+class Opaque(dict, metaclass=_OpaqueMeta):
     """A placeholder for an object the pickle names but ckpttool never imports or creates.
 
-    It records the global's name, how the pickle built it (called with ``args``, or
-    ``cls.__new__(cls, *args)``), the state given to ``__setstate__``, and any list or dict items
-    the pickle appended. Readers create one subclass per global name (see ``unpickler``).
+    It records the global's name (``__ck_module__`` and ``__ck_qualname__`` as the pickle
+    spells them), how the pickle built it (``ck_how``: ``"call"``, called with ``args``; or
+    ``"newobj"``, ``cls.__new__(cls, *args, **kwargs)``), the state given to ``__setstate__``
+    (BUILD; ``(state, slotstate)`` stays a tuple), and any list or dict items the pickle
+    appended. Readers create one subclass per global name (see ``unpickler``).
     """
 
     __ck_global__: str = "?"
+    __ck_module__: str = ""
+    __ck_qualname__: str = ""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         self = super().__new__(cls)
@@ -140,7 +166,7 @@ class Opaque(dict):
         self.__dict__["ck_kwargs"] = kwargs
         self.__dict__["ck_state"] = None
         self.__dict__["ck_list"] = []
-        self.__dict__["ck_how"] = "call"
+        self.__dict__["ck_how"] = "newobj"
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # the pickle's args are kept in __new__
@@ -174,6 +200,13 @@ class Opaque(dict):
     @property
     def list_items(self) -> list[Any]:
         return self.__dict__["ck_list"]
+
+    @property
+    def how(self) -> str:
+        """``"call"`` (REDUCE, or INST/OBJ with arguments) or ``"newobj"`` (NEWOBJ, NEWOBJ_EX,
+        INST/OBJ without arguments: ``cls.__new__(cls)``)."""
+        how: str = self.__dict__["ck_how"]
+        return how
 
     def __repr__(self) -> str:
         return f"<{self.global_name}>"
@@ -223,6 +256,8 @@ class Checkpoint:
     globals: list[str]  # every global the pickle names, in order of first appearance
     facts: dict[str, Any] = field(default_factory=dict)  # format details worth reporting
     _tensors: list[TensorInfo] | None = field(default=None, repr=False)
+    # the security verdict, computed once per file from every pickle it holds (open_checkpoint)
+    verdict: Verdict | None = field(default=None, repr=False)
 
     def tensors(self) -> list[TensorInfo]:
         """Every tensor reachable from the root, named by its path (cached)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from .model import Opaque, TensorRef
 
+_FROM_TYPE = "torch._tensor._rebuild_from_type_v2"
 # nn.Module attributes whose contents appear in state_dict() without the attribute's own name.
 _TRANSPARENT_ATTRS = frozenset({"_parameters", "_buffers", "_modules"})
 
@@ -31,8 +32,17 @@ def children(node: Any, path: str) -> list[tuple[str, Any]]:
     if isinstance(node, Opaque):
         out: list[tuple[str, Any]] = [(join(path, key_str(k)), v) for k, v in node.items()]
         out += [(join(path, str(i)), v) for i, v in enumerate(node.list_items)]
-        state = node.state
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state, args = node.state, node.args
+        if node.global_name == _FROM_TYPE and len(args) == 4 and state is None:
+            # a tensor subclass kept as torch wrote it (DTensor, a jagged NestedTensor):
+            # name its tensors by the attributes its state sets (``w._local_tensor``)
+            state, args = args[3], args[:3]
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and (state[0] is None or isinstance(state[0], dict))
+            and isinstance(state[1], dict)
+        ):
             states: tuple[Any, ...] = state  # (__dict__, slots) as pickle writes it
         else:
             states = (state,)
@@ -45,8 +55,8 @@ def children(node: Any, path: str) -> list[tuple[str, Any]]:
                         out.append((join(path, key_str(k)), v))
             elif st is not None:
                 out.append((join(path, "__state__"), st))
-        if node.args:
-            out.append((join(path, "__args__"), node.args))
+        if args:
+            out.append((join(path, "__args__"), args))
         return out
     if isinstance(node, TensorRef):
         # A per-channel quantized tensor's scales and zero points are tensors too.
@@ -82,6 +92,64 @@ def walk(root: Any) -> Iterator[tuple[str, Any]]:
                 continue
             seen.add(id(node))
             stack.extend(reversed(children(node, path)))
+
+
+def aliases(root: Any) -> list[tuple[str, str]]:
+    """``(path, first_path)`` for every container reached again through another reference
+    (``{'model': sd, 'ema': sd}`` gives ``[('ema', 'model')]``), in document order.
+
+    Costs what :func:`walk` costs (one entry per reference), so shared-reference bombs stay
+    cheap; expanding the names beneath an alias is :func:`alias_names`' job, and bounded there.
+    """
+    first: dict[int, str] = {}
+    out: list[tuple[str, str]] = []
+    for path, node in walk(root):
+        if _worth_aliasing(node):
+            if id(node) in first:
+                out.append((path, first[id(node)]))
+            else:
+                first[id(node)] = path
+    return out
+
+
+def _worth_aliasing(node: Any) -> bool:
+    """Mutable containers, and tuples that hold tensors or containers (a shared ``(0.9, 0.999)``
+    is a value, not an alias worth reporting)."""
+    if isinstance(node, (dict, list, set, frozenset)):
+        return bool(len(node)) or isinstance(node, Opaque)
+    if isinstance(node, tuple):
+        return any(isinstance(v, (TensorRef, dict, list, tuple)) for v in node)
+    return False
+
+
+def alias_names(
+    names: list[str], pairs: list[tuple[str, str]], limit: int = 10_000
+) -> tuple[dict[str, list[str]], bool]:
+    """Every other path by which each of ``names`` is reached through the ``pairs`` of
+    :func:`aliases`: ``{'model.w': ['ema.w']}``. At most ``limit`` names are made (aliases of
+    aliases multiply); the flag says whether some were left out."""
+    by_first: dict[str, list[str]] = {}
+    for alias, first_path in pairs:
+        by_first.setdefault(first_path, []).append(alias)
+    out: dict[str, list[str]] = {}
+    made = 0
+    for name in names:
+        todo, found = [name], []
+        while todo:
+            current = todo.pop()
+            for i, ch in enumerate(current):
+                if ch != ".":
+                    continue
+                for alias in by_first.get(current[:i], ()):
+                    if made >= limit:
+                        return out, True
+                    new = alias + current[i:]
+                    found.append(new)
+                    todo.append(new)
+                    made += 1
+        if found:
+            out[name] = found
+    return out, False
 
 
 def iter_tensors(root: Any) -> Iterator[tuple[str, TensorRef]]:
@@ -123,6 +191,7 @@ def transform(root: Any, replace: Any) -> Any:
     memo: dict[int, Any] = {}
 
     def go(node: Any) -> Any:
+        out: Any
         key = id(node)
         if key in memo:
             return memo[key]

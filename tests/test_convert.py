@@ -129,7 +129,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def wrote_line(dst: Path, tensors: int, storages: int, verified: bool = True) -> str:
-    check = "verified" if verified else "not verified"
+    check = "verified: structure and storage bytes re-read" if verified else "not verified"
     return f"wrote {dst}: {tensors} tensors in {storages} storages, all on cpu ({check})"
 
 
@@ -258,7 +258,7 @@ def test_convert_real_world(
         assert res.err_lines[0].startswith(f"Error: {src}: is a TorchScript archive")
         assert list(out_dir.iterdir()) == []
         return
-    res = run_cli("convert", src, dst)
+    res = run_cli("convert", src, dst, "--allow-user-classes")  # whole pickled models
     assert res.exit_code == 0, res.stderr
     n_storages = rec["num_storages"] if rec["num_storages"] is not None else rec["num_tensors"]
     assert res.err_lines[-1] == wrote_line(dst, rec["num_tensors"], n_storages)
@@ -982,7 +982,7 @@ def test_python_api(sd_file: Path, out_dir: Path) -> None:
     n = len(torch.load(sd_file, map_location="cpu", weights_only=True))
     assert (result.tensors, result.storages, result.verified) == (n, n, True)
     assert result.renamed == [("", n)]
-    with pytest.raises(ckpttool.CheckpointError, match="output exists; pass --force"):
+    with pytest.raises(ckpttool.CheckpointError, match="output exists; pass force=True"):
         ckpttool.convert(sd_file, dst)
 
 
@@ -1080,3 +1080,23 @@ def test_sharded_and_safetensors_json_report(run_cli, fixtures_dir: Path, out_di
         assert doc["format"] == "zip"
         assert set(doc["devices"]) == {"cpu"}
         assert doc["globals"] and all(g["kind"] == "torch" for g in doc["globals"])
+
+
+def test_dtype_of_an_optimizer_entry_keeps_step_counters_exact(tmp_path: Path) -> None:
+    """``--only optimizer --dtype``: no model state dict is chosen, so the moments are cast but
+    Adam's 0-dim float32 ``step`` counters stay exact (bfloat16 cannot hold 1001)."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    for s in state["state"].values():
+        s["step"].fill_(1001.0)
+    src = tmp_path / "opt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": state}, src)
+    dst = tmp_path / "opt_bf16.pt"
+    ckpttool.convert(src, dst, only="optimizer", dtype="bfloat16")
+    got = torch.load(dst, weights_only=True)
+    for s in got["state"].values():
+        assert s["step"].dtype == torch.float32 and s["step"].item() == 1001.0
+        assert s["exp_avg"].dtype == torch.bfloat16

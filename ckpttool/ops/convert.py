@@ -15,18 +15,26 @@ from typing import Any
 
 from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
-from ..readers import open_checkpoint
-from ..tree import KEEP, get_path, iter_tensors, transform, walk
-from ..unpickling.policy import classify
-from ..writers.atomic import atomic_file, check_target
+from ..tree import KEEP, get_path, transform, walk
+from ..unpickling.policy import TORCH_ALLOWED, check_writable
+from ..unpickling.unpickler import StorageValue
+from ..writers.atomic import atomic_file
 from ..writers.pt import verify_pt, write_pt
 from ..writers.pt_pickle import OutStorage
-from .keys import CAST_DTYPES, KeyCollisionError, KeyOps
+from .keys import KeyCollisionError, KeyOps
 from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
+from .prepare import cast_targets, check_cast, key_ops, open_source
 
 Progress = Callable[[int], None]
+
+
+VERIFICATION = "structure and storage bytes re-read"
+"""What ``verify`` proves: the output re-opened by ckpttool's reader has the tensors (names,
+dtypes, shapes, strides, offsets, storages) that were written, and every storage record's bytes
+have the CRC-32 computed from the input. It does not load the output with torch (that costs
+``import torch``); the differential tests in ``tests/fidelity`` do that."""
 
 
 @dataclass
@@ -40,15 +48,15 @@ class ConvertResult:
     replaced: list[str] = field(default_factory=list)  # plain-object replacements
     cast: int = 0  # storages cast to another dtype
     notes: list[str] = field(default_factory=list)
+    # globals the output still pickles that torch.load(weights_only=True) refuses
+    unsafe_globals: list[str] = field(default_factory=list)
     verified: bool = False
+    # what verification checked (empty when it was skipped): the output is re-read by
+    # ckpttool's own reader, not loaded with torch
+    verification: str = ""
 
 
 # -- planning -----------------------------------------------------------------------------
-def input_files(ckpt: Checkpoint) -> list[str]:
-    """Every file the checkpoint is made of (an index and its shards), to protect them."""
-    return [ckpt.path, *dict.fromkeys(s.file for s in ckpt.storages.values() if s.file)]
-
-
 def _select(ckpt: Checkpoint, only: str | None) -> Any:
     if only is None:
         return ckpt.root
@@ -68,9 +76,9 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
         try:
             target = get_path(root, key)
         except KeyError:
-            raise CheckpointError(path, f"no entry {key!r} (--key)") from None
+            raise CheckpointError(path, f"no entry {key!r}", remedy="key") from None
         if not isinstance(target, dict) or isinstance(target, Opaque):
-            raise CheckpointError(path, f"{key!r} is not a state dict (--key)")
+            raise CheckpointError(path, f"{key!r} is not a state dict", remedy="key")
         targets = [(key, target)]
     else:
         found = find_state_dicts(root)
@@ -81,7 +89,7 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
                     path,
                     "holds a whole pickled module, not a state dict: key options do not apply",
                 )
-            raise CheckpointError(path, "no state dict found to rename; choose one with --key")
+            raise CheckpointError(path, "no state dict found to rename", remedy="choose_key")
         targets = [(s.path, s.node) for s in sds]
     replacements: dict[int, Any] = {}
     for sd_path, sd in targets:
@@ -117,45 +125,39 @@ def _make_plain(path: str, root: Any, result: ConvertResult, made: dict[str, Mem
 
     new_root = transform(root, replace)
     if failures:
-        raise CheckpointError(path, f"--plain-objects: {failures[0]}")
+        raise CheckpointError(path, f"cannot replace objects by plain equivalents: {failures[0]}")
     return new_root
 
 
 def _remaining_globals(root: Any) -> list[str]:
     names: dict[str, None] = {}
     for _, node in walk(root):
-        if isinstance(node, Opaque) and classify(node.global_name) != "torch":
+        if isinstance(node, Opaque) and node.global_name not in TORCH_ALLOWED:
             names[node.global_name] = None
         elif isinstance(node, type) and issubclass(node, Opaque):
             names[node.__ck_global__] = None
     return list(names)
 
 
-def castable_refs(root: Any) -> set[int]:
-    """The tensors ``--dtype`` casts: those of the state dicts found (model weights), so that
-    optimizer state such as Adam's float32 ``step`` counters stays exact; every tensor when
-    there is no state dict."""
-    sds = [s for s in find_state_dicts(root) if s.source in ("dict", "module")]
-    if not sds:
-        return {id(ref) for _, ref in iter_tensors(root)}
-    out: set[int] = set()
-    for sd in sds:
-        out.update(id(ref) for _, ref in iter_tensors(sd.node))
-    return out
-
-
 def plan_storages(
     root: Any, cast: str | None
 ) -> tuple[list[OutStorage], dict[int, OutStorage], dict[int, str], list[tuple[str, TensorRef]]]:
     """Number the output storages in order of first use, as torch.save does."""
-    castable = castable_refs(root) if cast else set()
+    castable = cast_targets(root) if cast else set()
     outs: list[OutStorage] = []
     by_source: dict[tuple[str, str], OutStorage] = {}
     storage_of: dict[int, OutStorage] = {}
     dtype_of: dict[int, str] = {}
-    named = list(iter_tensors(root))
-    for name, ref in named:
-        src = ref.storage
+    named: list[tuple[str, TensorRef]] = []
+    for name, node in walk(root):
+        if isinstance(node, TensorRef):
+            named.append((name, node))
+            src = node.storage
+        elif isinstance(node, StorageValue):  # a storage saved directly
+            src = node.base
+        else:
+            continue
+        ref = node
         assert src is not None
         ident = (src.file, src.key)
         out = by_source.get(ident)
@@ -163,6 +165,7 @@ def plan_storages(
             dtype = src.dtype
             if (
                 cast
+                and isinstance(ref, TensorRef)
                 and id(ref) in castable
                 and dtypes.get(dtype).is_floating
                 and dtype != cast
@@ -172,8 +175,14 @@ def plan_storages(
             out = OutStorage(str(len(outs)), dtype, src.numel, source=src)
             by_source[ident] = out
             outs.append(out)
-        out.tensors.append(name)
         storage_of[id(ref)] = out
+        if isinstance(ref, StorageValue):
+            if out.dtype != src.dtype:
+                raise CheckpointError(
+                    src.file, f"storage {src.key!r} is saved directly: it cannot be cast"
+                )
+            continue
+        out.tensors.append(name)
         if out.dtype != out.source.dtype and ref.dtype == out.source.dtype:  # type: ignore[union-attr]
             dtype_of[id(ref)] = out.dtype
     return outs, storage_of, dtype_of, named
@@ -191,40 +200,31 @@ def convert(
     only: str | None = None,
     dtype: str | None = None,
     plain_objects: bool = False,
+    allow_user_classes: bool = False,
     verify: bool = True,
     force: bool = False,
     in_place: bool = False,
-    progress: Callable[[int, int], Progress | None] | None = None,
+    progress: Callable[[int], Progress | None] | None = None,
 ) -> ConvertResult:
     """Re-save ``src`` as a torch zip file at ``dst`` with every storage tagged ``cpu``.
 
     ``strip_prefix="module."`` / ``add_prefix="module."`` rename the keys of every state dict
     found (or of ``key``); ``only`` writes just one entry (e.g. ``"model"``); ``dtype`` casts
     floating-point storages; ``plain_objects`` replaces objects torch's ``weights_only``
-    loader refuses by plain equivalents. ``progress(total_bytes)`` may return a callback that
-    receives byte counts. Raises :class:`CheckpointError` on bad input or a failed write;
-    nothing is left behind then.
+    loader refuses by plain equivalents; objects of user classes are written only with
+    ``allow_user_classes`` (dangerous globals and references to callables never).
+    ``progress(total_bytes)`` may return a callback that receives byte counts. Raises
+    :class:`CheckpointError` on bad input or a failed write; nothing is left behind then.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    ops = KeyOps(
-        strip=(strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix),
-        add=(add_prefix,) if isinstance(add_prefix, str) else tuple(add_prefix),
-        replace=(replace_prefix,)  # type: ignore[arg-type]
-        if replace_prefix and isinstance(replace_prefix[0], str)
-        else tuple(replace_prefix),  # type: ignore[arg-type]
-    )
-    if dtype is not None and dtype not in CAST_DTYPES:
-        raise CheckpointError(None, f"--dtype must be one of {', '.join(CAST_DTYPES)}")
-    ckpt = open_checkpoint(src)
-    check_target(input_files(ckpt), dst, force=force, in_place=in_place)
-    dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
-    if dangerous:
-        raise DangerousCheckpointError(src, dangerous)
+    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
+    check_cast(dtype)
+    ckpt = open_source(src, dst, force=force, in_place=in_place)
     if ckpt.format == "torchscript":
         raise CheckpointError(
             src,
-            "is a TorchScript archive (code and weights): convert does not rewrite it; "
-            "use `ckpttool to-safetensors --all` to extract its tensors",
+            "is a TorchScript archive (code and weights): convert does not rewrite it",
+            remedy="extract_torchscript",
         )
     result = ConvertResult(src, dst, 0, 0, 0)
     root = _select(ckpt, only)
@@ -232,14 +232,8 @@ def convert(
     memory: dict[str, MemoryStorage] = {}
     if plain_objects:
         root = _make_plain(src, root, result, memory)
-    left = _remaining_globals(root)
-    if left:
-        result.notes.append(
-            "the output still pickles "
-            + ", ".join(left[:4])
-            + (" and more" if len(left) > 4 else "")
-            + ": torch.load(weights_only=True) refuses it; --plain-objects replaces them"
-        )
+    result.unsafe_globals = _remaining_globals(root)
+    check_writable(src, ckpt.verdict, result.unsafe_globals, allow_user_classes=allow_user_classes)
     outs, storage_of, dtype_of, named = plan_storages(root, dtype)
     result.tensors = len(named)
     result.storages = len(outs)
@@ -251,4 +245,5 @@ def convert(
         if verify:
             verify_pt(tmp, named, storage_of, dtype_of, outs)
             result.verified = True
+            result.verification = VERIFICATION
     return result

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..analysis.describe import numpy_dtype_code, numpy_scalar_value
 from ..model import Opaque, StorageInfo, TensorRef
-from ..unpickling.policy import classify
+from ..unpickling.policy import TORCH_ALLOWED
 
 _NUMPY_ARRAY = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
 _NUMPY_TO_TORCH = {
@@ -101,10 +101,16 @@ def plain_equivalent(obj: Opaque, made: dict[str, MemoryStorage]) -> Any:
             return value
     if not obj.args and obj.state is None and not len(obj) and not obj.list_items:
         return None  # e.g. torch.nn.backends.thnn._get_thnn_function_backend()
-    if isinstance(obj.state, tuple) and len(obj.state) == 2 and isinstance(obj.state[0], dict):
-        return dict(obj.state[0])
+    state = obj.state
+    if (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and (state[0] is None or isinstance(state[0], dict))
+        and (state[1] is None or isinstance(state[1], dict))
+    ):  # (__dict__, __slots__ values) as BUILD gets them
+        return {**(state[0] or {}), **(state[1] or {})}
     raise NotPlain(f"no plain equivalent for {name}")
 
 
 def needs_plain(obj: Any) -> bool:
-    return isinstance(obj, Opaque) and classify(obj.global_name) != "torch"
+    return isinstance(obj, Opaque) and obj.global_name not in TORCH_ALLOWED

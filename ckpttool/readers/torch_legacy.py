@@ -12,11 +12,28 @@ from ..model import Checkpoint, StorageInfo
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
 
+_MAGIC_LONG1 = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+_MAGIC_TEXT = b"L" + str(LEGACY_MAGIC).encode() + b"L\n."  # protocols 0 and 1
+
+
+def looks_legacy(head: bytes) -> bool:
+    """Whether a file's first bytes are torch's pickled legacy magic number, at any pickle
+    protocol ``torch.save(..., pickle_protocol=N)`` writes: 0-1 (text LONG), 2-3 (PROTO,
+    LONG1), 4-5 (PROTO, FRAME, LONG1)."""
+    if head.startswith(_MAGIC_TEXT):
+        return True
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    body = head[2:]
+    if head[1] >= 4 and body[:1] == b"\x95":  # FRAME and its 8-byte length
+        body = body[9:]
+    return body.startswith(_MAGIC_LONG1)
+
 
 def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
     seen = {} if seen is None else seen
     with open(path, "rb") as raw:
-        f = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type]
+        f = io.BufferedReader(raw, 1 << 16)
         magic, _ = unpickle(path, f, "the magic number", seen=seen, end=file_bytes)
         if magic != LEGACY_MAGIC:
             raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")

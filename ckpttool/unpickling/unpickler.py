@@ -10,67 +10,30 @@ its name and what it was called with. Storage persistent ids are handed to a rea
 from __future__ import annotations
 
 import _compat_pickle
-import collections
 import pickle
 from collections.abc import Callable
 from typing import IO, Any
 
 from .. import dtypes
 from ..model import Opaque, StorageInfo, TensorRef
+from . import records as builtins_
 from .policy import classify
+from .records import DTypeRef, StorageType, StorageValue, UnpickleRefused, _Named, global_name
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-MAX_BYTEARRAY = 1 << 24  # bytearray(n) from a pickle: more than 16 MiB is an allocation bomb
 
-
-class UnpickleRefused(Exception):
-    """Raised from inside the unpickler; the reader turns it into a CheckpointError."""
-
-
-class StorageType:
-    """Stands for ``torch.FloatStorage`` & co. in persistent ids."""
-
-    __slots__ = ("dtype", "name")
-
-    def __init__(self, name: str, dtype: str) -> None:
-        self.name = name
-        self.dtype = dtype
-
-
-class DTypeRef:
-    """Stands for ``torch.float16`` & co."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
-
-
-class StorageView:
-    """A legacy-format storage view: a window of ``base`` starting at element ``offset``."""
-
-    __slots__ = ("base", "offset")
-
-    def __init__(self, base: StorageInfo, offset: int) -> None:
-        self.base = base
-        self.offset = offset
-
-
-class _Named:
-    """A global ckpttool implements itself (a recorder); keeps the global's name."""
-
-    __slots__ = ("__ck_global__", "fn")
-
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
-        self.__ck_global__ = name
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+__all__ = [
+    "LEGACY_MAGIC",
+    "LEGACY_PROTOCOL",
+    "DTypeRef",
+    "SafeUnpickler",
+    "StorageType",
+    "StorageValue",
+    "TypedTensorRef",
+    "UnpickleRefused",
+    "global_name",
+]
 
 
 class TypedTensorRef(TensorRef):
@@ -94,19 +57,6 @@ class TypedTensorRef(TensorRef):
             TensorRef.__setstate__(self, state)
 
 
-def global_name(obj: Any) -> str | None:
-    """The ``module.name`` of a global the unpickler handed out, if ``obj`` is one."""
-    if isinstance(obj, _Named):
-        return obj.__ck_global__
-    if isinstance(obj, type) and issubclass(obj, Opaque):
-        return obj.__ck_global__
-    if isinstance(obj, StorageType):
-        return obj.name
-    if isinstance(obj, DTypeRef):
-        return f"torch.{obj.name}"
-    return None
-
-
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if isinstance(value, Opaque) and value.global_name == "torch.Size" and value.args:
         value = value.args[0]
@@ -120,7 +70,7 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _fill(ref: TensorRef, storage: Any, offset: Any, size: Any, stride: Any) -> None:
-    if isinstance(storage, StorageView):
+    if isinstance(storage, StorageValue):
         base_offset = storage.offset
         storage = storage.base
     else:
@@ -135,7 +85,7 @@ def _fill(ref: TensorRef, storage: Any, offset: Any, size: Any, stride: Any) -> 
     ref.stride = _ints(stride, "stride")
     if len(ref.shape) != len(ref.stride):
         raise UnpickleRefused("a tensor's size and stride have different lengths")
-    if ref.dtype is None or (ref.kind == "legacy-typed-tensor" and storage.dtype != "uint8"):
+    if ref.dtype is None or (isinstance(ref, TypedTensorRef) and storage.dtype != "uint8"):
         ref.dtype = storage.dtype
 
 
@@ -148,7 +98,8 @@ class SafeUnpickler(pickle.Unpickler):
         resolve: Callable[[StorageType, str, str, int], StorageInfo] | None = None,
         seen: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(file)
+        # torch.load decodes Python 2 ``str`` objects as UTF-8 (pickle_load_args' default)
+        super().__init__(file, encoding="utf-8")
         self._resolve = resolve
         self.globals: dict[str, str] = {}  # name -> kind, in order of appearance
         self.seen = seen if seen is not None else {}  # shared by all pickles of one file
@@ -182,13 +133,27 @@ class SafeUnpickler(pickle.Unpickler):
                 return DTypeRef(name)
         if full == "torch.storage.UntypedStorage":
             return StorageType(full, "uint8")
+        return self._opaque_class(module, name)
+
+    def _opaque_class(self, module: str, name: str) -> type[Opaque]:
+        full = f"{module}.{name}"
         cls = self._opaque_types.get(full)
         if cls is None:
-            cls = type(
-                name if name.isidentifier() else "Opaque", (Opaque,), {"__ck_global__": full}
+            short = name.rpartition(".")[2]
+            meta: Any = type(Opaque)
+            cls = meta(
+                short if short.isidentifier() else "Opaque",
+                (Opaque,),
+                {"__ck_global__": full, "__ck_module__": module, "__ck_qualname__": name},
             )
             self._opaque_types[full] = cls
         return cls
+
+    def _call_record(self, full: str, *args: Any) -> Opaque:
+        """A call of a torch function that ckpttool keeps as the pickle wrote it, because what
+        it was given is not a tensor ckpttool models (a meta tensor, a wrapper subclass)."""
+        module, _, name = full.rpartition(".")
+        return self._opaque_class(module, name)(*args)
 
     # -- storages ----------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> Any:
@@ -230,8 +195,8 @@ class SafeUnpickler(pickle.Unpickler):
                 or view_size < 0
             ):
                 raise UnpickleRefused(f"malformed storage view {_short(view)}")
-            return StorageView(storage, view_offset)
-        return storage
+            return StorageValue(storage, storage_type.name, view_offset, view_size)
+        return StorageValue(storage, storage_type.name)
 
     # -- recorders (bound through _SPECIAL) ---------------------------------------------------
     def _new_ref(self, kind: str = "tensor", dtype: str | None = None) -> TensorRef:
@@ -264,6 +229,7 @@ class SafeUnpickler(pickle.Unpickler):
     ) -> TensorRef:
         ref = self._rebuild_tensor(storage, offset, size, stride)
         ref.requires_grad = bool(requires_grad is True)
+        _set_metadata(ref, metadata)
         return ref
 
     def _rebuild_tensor_v3(
@@ -282,6 +248,7 @@ class SafeUnpickler(pickle.Unpickler):
         ref = self._new_ref(dtype=dtype.name)
         _fill(ref, storage, offset, size, stride)
         ref.requires_grad = bool(requires_grad is True)
+        _set_metadata(ref, metadata)
         return ref
 
     def _rebuild_qtensor(
@@ -301,68 +268,82 @@ class SafeUnpickler(pickle.Unpickler):
         return ref
 
     def _rebuild_parameter(
-        self, data: Any, requires_grad: Any = True, backward_hooks: Any = None, state: Any = None
+        self, data: Any, requires_grad: Any = True, backward_hooks: Any = None
     ) -> Any:
-        if isinstance(data, TensorRef):
-            if data.kind == "tensor":
-                data.kind = "parameter"
-            data.requires_grad = bool(requires_grad is True)
-            if state:
-                data.attributes = state
+        if not _plain_tensor(data):
+            return self._call_record(
+                "torch._utils._rebuild_parameter", data, requires_grad, backward_hooks
+            )
+        _make_parameter(data)
+        data.requires_grad = bool(requires_grad is True)
         return data
 
-    def _parameter(self, data: Any = None, requires_grad: Any = True, *rest: Any) -> Any:
-        return self._rebuild_parameter(data, requires_grad)
+    def _rebuild_parameter_with_state(
+        self, data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+    ) -> Any:
+        if not _plain_tensor(data):
+            return self._call_record(
+                "torch._utils._rebuild_parameter_with_state",
+                data,
+                requires_grad,
+                backward_hooks,
+                state,
+            )
+        _make_parameter(data)
+        data.requires_grad = bool(requires_grad is True)
+        if state:
+            data.attributes = state
+        return data
+
+    def _parameter(self, *args: Any) -> Any:
+        data = args[0] if args else None
+        if not isinstance(data, TensorRef) or not _plain_tensor(data) or len(args) > 2:
+            return self._call_record("torch.nn.parameter.Parameter", *args)
+        _make_parameter(data)
+        data.requires_grad = bool(args[1] is True) if len(args) > 1 else True
+        return data
 
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
         if not callable(func) or not isinstance(args, tuple):
             raise UnpickleRefused("malformed _rebuild_from_type_v2 call")
-        result = func(*args)
-        if isinstance(result, TensorRef):
-            type_name = global_name(new_type)
+        type_name = global_name(new_type)
+        result = func(*args) if isinstance(func, _Named) else None
+        if (
+            isinstance(result, TensorRef)
+            and result.subclass is None
+            and result.attributes is None
+            and type_name is not None
+            and (not state or isinstance(state, dict))
+        ):
             if type_name == "torch.nn.parameter.Parameter":
                 result.kind = "parameter"
-            elif type_name not in (None, "torch.Tensor"):
+            elif type_name != "torch.Tensor":
                 result.subclass = type_name
             if state:
                 result.attributes = state
-        return result
-
-    def _ordered_dict(self, *args: Any) -> Any:
-        return collections.OrderedDict(*args)
-
-    def _set(self, items: Any = ()) -> Any:
-        return set(_finite(items))
-
-    def _frozenset(self, items: Any = ()) -> Any:
-        return frozenset(_finite(items))
-
-    def _complex(self, real: Any = 0, imag: Any = 0) -> Any:
-        if not all(isinstance(v, (int, float)) for v in (real, imag)):
-            raise UnpickleRefused("complex() with non-numeric arguments")
-        return complex(real, imag)
-
-    def _codecs_encode(self, obj: Any, encoding: Any = "utf-8", *rest: Any) -> Any:
-        if isinstance(obj, str) and encoding in ("latin1", "latin-1", "utf-8", "utf8"):
-            return obj.encode(encoding)
-        raise UnpickleRefused("_codecs.encode with unexpected arguments")
-
-    def _bytearray(self, source: Any = b"", *rest: Any) -> Any:
-        if isinstance(source, int) and not isinstance(source, bool):
-            if not 0 <= source <= MAX_BYTEARRAY:
-                raise UnpickleRefused(f"the pickle asks for a bytearray of {source:,} bytes")
-            return bytearray(source)
-        if isinstance(source, (bytes, bytearray)):
-            return bytearray(source)
-        if isinstance(source, str) and rest:
-            return bytearray(source.encode("latin1"))
-        raise UnpickleRefused("bytearray() with unexpected arguments")
+            return result
+        # A wrapper subclass (DTensor, jagged NestedTensor) or a rebuild that did not make a
+        # plain tensor: keep the call as the pickle wrote it (its inner tensors and storages
+        # are written back as tensors and storages).
+        return self._call_record("torch._tensor._rebuild_from_type_v2", func, new_type, args, state)
 
 
-def _finite(items: Any) -> Any:
-    if not isinstance(items, (list, tuple, set, frozenset, dict)):
-        raise UnpickleRefused("set() of something that is not a container")
-    return items
+def _plain_tensor(data: Any) -> bool:
+    return isinstance(data, TensorRef) and data.kind in ("tensor", "legacy-typed-tensor")
+
+
+def _make_parameter(data: TensorRef) -> None:
+    if data.kind == "tensor":
+        data.kind = "parameter"
+    else:  # a 2017 typed tensor keeps its kind
+        data.parameter = True
+
+
+def _set_metadata(ref: TensorRef, metadata: Any) -> None:
+    if metadata:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+            raise UnpickleRefused("a tensor's metadata is not a dict of names")
+        ref.metadata = dict(metadata)
 
 
 def _short(value: Any) -> str:
@@ -376,13 +357,14 @@ _SPECIAL: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_tensor_v3": SafeUnpickler._rebuild_tensor_v3,
     "torch._utils._rebuild_qtensor": SafeUnpickler._rebuild_qtensor,
     "torch._utils._rebuild_parameter": SafeUnpickler._rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": SafeUnpickler._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": SafeUnpickler._rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": SafeUnpickler._rebuild_from_type_v2,
     "torch.nn.parameter.Parameter": SafeUnpickler._parameter,
-    "collections.OrderedDict": SafeUnpickler._ordered_dict,
-    "builtins.set": SafeUnpickler._set,
-    "builtins.frozenset": SafeUnpickler._frozenset,
-    "builtins.complex": SafeUnpickler._complex,
-    "builtins.bytearray": SafeUnpickler._bytearray,
-    "_codecs.encode": SafeUnpickler._codecs_encode,
+    "collections.OrderedDict": builtins_._ordered_dict,
+    "builtins.set": builtins_._set,
+    "builtins.frozenset": builtins_._frozenset,
+    "builtins.complex": builtins_._complex,
+    "builtins.bytearray": builtins_._bytearray,
+    "builtins.bytes": builtins_._bytes,
+    "_codecs.encode": builtins_._codecs_encode,
 }

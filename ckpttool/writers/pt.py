@@ -49,7 +49,7 @@ def _write_transformed(
         bytecopy.write_all(dst_fd, data)
         crc = zlib.crc32(data, crc)
         if progress:
-            progress(len(chunk))
+            progress(len(data))  # output bytes, as the total counts them (a cast changes size)
     return crc
 
 

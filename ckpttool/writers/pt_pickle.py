@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import dtypes
 from ..model import Opaque, StorageInfo, TensorRef
-from ..unpickling.unpickler import DTypeRef, StorageType, _Named, global_name
+from ..unpickling.unpickler import DTypeRef, StorageType, StorageValue, _Named, global_name
 
 
 @dataclass(eq=False)
@@ -66,6 +66,14 @@ def __newobj__(cls: Any, *args: Any) -> Any:
     raise TypeError("placeholder")
 
 
+def __newobj_ex__(cls: Any, args: Any, kwargs: Any) -> Any:
+    raise TypeError("placeholder")
+
+
+class NeedsProtocol4(Exception):
+    """The tree holds something only protocol 4 can write (NEWOBJ_EX, a dotted global)."""
+
+
 _V2 = GlobalRef("torch._utils._rebuild_tensor_v2")
 _V3 = GlobalRef("torch._utils._rebuild_tensor_v3")
 _QTENSOR = GlobalRef("torch._utils._rebuild_qtensor")
@@ -95,23 +103,36 @@ class _BareTensor:
         self.ref = ref
 
 
-class TreePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
-    """Protocol-2 pickler (what torch.save uses) for ckpttool's trees."""
+_PurePickler: Any = pickle._Pickler  # the Python pickler (overridable per object type)
+
+
+class TreePickler(_PurePickler):
+    """Protocol-2 pickler (what torch.save uses) for ckpttool's trees; protocol 4 when the
+    tree needs it (objects built with keyword arguments, dotted global names)."""
 
     def __init__(
         self,
         file: io.BytesIO,
         storage_of: dict[int, OutStorage],
         dtype_of: dict[int, str],
+        protocol: int = 2,
     ) -> None:
-        super().__init__(file, protocol=2)
+        super().__init__(file, protocol=protocol)
         self._storage_of = storage_of  # id(TensorRef) -> its output storage
         self._dtype_of = dtype_of  # id(TensorRef) -> its output dtype
         self._storage_refs: dict[int, _StorageRef] = {}
 
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+    dispatch = _PurePickler.dispatch.copy()
 
     def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, StorageValue):
+            out = self._storage_value(obj).out
+            if obj.untyped:
+                return ("storage", _UNTYPED, out.key, "cpu", out.nbytes)
+            cls_name = dtypes.STORAGE_CLASS_FOR_DTYPE.get(out.dtype)
+            if cls_name is None:
+                raise pickle.PicklingError(f"no typed storage class for {out.dtype}")
+            return ("storage", GlobalRef(f"torch.{cls_name}"), out.key, "cpu", out.numel)
         if isinstance(obj, _StorageRef):
             out = obj.out
             cls_name = dtypes.STORAGE_CLASS_FOR_DTYPE.get(out.dtype)
@@ -136,19 +157,29 @@ class TreePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         dtype = self._dtype_of.get(id(ref), ref.dtype)
         view = (self._storage_ref(ref), ref.storage_offset, ref.shape, ref.stride)
         hooks: OrderedDict[Any, Any] = OrderedDict()
+        meta = (ref.metadata,) if ref.metadata else ()  # conj/neg bits
         if ref.kind == "quantized":
             return _QTENSOR, (*view, ref.quantizer, ref.requires_grad, hooks)
         if self._untyped(out) or out.dtype != dtype:
-            return _V3, (*view, ref.requires_grad, hooks, DTypeRef(dtype))
-        return _V2, (*view, ref.requires_grad, hooks)
+            return _V3, (*view, ref.requires_grad, hooks, DTypeRef(dtype), *meta)
+        return _V2, (*view, ref.requires_grad, hooks, *meta)
+
+    def _storage_value(self, value: StorageValue) -> _StorageRef:
+        if value.offset or value.size not in (None, value.base.numel):
+            raise pickle.PicklingError("a storage view saved on its own (legacy format)")
+        out = self._storage_of[id(value)]
+        sref = self._storage_refs.get(id(out))
+        if sref is None:
+            sref = self._storage_refs[id(out)] = _StorageRef(out)
+        return sref
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, TensorRef):
-            if obj.subclass or (obj.attributes and obj.kind != "parameter"):
+            if obj.subclass or (obj.attributes and obj.kind != "parameter" and not obj.parameter):
                 func, args = self._tensor_args(obj)
                 new_type = GlobalRef(obj.subclass) if obj.subclass else _TENSOR
                 return _FROM_TYPE, (func, new_type, args, obj.attributes or {})
-            if obj.kind == "parameter":
+            if obj.kind == "parameter" or obj.parameter:
                 if obj.attributes:
                     return _PARAMETER_STATE, (
                         _BareTensor(obj),
@@ -160,28 +191,63 @@ class TreePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
             return self._tensor_args(obj)
         if isinstance(obj, _BareTensor):
             return self._tensor_args(obj.ref)
+        if isinstance(obj, StorageValue):
+            return NotImplemented  # persistent_id writes it
         if isinstance(obj, Opaque):
-            if obj.kwargs:
-                raise pickle.PicklingError(
-                    f"{obj.global_name} was built with keyword arguments (protocol 4)"
-                )
-            listitems = iter(obj.list_items) if obj.list_items else None
-            dictitems = iter(dict.items(obj)) if len(obj) else None
-            if obj.__dict__.get("ck_how") == "newobj":
-                return (__newobj__, (type(obj), *obj.args), obj.state, listitems, dictitems)
-            return (type(obj), obj.args, obj.state, listitems, dictitems)
+            return self._reduce_opaque(obj)
         return NotImplemented
 
+    def _reduce_opaque(self, obj: Opaque) -> Any:
+        """The object built again the way the pickle built it: NEWOBJ (``cls.__new__``),
+        NEWOBJ_EX (with keyword arguments) or a call (REDUCE), then items and BUILD."""
+        listitems = iter(obj.list_items) if obj.list_items else None
+        dictitems = iter(dict.items(obj)) if len(obj) else None
+        if obj.how == "newobj":
+            if obj.kwargs:
+                if self.proto < 4:
+                    raise NeedsProtocol4
+                return (
+                    __newobj_ex__,
+                    (type(obj), obj.args, obj.kwargs),
+                    obj.state,
+                    listitems,
+                    dictitems,
+                )
+            return (__newobj__, (type(obj), *obj.args), obj.state, listitems, dictitems)
+        if obj.kwargs:
+            raise pickle.PicklingError(f"{obj.global_name} was called with keyword arguments")
+        return (type(obj), obj.args, obj.state, listitems, dictitems)
+
+    def save_bytes(self, obj: bytes) -> None:
+        if self.proto >= 3:
+            super().save_bytes(obj)
+        else:  # as torch.save writes bytes at protocol 2 (never the global ``bytes``)
+            self.save_reduce(codecs.encode, (str(obj, "latin1"), "latin1"), obj=obj)
+
+    dispatch[bytes] = save_bytes
+
     def save_global(self, obj: Any, name: str | None = None) -> None:
-        full = obj.module + "." + obj.name if isinstance(obj, GlobalRef) else global_name(obj)
-        if full is None and obj in _REAL_GLOBALS:  # OrderedDict & co., created for real
-            full = f"{obj.__module__}.{obj.__qualname__}"
-        if full is None:
-            raise pickle.PicklingError(f"cannot write {obj!r} without importing it")
-        module, _, attr = full.rpartition(".")
-        if "\n" in full or not module:
-            raise pickle.PicklingError(f"invalid global name {full!r}")
-        self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + attr.encode("utf-8") + b"\n")
+        if isinstance(obj, type) and issubclass(obj, Opaque) and obj.__ck_module__:
+            module, attr = obj.__ck_module__, obj.__ck_qualname__  # as the pickle spelt it
+        else:
+            full = obj.module + "." + obj.name if isinstance(obj, GlobalRef) else global_name(obj)
+            if full is None and obj in _REAL_GLOBALS:  # OrderedDict & co., created for real
+                full = f"{obj.__module__}.{obj.__qualname__}"
+            if full is None:
+                raise pickle.PicklingError(f"cannot write {obj!r} without importing it")
+            module, _, attr = full.rpartition(".")
+        if "\n" in module + attr or not module or not attr:
+            raise pickle.PicklingError(f"invalid global name {module}.{attr!r}")
+        if self.proto >= 4:
+            self.save(module)
+            self.save(attr)
+            self.write(pickle.STACK_GLOBAL)
+        elif "." in attr:  # torch resolves a dotted name only at protocol 4 (STACK_GLOBAL)
+            raise NeedsProtocol4
+        else:
+            self.write(
+                pickle.GLOBAL + module.encode("utf-8") + b"\n" + attr.encode("utf-8") + b"\n"
+            )
         self.memoize(obj)
 
     def _save_global_obj(self, obj: Any) -> None:
@@ -197,11 +263,18 @@ class TreePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
 
 
 def dumps(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]) -> bytes:
-    buf = io.BytesIO()
+    """The pickle of ``root`` at protocol 2 (as torch.save writes it), or at protocol 4 when
+    the tree holds what only protocol 4 can write."""
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20000))
     try:
-        TreePickler(buf, storage_of, dtype_of).dump(root)
+        for protocol in (2, 4):
+            buf = io.BytesIO()
+            try:
+                TreePickler(buf, storage_of, dtype_of, protocol).dump(root)
+            except NeedsProtocol4:
+                continue
+            return buf.getvalue()
+        raise AssertionError("protocol 4 writes everything")
     finally:
         sys.setrecursionlimit(limit)
-    return buf.getvalue()

@@ -1,0 +1,143 @@
+"""The small records the unpickler hands out in place of torch objects: storage classes,
+dtypes, storage persistent ids, and the globals ckpttool implements itself."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from ..model import Opaque, StorageInfo
+
+
+class UnpickleRefused(Exception):
+    """Raised from inside the unpickler; the reader turns it into a CheckpointError."""
+
+
+class StorageType:
+    """Stands for ``torch.FloatStorage`` & co. in persistent ids."""
+
+    __slots__ = ("dtype", "name")
+
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name = name
+        self.dtype = dtype
+
+
+class DTypeRef:
+    """Stands for ``torch.float16`` & co."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class StorageValue:
+    """A storage persistent id as the pickle gives it: the record, the storage class it names
+    (``torch.FloatStorage``, ``torch.storage.UntypedStorage``), and for a legacy-format view
+    the window of ``base`` it starts at (element ``offset``, ``size`` elements).
+
+    Tensors unwrap it; one left in the tree is a storage saved directly
+    (``torch.save({"s": t.untyped_storage()})``).
+    """
+
+    __slots__ = ("base", "offset", "size", "type_name")
+
+    def __init__(
+        self, base: StorageInfo, type_name: str, offset: int = 0, size: int | None = None
+    ) -> None:
+        self.base = base
+        self.type_name = type_name
+        self.offset = offset
+        self.size = size  # None: the whole storage
+
+    @property
+    def untyped(self) -> bool:
+        return self.type_name == "torch.storage.UntypedStorage"
+
+    def __repr__(self) -> str:
+        return f"StorageValue({self.type_name}, {self.base.key!r})"
+
+
+class _Named:
+    """A global ckpttool implements itself (a recorder); keeps the global's name."""
+
+    __slots__ = ("__ck_global__", "fn")
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.__ck_global__ = name
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def global_name(obj: Any) -> str | None:
+    """The ``module.name`` of a global the unpickler handed out, if ``obj`` is one."""
+    if isinstance(obj, _Named):
+        return obj.__ck_global__
+    if isinstance(obj, type) and issubclass(obj, Opaque):
+        return obj.__ck_global__
+    if isinstance(obj, StorageType):
+        return obj.name
+    if isinstance(obj, DTypeRef):
+        return f"torch.{obj.name}"
+    return None
+
+
+# -- the plain builtins created for real (bound to the unpickler like its recorders) ------------
+MAX_BYTEARRAY = 1 << 24  # bytearray(n) from a pickle: more than 16 MiB is an allocation bomb
+
+
+def _bytes(self: Any, *args: Any) -> Any:
+    if not args:
+        return b""  # protocol 2 writes b"" as bytes()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytes(args[0])
+    raise UnpickleRefused("bytes() with unexpected arguments")
+
+
+def _ordered_dict(self: Any, *args: Any) -> Any:
+    return collections.OrderedDict(*args)
+
+
+def _set(self: Any, items: Any = ()) -> Any:
+    return set(_finite(items))
+
+
+def _frozenset(self: Any, items: Any = ()) -> Any:
+    return frozenset(_finite(items))
+
+
+def _complex(self: Any, real: Any = 0, imag: Any = 0) -> Any:
+    if not all(isinstance(v, (int, float)) for v in (real, imag)):
+        raise UnpickleRefused("complex() with non-numeric arguments")
+    return complex(real, imag)
+
+
+def _codecs_encode(self: Any, obj: Any, encoding: Any = "utf-8", *rest: Any) -> Any:
+    if isinstance(obj, str) and encoding in ("latin1", "latin-1", "utf-8", "utf8"):
+        return obj.encode(encoding)
+    raise UnpickleRefused("_codecs.encode with unexpected arguments")
+
+
+def _bytearray(self: Any, source: Any = b"", *rest: Any) -> Any:
+    if isinstance(source, int) and not isinstance(source, bool):
+        if not 0 <= source <= MAX_BYTEARRAY:
+            raise UnpickleRefused(f"the pickle asks for a bytearray of {source:,} bytes")
+        return bytearray(source)
+    if isinstance(source, (bytes, bytearray)):
+        return bytearray(source)
+    if isinstance(source, str) and rest:
+        return bytearray(source.encode("latin1"))
+    raise UnpickleRefused("bytearray() with unexpected arguments")
+
+
+def _finite(items: Any) -> Any:
+    if not isinstance(items, (list, tuple, set, frozenset, dict)):
+        raise UnpickleRefused("set() of something that is not a container")
+    return items
