@@ -120,7 +120,8 @@ def _check_contract(doc: dict[str, Any]) -> None:
         assert isinstance(sd["tensors"], int)
         assert sd["prefix"] is None or isinstance(sd["prefix"], str)
     for g in doc["globals"]:
-        assert set(g) >= {"name", "kind"} and g["kind"] in ("torch", "opaque", "dangerous")
+        assert set(g) >= {"name", "kind"}
+        assert g["kind"] in ("torch", "data", "user code", "dangerous")
 
 
 def test_json_every_fixture(
@@ -177,7 +178,7 @@ def test_json_ddp_values(run_cli, fixtures_dir: Path, expected_fixtures: dict[st
     ]
     assert "optimizer.state.0.exp_avg" in names
     kinds = {g["name"]: g["kind"] for g in doc["globals"]}
-    assert kinds["argparse.Namespace"] == "opaque"
+    assert kinds["argparse.Namespace"] == "data"
     assert kinds["torch._utils._rebuild_tensor_v2"] == "torch"
     assert "dangerous" not in kinds.values()
     t = next(t for t in doc["tensors"] if t["name"] == "model.module.fc1.weight")

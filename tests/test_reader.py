@@ -193,7 +193,7 @@ def test_torchscript_recognised(fixtures_dir: Path) -> None:
     assert sorted(t.name for t in ckpt.tensors()) == ["bias", "weight"]
     kinds = {g["name"]: g["kind"] for g in report.build(ckpt)["globals"]}
     scripted = [n for n in kinds if n.startswith("__torch__.")]
-    assert scripted and all(kinds[n] == "opaque" for n in scripted)
+    assert scripted and all(kinds[n] == "user code" for n in scripted)
     assert "dangerous" not in kinds.values()
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint
+
+if TYPE_CHECKING:
+    from ..unpickling.policy import Verdict
 
 # The first bytes torch's legacy format writes: PROTO 2, LONG1 of the magic number.
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -24,6 +28,10 @@ def sniff(head: bytes, path: str = "") -> str:
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head.startswith(_LEGACY_PREFIX):
+        return "legacy"
+    from .torch_legacy import looks_legacy  # other pickle protocols (torch.save(pickle_protocol=N))
+
+    if looks_legacy(head):
         return "legacy"
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
@@ -74,21 +82,45 @@ def _check_file(path: str) -> int:
     return st.st_size
 
 
+# A Hugging Face model folder's weights, in the order transformers looks for them.
+HF_WEIGHTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
 def _find_index(folder: str) -> str | None:
+    """The file a folder opens as: its one ``*.index.json``, else the weights of a Hugging
+    Face model folder (``model.safetensors``, ``pytorch_model.bin``, ...)."""
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".index.json"))
+        names = set(os.listdir(folder))
     except OSError:
         return None
-    return os.path.join(folder, names[0]) if len(names) == 1 else None
+    indexes = sorted(n for n in names if n.endswith(".index.json"))
+    if len(indexes) == 1:
+        return os.path.join(folder, indexes[0])
+    found = next((n for n in HF_WEIGHTS if n in names), None)
+    return os.path.join(folder, found) if found else None
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) -> Checkpoint:
     """Read a checkpoint's structure without reading tensor bytes or running pickled code.
 
     Raises :class:`~ckpttool.errors.CheckpointError` (one line naming the file) on bad input.
-    A folder holding one ``*.index.json`` opens as a sharded checkpoint.
+    A folder holding one ``*.index.json`` opens as a sharded checkpoint, a Hugging Face
+    model folder as its ``model.safetensors`` (or ``pytorch_model.bin``).
     """
     path = os.fspath(path)
+    if _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
+        return _open_distributed(path)
+    if _allow_index and os.path.isdir(path):
+        from . import deepspeed
+
+        if deepspeed.is_deepspeed_folder(path):
+            # only the files of the tag being read decide the verdict, not older tags beside it
+            return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
     if _allow_index and os.path.isdir(path):
         index = _find_index(path)
         if index is not None:
@@ -104,16 +136,93 @@ def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) 
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     kind = sniff(head, path)
+    verdict = file_verdict(path)  # every pickle any loader would run, judged once
     seen: dict[str, str] = {}  # every global any pickle in the file names, even if it is broken
     try:
-        return _read(path, size, kind, head, seen, _allow_index)
+        differential = [n for n in verdict.notes if "FRAME" in n or "could not be scanned" in n]
+        if differential:  # CPython reading a file and other readers see different pickles
+            tampered = " (a tampered file)" if "FRAME" in differential[0] else ""
+            raise CheckpointError(path, differential[0] + tampered)
+        ckpt = _read(path, size, kind, head, seen, _allow_index)
     except CheckpointError as exc:
-        from ..errors import DangerousCheckpointError
-
-        dangerous = [g for g, k in seen.items() if k == "dangerous"]
-        if dangerous and not isinstance(exc, DangerousCheckpointError):
-            raise DangerousCheckpointError(path, dangerous, detail=exc.message) from None
+        _refuse_dangerous(path, exc, verdict)
         raise
+    others = sorted({s.file for s in ckpt.storages.values()} - {path})
+    if others:  # a sharded index: its shards are files of their own
+        from ..unpickling.discover import merge, scan_files
+
+        verdict = merge([verdict, scan_files(others)])
+    ckpt.verdict = verdict
+    return ckpt
+
+
+def file_verdict(path: str) -> Verdict:
+    """The security verdict of one file (see ``unpickling/discover.py``)."""
+    from ..unpickling.discover import scan_file
+
+    try:
+        return scan_file(path)
+    except (OSError, ValueError) as exc:  # mmap of an unreadable or special file
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(path, f"read failed: {reason}") from None
+
+
+def _refuse_dangerous(path: str, exc: CheckpointError, verdict: Verdict) -> None:
+    """A file that cannot be read but names dangerous globals is reported as dangerous."""
+    from ..errors import DangerousCheckpointError
+
+    if verdict.dangerous and not isinstance(exc, DangerousCheckpointError):
+        raise DangerousCheckpointError(path, verdict.dangerous, detail=exc.message) from None
+
+
+def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return True
+    from . import deepspeed
+
+    return bool(deepspeed.is_deepspeed_folder(path))
+
+
+def _open_distributed(
+    path: str, read: Callable[..., Any] | None = None, scope: str | None = None
+) -> Checkpoint:
+    """A DCP (or, with ``read``, DeepSpeed) folder, presented as one logical checkpoint
+    (see ``readers/distributed.py``); the safety verdict covers the files under ``scope``
+    (default: the whole folder)."""
+    from . import dcp
+    from .distributed import as_checkpoint
+
+    if read is None:
+        if not dcp.is_dcp_folder(path):
+            raise CheckpointError(os.path.join(path, ".metadata"), "is not a DCP metadata pickle")
+        read = dcp.read
+    seen: dict[str, str] = {}
+    verdict = folder_verdict(scope or path)
+    try:
+        dc = read(path, seen)
+    except OSError as exc:
+        raise CheckpointError(path, f"read failed: {exc.strerror or exc}") from None
+    except CheckpointError as exc:
+        _refuse_dangerous(path, exc, verdict)
+        raise
+    ckpt = as_checkpoint(dc, list(seen))
+    ckpt.verdict = verdict
+    return ckpt
+
+
+def folder_verdict(folder: str) -> Verdict:
+    """The verdict over every checkpoint-like file under a folder checkpoint (DCP, DeepSpeed)."""
+    from ..unpickling.discover import checkpoint_files, scan_files
+
+    try:
+        return scan_files(checkpoint_files(folder))
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(folder, f"read failed: {reason}") from None
 
 
 def _read(
@@ -138,15 +247,6 @@ def _read(
             return hf_sharded.read(path, size)
     except OSError as exc:
         raise CheckpointError(path, f"read failed: {exc.strerror or exc}") from None
-    if kind == "pickle":
-        _scan_plain_pickle(path, seen)
+    if kind == "pickle":  # torch.load unpickles it before it looks for a magic number
         raise CheckpointError(path, "is a plain pickle, not a torch checkpoint (no magic number)")
     raise CheckpointError(path, _describe_unknown(head))
-
-
-def _scan_plain_pickle(path: str, seen: dict[str, str]) -> None:
-    """Record the globals a non-torch pickle names (so a payload is reported as dangerous)."""
-    from ..unpickling.scan import unpickle
-
-    with open(path, "rb") as f, contextlib.suppress(CheckpointError):
-        unpickle(path, f, "the pickle", seen=seen, end=os.fstat(f.fileno()).st_size)

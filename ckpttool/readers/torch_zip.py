@@ -59,16 +59,16 @@ class _Window(io.RawIOBase):
 class ZipArchive:
     """A torch zip archive's entries under its single root folder.
 
-    ``base`` > 0 reads an archive stored inside a larger file at that offset (``file_bytes``
+    ``base`` (not None) reads an archive stored inside a larger file at that offset (``file_bytes``
     is then the archive's length): DCP's items are such archives. Offsets it returns are
     absolute in the file.
     """
 
-    def __init__(self, path: str, file_bytes: int, base: int = 0) -> None:
+    def __init__(self, path: str, file_bytes: int, base: int | None = None) -> None:
         self.path = path
         self.file_bytes = file_bytes
-        self.base = base
-        self.window = _Window(path, base, file_bytes) if base else None
+        self.base = base or 0
+        self.window = _Window(path, base, file_bytes) if base is not None else None
         try:
             self.zf = zipfile.ZipFile(self.window or path)
         except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
@@ -83,6 +83,14 @@ class ZipArchive:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise CheckpointError(path, f"zip archive lists {dup!r} twice (a tampered file)")
+        folded: dict[str, str] = {}  # torch (miniz) looks names up case-insensitively
+        for n in names:
+            if folded.setdefault(n.lower(), n) != n:
+                raise CheckpointError(
+                    path,
+                    f"zip archive lists {folded[n.lower()]!r} and {n!r}, which torch does not "
+                    "tell apart (a tampered file)",
+                )
         roots = {n.split("/", 1)[0] for n in names}
         if len(roots) != 1 or any("/" not in n for n in names):
             raise CheckpointError(
@@ -111,10 +119,15 @@ class ZipArchive:
                     f"{info.compress_size:,} compressed (a zip bomb)",
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
+        self._folded = {k.lower(): k for k in self.entries}
         self.fd = os.open(path, os.O_RDONLY)
 
     def has(self, name: str) -> bool:
-        return name in self.entries
+        return name in self.entries or name.lower() in self._folded
+
+    def _info(self, name: str) -> zipfile.ZipInfo:
+        """The entry torch reads for ``name`` (miniz matches names case-insensitively)."""
+        return self.entries.get(name) or self.entries[self._folded[name.lower()]]
 
     def read_small(self, name: str, limit: int = MAX_PICKLE_BYTES) -> bytes:
         """An entry's bytes, read the way torch reads them: CRCs are not checked.
@@ -122,7 +135,7 @@ class ZipArchive:
         torch ignores CRCs (it can even write files without them), so a scanner that stops at
         a bad CRC misses what torch would load; ckpttool reads what torch reads.
         """
-        info = self.entries[name]
+        info = self._info(name)
         if info.file_size > limit:
             raise CheckpointError(
                 self.path, f"{name} is {info.file_size:,} bytes, more than a checkpoint needs"
@@ -176,9 +189,9 @@ class ZipArchive:
 
 
 def read(
-    path: str, file_bytes: int, seen: dict[str, str] | None = None, *, base: int = 0
+    path: str, file_bytes: int, seen: dict[str, str] | None = None, *, base: int | None = None
 ) -> Checkpoint:
-    """Read a torch zip; ``base`` > 0: the archive lies at that offset, ``file_bytes`` long."""
+    """Read a torch zip; with ``base``, the archive lying at that offset, ``file_bytes`` long."""
     archive = ZipArchive(path, file_bytes, base)
     try:
         return _read(archive, path, file_bytes, {} if seen is None else seen)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import pickletools
+import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from ..errors import CheckpointError
 from ..model import Opaque, StorageInfo, TensorRef
@@ -69,7 +70,8 @@ def _scan(f: IO[bytes], end: int) -> tuple[str | None, int | None]:
     start = f.tell()
     good = start
     try:
-        for op, arg, _pos in pickletools.genops(_BoundedReader(f, end)):
+        reader = cast(IO[bytes], _BoundedReader(f, end))  # genops needs read()/tell() only
+        for op, arg, _pos in pickletools.genops(reader):
             if op.name in _MEMO_OPS and isinstance(arg, int) and arg > end - start:
                 return f"uses memo index {arg:,}, more than it has bytes", None
             good = f.tell()
@@ -171,6 +173,15 @@ def check_views(path: str, tensors: list[TensorRef]) -> None:
             )
 
 
+# ckpttool's own stand-ins: an error about them says nothing about the file (and must not leak)
+_INTERNAL = re.compile(
+    r"Opaque|_Named|TensorRef|StorageType|StorageInfo|StorageView|StorageValue|DTypeRef|"
+    r"SafeUnpickler|ckpttool|__ck_|ck_"
+)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _INTERNAL.search(text):
+        return "an opcode applied to a value it does not fit"
     return text[:120]

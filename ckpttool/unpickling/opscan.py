@@ -1,0 +1,140 @@
+"""A static opcode walker: what each global of a pickle is used for, without running anything.
+
+``walk(buf, start, end)`` reads one pickle the way CPython's C unpickler (what ``torch.load``
+runs) reads it and returns a :class:`PickleWalk`: every global it names and, for each, how the
+pickle uses it (called, instantiated, mutated, passed along...). It never imports, creates or
+calls anything the pickle names; it keeps a small symbolic stack instead of objects.
+
+It differs from ``pickletools.genops`` where CPython does: ``INT``/``LONG`` accept ``0x1`` and
+``0o7`` (C ``strtol``/``int(s, 0)``); ``STACK_GLOBAL`` takes protocol-0 strings; ``PROTO``
+may appear anywhere; Python 2 names are mapped as ``pickle`` maps them (protocol < 3). A read
+that crosses the end of a ``FRAME`` is where CPython (reading through a file) and other readers
+disagree: it is flagged (``straddle``) and both readings can be asked for.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from .opmachine import _BOOL, _EMPTY_TUPLE, _INT, _NONE, HANDLERS, Machine, persid
+from .opvalues import (
+    MAX_STR,
+    SCALARS,
+    CallSite,
+    GlobalRef,
+    PickleWalk,
+    Reader,
+    Stop,
+    Value,
+    _str_value,
+)
+
+__all__ = ["SCALARS", "CallSite", "GlobalRef", "PickleWalk", "Value", "walk", "walk_all"]
+_Reader, _Stop = Reader, Stop
+
+
+def walk(buf: Any, start: int = 0, end: int | None = None, *, drop_tail: bool = True) -> PickleWalk:
+    """Walk one pickle from ``start``; see the module docstring.
+
+    Args:
+        buf: bytes, or any buffer (an ``mmap``) holding the pickle.
+        start: offset of its first opcode.
+        end: where the data ends (default: the end of ``buf``).
+        drop_tail: read across a FRAME end as CPython reading a file does (True) or straight
+            on, as the pure-Python unpickler and ``pickletools`` do (False).
+
+    Returns:
+        A :class:`PickleWalk`; ``error`` says where CPython would stop (the walk stops there
+        too: nothing after it runs).
+
+    Example:
+        >>> w = walk(b"cos\\nsystem\\n(S'ls'\\ntR.")
+        >>> [(g.full, sorted(g.uses)) for g in w.globals]
+        [('os.system', ['called'])]
+    """
+    end = len(buf) if end is None else end
+    res = PickleWalk(start=start)
+    r = Reader(buf, start, end, drop_tail)
+    try:
+        _run(Machine(r, res))
+    except Stop as exc:
+        res.error = str(exc)
+    except (IndexError, KeyError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        res.error = f"malformed at offset {r.pos} ({type(exc).__name__})"
+    except Exception as exc:  # a walker bug must refuse the file, never pass it or crash
+        res.error = f"could not be scanned ({type(exc).__name__})"
+        res.crashed = True
+    res.straddle = r.straddle
+    return res
+
+
+def _run(m: Machine) -> None:
+    """The opcodes torch pickles are made of, inline while their bytes lie inside the current
+    frame; everything else (and every read across a boundary) goes to ``HANDLERS``."""
+    buf, stack, marks, memo, calls = m.buf, m.stack, m.marks, m.memo, m.res.calls
+    pos, limit, ops = m.pos, m.limit, 0
+    while True:
+        at, ops = pos, ops + 1
+        code = buf[pos] if pos < limit else -1
+        pos += 1
+        if code == 0x71 and pos < limit and stack:  # BINPUT
+            memo[buf[pos]] = stack[-1]
+            pos += 1
+        elif code == 0x68 and pos < limit and buf[pos] in memo:  # BINGET
+            stack.append(memo[buf[pos]])
+            pos += 1
+        elif code == 0x58 and pos + 4 <= limit:  # BINUNICODE
+            n = int.from_bytes(buf[pos : pos + 4], "little")
+            if pos + 4 + n > limit:
+                code = -1
+            else:
+                pos += 4 + n
+                text = buf[pos - n : pos] if n <= MAX_STR else None
+                stack.append(_str_value(text) if text is not None else Value("str"))
+        elif code == 0x28:  # MARK
+            marks.append(stack)
+            stack = []
+        elif code == 0x4B and pos < limit:  # BININT1
+            stack.append(_INT)
+            pos += 1
+        elif code in (0x85, 0x86, 0x87) and len(stack) >= code - 0x84:  # TUPLE1..3
+            items = tuple(stack[0x84 - code :])
+            del stack[0x84 - code :]
+            stack.append(Value("tuple", items=items))
+        elif code == 0x74 and marks:  # TUPLE
+            items, stack = tuple(stack), marks.pop()
+            stack.append(Value("tuple", items=items))
+        elif code == 0x52 and len(stack) >= 2:  # REDUCE
+            args = stack.pop()
+            stack[-1] = Value("result", origin=CallSite("REDUCE", stack[-1], args, at))
+            calls.append(stack[-1].origin)  # type: ignore[arg-type]
+        elif code == 0x51 and stack:  # BINPERSID
+            stack[-1] = persid(stack[-1])
+        elif code in (0x88, 0x89, 0x29, 0x4E):  # NEWTRUE, NEWFALSE, EMPTY_TUPLE, NONE
+            stack.append(_BOOL if code > 0x80 else _EMPTY_TUPLE if code == 0x29 else _NONE)
+        else:  # STOP and the rest go to HANDLERS
+            code = -1
+        if code == -1:  # the slow path: a handler, or a read across a boundary
+            m.pos, m.limit, m.stack = at, limit, stack
+            code = buf[at] if at < limit else m.slow(1)[0]
+            if at < limit:
+                m.pos = at + 1
+            handler = HANDLERS.get(code)
+            if handler is None:
+                raise Stop(f"invalid load key {code:#04x} at offset {at}")
+            handler(m, code, at)
+            pos, limit, stack = m.pos, m.limit, m.stack
+            if m.res.end is not None:  # STOP
+                break
+    m.res.protocol = max(m.res.protocol, m.proto)
+    m.res.ops = ops
+
+
+def walk_all(buf: Any, start: int = 0, end: int | None = None) -> list[PickleWalk]:
+    """Walk as CPython does, and when a read crosses a FRAME end walk the other way too, so
+    that whatever any reader would run is seen. The first walk is CPython's."""
+    first = walk(buf, start, end, drop_tail=True)
+    if not first.straddle:
+        return [first]
+    return [first, walk(buf, start, end, drop_tail=False)]
