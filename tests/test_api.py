@@ -211,7 +211,7 @@ def test_load_weights_only_refusal_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         api.load(path)
     message = str(info.value)
-    assert "argparse.Namespace" in message and "--plain-objects" in message
+    assert "argparse.Namespace" in message and "plain_objects=True" in message
     assert "weights_only=False" in message
     assert api.load(path, weights_only=False)["args"].lr == 0.1
 

@@ -609,7 +609,9 @@ def test_api_result_and_verification_flag(tmp_path: Path) -> None:
 
 
 def test_api_errors_are_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(ckpttool.CheckpointError, match="--dtype must be one of"):
+    with pytest.raises(
+        ckpttool.CheckpointError, match="cannot cast to 'int8': the dtype must be one of"
+    ):
         ckpttool.to_safetensors(FIX / "tied_weights.pt", tmp_path / "o", dtype="int8")
     assert os.listdir(tmp_path) == []
 
@@ -865,3 +867,266 @@ def test_real_world_converts_or_is_refused_precisely(rw_file: str, tmp_path: Pat
             matches = [p for p in full if p == name or p.endswith("." + name)]
             assert matches, name
             same_bits(got, full[matches[0]], name)
+
+
+# -- issue 9 class 7 / issue 15: every dtype safetensors stores, without torch ---------------------
+def big_endian_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a torch zip) as a big-endian machine would have saved it: ``byteorder`` says
+    ``big`` and each storage record is swapped in units of its own dtype, as torch's loader
+    swaps it back (an untyped uint8 storage is not swapped)."""
+    import zipfile
+
+    storages = ckpttool.open_checkpoint(src).storages
+    dtype_of = {s.record: s.dtype for s in storages.values()}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("/byteorder"):
+                data = b"big"
+            elif name in dtype_of:
+                t = torch.empty(0, dtype=getattr(torch, dtype_of[name]))
+                unit = t.element_size() // (2 if t.is_complex() else 1)
+                data = np.frombuffer(data, np.uint8).reshape(-1, unit)[:, ::-1].tobytes()
+            zout.writestr(name, data)
+    return dst
+
+
+def _dtype_zoo() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(6, 8, generator=g)
+    bytes_ = torch.arange(48, dtype=torch.uint8)
+    return {
+        "transposed": base.t(),
+        "offset_view": base.reshape(-1)[5:21].view(4, 4),
+        "expanded": torch.arange(3.0).expand(4, 3),
+        "empty": torch.empty(0, 3),
+        "empty_view": base[:, 3:3],
+        "scalar": torch.tensor(0.5),
+        "half": base.half(),
+        "bf16_t": base.bfloat16().t(),
+        "f64": base.double()[::2],
+        "c64_t": torch.randn(3, 2, dtype=torch.complex64, generator=g).t(),
+        "f8_e4m3fn": base.to(torch.float8_e4m3fn),
+        "f8_e5m2_t": base.to(torch.float8_e5m2).t(),
+        "f8_e4m3fnuz": base.to(torch.float8_e4m3fnuz),
+        "f8_e5m2fnuz": base.to(torch.float8_e5m2fnuz),
+        "f8_e8m0fnu": base.abs().to(torch.float8_e8m0fnu),
+        "u16": torch.arange(12, dtype=torch.int32).to(torch.uint16).view(3, 4),
+        "u16_t": torch.arange(12, dtype=torch.int32).to(torch.uint16).view(3, 4).t(),
+        "u32": (torch.arange(6, dtype=torch.int64) * 700_000_001).to(torch.uint32),
+        "u64": torch.tensor([0, 1, 2**62], dtype=torch.int64).to(torch.uint64),
+        "u8_as_u16": bytes_.view(torch.uint16)[3:9],
+        "u8_as_u16_t": bytes_[:24].view(torch.uint16).view(3, 4).t(),
+        "i64": torch.arange(-3, 3),
+        "bool_t": (torch.arange(12) % 5 == 0).view(3, 4).t(),
+    }
+
+
+def _expected(src: Path) -> dict[str, torch.Tensor]:
+    """What the output must hold: torch's load of the input, made contiguous."""
+    want = torch.load(src, map_location="cpu", weights_only=True)
+    return {k: v.contiguous() for k, v in want.items()}
+
+
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_every_storable_dtype_and_view_converts_exactly(order: str, tmp_path: Path) -> None:
+    src = save(tmp_path, "zoo.pt", _dtype_zoo())
+    if order == "big":
+        src = big_endian_copy(src, tmp_path / "zoo_be.pt")
+    out = tmp_path / "o.safetensors"
+    run = ok("to-safetensors", src, out)
+    assert run.err_lines[-1].endswith("(verified)")
+    check_against(out, _expected(src))
+
+
+def test_cast_of_every_float_kind_equals_torch(tmp_path: Path) -> None:
+    src = save(tmp_path, "zoo.pt", _dtype_zoo())
+    out = tmp_path / "o.safetensors"
+    ok("to-safetensors", src, out, "--dtype", "bfloat16")
+    want = torch.load(src, weights_only=True)
+    got = load_file(out)
+    for name, w in want.items():
+        expect = w.to(torch.bfloat16) if w.is_floating_point() else w
+        same_bits(got[name], expect, name)
+
+
+def test_no_torch_import_in_either_writer(tmp_path: Path) -> None:
+    """convert (with a cast) and to-safetensors (strided, big-endian, float8, uint16, offset
+    view, zero-size, cast) run without importing torch; torch loads what they wrote."""
+    import subprocess
+    import sys
+
+    zoo = save(tmp_path, "zoo.pt", _dtype_zoo())
+    be = big_endian_copy(zoo, tmp_path / "zoo_be.pt")
+    script = (
+        "import sys, ckpttool\n"
+        f"d = {os.fspath(tmp_path)!r}\n"
+        "ckpttool.convert(d + '/zoo.pt', d + '/conv.pt', dtype='float16')\n"
+        "ckpttool.convert(d + '/zoo_be.pt', d + '/conv_be.pt', dtype='bfloat16')\n"
+        "ckpttool.to_safetensors(d + '/zoo.pt', d + '/plain.safetensors')\n"
+        "ckpttool.to_safetensors(d + '/zoo_be.pt', d + '/be.safetensors')\n"
+        "ckpttool.to_safetensors(d + '/zoo_be.pt', d + '/cast.safetensors', dtype='float16')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    check_against(tmp_path / "plain.safetensors", _expected(zoo))
+    check_against(tmp_path / "be.safetensors", _expected(be))
+    want = torch.load(be, weights_only=True)
+    got = load_file(tmp_path / "cast.safetensors")
+    for name, w in want.items():
+        same_bits(got[name], w.to(torch.float16) if w.is_floating_point() else w, name)
+    for conv, src, dtype in (("conv.pt", zoo, torch.float16), ("conv_be.pt", be, torch.bfloat16)):
+        loaded = torch.load(tmp_path / conv, weights_only=True)
+        for name, w in torch.load(src, weights_only=True).items():
+            expect = w.to(dtype) if w.is_floating_point() and w.element_size() > 1 else w
+            if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                continue  # whether convert casts float8 storages is convert's choice
+            same_bits(loaded[name], expect, name)
+
+
+def test_complex128_refused_up_front(tmp_path: Path) -> None:
+    src = save(tmp_path, "c.pt", {"w": torch.ones(2), "z": torch.ones(3, dtype=torch.complex128)})
+    out = tmp_path / "o.safetensors"
+    refused(["to-safetensors", src, out], src, "'z' is complex128, which safetensors cannot store")
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+def test_packed_quantized_tensors_are_read_then_refused_as_quantized(tmp_path: Path) -> None:
+    x = torch.arange(7, dtype=torch.float32)
+    q4 = torch.quantize_per_tensor(x, 1.0, 0, torch.quint4x2)
+    q2 = torch.quantize_per_tensor(x % 4, 1.0, 0, torch.quint2x4)
+    for name, q in (("q4", q4), ("q2", q2)):
+        src = save(tmp_path, f"{name}.pt", {name: q})
+        torch.load(src, weights_only=True)  # torch loads it
+        assert ck("inspect", src).code == 0  # so do we: 7 values packed in 4 (2) bytes
+        out = tmp_path / f"{name}.safetensors"
+        run = refused(["to-safetensors", src, out], src, "which safetensors cannot store")
+        assert f"is a quantized {q.dtype}".replace("torch.", "") in run.stderr
+        assert "past the end" not in run.stderr
+
+
+# -- issue 9 class 8: --dtype never casts optimizer bookkeeping; tied weights come back on load ----
+def _adam_checkpoint(tmp: Path) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return save(tmp, "train.pt", {"model": model.state_dict(), "optimizer": opt.state_dict()})
+
+
+def test_dtype_with_all_casts_model_weights_only(tmp_path: Path) -> None:
+    src = _adam_checkpoint(tmp_path)
+    out = tmp_path / "o.safetensors"
+    ok("to-safetensors", src, out, "--all", "--dtype", "bfloat16")
+    got = load_file(out)
+    ref = torch.load(src, weights_only=True)
+    same_bits(got["model.weight"], ref["model"]["weight"].to(torch.bfloat16))
+    for pid, state in ref["optimizer"]["state"].items():
+        for k, v in state.items():  # step and the moments stay exact (README)
+            same_bits(got[f"optimizer.state.{pid}.{k}"], v, k)
+    assert got["optimizer.state.0.step"].dtype == torch.float32
+
+
+def test_dtype_with_optimizer_key_keeps_step_exact(tmp_path: Path) -> None:
+    src = _adam_checkpoint(tmp_path)
+    out = tmp_path / "o.safetensors"
+    ok("to-safetensors", src, out, "--key", "optimizer", "--dtype", "bfloat16")
+    got = load_file(out)
+    ref = torch.load(src, weights_only=True)["optimizer"]["state"]
+    for pid, state in ref.items():
+        same_bits(got[f"state.{pid}.step"], state["step"], "step")
+        same_bits(got[f"state.{pid}.exp_avg"], state["exp_avg"].to(torch.bfloat16))
+
+
+class _TinyGPT(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 4)
+        self.ln = torch.nn.LayerNorm(4)
+        self.lm_head = torch.nn.Linear(4, 11, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2's
+
+
+@pytest.mark.parametrize("layout", ["file", "index", "folder"])
+def test_load_restores_tied_aliases(layout: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TinyGPT()
+    src = save(tmp_path, "gpt.pt", {"model": model.state_dict()})
+    if layout == "file":
+        target = tmp_path / "gpt.safetensors"
+        ckpttool.to_safetensors(src, target, strip_prefix="module.")
+        path = target
+    else:
+        target = tmp_path / "shards"
+        ckpttool.to_safetensors(src, target, max_shard_size=100)
+        path = target / INDEX_NAME if layout == "index" else target
+    sd = ckpttool.load(path)
+    assert sd["lm_head.weight"] is sd["wte.weight"]
+    fresh = _TinyGPT()
+    fixed = ckpttool.fix_state_dict(fresh, sd)
+    assert fixed.ok and not fixed.missing and not fixed.unexpected, fixed.summary()
+    fresh.load_state_dict(fixed.state_dict, strict=True)
+    assert fresh.lm_head.weight is fresh.wte.weight
+    assert torch.equal(fresh.wte.weight, model.wte.weight)
+
+
+def test_load_refuses_broken_alias_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, os.fspath(path), metadata={ALIASES_KEY: '{"b": "zz"}'})
+    with pytest.raises(ckpttool.CheckpointError, match="names 'zz', which is not stored"):
+        ckpttool.load(path)
+    save_file({"a": torch.ones(2)}, os.fspath(path), metadata={ALIASES_KEY: "[1]"})
+    with pytest.raises(ckpttool.CheckpointError, match="not a map of tensor names"):
+        ckpttool.load(path)
+
+
+# -- issue 9 class 9: inspect counts storages under the dtype of the tensors viewing them ----------
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+def test_inspect_dtypes_show_the_tensors_dtypes(tmp_path: Path) -> None:
+    zoo = {
+        "f8": torch.ones(4).to(torch.float8_e4m3fn),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+        "u64": torch.arange(2, dtype=torch.int64).to(torch.uint64),
+        "c32": torch.ones(3, dtype=torch.complex32),
+        "raw": torch.arange(3, dtype=torch.uint8),
+    }
+    src = save(tmp_path, "d.pt", zoo)
+    report = json.loads(ok("inspect", src, "--json").stdout)
+    assert report["dtypes"] == {
+        "float8_e4m3fn": {"storages": 1, "bytes": 4},
+        "uint16": {"storages": 1, "bytes": 10},
+        "uint64": {"storages": 1, "bytes": 16},
+        "complex32": {"storages": 1, "bytes": 12},
+        "uint8": {"storages": 1, "bytes": 3},
+    }
+
+
+def test_conjugate_and_negative_views_are_written_as_their_values(tmp_path: Path) -> None:
+    """Issue 9 class 4: a conj/neg view stores the plain bytes plus a bit; safetensors has no
+    bit, so the writer must resolve it (values equal torch's ``resolve_conj().resolve_neg()``)."""
+    z = torch.complex(torch.arange(3.0), torch.arange(3.0) + 10)
+    obj = {
+        "conj": z.conj(),
+        "imag_of_conj": z.clone().conj().imag,  # a float tensor with the neg bit
+        "plain": z,
+        "neg_float": torch._neg_view(torch.arange(4.0)),
+        "neg_complex": torch._neg_view(z.clone()),
+        "neg_conj": torch._neg_view(z.clone().conj()),
+        "neg_int": torch._neg_view(torch.arange(4)),
+        "plain_again": z.conj(),  # the same view as "conj": stored once, as an alias
+    }
+    src = save(tmp_path, "views.pt", obj)
+    out = tmp_path / "o.safetensors"
+    ok("to-safetensors", "--all", src, out)
+    want = torch.load(src, weights_only=True)
+    got = expand_aliases(load_file(out), aliases_of(out))
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w.resolve_conj().resolve_neg()), name

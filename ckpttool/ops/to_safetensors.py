@@ -18,16 +18,16 @@ from typing import Any
 from .. import dtypes
 from ..analysis.describe import numpy_scalar_value
 from ..analysis.state_dicts import default_state_dict
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
-from ..readers import open_checkpoint
 from ..tree import children, get_path, iter_tensors
-from ..unpickling.policy import classify
 from ..writers import copy as bytecopy
-from ..writers.atomic import atomic_file, atomic_shards, check_target
+from ..writers import numeric
+from ..writers.atomic import atomic_file, atomic_shards
+from ..writers.numeric import has_view_bits
 from ..writers.safetensors import Item, assign_shards, verify_file, write_file
-from .convert import input_files
-from .keys import CAST_DTYPES, KeyCollisionError, KeyOps
+from .keys import KeyCollisionError
+from .prepare import cast_targets, check_cast, key_ops, open_source
 
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
@@ -74,7 +74,7 @@ def _select(
         try:
             node = get_path(ckpt.root, key)
         except KeyError:
-            raise CheckpointError(ckpt.path, f"no entry {key!r} (--key)") from None
+            raise CheckpointError(ckpt.path, f"no entry {key!r}", remedy="key") from None
     else:
         found = default_state_dict(ckpt.root)
         if found is None:
@@ -82,11 +82,9 @@ def _select(
                 raise CheckpointError(ckpt.path, "holds no tensors: nothing to write")
             if ckpt.format == "torchscript":
                 raise CheckpointError(
-                    ckpt.path, "is a TorchScript archive: use --all to write its tensors"
+                    ckpt.path, "is a TorchScript archive", remedy="all_tensors"
                 )
-            raise CheckpointError(
-                ckpt.path, "no state dict found: choose one with --key PATH, or use --all"
-            )
+            raise CheckpointError(ckpt.path, "no state dict found", remedy="key_or_all")
         node = found.node
     if isinstance(node, dict) and not isinstance(node, Opaque):
         entries = [(k, v) for k, v in node.items()]
@@ -158,12 +156,38 @@ def _shared_groups(items: list[Item]) -> list[list[Item]]:
 
 
 def _same_view(a: TensorRef, b: TensorRef) -> bool:
-    return (a.storage_offset, a.shape, a.stride, a.dtype) == (
+    """Same elements with the same values (a conjugate/negative view of a tensor is not it)."""
+    return (a.storage_offset, a.shape, a.stride, a.dtype, has_view_bits(a)) == (
         b.storage_offset,
         b.shape,
         b.stride,
         b.dtype,
-    )
+        has_view_bits(b),
+    ) and (a.metadata == b.metadata or not has_view_bits(a))
+
+
+def cannot_store(ref: TensorRef, out_dtype: str) -> str | None:
+    """Why safetensors (0.8's format) cannot hold this tensor as ``out_dtype``, or None."""
+    info = dtypes.get(ref.dtype)
+    if ref.kind == "quantized" or info.is_quantized:
+        return f"is a quantized {ref.dtype} tensor, which safetensors cannot store"
+    if ref.dtype == "float4_e2m1fn_x2":  # F4 counts values, not bytes: a header of its own
+        return "is float4_e2m1fn_x2, which ckpttool cannot write to safetensors yet"
+    if dtypes.get(out_dtype).safetensors is None:
+        return f"is {out_dtype}, which safetensors cannot store"
+    return None
+
+
+def _check_names(src: str, argument: str, wanted: tuple[str, ...], names: list[str]) -> None:
+    """Refuse a name in ``wanted`` that is none of the output's tensor ``names``."""
+    import difflib
+
+    known = set(names)
+    for name in wanted:
+        if name not in known:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"; close names: {', '.join(close)}" if close else f" ({len(names)} tensors)"
+            raise ArgumentError(src, argument, f"no tensor named {name!r} in the output{hint}")
 
 
 def to_safetensors(
@@ -190,21 +214,15 @@ def to_safetensors(
     ``model-0000K-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``.
     Tied tensors are stored once (the first name, or one in ``keep``) and their aliases
     recorded in ``__metadata__["ckpttool.aliases"]``; ``duplicate_shared`` writes copies.
+    A file whose pickle can run code is refused; objects of user classes are never written
+    (the output holds tensors and strings only), so they need no permission.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     shard_limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    if dtype is not None and dtype not in CAST_DTYPES:
-        raise CheckpointError(None, f"--dtype must be one of {', '.join(CAST_DTYPES)}")
-    ops = KeyOps(
-        strip=(strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix),
-        add=(add_prefix,) if isinstance(add_prefix, str) else tuple(add_prefix),
-        replace=tuple(replace_prefix),
-    )
-    ckpt = open_checkpoint(src)
-    check_target(input_files(ckpt), dst, force=force, in_place=None, is_dir=shard_limit is not None)
-    dangerous = [g for g in ckpt.globals if classify(g) == "dangerous"]
-    if dangerous:
-        raise DangerousCheckpointError(src, dangerous)
+    check_cast(dtype)
+    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
+    # user classes are fine (no permission asked): only tensors and strings are written
+    ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shard_limit is not None)
     chosen, entries = _select(ckpt, key, all_tensors)
     left_out = [f"{name} (None)" for name, v in entries if not isinstance(v, TensorRef)]
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
@@ -212,7 +230,7 @@ def to_safetensors(
         if isinstance(v, TensorRef):
             if name in tensors and tensors[name] is not v:
                 raise CheckpointError(
-                    src, f"two tensors would both be named {name!r}; choose one with --key"
+                    src, f"two tensors would both be named {name!r}", remedy="choose_key"
                 )
             tensors[name] = v
     if not tensors:
@@ -225,15 +243,16 @@ def to_safetensors(
         ) from None
     renamed = sum(1 for a, b in zip(tensors, renamed_sd, strict=True) if a != b)
     items: list[Item] = []
+    castable = cast_targets(chosen) if dtype else set()
     for name, ref in renamed_sd.items():
         out_dtype = ref.dtype
-        if dtype and dtypes.get(ref.dtype).is_floating:
+        if dtype and id(ref) in castable and numeric.can_cast(ref.dtype, dtype):
             out_dtype = dtype
-        if ref.kind == "quantized" or dtypes.get(out_dtype).safetensors is None:
-            raise CheckpointError(
-                src, f"tensor {name!r} is {ref.dtype}, which safetensors cannot store"
-            )
+        problem = cannot_store(ref, out_dtype)
+        if problem:
+            raise CheckpointError(src, f"tensor {name!r} {problem}")
         items.append(Item(name, ref, out_dtype))
+    _check_names(src, "keep", keep, list(renamed_sd))
     aliases: dict[str, str] = {}
     groups = _shared_groups(items)
     if not duplicate_shared:
@@ -252,7 +271,7 @@ def to_safetensors(
     carried = ckpt.facts.get("metadata") or {}  # a safetensors input's own metadata
     for k in RESERVED_METADATA:
         if metadata and k in metadata:
-            raise CheckpointError(None, f"--metadata cannot set the reserved key {k!r}")
+            raise CheckpointError(None, f"the metadata cannot set the reserved key {k!r}")
     meta = {
         **{k: v for k, v in carried.items() if k not in RESERVED_METADATA},
         **meta,

@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, DangerousCheckpointError
-from ..unpickling.policy import classify
 from .wrappers import FixResult, fix_state_dict, unwrap
 
 if TYPE_CHECKING:
@@ -106,7 +105,8 @@ def load(
 
     Args:
         path: a torch file (zip or legacy ``.pt``/``.pth``/``.bin``/``.ckpt``), a ``.safetensors``
-            file, a sharded checkpoint's ``*.index.json``, or the folder holding that index.
+            file, a sharded checkpoint's ``*.index.json``, the folder holding that index, or a
+            Hugging Face model folder (its ``model.safetensors`` or ``pytorch_model.bin``).
         map_location: ``"cpu"``, ``"cuda:N"`` or a :class:`torch.device`; ``None`` is refused.
         weights_only: passed to :func:`torch.load` (torch files only). Keep ``True`` for files
             you did not write yourself: then no pickled code runs.
@@ -118,7 +118,9 @@ def load(
 
     Returns:
         What :func:`torch.load` returns; for safetensors files and sharded checkpoints, a dict of
-        tensor name to tensor (a sharded checkpoint's shards merged in the index's order).
+        tensor name to tensor (a sharded checkpoint's shards merged in the index's order), with
+        the tied tensors that ckpttool stored once under every name again (the aliases recorded
+        in ``__metadata__["ckpttool.aliases"]``: both names, one tensor).
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, damaged, needs
@@ -135,13 +137,56 @@ def load(
 
 
 def _load_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    tensors, aliases = _read_safetensors(path, device)
+    return _with_aliases(path, tensors, aliases)
+
+
+def _read_safetensors(
+    path: str, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the stored tensors, the aliases ckpttool recorded for tied tensors stored once)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, device=str(device))
+        tensors = load_file(path, device=str(device))
+        with safe_open(path, framework="pt") as f:  # reads the header only
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(path, f"cannot load safetensors file: {_one_line(exc)}") from None
+    return tensors, _aliases(path, meta)
+
+
+def _aliases(path: str, meta: Mapping[str, str]) -> dict[str, str]:
+    """``__metadata__["ckpttool.aliases"]``: JSON {alias: stored name}, checked."""
+    import json
+
+    from ..ops.to_safetensors import ALIASES_KEY
+
+    raw = meta.get(ALIASES_KEY)
+    if raw is None:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except ValueError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(path, f"its {ALIASES_KEY!r} metadata is not a map of tensor names")
+    return aliases
+
+
+def _with_aliases(path: str, tensors: dict[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    """Tied tensors under every name again: each alias is the very tensor it names."""
+    for alias, stored in aliases.items():
+        if alias in tensors:
+            raise CheckpointError(path, f"alias {alias!r} is also a stored tensor")
+        if stored not in tensors:
+            raise CheckpointError(path, f"alias {alias!r} names {stored!r}, which is not stored")
+    out = dict(tensors)
+    out.update({alias: tensors[stored] for alias, stored in aliases.items()})
+    return out
 
 
 def _load_torch(
@@ -160,6 +205,12 @@ def _load_torch(
         mmap = zip_like and device.type == "cpu"
     elif mmap and not zip_like:
         raise CheckpointError(path, f"mmap=True needs a torch zip file; this one is {kind}")
+    if not weights_only:  # torch would run the pickle: never one that can run code
+        from ..readers import file_verdict
+
+        dangerous = file_verdict(path).dangerous
+        if dangerous:
+            raise DangerousCheckpointError(path, dangerous)
     try:
         return torch.load(path, map_location=device, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -173,12 +224,14 @@ def _weights_only_error(path: str, exc: pickle.UnpicklingError) -> CheckpointErr
     from ..readers import open_checkpoint
 
     try:
-        names = [g for g in open_checkpoint(path).globals if classify(g) != "torch"]
+        verdict = open_checkpoint(path).verdict
+    except DangerousCheckpointError as err:
+        return err
     except CheckpointError:
-        names = []
-    dangerous = [g for g in names if classify(g) == "dangerous"]
-    if dangerous:
-        return DangerousCheckpointError(path, dangerous)
+        verdict = None
+    if verdict is not None and verdict.dangerous:
+        return DangerousCheckpointError(path, verdict.dangerous)
+    names = [g.name for g in verdict.globals if g.kind != "torch"] if verdict else []
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         reason = f"it names {shown}"
@@ -187,8 +240,9 @@ def _weights_only_error(path: str, exc: pickle.UnpicklingError) -> CheckpointErr
         reason = lines[0] if lines else _one_line(exc)
     return CheckpointError(
         path,
-        f"torch's weights_only loader refuses it ({reason}); `ckpttool convert --plain-objects` "
-        "writes a copy it accepts, or pass weights_only=False if you trust the file",
+        f"torch's weights_only loader refuses it ({reason}); "
+        "ckpttool.convert(..., plain_objects=True) writes a copy it accepts, "
+        "or pass weights_only=False if you trust the file",
     )
 
 
@@ -212,11 +266,13 @@ def _load_sharded(
         weight_map: dict[str, str] = json.load(f)["weight_map"]  # validated by open_checkpoint
     folder = os.path.dirname(os.path.abspath(index))
     merged: dict[str, Any] = {}
+    aliases: dict[str, str] = {}  # every shard records them all (ckpttool's to_safetensors)
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = os.path.join(folder, shard)
         kind, _ = _format(shard_path)
         if kind == "safetensors":
-            part: Any = _load_safetensors(shard_path, device)
+            part, found = _read_safetensors(shard_path, device)
+            aliases.update(found)
         else:
             part = _load_torch(shard_path, kind, device, weights_only=weights_only, mmap=mmap)
         if not isinstance(part, Mapping):
@@ -225,7 +281,7 @@ def _load_sharded(
     missing = [name for name in weight_map if name not in merged]
     if missing:
         raise CheckpointError(index, f"tensor {missing[0]!r} is not in its shard")
-    return {name: merged[name] for name in weight_map}
+    return _with_aliases(index, {name: merged[name] for name in weight_map}, aliases)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -98,22 +98,14 @@ class Sources:
             os.close(fd)
 
 
-def recode(chunk: bytearray, src: StorageInfo, dtype: str) -> bytearray:
-    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only)."""
-    import torch  # only casts and byte swaps need torch
+def recode(chunk: bytes | bytearray, src: StorageInfo, dtype: str) -> bytearray:
+    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only).
 
-    t = torch.frombuffer(chunk, dtype=getattr(torch, src.dtype))
-    item = dtypes.get(src.dtype).itemsize
-    if src.big_endian and item > 1:
-        unit = item // 2 if src.dtype.startswith("complex") else item
-        swapped = t.view(torch.uint8).view(-1, unit).flip(1).contiguous()
-        t = swapped.view(-1).view(getattr(torch, src.dtype))
-    if dtype != src.dtype:
-        t = t.to(getattr(torch, dtype))
-    buf = bytearray(t.numel() * t.element_size())
-    if buf:
-        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
-    return buf
+    No torch: see :mod:`.numeric` (rounds as torch does; swaps as torch's loader does).
+    """
+    from . import numeric
+
+    return numeric.recode(chunk, src, dtype)
 
 
 def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
@@ -127,11 +119,11 @@ def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
         with zipfile.ZipFile(src.file) as zf, zf.open(src.record or "") as f:
             left = n
             while left:
-                chunk = f.read(min(step, left))
-                if not chunk:
+                data = f.read(min(step, left))
+                if not data:
                     raise CheckpointError(src.file, f"record {src.record} is truncated")
-                left -= len(chunk)
-                yield bytearray(chunk)
+                left -= len(data)
+                yield bytearray(data)
         return
     off = src.offset
     left = n
@@ -146,7 +138,7 @@ def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
         left -= want
 
 
-def write_all(fd: int, data: bytes | bytearray) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -2,7 +2,8 @@
 
 Contiguous tensors are copied with ``copy_file_range`` and checked in a background thread
 (against the input record's CRC-32 when the tensor is a whole record, else byte for byte);
-non-contiguous, cast or big-endian tensors pass through memory one tensor at a time.
+strided, cast or big-endian tensors are gathered and converted without torch, in bounded
+pieces (:mod:`.numeric`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import CheckpointError
 from ..model import TensorRef
 from ..readers import open_checkpoint
 from . import copy as bytecopy
+from . import numeric
 
 Progress = Callable[[int], None]
 
@@ -68,10 +70,11 @@ def write_tensor(
     itemsize = ref.itemsize
     direct = (
         ref.is_contiguous()
-        and it.dtype == ref.dtype == src.dtype
-        and not src.big_endian
+        and it.dtype == ref.dtype
+        and not numeric.swaps(src)
         and not src.compressed
         and src.file
+        and not numeric.has_view_bits(ref)
     )
     if direct:
         start = src.offset + ref.storage_offset * itemsize
@@ -86,56 +89,15 @@ def write_tensor(
             )
         background.submit(bytecopy.start_writeback, fd, dst_off, it.nbytes)
         return
-
-    if ref.is_contiguous() and not src.compressed and src.file and it.dtype != ref.dtype:
-        # a cast of a contiguous view: stream it in chunks of whole elements
-        from dataclasses import replace
-
-        window = replace(src, offset=src.offset + ref.storage_offset * itemsize, numel=ref.numel)
-        crc = 0
-        for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file)):
-            data = bytecopy.recode(chunk, window, it.dtype)
-            bytecopy.write_all(fd, data)
-            crc = zlib.crc32(data, crc)
-            if progress:
-                progress(len(chunk))
-        it.crc = crc
-        return
-    data = gather(ref, sources, it.dtype)  # non-contiguous, big-endian or deflated: one tensor
-    bytecopy.write_all(fd, data)
-    it.crc = zlib.crc32(data)
-    if progress:
-        progress(len(data))
-
-
-def gather(ref: TensorRef, sources: bytecopy.Sources, dtype: str) -> bytearray:
-    """The view's values, contiguous, little-endian, in ``dtype`` (holds one tensor)."""
-    from dataclasses import replace
-
-    import torch
-
-    src = ref.storage
-    assert src is not None
-    lo, hi = ref.extent()
-    window = (
-        replace(src, offset=src.offset + lo * ref.itemsize, numel=hi - lo)
-        if not src.compressed
-        else src
-    )
-    buf = bytearray()
-    for chunk in bytecopy.iter_storage_chunks(window, sources.fd(src.file) if src.file else -1):
-        buf += bytecopy.recode(chunk, window, window.dtype) if src.big_endian else chunk
-    if src.compressed:
-        buf = buf[lo * ref.itemsize : hi * ref.itemsize]
-    if not buf:
-        return bytearray()
-    base = torch.frombuffer(buf, dtype=getattr(torch, ref.dtype))
-    t = torch.as_strided(base, ref.shape, ref.stride, ref.storage_offset - lo)
-    if dtype != ref.dtype:
-        t = t.to(getattr(torch, dtype))
-    out = bytearray(t.numel() * t.element_size())
-    torch.frombuffer(out, dtype=torch.uint8).copy_(t.contiguous().view(torch.uint8).view(-1))
-    return out
+    # strided, cast, big-endian or deflated: gathered and converted in bounded pieces
+    map_fd = sources.fd(src.file) if src.file and not src.compressed else None
+    crc = 0
+    for piece in numeric.iter_tensor_bytes(ref, it.dtype, fd=map_fd):
+        bytecopy.write_all(fd, piece)
+        crc = zlib.crc32(piece, crc)
+        if progress:
+            progress(len(piece))
+    it.crc = crc
 
 
 def write_file(

@@ -1,0 +1,81 @@
+"""The opening steps every writing command shares: key operations, the cast, the input's files,
+refusing dangerous inputs, and which tensors a cast applies to.
+
+Example:
+    >>> ops = key_ops(strip="module.")
+    >>> check_cast("bfloat16")
+    >>> ckpt = open_source("best.pth", "out.pt", force=False, in_place=False)
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from .. import dtypes
+from ..analysis.state_dicts import find_state_dicts
+from ..errors import CheckpointError
+from ..model import Checkpoint
+from ..readers import open_checkpoint
+from ..tree import iter_tensors
+from ..unpickling.policy import refuse_dangerous
+from ..writers.atomic import check_target
+from .keys import CAST_DTYPES, KeyOps
+
+Prefixes = str | tuple[str, ...]
+Replacements = tuple[str, str] | tuple[tuple[str, str], ...]
+
+
+def key_ops(strip: Prefixes = (), add: Prefixes = (), replace: Replacements = ()) -> KeyOps:
+    """One :class:`KeyOps` from the library's arguments, each a string or a tuple of them
+    (``replace``: one ``(old, new)`` pair or a tuple of pairs)."""
+    one_pair = bool(replace) and isinstance(replace[0], str)
+    pairs = cast(tuple[tuple[str, str], ...], (replace,) if one_pair else tuple(replace))
+    return KeyOps(
+        strip=(strip,) if isinstance(strip, str) else tuple(strip),
+        add=(add,) if isinstance(add, str) else tuple(add),
+        replace=pairs,
+    )
+
+
+def check_cast(dtype: str | None) -> None:
+    """Refuse a cast to a dtype the writers cannot produce."""
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise CheckpointError(
+            None, f"cannot cast to {dtype!r}: the dtype must be one of {', '.join(CAST_DTYPES)}"
+        )
+
+
+def input_files(ckpt: Checkpoint) -> list[str]:
+    """Every file the checkpoint is made of (an index and its shards, a folder's shards), so
+    that no output replaces one of them."""
+    dc = ckpt.facts.get("distributed")
+    if dc is not None:
+        return [ckpt.path, *(p for p, _ in dc.files)]
+    return [ckpt.path, *dict.fromkeys(s.file for s in ckpt.storages.values() if s.file)]
+
+
+def open_source(
+    src: str, dst: str, *, force: bool, in_place: bool | None, is_dir: bool = False
+) -> Checkpoint:
+    """Open ``src``, refuse an output that would clobber something, refuse a dangerous input."""
+    ckpt = open_checkpoint(src)
+    check_target(input_files(ckpt), dst, force=force, in_place=in_place, is_dir=is_dir)
+    refuse_dangerous(src, ckpt.verdict)
+    return ckpt
+
+
+def cast_targets(chosen: Any) -> set[int]:
+    """The floating tensors (by ``id``) a cast applies to: the weights of the model state dicts
+    under the chosen node; where there are none (an optimizer chosen), every tensor except 0-dim
+    ones and those named ``step``, so that bookkeeping such as Adam's step counters stays exact.
+    """
+    sds = [s for s in find_state_dicts(chosen) if s.source in ("dict", "module")]
+    if sds:
+        refs = (ref for sd in sds for _, ref in iter_tensors(sd.node))
+    else:
+        refs = (
+            ref
+            for name, ref in iter_tensors(chosen)
+            if ref.shape and name.rsplit(".", 1)[-1] != "step"
+        )
+    return {id(ref) for ref in refs if dtypes.get(ref.dtype).is_floating}
