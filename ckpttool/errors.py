@@ -9,21 +9,46 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, unreadable file, failed write
 EXIT_USAGE = 2  # Click's usage errors
 EXIT_DANGEROUS = 3  # the pickle names dangerous globals (inspect reports them; writers refuse)
-EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM: nothing was written
+EXIT_DIFFERS = 4  # diff: the inputs differ; check: the state dict would not load
+EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM / SIGHUP: nothing was written
+
+
+# How to fix an error, said to a caller of the library (its argument names). The command line
+# says the same with its flags (``cli.REMEDIES``): the library never names a flag.
+REMEDIES = {
+    "force": "; pass force=True to replace it",
+    "in_place": "; pass in_place=True to replace it",
+    "key": " (key)",
+    "choose_key": "; choose one with key=PATH",
+    "key_or_all": ": choose one with key=PATH, or pass all_tensors=True",
+    "all_tensors": ": pass all_tensors=True to write its tensors",
+    "allow_user_classes": (
+        "; pass allow_user_classes=True to write them, or plain_objects=True to replace them"
+    ),
+    "extract_torchscript": (
+        "; use ckpttool.to_safetensors(..., all_tensors=True) to extract its tensors"
+    ),
+}
 
 
 class CheckpointError(Exception):
     """A problem with a checkpoint file or with writing one, worded for the user.
 
-    ``str(err)`` is one line: ``"<path>: <what is wrong>"``; the CLI prints it after ``Error: ``.
+    ``str(err)`` is one line: ``"<path>: <what is wrong>"``, followed by how to fix it when
+    ``remedy`` (a key of :data:`REMEDIES`) says; the CLI prints it after ``Error: `` with the
+    remedy spelled in flags.
     """
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, path: str | os.PathLike[str] | None, message: str) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, message: str, *, remedy: str | None = None
+    ) -> None:
         self.path = os.fspath(path) if path is not None else None
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+        self.remedy = remedy
+        text = message + (REMEDIES[remedy] if remedy else "")
+        super().__init__(f"{self.path}: {text}" if self.path is not None else text)
 
 
 class DangerousCheckpointError(CheckpointError):
@@ -48,6 +73,20 @@ class DangerousCheckpointError(CheckpointError):
 
 
 class InterruptedWriteError(CheckpointError):
-    """The user interrupted a write (Ctrl-C or SIGTERM); the temporary file was removed."""
+    """The user interrupted a write (SIGINT, SIGTERM or SIGHUP); the temp file was removed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class ArgumentError(CheckpointError):
+    """An argument names something the checkpoint does not hold (e.g. a tensor to keep).
+
+    ``argument`` is the library's parameter name (``"keep"``); the command line reports it
+    as a usage error of its option, exit code 2.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, path: str | os.PathLike[str] | None, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(path, message)

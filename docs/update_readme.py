@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from ckpttool.cli import cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-COMMANDS = ["", "inspect", "convert", "to-safetensors"]
+COMMANDS = ["", *sorted(cli.commands)]  # every command: a new one cannot go undocumented
 
 
 def help_text(command: str) -> str:
     args = [command, "--help"] if command else ["--help"]
-    result = CliRunner().invoke(cli, args, terminal_width=100, prog_name="ckpttool")
+    result = CliRunner().invoke(cli, args, terminal_width=80, prog_name="ckpttool")
     assert result.exit_code == 0, result.output
     return result.output.rstrip() + "\n"
 

@@ -1,8 +1,9 @@
 """All-or-nothing output: write to a temp file beside the target, fsync, then rename.
 
-A failed, interrupted (Ctrl-C, SIGTERM) or refused write leaves no partial file and never
-touches an existing output. Only SIGKILL can leave a ``.*.ckpttool-tmp`` file behind (it is
-never renamed into place, so the target stays intact).
+A failed, interrupted (SIGINT, SIGTERM, SIGHUP) or refused write leaves no partial file and
+never touches an existing output. Only SIGKILL (or a power cut) can leave a ``.*.ckpttool-tmp``
+file behind (it is never renamed into place, so the target stays intact). Every temp file and
+folder is registered while it exists (:func:`remove_temps` removes what an interruption left).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
-from types import FrameType
 
+from .. import signals
 from ..errors import CheckpointError, InterruptedWriteError
 
 TMP_SUFFIX = ".ckpttool-tmp"
@@ -58,8 +60,8 @@ def check_target(
     shown, dst = dst, resolve_output(dst)  # messages name the path the user gave
     same = any(os.path.exists(dst) and _same_file(s, dst) for s in files)
     if same and not in_place:
-        hint = "; pass --in-place to replace it" if in_place is not None else ""
-        raise CheckpointError(shown, f"output is the input file{hint}")
+        remedy = "in_place" if in_place is not None else None
+        raise CheckpointError(shown, "output is the input file", remedy=remedy)
     if is_dir:
         if os.path.lexists(dst) and not os.path.isdir(dst):
             raise CheckpointError(shown, "output exists and is not a folder")
@@ -68,12 +70,12 @@ def check_target(
             if any(_same_file(s, os.path.join(dst, n)) for s in files for n in replaced):
                 raise CheckpointError(shown, "output is the input file")
             if replaced and not force:
-                raise CheckpointError(shown, "output exists; pass --force to replace it")
+                raise CheckpointError(shown, "output exists", remedy="force")
     else:
         if os.path.isdir(dst):
             raise CheckpointError(shown, "output is a directory; give a file name")
         if os.path.lexists(dst) and not force and not same:
-            raise CheckpointError(shown, "output exists; pass --force to replace it")
+            raise CheckpointError(shown, "output exists", remedy="force")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise CheckpointError(shown, f"output folder {parent} does not exist")
@@ -95,44 +97,64 @@ def describe_os_error(exc: OSError) -> str:
     return f"write failed ({exc.strerror or exc}); nothing was written"
 
 
+# -- interruptions -----------------------------------------------------------------------
+# Temp files and folders of the writes in progress (path -> "file" or "dir"), so that the
+# command line can remove them even if a signal cut an unwinding short, and the outputs this
+# process has renamed into place (an interruption after that must not say "nothing written").
+_live: dict[str, str] = {}
+_written: list[str] = []
+
+
+def _forget(path: str) -> None:
+    """Remove a registered temp file or folder (quietly) and drop it from the registry."""
+    kind = _live.pop(path, None)
+    if kind == "dir":
+        shutil.rmtree(path, ignore_errors=True)
+    elif kind == "file":
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def remove_temps() -> None:
+    """Remove the temp files and folders of every write still in progress (last first)."""
+    for path in reversed(list(_live)):
+        _forget(path)
+
+
+def written_outputs() -> list[str]:
+    """The outputs this process has renamed into place so far (their resolved paths)."""
+    return list(_written)
+
+
 @contextlib.contextmanager
 def interrupts_as_errors(dst: str) -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into an exception so the cleanup below runs."""
+    """Make SIGINT/SIGTERM/SIGHUP unwind the write so that the cleanup below runs.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise InterruptedWriteError(dst, "interrupted; nothing was written")
-
-    old: dict[int, object] = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        old = {}
+    Under the command line's policy (``signals.install``) signals already raise
+    :class:`~ckpttool.signals.Interrupted`, which is let through. Called from a library, the
+    signals are caught for the duration of the block only (those the program ignores stay
+    ignored) and become :class:`~ckpttool.errors.InterruptedWriteError`.
+    """
+    if signals.installed():
+        yield
+        return
+    signals.reset()
+    before = len(_written)
+    old: dict[signal.Signals, object] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for sig in signals.SIGNALS:
+            previous = signals.handle(sig)
+            if previous is not None:
+                old[sig] = previous
     try:
         yield
-    except KeyboardInterrupt:
+    except (signals.Interrupted, KeyboardInterrupt):
+        if dst in _written[before:]:  # the signal came once this output was in place
+            raise InterruptedWriteError(dst, "interrupted after the output was written") from None
         raise InterruptedWriteError(dst, "interrupted; nothing was written") from None
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the output is renamed into place: a commit is never half done.
-
-    A signal that arrives meanwhile is delivered after the block (the write has then finished).
-    """
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _fsync(path: str) -> None:
@@ -160,34 +182,39 @@ def _fsync_dir(path: str) -> None:
 def atomic_file(dst: str) -> Iterator[str]:
     """Yield a temp path beside ``dst``; on success fsync it and rename it over ``dst``.
 
-    A symbolic link at ``dst`` is written through (its target is replaced).
+    A symbolic link at ``dst`` is written through (its target is replaced). Signals are held
+    while the temp file is created and registered, while it is renamed into place, and while
+    it is removed after a failure, so none of these is ever half done.
     """
     dst = resolve_output(dst)
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise CheckpointError(dst, f"output folder {parent} does not exist")
     tmp: str | None = None
-    committed = False
     try:
         with interrupts_as_errors(dst):
             try:
-                fd, tmp = tempfile.mkstemp(
-                    prefix="." + os.path.basename(dst) + ".", suffix=TMP_SUFFIX, dir=parent
-                )
+                with signals.held():
+                    fd, tmp = tempfile.mkstemp(
+                        prefix="." + os.path.basename(dst) + ".", suffix=TMP_SUFFIX, dir=parent
+                    )
+                    _live[tmp] = "file"
                 os.close(fd)
                 yield tmp
                 _fsync(tmp)
                 os.chmod(tmp, 0o666 & ~_umask())
-                with _signals_held():
+                with signals.held():
+                    signals.check()  # one swallowed on its way still stops the commit
                     os.replace(tmp, dst)
-                    committed = True
+                    _live.pop(tmp, None)
+                    _written.append(dst)
             except OSError as exc:
                 raise CheckpointError(dst, describe_os_error(exc)) from None
         _fsync_dir(parent)
     finally:
-        if not committed and tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if tmp is not None and tmp in _live:
+            with signals.held():
+                _forget(tmp)
 
 
 @contextlib.contextmanager
@@ -196,53 +223,60 @@ def atomic_shards(dst: str) -> Iterator[str]:
 
     ``dst`` is created if missing. Other files in it (``config.json``, the input) are never
     touched; previous shards and index are replaced as a set: moved aside, the new files moved
-    in, then the old ones deleted, with SIGINT/SIGTERM held meanwhile. On failure ``dst`` is as
-    it was (and removed again if this call created it).
+    in, then the old ones deleted, with SIGINT/SIGTERM/SIGHUP held meanwhile. On failure
+    ``dst`` is as it was (and removed again if this call created it).
     """
-    import shutil
-
-    created = False
-    tmp: str | None = None
-    old: str | None = None
-    committed = False
+    made: list[str] = []  # registered temp folders (and dst if this call created it)
     try:
         with interrupts_as_errors(dst):
             try:
-                if not os.path.isdir(dst):
-                    os.mkdir(dst)
-                    created = True
-                tmp = tempfile.mkdtemp(prefix=".shards.", suffix=TMP_SUFFIX, dir=dst)
+                with signals.held():
+                    if not os.path.isdir(dst):
+                        os.mkdir(dst)
+                        _live[dst] = "dir"
+                        made.append(dst)
+                    tmp = tempfile.mkdtemp(prefix=".shards.", suffix=TMP_SUFFIX, dir=dst)
+                    _live[tmp] = "dir"
+                    made.append(tmp)
                 yield tmp
                 new = sorted(os.listdir(tmp))
                 for name in new:
                     _fsync(os.path.join(tmp, name))
-                with _signals_held():
+                with signals.held():
+                    signals.check()  # one swallowed on its way still stops the commit
                     old = tempfile.mkdtemp(prefix=".old.", suffix=TMP_SUFFIX, dir=dst)
-                    moved: list[str] = []
-                    try:
-                        for name in sorted(os.listdir(dst)):
-                            if is_shard_output(name):
-                                os.rename(os.path.join(dst, name), os.path.join(old, name))
-                                moved.append(name)
-                        for name in new:  # the index comes last in sorted order
-                            os.rename(os.path.join(tmp, name), os.path.join(dst, name))
-                    except OSError:
-                        for name in new:
-                            if os.path.exists(os.path.join(dst, name)) and name not in moved:
-                                os.unlink(os.path.join(dst, name))
-                        for name in moved:
-                            os.rename(os.path.join(old, name), os.path.join(dst, name))
-                        raise
-                    committed = True
+                    _live[old] = "dir"
+                    made.append(old)
+                    _replace_shards(dst, tmp, old, new)
+                    _live.pop(dst, None)  # committed: dst stays even if this call made it
+                    _written.append(dst)
             except OSError as exc:
                 raise CheckpointError(dst, describe_os_error(exc)) from None
         _fsync_dir(dst)
     finally:
-        for folder in (tmp, old):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-        if created and not committed:
-            shutil.rmtree(dst, ignore_errors=True)
+        with signals.held():
+            for path in reversed(made):
+                _forget(path)
+
+
+def _replace_shards(dst: str, tmp: str, old: str, new: list[str]) -> None:
+    """Move the shards in ``dst`` into ``old``, then ``new`` from ``tmp`` into ``dst``; on an
+    OS error put everything back as it was."""
+    moved: list[str] = []
+    try:
+        for name in sorted(os.listdir(dst)):
+            if is_shard_output(name):
+                os.rename(os.path.join(dst, name), os.path.join(old, name))
+                moved.append(name)
+        for name in new:  # the index comes last in sorted order
+            os.rename(os.path.join(tmp, name), os.path.join(dst, name))
+    except OSError:
+        for name in new:
+            if os.path.exists(os.path.join(dst, name)) and name not in moved:
+                os.unlink(os.path.join(dst, name))
+        for name in moved:
+            os.rename(os.path.join(old, name), os.path.join(dst, name))
+        raise
 
 
 def _umask() -> int:
