@@ -1,0 +1,543 @@
+"""``torch.distributed.checkpoint`` folders (FSDP/FSDP2, torchtitan, accelerate, Lightning).
+
+A DCP folder holds ``.metadata`` (one pickle of ``Metadata``: every flattened key's global
+shape, dtype and chunk boxes, the nesting path of each key, and where each chunk's item lies)
+and ``__R_T.distcp`` files, each a run of items: complete, uncompressed torch zips of one
+chunk tensor (or of one pickled non-tensor value), at ``(offset, length)``.
+
+Everything is read as data: the metadata classes become placeholders that record their state,
+and each item's storage record is located through the zip directory without reading tensor
+bytes. The result is a :class:`~ckpttool.readers.distributed.DistributedCheckpoint`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from typing import Any
+
+from .. import dtypes
+from ..errors import CheckpointError, DangerousCheckpointError
+from ..model import Opaque, TensorRef
+from ..unpickling.unpickler import DTypeRef
+from .distributed import (
+    DistributedCheckpoint,
+    LogicalTensor,
+    Segment,
+    check_segments,
+    merge_segments,
+)
+
+METADATA = ".metadata"
+MAX_METADATA_BYTES = 256 << 20
+
+_META = "torch.distributed.checkpoint.metadata."
+_OLD_PROPS = "torch.distributed._shard.sharded_tensor.metadata."
+# The globals a .metadata pickle may name: read as data, never imported.
+ALLOWED_GLOBALS = frozenset(
+    {
+        _META + "Metadata",
+        _META + "TensorStorageMetadata",
+        _META + "BytesStorageMetadata",
+        _META + "ChunkStorageMetadata",
+        _META + "TensorProperties",
+        _META + "_MEM_FORMAT_ENCODING",
+        _META + "MetadataIndex",
+        _META + "StorageMeta",
+        _OLD_PROPS + "TensorProperties",
+        _OLD_PROPS + "MEM_FORMAT_ENCODING",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "torch.distributed.checkpoint.filesystem._StoragePrefix",
+        "torch.Size",
+        "torch.strided",
+        "torch.serialization._get_layout",
+        "collections.OrderedDict",
+        "builtins.set",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PureWindowsPath",
+        "pathlib._local.PosixPath",
+        "pathlib._local.WindowsPath",
+    }
+)
+_OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optim_state", "optimizer_state"})
+_MODEL_KEYS = frozenset({"model", "models", "module", "state_dict", "model_state_dict"})
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
+_ITEM_FILE = re.compile(r"__\d+_\d+\.distcp|[^/\\]+\.distcp")
+
+
+def _allowed(name: str) -> bool:
+    return name in ALLOWED_GLOBALS or (name.startswith("torch.") and name[6:] in dtypes.DTYPES)
+
+
+def is_dcp_folder(path: str) -> bool:
+    """A folder whose ``.metadata`` begins like a pickle (the bytes decide, not the names)."""
+    meta = os.path.join(path, METADATA)
+    if not os.path.isdir(path) or not os.path.isfile(meta):
+        return False
+    try:
+        with open(meta, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+# -- reading the metadata pickle ---------------------------------------------------------------
+def _fields(obj: Any, what: str, meta: str) -> dict[str, Any]:
+    """A dataclass placeholder's fields (its pickled ``__dict__``, or dict + slots)."""
+    if not isinstance(obj, Opaque):
+        raise CheckpointError(meta, f"{what} is a {type(obj).__name__}, not a DCP record")
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2:
+        merged: dict[str, Any] = {}
+        for part in state:
+            if isinstance(part, dict):
+                merged.update(part)
+        return merged
+    if isinstance(state, dict):
+        return state
+    if state is None and not obj.args:
+        return {}
+    raise CheckpointError(meta, f"{what} ({obj.global_name}) has an unexpected layout")
+
+
+def _ints(value: Any, what: str, meta: str) -> tuple[int, ...]:
+    if isinstance(value, Opaque) and value.global_name == "torch.Size":
+        value = value.args[0] if value.args else ()
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise CheckpointError(meta, f"{what} is not a tuple of non-negative integers")
+    return tuple(value)
+
+
+def _dtype_of(props: Any, fqn: str, meta: str) -> str:
+    """The dtype name in a TensorProperties placeholder, refusing non-strided layouts."""
+    if not isinstance(props, Opaque):
+        raise CheckpointError(meta, f"{fqn!r} has no tensor properties")
+    state = props.state
+    if isinstance(state, tuple) and len(state) >= 2:  # __getstate__: (dtype, layout, ...)
+        dtype, layout = state[0], state[1]
+    elif isinstance(state, dict):
+        dtype, layout = state.get("dtype"), state.get("layout")
+    else:
+        raise CheckpointError(meta, f"the tensor properties of {fqn!r} have an unknown layout")
+    if not isinstance(dtype, DTypeRef) or dtype.name not in dtypes.DTYPES:
+        raise CheckpointError(meta, f"{fqn!r} has an unknown dtype ({dtype!r})")
+    layout_name = ""
+    if isinstance(layout, type) and issubclass(layout, Opaque):
+        layout_name = layout.__ck_global__
+    elif isinstance(layout, Opaque) and layout.global_name == "torch.serialization._get_layout":
+        layout_name = str(layout.args[0]) if layout.args else ""
+    elif layout is None:
+        layout_name = "torch.strided"
+    if layout_name != "torch.strided":
+        raise CheckpointError(
+            meta, f"{fqn!r} has layout {layout_name or layout!r}; only strided tensors are read"
+        )
+    return dtype.name
+
+
+def _unpickle_metadata(folder: str, seen: dict[str, str]) -> Any:
+    from ..unpickling.scan import unpickle
+
+    meta = os.path.join(folder, METADATA)
+    size = os.path.getsize(meta)
+    if size > MAX_METADATA_BYTES:
+        raise CheckpointError(meta, f"is {size:,} bytes, more than a DCP metadata file needs")
+    local: dict[str, str] = {}
+    with open(meta, "rb") as f:
+        data = f.read(MAX_METADATA_BYTES + 1)
+    if len(data) > MAX_METADATA_BYTES:
+        raise CheckpointError(meta, "grew past the size a DCP metadata file needs")
+    with io.BytesIO(data) as f:
+        try:
+            root, _ = unpickle(meta, f, METADATA, None, local)
+        finally:
+            for name, kind in local.items():
+                if not _allowed(name):
+                    seen.setdefault(name, kind)
+    dangerous = [g for g, k in local.items() if k == "dangerous" and not _allowed(g)]
+    if dangerous:
+        raise DangerousCheckpointError(meta, dangerous)
+    unknown = [g for g in local if not _allowed(g)]
+    if unknown:
+        raise CheckpointError(
+            meta,
+            f"names {unknown[0]}, which no DCP version ckpttool knows writes "
+            "(a newer torch or a custom planner?)",
+        )
+    if not isinstance(root, Opaque) or root.global_name != _META + "Metadata":
+        raise CheckpointError(meta, "does not hold a DCP Metadata object")
+    return root
+
+
+class _Storage:
+    """Where one item lies: a .distcp file, an offset and a length."""
+
+    __slots__ = ("file", "length", "offset")
+
+    def __init__(self, file: str, offset: int, length: int) -> None:
+        self.file = file
+        self.offset = offset
+        self.length = length
+
+
+def _storage_index(
+    folder: str, storage_data: Any, sizes: dict[str, int]
+) -> dict[tuple[str, tuple[int, ...] | None], _Storage]:
+    meta = os.path.join(folder, METADATA)
+    if not isinstance(storage_data, dict):
+        raise CheckpointError(meta, "has no storage index (a custom storage writer?)")
+    out: dict[tuple[str, tuple[int, ...] | None], _Storage] = {}
+    for index, info in storage_data.items():
+        idx = _fields(index, "a storage index key", meta)
+        fqn = idx.get("fqn")
+        if not isinstance(fqn, str):
+            raise CheckpointError(meta, "a storage index key has no name")
+        offset = idx.get("offset")
+        key = (fqn, None if offset is None else _ints(offset, f"the offset of {fqn!r}", meta))
+        rec = _fields(info, f"the storage record of {fqn!r}", meta)
+        transforms = rec.get("transform_descriptors")
+        if transforms:
+            raise CheckpointError(
+                meta,
+                f"item {fqn!r} is stored through transforms {list(transforms)!r} "
+                "(compression?), which ckpttool does not read",
+            )
+        rel, off, length = rec.get("relative_path"), rec.get("offset"), rec.get("length")
+        if isinstance(rel, Opaque) and rel.args:  # a pathlib path
+            rel = "/".join(str(a) for a in rel.args)
+        if not isinstance(rel, str) or not _ITEM_FILE.fullmatch(rel):
+            raise CheckpointError(meta, f"item {fqn!r} lies in an unexpected file {rel!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, length)):
+            raise CheckpointError(meta, f"item {fqn!r} has no offset/length")
+        assert isinstance(off, int) and isinstance(length, int)
+        path = os.path.join(folder, rel)
+        if path not in sizes:
+            try:
+                sizes[path] = os.path.getsize(path)
+            except OSError:
+                raise CheckpointError(path, "is missing (named by .metadata)") from None
+        if off < 0 or length <= 0 or off + length > sizes[path]:
+            raise CheckpointError(path, f"is truncated: item {fqn!r} lies past its end")
+        out[key] = _Storage(path, off, length)
+    return out
+
+
+# -- items ----------------------------------------------------------------------------------
+def _head(st: _Storage) -> bytes:
+    with open(st.file, "rb") as f:
+        f.seek(st.offset)
+        return f.read(9)
+
+
+def _check_head(st: _Storage, what: str) -> None:
+    if not _head(st).startswith(b"PK\x03\x04"):
+        raise CheckpointError(st.file, f"item {what!r} at offset {st.offset} is not a torch zip")
+
+
+def _safetensors_header(st: _Storage, cache: dict[Any, Any]) -> tuple[dict[str, Any], int]:
+    """The header of the safetensors file that ``SerializationFormat.SAFETENSORS`` appends to a
+    rank's file after its pickled values; its tensor items all point at its start."""
+    import json
+
+    key = (st.file, st.offset)
+    if key not in cache:
+        with open(st.file, "rb") as f:
+            f.seek(st.offset)
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100 << 20:
+                raise CheckpointError(st.file, f"the safetensors header at {st.offset} is too big")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            raise CheckpointError(
+                st.file, f"the safetensors header at {st.offset} is corrupt"
+            ) from None
+        if not isinstance(header, dict) or len(raw) != n:
+            raise CheckpointError(st.file, f"the safetensors header at {st.offset} is corrupt")
+        cache[key] = (header, st.offset + 8 + n)
+    return cache[key]
+
+
+def _safetensors_chunk(
+    st: _Storage, fqn: str, dtype: str, sizes: tuple[int, ...], cache: dict[Any, Any]
+) -> tuple[int, int | None]:
+    header, data_start = _safetensors_header(st, cache)
+    entry = header.get(fqn)
+    if not isinstance(entry, dict):
+        raise CheckpointError(st.file, f"the safetensors data at {st.offset} lacks {fqn!r}")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    known = dtypes.SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    nbytes = _numel(sizes) * dtypes.get(dtype).itemsize
+    if (
+        known is None
+        or known.name != dtype
+        or not isinstance(shape, list)
+        or tuple(shape) != sizes
+        or not (isinstance(offsets, list) and len(offsets) == 2)
+        or not all(isinstance(v, int) for v in offsets)
+        or offsets[1] - offsets[0] != nbytes
+        or offsets[0] < 0
+    ):
+        raise CheckpointError(
+            st.file, f"the safetensors entry of {fqn!r} does not match the metadata"
+        )
+    start = data_start + offsets[0]
+    if start + nbytes > os.path.getsize(st.file):
+        raise CheckpointError(st.file, f"is truncated: item {fqn!r} is cut short")
+    return start, None
+
+
+def _read_item(st: _Storage, what: str, seen: dict[str, str]) -> Any:
+    """Unpickle one item (a torch zip at a sub-range of its .distcp file)."""
+    from . import torch_zip
+
+    _check_head(st, what)
+    return torch_zip.read(st.file, st.length, seen, base=st.offset).root
+
+
+class _Template:
+    """What one chunk item's ``data.pkl`` says (identical pickles say the same thing)."""
+
+    __slots__ = ("contiguous", "dtype", "itemsize", "key", "nbytes", "shape", "storage_offset")
+
+    def __init__(self, root: Any, st: _Storage, fqn: str) -> None:
+        if not isinstance(root, TensorRef) or root.storage is None:
+            raise CheckpointError(st.file, f"item {fqn!r} at offset {st.offset} is not a tensor")
+        storage = root.storage
+        if storage.compressed or storage.big_endian:
+            raise CheckpointError(
+                st.file, f"item {fqn!r} is not stored as plain little-endian bytes"
+            )
+        self.dtype, self.shape = root.dtype, root.shape
+        self.key = storage.record.split("/", 1)[1] if storage.record else storage.key
+        self.nbytes = storage.nbytes
+        self.contiguous = root.is_contiguous()
+        self.storage_offset = root.storage_offset
+        self.itemsize = root.itemsize
+
+
+def _chunk_item(
+    st: _Storage,
+    fqn: str,
+    dtype: str,
+    sizes: tuple[int, ...],
+    seen: dict[str, str],
+    cache: dict[Any, Any],
+) -> tuple[int, int | None]:
+    """Absolute offset of a chunk item's tensor bytes (and their CRC-32 when the storage
+    record is exactly the chunk), after checking the item holds what the metadata says.
+
+    Items of one shape pickle the same ``data.pkl``: it is unpickled once, and later items
+    only have their zip directory read.
+    """
+    import zipfile
+
+    from . import torch_zip
+
+    head = _head(st)
+    if len(head) == 9 and head[8:9] == b"{":  # SerializationFormat.SAFETENSORS
+        return _safetensors_chunk(st, fqn, dtype, sizes, cache)
+    if not head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(st.file, f"item {fqn!r} at offset {st.offset} is not a torch zip")
+    archive = torch_zip.ZipArchive(st.file, st.length, st.offset)
+    try:
+        if not archive.has("data.pkl"):
+            raise CheckpointError(st.file, f"item {fqn!r} has no data.pkl")
+        if archive.has("byteorder") and archive.read_small("byteorder", 16).strip() != b"little":
+            raise CheckpointError(st.file, f"item {fqn!r} is not little-endian")
+        pkl = archive.read_small("data.pkl")
+        tpl = cache.get(pkl)
+        if tpl is None:
+            root = torch_zip._read(archive, st.file, st.length, seen).root
+            tpl = cache[pkl] = _Template(root, st, fqn)
+        info = archive.entries.get(tpl.key)
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(st.file, f"item {fqn!r} has no plain storage record")
+        if info.file_size != tpl.nbytes:
+            raise CheckpointError(st.file, f"item {fqn!r}'s storage record has the wrong size")
+        offset = archive.data_offset(info)
+        if offset - st.offset + info.file_size > st.length:
+            raise CheckpointError(st.file, f"is truncated: item {fqn!r} is cut short")
+    finally:
+        archive.close()
+    if tpl.dtype != dtype or tpl.shape != sizes or not tpl.contiguous:
+        raise CheckpointError(
+            st.file,
+            f"item {fqn!r} holds a {tpl.dtype} tensor of shape {list(tpl.shape)}, "
+            f"the metadata says a contiguous {dtype} {list(sizes)}",
+        )
+    whole = tpl.storage_offset == 0 and tpl.nbytes == _numel(sizes) * tpl.itemsize
+    crc = (info.CRC if info.CRC or not info.file_size else None) if whole else None
+    return offset + tpl.storage_offset * tpl.itemsize, crc
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _chunk_segments(
+    shape: tuple[int, ...],
+    itemsize: int,
+    box_offsets: tuple[int, ...],
+    box_sizes: tuple[int, ...],
+    file: str,
+    start: int,
+    crc: int | None = None,
+) -> list[Segment]:
+    """The rows of a C-order chunk ``box`` of a tensor of ``shape`` as segments.
+
+    ``crc`` is the CRC-32 of the chunk's whole bytes (kept when the chunk is one segment).
+    """
+    n = len(shape)
+    strides = [1] * n
+    for d in range(n - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    j = -1  # the last dimension the chunk does not span fully
+    for d in range(n):
+        if box_sizes[d] != shape[d]:
+            j = d
+    if j <= 0:  # one run: the whole tensor or a box split only along dim 0
+        numel = 1
+        for s in box_sizes:
+            numel *= s
+        dest = sum(o * st for o, st in zip(box_offsets, strides, strict=True))
+        if not numel:
+            return []
+        return [Segment(file, start, numel * itemsize, dest * itemsize, crc)]
+    run = box_sizes[j] * strides[j]  # elements per contiguous run
+    segments: list[Segment] = []
+    src = start
+    outer = [range(box_sizes[d]) for d in range(j)]
+    import itertools
+
+    for idx in itertools.product(*outer):
+        dest = sum((box_offsets[d] + i) * strides[d] for d, i in enumerate(idx))
+        dest += box_offsets[j] * strides[j]
+        segments.append(Segment(file, src, run * itemsize, dest * itemsize))
+        src += run * itemsize
+    return segments
+
+
+def _group(path: tuple[Any, ...]) -> str:
+    """model, optimizer or other, from the first key of the nesting path (or of a flat key)."""
+    top = path[0] if path else ""
+    if len(path) == 1 and isinstance(top, str):
+        top = top.split(".", 1)[0]
+        if top not in _OPTIMIZER_KEYS:
+            return "model"  # a flat state dict saved as it is
+    if top in _OPTIMIZER_KEYS:
+        return "optimizer"
+    if top in _MODEL_KEYS:
+        return "model"
+    return "other"
+
+
+def _tensor(
+    folder: str,
+    fqn: str,
+    path: tuple[Any, ...],
+    md: dict[str, Any],
+    index: dict[tuple[str, tuple[int, ...] | None], _Storage],
+    seen: dict[str, str],
+    cache: dict[Any, Any],
+) -> LogicalTensor:
+    meta = os.path.join(folder, METADATA)
+    dtype = _dtype_of(md.get("properties"), fqn, meta)
+    shape = _ints(md.get("size"), f"the size of {fqn!r}", meta)
+    itemsize = dtypes.get(dtype).itemsize
+    chunks = md.get("chunks")
+    if not isinstance(chunks, list):
+        raise CheckpointError(meta, f"{fqn!r} has no chunk list")
+    segments: list[Segment] = []
+    for chunk in chunks:
+        c = _fields(chunk, f"a chunk of {fqn!r}", meta)
+        offs = _ints(c.get("offsets"), f"a chunk offset of {fqn!r}", meta)
+        sizes = _ints(c.get("sizes"), f"a chunk size of {fqn!r}", meta)
+        if (
+            len(offs) != len(shape)
+            or len(sizes) != len(shape)
+            or any(o + s > g for o, s, g in zip(offs, sizes, shape, strict=True))
+        ):
+            raise CheckpointError(meta, f"a chunk of {fqn!r} lies outside its shape {list(shape)}")
+        st = index.get((fqn, offs))
+        if st is None:
+            raise CheckpointError(meta, f"the chunk of {fqn!r} at {list(offs)} is not stored")
+        start, crc = _chunk_item(st, fqn, dtype, sizes, seen, cache)
+        segments += _chunk_segments(shape, itemsize, offs, sizes, st.file, start, crc)
+    tensor = LogicalTensor(fqn, dtype, shape, merge_segments(segments), _group(path), path)
+    check_segments(folder, tensor)
+    return tensor
+
+
+def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint:
+    """Read a DCP folder's structure: metadata, item directories, no tensor bytes.
+
+    Args:
+        folder: the checkpoint folder (``.metadata`` and ``*.distcp``).
+        seen: collects every global any pickle names (for the dangerous-pickle report).
+
+    Returns:
+        A :class:`DistributedCheckpoint` of kind ``"dcp"``.
+    """
+    seen = {} if seen is None else seen
+    meta = os.path.join(folder, METADATA)
+    root = _unpickle_metadata(folder, seen)
+    fields = _fields(root, "Metadata", meta)
+    sdm = fields.get("state_dict_metadata")
+    if not isinstance(sdm, dict):
+        raise CheckpointError(meta, "has no state_dict_metadata")
+    planner = fields.get("planner_data")
+    planner = planner if isinstance(planner, dict) else {}
+    sizes: dict[str, int] = {meta: os.path.getsize(meta)}
+    index = _storage_index(folder, fields.get("storage_data"), sizes)
+    tensors: list[LogicalTensor] = []
+    entries: dict[str, Any] = {}
+    cache: dict[Any, Any] = {}  # data.pkl bytes -> _Template; (file, offset) -> header
+    tensor_dtypes: dict[str, int] = {}
+    for fqn, md in sdm.items():
+        if not isinstance(fqn, str):
+            raise CheckpointError(meta, f"has a key that is not a string ({fqn!r})")
+        path = planner.get(fqn)
+        if not (isinstance(path, (tuple, list)) and path):
+            path = (fqn,)
+        path = tuple(path)
+        kind = md.global_name if isinstance(md, Opaque) else type(md).__name__
+        if kind == _META + "TensorStorageMetadata":
+            t = _tensor(folder, fqn, path, _fields(md, fqn, meta), index, seen, cache)
+            tensors.append(t)
+            tensor_dtypes[t.dtype] = tensor_dtypes.get(t.dtype, 0) + 1
+        elif kind == _META + "BytesStorageMetadata":
+            st = index.get((fqn, None))
+            if st is None:
+                raise CheckpointError(meta, f"value {fqn!r} is not stored")
+            entries[fqn] = _read_item(st, fqn, seen)
+        else:
+            raise CheckpointError(meta, f"{fqn!r} is a {kind}, which ckpttool does not read")
+    files = [(p, sizes[p]) for p in sorted(sizes)]
+    ranks = {m.group(1) for p in sizes if (m := _RANK_FILE.fullmatch(os.path.basename(p)))}
+    facts: dict[str, Any] = {
+        "order": [fqn for fqn in sdm if isinstance(fqn, str)],
+        "dcp_version": fields.get("version"),
+        "flattened": bool(planner),
+        "dtypes": tensor_dtypes,
+        "paths": {fqn: tuple(p) for fqn, p in planner.items() if isinstance(p, (tuple, list))},
+    }
+    return DistributedCheckpoint(
+        path=folder,
+        kind="dcp",
+        world_size=len(ranks),
+        files=files,
+        tensors=tensors,
+        entries=entries,
+        facts=facts,
+    )
