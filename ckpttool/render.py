@@ -13,6 +13,7 @@ _FORMAT_NAMES = {
     "torchscript": "TorchScript archive",
     "safetensors": "safetensors",
     "hf-sharded": "sharded safetensors/torch (Hugging Face index)",
+    "dcp": "torch.distributed.checkpoint folder (DCP)",
 }
 
 
@@ -59,6 +60,9 @@ def summary(report: dict[str, Any], fmt: str = "simple") -> str:
             lines.append(title)
             lines.append(tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True))
 
+    if report.get("distributed"):
+        _distributed(report["distributed"], lines, table)
+
     table(
         "saved devices",
         [
@@ -104,6 +108,35 @@ def summary(report: dict[str, Any], fmt: str = "simple") -> str:
         lines.append("warnings")
         lines += [f"- {escape(w)}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
+    """The layout of a folder of shards: kind, ranks, groups, what consolidation makes."""
+    files = dist["files"]
+    lines.append(
+        f"layout:   {dist['kind_name']}, {dist['world_size']} ranks, {len(files)} files, "
+        f"{dist['logical_tensors']:,} logical tensors"
+    )
+    table(
+        "tensor groups",
+        [
+            [g, f"{v['tensors']:,}", human_bytes(v["bytes"]), ", ".join(v["dtypes"])]
+            for g, v in dist["groups"].items()
+        ],
+        ["group", "tensors", "bytes", "dtypes"],
+    )
+    into = dist["consolidates_into"]
+    lines.append("")
+    lines.append("consolidates into")
+    if "model" in into:
+        m = into["model"]
+        where = f" '{escape(m['path'])}'" if m["path"] else ""
+        lines.append(
+            f"- model state dict{where}: {m['tensors']:,} tensors, {human_bytes(m['bytes'])}"
+            " (the default)"
+        )
+    e = into["everything"]
+    lines.append(f"- everything: {e['tensors']:,} tensors, {human_bytes(e['bytes'])}")
 
 
 def tensors_table(report: dict[str, Any], fmt: str = "simple") -> str:

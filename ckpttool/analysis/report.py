@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..model import Checkpoint, Opaque, TensorInfo, TensorRef
-from ..tree import children
+from ..tree import alias_names, aliases, children, walk
 from ..unpickling.policy import classify
 from .describe import describe
 from .state_dicts import find_state_dicts
@@ -44,10 +44,43 @@ def _shared_groups(tensors: list[TensorInfo]) -> dict[int, list[str]]:
     return shared
 
 
-def _entries(root: Any) -> list[dict[str, Any]]:
+def _tensor_rows(
+    tensors: list[TensorInfo],
+    shared: dict[int, list[str]],
+    pairs: list[tuple[str, str]],
+    tensor_filter: str | None,
+) -> list[dict[str, Any]]:
+    also, _more = alias_names([t.name for t in tensors], pairs) if pairs else ({}, False)
+    rows = []
+    for i, t in enumerate(tensors):
+        if tensor_filter and not fnmatch.fnmatchcase(t.name, tensor_filter):
+            continue
+        rows.append(
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "stride": list(t.stride),
+                "storage_offset": t.storage_offset,
+                "device": t.device,
+                "nbytes": t.nbytes,
+                "storage": t.storage.key if t.storage else None,
+                "kind": t.kind,
+                "shared_with": shared.get(i, []),
+                "aliases": also.get(t.name, []),  # the same tensor reached by other paths
+            }
+        )
+    return rows
+
+
+_MAX_ALIASES = 1000  # a shared-reference bomb has millions: the report lists the first ones
+
+
+def _entries(root: Any, alias_of: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Non-tensor values near the top (``epoch = 37``), and containers summarised."""
     if isinstance(root, Opaque) or not isinstance(root, dict):
         return []
+    alias_of = alias_of or {}
     out = []
     for path, value in children(root, ""):
         if isinstance(value, TensorRef):
@@ -56,6 +89,8 @@ def _entries(root: Any) -> list[dict[str, Any]]:
         if n:
             text = f"{type(value).__name__ if not isinstance(value, Opaque) else value.global_name}"
             text += f" holding {n} tensor{'s' if n != 1 else ''}"
+            if path in alias_of:
+                text += f" (the same object as {alias_of[path]!r})"
             out.append({"path": path, "value": text, "holds_tensors": True})
         else:
             out.append({"path": path, "value": describe(value, 100), "holds_tensors": False})
@@ -78,8 +113,14 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
     shared = _shared_groups(tensors)
     storages = ckpt.storages
     dtypes_: dict[str, dict[str, int]] = {}
+    # an untyped (uint8) storage counts as the dtype of the first tensor viewing it
+    viewed_as: dict[tuple[str, str], str] = {}
+    for t in tensors:
+        if t.storage is not None:
+            viewed_as.setdefault((t.storage.file, t.storage.key), t.dtype)
     for s in storages.values():
-        d = dtypes_.setdefault(s.dtype, {"storages": 0, "bytes": 0})
+        shown = viewed_as.get((s.file, s.key), s.dtype)
+        d = dtypes_.setdefault(shown, {"storages": 0, "bytes": 0})
         d["storages"] += 1
         d["bytes"] += s.nbytes
     devices: dict[str, dict[str, int]] = {}
@@ -100,25 +141,9 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
                 params += t.numel
     if not sds:
         params = sum(t.numel for t in tensors)
-    globals_ = [{"name": g, "kind": classify(g)} for g in ckpt.globals]
-    tensor_rows = []
-    for i, t in enumerate(tensors):
-        if tensor_filter and not fnmatch.fnmatchcase(t.name, tensor_filter):
-            continue
-        tensor_rows.append(
-            {
-                "name": t.name,
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "stride": list(t.stride),
-                "storage_offset": t.storage_offset,
-                "device": t.device,
-                "nbytes": t.nbytes,
-                "storage": t.storage.key if t.storage else None,
-                "kind": t.kind,
-                "shared_with": shared.get(i, []),
-            }
-        )
+    globals_ = _global_rows(ckpt)
+    pairs = aliases(ckpt.root)
+    tensor_rows = _tensor_rows(tensors, shared, pairs, tensor_filter)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "path": ckpt.path,
@@ -134,14 +159,64 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
             {"path": s.path, "tensors": s.tensors, "prefix": s.prefix, "source": s.source}
             for s in sds
         ],
-        "entries": _entries(ckpt.root),
+        "entries": _entries(ckpt.root, dict(pairs[:_MAX_ALIASES])),
+        # containers reached again by another path: {'model': sd, 'ema': sd}
+        "aliases": [{"path": a, "same_as": b} for a, b in pairs[:_MAX_ALIASES]],
         "globals": globals_,
         "shared": _shared_summary(tensors, shared),
-        "facts": _jsonable(ckpt.facts),
+        "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
         "tensors": tensor_rows,
     }
+    from ..readers.distributed import describe_distributed
+
+    distributed = describe_distributed(ckpt)
+    if distributed is not None:  # a folder of shards (DCP, DeepSpeed): its layout
+        report["distributed"] = _jsonable(distributed)
+    meta = _meta_tensors(ckpt.root)
+    if meta:
+        report["meta_tensors"] = meta
     report["warnings"] = warnings(report)
     return report
+
+
+_META = "torch._utils._rebuild_meta_tensor_no_storage"
+_PARAMETER_CALLS = ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state")
+
+
+def _meta_warning(meta: list[dict[str, Any]]) -> str:
+    names = ", ".join(m["name"] for m in meta[:3]) + (" and more" if len(meta) > 3 else "")
+    many = "s" if len(meta) != 1 else ""
+    return f"{len(meta)} tensor{many} saved from the meta device ({names}): dtype and shape only"
+
+
+def _meta_tensors(root: Any) -> list[dict[str, Any]]:
+    """Tensors saved from the meta device (dtype and shape, no storage): kept by ckpttool as
+    the rebuild calls torch wrote, listed here so that inspect shows them."""
+    from ..unpickling.unpickler import global_name
+
+    out: list[dict[str, Any]] = []
+    params: set[str] = set()
+    for path, node in walk(root):
+        if not isinstance(node, Opaque):
+            continue
+        if node.global_name in _PARAMETER_CALLS:
+            params.add(path)
+        if node.global_name != _META or len(node.args) < 3:
+            continue
+        dtype, size = node.args[0], node.args[1]
+        if isinstance(size, Opaque) and size.args:  # torch.Size((2, 3))
+            size = size.args[0]
+        owner = path.removesuffix(".__args__.0")
+        name = owner if owner in params else path
+        out.append(
+            {
+                "name": name,
+                "dtype": (global_name(dtype) or "?").removeprefix("torch."),
+                "shape": list(size) if isinstance(size, (tuple, list)) else None,
+                "kind": "parameter" if name != path else "tensor",
+            }
+        )
+    return out
 
 
 def _shared_summary(tensors: list[TensorInfo], shared: dict[int, list[str]]) -> list[list[str]]:
@@ -198,11 +273,18 @@ def warnings(report: dict[str, Any]) -> list[str]:
             f"unwrapped model fails with missing/unexpected keys; {fix} removes it"
         )
     dangerous = [g["name"] for g in report["globals"] if g["kind"] == "dangerous"]
-    opaque = [g["name"] for g in report["globals"] if g["kind"] == "opaque"]
+    opaque = [g["name"] for g in report["globals"] if g["kind"] in ("data", "user code")]
+    user = [g["name"] for g in report["globals"] if g["kind"] == "user code"]
     if dangerous:
         out.append(
             "DANGER: the pickle names " + ", ".join(dangerous[:5]) + ": torch.load with "
             "weights_only=False would run code. Do not load this file; ckpttool never runs it"
+        )
+    if user and not dangerous and report["format"] != "torchscript":
+        out.append(
+            "user code: loading this file imports "
+            + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
+            + " and runs their classes' code; load it only if you trust them"
         )
     if opaque and report["format"] != "torchscript":
         shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")
@@ -220,9 +302,22 @@ def warnings(report: dict[str, Any]) -> list[str]:
             "a TorchScript archive (torch.jit.save): it holds code as well as weights; "
             "torch.jit.load runs that code, so load it only if you trust its source"
         )
-    if report["tensor_count"] == 0:
+    meta = report.get("meta_tensors", [])
+    if meta:
+        out.append(_meta_warning(meta))
+    if report["tensor_count"] == 0 and not meta:
         out.append("the file holds no tensors")
     return out
+
+
+def _global_rows(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """``{name, kind, uses, reason}`` per global, from the verdict computed when it was read."""
+    if ckpt.verdict is None:
+        return [{"name": g, "kind": classify(g)} for g in ckpt.globals]
+    return [
+        {"name": g.name, "kind": g.kind, "uses": list(g.uses), "reason": g.reason}
+        for g in ckpt.verdict.globals
+    ]
 
 
 def broken(path: str, err: Any) -> dict[str, Any]:
@@ -232,7 +327,7 @@ def broken(path: str, err: Any) -> dict[str, Any]:
         "path": path,
         "format": None,
         "error": err.detail,
-        "globals": [{"name": g, "kind": classify(g)} for g in err.names],
+        "globals": [{"name": g, "kind": "dangerous"} for g in err.names],
         "tensors": [],
         "warnings": [str(err.message)],
     }
