@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import StorageInfo
+from .crc import crc32
 
 CHUNK = 8 << 20
 
@@ -54,7 +54,7 @@ def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> in
         got = os.preadv(fd, [view[:want]], off)
         if got <= 0:
             raise EOFError("the file ended early")
-        crc = zlib.crc32(view[:got], crc)
+        crc = crc32(view[:got], crc)
         off += got
         left -= got
         if progress:
@@ -74,7 +74,10 @@ def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int 
         gb = os.preadv(fd_b, [vb[:want]], off_b + pos)
         if ga != want or gb != want:
             return pos
-        if va[:want] != vb[:want]:
+        # bytearray == bytearray is memcmp (~9 GB/s); memoryview == memoryview compares item by
+        # item (~0.2 GB/s), so only the short last piece is compared through copies
+        same = a == b if want == size else va[:want].tobytes() == vb[:want].tobytes()
+        if not same:
             for i in range(want):
                 if a[i] != b[i]:
                     return pos + i

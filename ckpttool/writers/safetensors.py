@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from ..model import TensorRef
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
+from .crc import crc32
 
 Progress = Callable[[int], None]
 
@@ -94,7 +94,7 @@ def write_tensor(
     crc = 0
     for piece in numeric.iter_tensor_bytes(ref, it.dtype, fd=map_fd):
         bytecopy.write_all(fd, piece)
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
         if progress:
             progress(len(piece))
     it.crc = crc

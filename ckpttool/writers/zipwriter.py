@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from dataclasses import dataclass
+
+from .crc import crc32
 
 _LOCAL = struct.Struct("<4s5H3I2H")
 _CENTRAL = struct.Struct("<4s6H3I5HII")
@@ -88,7 +89,7 @@ class ZipWriter:
             raise OSError(f"zip entry {entry.name!r} has {self.pos - entry.data_offset} bytes")
 
     def add_bytes(self, name: str, data: bytes, align: int = 64) -> None:
-        self.begin(name, len(data), zlib.crc32(data), align)
+        self.begin(name, len(data), crc32(data), align)
         self._write(data)
 
     def set_crc(self, index: int, crc: int) -> None:
