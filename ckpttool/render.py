@@ -38,21 +38,8 @@ def to_json(report: dict[str, Any]) -> str:
 
 
 def summary(report: dict[str, Any], fmt: str = "simple") -> str:
-    lines: list[str] = []
-    facts = report["facts"]
-    fmt_name = _FORMAT_NAMES.get(report["format"], report["format"])
-    if report["format"] in ("zip", "torchscript") and "archive_name" in facts:
-        fmt_name += f" (archive '{escape(facts['archive_name'])}'"
-        if facts.get("byteorder") == "big":
-            fmt_name += ", big-endian"
-        fmt_name += ")"
-    lines.append(f"path:     {escape(report['path'])}")
-    lines.append(f"format:   {fmt_name}")
-    lines.append(f"size:     {human_bytes(report['file_bytes'])} ({report['file_bytes']:,} bytes)")
-    lines.append(
-        f"tensors:  {report['tensor_count']:,} in {report['storage_count']:,} storages, "
-        f"{report['parameters']:,} parameters, {human_bytes(report['tensor_bytes'])}"
-    )
+    """The text report of ``inspect``: the file, then one table per part, then the warnings."""
+    lines = _header(report)
 
     def table(title: str, rows: list[list[Any]], headers: list[str]) -> None:
         if rows:
@@ -62,7 +49,41 @@ def summary(report: dict[str, Any], fmt: str = "simple") -> str:
 
     if report.get("distributed"):
         _distributed(report["distributed"], lines, table)
+    _tables(report, table)
+    if report["shared"]:
+        lines.append("")
+        lines.append("shared storages")
+        for group in report["shared"][:20]:
+            lines.append("  " + " = ".join(escape(n) for n in group))
+        if len(report["shared"]) > 20:
+            lines.append(f"  ... and {len(report['shared']) - 20} more groups")
+    if report["warnings"]:
+        lines.append("")
+        lines.append("warnings")
+        lines += [f"- {escape(w)}" for w in report["warnings"]]
+    return "\n".join(lines)
 
+
+def _header(report: dict[str, Any]) -> list[str]:
+    """path, format, size and tensor counts: the first lines of the summary."""
+    facts = report["facts"]
+    fmt_name = _FORMAT_NAMES.get(report["format"], report["format"])
+    if report["format"] in ("zip", "torchscript") and "archive_name" in facts:
+        fmt_name += f" (archive '{escape(facts['archive_name'])}'"
+        if facts.get("byteorder") == "big":
+            fmt_name += ", big-endian"
+        fmt_name += ")"
+    return [
+        f"path:     {escape(report['path'])}",
+        f"format:   {fmt_name}",
+        f"size:     {human_bytes(report['file_bytes'])} ({report['file_bytes']:,} bytes)",
+        f"tensors:  {report['tensor_count']:,} in {report['storage_count']:,} storages, "
+        f"{report['parameters']:,} parameters, {human_bytes(report['tensor_bytes'])}",
+    ]
+
+
+def _tables(report: dict[str, Any], table: Any) -> None:
+    """The summary's tables: saved devices, dtypes, state dicts, entries, globals."""
     table(
         "saved devices",
         [
@@ -96,18 +117,6 @@ def summary(report: dict[str, Any], fmt: str = "simple") -> str:
         [[escape(g["name"]), g["kind"]] for g in report["globals"]],
         ["global", "kind"],
     )
-    if report["shared"]:
-        lines.append("")
-        lines.append("shared storages")
-        for group in report["shared"][:20]:
-            lines.append("  " + " = ".join(escape(n) for n in group))
-        if len(report["shared"]) > 20:
-            lines.append(f"  ... and {len(report['shared']) - 20} more groups")
-    if report["warnings"]:
-        lines.append("")
-        lines.append("warnings")
-        lines += [f"- {escape(w)}" for w in report["warnings"]]
-    return "\n".join(lines)
 
 
 def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:

@@ -153,6 +153,77 @@ _LEGACY_KEY_BASE = 0x5555_5555_0000
 _LEGACY_KEY_STEP = 0x1000
 
 
+class _LegacyKeys:
+    """Renames the legacy format's storage keys to fixed address-like numbers while torch's own
+    writer runs, and then puts the data blocks into the order of the new keys."""
+
+    def __init__(self) -> None:
+        self.key_map: dict[str, str] = {}
+        self.blob_size: dict[str, int] = {}  # original key -> bytes of its data block
+        self.written_keys: list[list[str]] = []
+        self.key_list_span: list[int] = []
+
+    def rename(self, key: str) -> str:
+        if key not in self.key_map:
+            self.key_map[key] = str(_LEGACY_KEY_BASE + _LEGACY_KEY_STEP * len(self.key_map))
+        return self.key_map[key]
+
+    def pickle_module(self) -> types.ModuleType:
+        """A ``pickle_module`` for ``torch.save`` whose pickler and ``dump`` rename the keys."""
+        rename, blob_size = self.rename, self.blob_size
+        written_keys, key_list_span = self.written_keys, self.key_list_span
+
+        class _RenamingPickler(pickle.Pickler):
+            """Base for torch's ``PyTorchLegacyPickler``; wraps the ``persistent_id`` it defines."""
+
+            def __init_subclass__(cls, **kwargs: Any) -> None:
+                super().__init_subclass__(**kwargs)
+                inner = cls.persistent_id
+
+                def persistent_id(self: pickle.Pickler, o: Any) -> Any:
+                    pid = inner(self, o)
+                    if isinstance(pid, tuple) and pid and pid[0] == "storage":
+                        _, storage_type, key, location, numel, view = pid
+                        untyped = o._untyped_storage if hasattr(o, "_untyped_storage") else o
+                        blob_size[key] = 8 + untyped.nbytes()
+                        if view is not None:
+                            view = (rename(view[0]), *view[1:])
+                        pid = ("storage", storage_type, rename(key), location, numel, view)
+                    return pid
+
+                cls.persistent_id = persistent_id  # type: ignore[method-assign]
+
+        def dump(o: Any, f: IO[bytes], protocol: int = 2, **kwargs: Any) -> None:
+            # The only list torch dumps directly is the sorted storage key list.
+            if isinstance(o, list) and not written_keys and all(isinstance(k, str) for k in o):
+                start = f.tell()
+                written_keys.append(list(o))
+                pickle.dump(sorted(rename(k) for k in o), f, protocol=protocol, **kwargs)
+                key_list_span.extend((start, f.tell()))
+            else:
+                pickle.dump(o, f, protocol=protocol, **kwargs)
+
+        module = types.ModuleType("ckpttool_legacy_pickle")
+        module.Pickler = _RenamingPickler  # type: ignore[attr-defined]
+        module.dump = dump  # type: ignore[attr-defined]
+        return module
+
+    def reorder(self, data: bytes) -> bytes:
+        """torch's output with the data blocks in the order of the renamed keys."""
+        if not self.written_keys:
+            raise RuntimeError(
+                "torch.save did not write a storage key list; legacy format changed?"
+            )
+        blobs: dict[str, bytes] = {}
+        pos = self.key_list_span[1]
+        for key in self.written_keys[0]:
+            blobs[self.rename(key)] = data[pos : pos + self.blob_size[key]]
+            pos += self.blob_size[key]
+        if pos != len(data):
+            raise RuntimeError("unexpected bytes after the legacy storage data; format changed?")
+        return data[: self.key_list_span[1]] + b"".join(blobs[k] for k in sorted(blobs))
+
+
 def save_legacy(obj: object, path: str | os.PathLike[str] | IO[bytes]) -> None:
     """``torch.save(obj, path, _use_new_zipfile_serialization=False)``, but reproducible.
 
@@ -163,64 +234,12 @@ def save_legacy(obj: object, path: str | os.PathLike[str] | IO[bytes]) -> None:
     writer runs with a pickle module that renames the keys to fixed address-like numbers, and the
     data blocks are then put into the order of the new keys.  Everything else is torch's output.
     """
-    key_map: dict[str, str] = {}
-    blob_size: dict[str, int] = {}  # original key -> bytes of its data block
-    written_keys: list[list[str]] = []
-    key_list_span: list[int] = []
-
-    def rename(key: str) -> str:
-        if key not in key_map:
-            key_map[key] = str(_LEGACY_KEY_BASE + _LEGACY_KEY_STEP * len(key_map))
-        return key_map[key]
-
-    class _RenamingPickler(pickle.Pickler):
-        """Base for torch's ``PyTorchLegacyPickler``; wraps the ``persistent_id`` it defines."""
-
-        def __init_subclass__(cls, **kwargs: Any) -> None:
-            super().__init_subclass__(**kwargs)
-            inner = cls.persistent_id
-
-            def persistent_id(self: pickle.Pickler, o: Any) -> Any:
-                pid = inner(self, o)
-                if isinstance(pid, tuple) and pid and pid[0] == "storage":
-                    _, storage_type, key, location, numel, view = pid
-                    untyped = o._untyped_storage if hasattr(o, "_untyped_storage") else o
-                    blob_size[key] = 8 + untyped.nbytes()
-                    if view is not None:
-                        view = (rename(view[0]), *view[1:])
-                    pid = ("storage", storage_type, rename(key), location, numel, view)
-                return pid
-
-            cls.persistent_id = persistent_id  # type: ignore[method-assign]
-
-    def dump(o: Any, f: IO[bytes], protocol: int = 2, **kwargs: Any) -> None:
-        # The only list torch dumps directly is the sorted storage key list.
-        if isinstance(o, list) and not written_keys and all(isinstance(k, str) for k in o):
-            start = f.tell()
-            written_keys.append(list(o))
-            pickle.dump(sorted(rename(k) for k in o), f, protocol=protocol, **kwargs)
-            key_list_span.extend((start, f.tell()))
-        else:
-            pickle.dump(o, f, protocol=protocol, **kwargs)
-
-    module = types.ModuleType("ckpttool_legacy_pickle")
-    module.Pickler = _RenamingPickler  # type: ignore[attr-defined]
-    module.dump = dump  # type: ignore[attr-defined]
-
+    keys = _LegacyKeys()
     buffer = io.BytesIO()
-    torch.save(obj, buffer, pickle_module=module, _use_new_zipfile_serialization=False)
-    data = buffer.getvalue()
-
-    if not written_keys:
-        raise RuntimeError("torch.save did not write a storage key list; legacy format changed?")
-    blobs: dict[str, bytes] = {}
-    pos = key_list_span[1]
-    for key in written_keys[0]:
-        blobs[rename(key)] = data[pos : pos + blob_size[key]]
-        pos += blob_size[key]
-    if pos != len(data):
-        raise RuntimeError("unexpected bytes after the legacy storage data; format changed?")
-    out = data[: key_list_span[1]] + b"".join(blobs[k] for k in sorted(blobs))
+    torch.save(
+        obj, buffer, pickle_module=keys.pickle_module(), _use_new_zipfile_serialization=False
+    )
+    out = keys.reorder(buffer.getvalue())
 
     if isinstance(path, (str, os.PathLike)):
         with open(path, "wb") as f:

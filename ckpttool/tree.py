@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .model import Opaque, TensorRef
+from .nodes import Opaque, TensorRef
 
 _FROM_TYPE = "torch._tensor._rebuild_from_type_v2"
 # nn.Module attributes whose contents appear in state_dict() without the attribute's own name.

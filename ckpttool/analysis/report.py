@@ -9,10 +9,11 @@ import fnmatch
 from collections import defaultdict
 from typing import Any
 
-from ..model import Checkpoint, Opaque, TensorInfo, TensorRef
+from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
 from ..tree import alias_names, aliases, children, walk
 from ..unpickling.policy import classify
 from .describe import describe
+from .fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
 from .state_dicts import find_state_dicts
 
 SCHEMA = 1
@@ -108,29 +109,37 @@ def _count_tensors(node: Any, limit: int = 10**7) -> int:
     return n
 
 
-def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, Any]:
-    tensors = ckpt.tensors()
-    shared = _shared_groups(tensors)
-    storages = ckpt.storages
-    dtypes_: dict[str, dict[str, int]] = {}
-    # an untyped (uint8) storage counts as the dtype of the first tensor viewing it
+def _dtypes(tensors: list[TensorInfo], storages: list[StorageInfo]) -> dict[str, dict[str, int]]:
+    """Storages and bytes per dtype; an untyped (uint8) storage counts as the dtype of the
+    first tensor viewing it."""
     viewed_as: dict[tuple[str, str], str] = {}
     for t in tensors:
         if t.storage is not None:
             viewed_as.setdefault((t.storage.file, t.storage.key), t.dtype)
-    for s in storages.values():
-        shown = viewed_as.get((s.file, s.key), s.dtype)
-        d = dtypes_.setdefault(shown, {"storages": 0, "bytes": 0})
+    out: dict[str, dict[str, int]] = {}
+    for s in storages:
+        d = out.setdefault(viewed_as.get((s.file, s.key), s.dtype), {"storages": 0, "bytes": 0})
         d["storages"] += 1
         d["bytes"] += s.nbytes
-    devices: dict[str, dict[str, int]] = {}
-    for s in storages.values():
+    return out
+
+
+def _devices(storages: list[StorageInfo]) -> dict[str, dict[str, int]]:
+    """Storages and bytes per device they were saved from."""
+    out: dict[str, dict[str, int]] = {}
+    for s in storages:
         if not s.location:
             continue
-        d = devices.setdefault(s.location, {"storages": 0, "bytes": 0})
+        d = out.setdefault(s.location, {"storages": 0, "bytes": 0})
         d["storages"] += 1
         d["bytes"] += s.nbytes
-    sds = find_state_dicts(ckpt.root)
+    return out
+
+
+def _parameters(tensors: list[TensorInfo], sds: list[Any]) -> int:
+    """Elements in the state dicts (each tensor once), or in every tensor if there is none."""
+    if not sds:
+        return sum(t.numel for t in tensors)
     params = 0
     counted: set[int] = set()
     for sd in sds:
@@ -139,11 +148,16 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
             if t.name.startswith(prefix) and id(t.ref) not in counted:
                 counted.add(id(t.ref))
                 params += t.numel
-    if not sds:
-        params = sum(t.numel for t in tensors)
-    globals_ = _global_rows(ckpt)
+    return params
+
+
+def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, Any]:
+    """The inspect report of ``ckpt`` (JSON-ready; its ``warnings`` are :class:`Finding`)."""
+    tensors = ckpt.tensors()
+    shared = _shared_groups(tensors)
+    storages = list(ckpt.storages.values())
+    sds = find_state_dicts(ckpt.root)
     pairs = aliases(ckpt.root)
-    tensor_rows = _tensor_rows(tensors, shared, pairs, tensor_filter)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "path": ckpt.path,
@@ -151,10 +165,10 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "file_bytes": ckpt.file_bytes,
         "tensor_count": len(tensors),
         "storage_count": len(storages),
-        "parameters": params,
-        "tensor_bytes": sum(s.nbytes for s in storages.values()),
-        "dtypes": dtypes_,
-        "devices": devices,
+        "parameters": _parameters(tensors, sds),
+        "tensor_bytes": sum(s.nbytes for s in storages),
+        "dtypes": _dtypes(tensors, storages),
+        "devices": _devices(storages),
         "state_dicts": [
             {"path": s.path, "tensors": s.tensors, "prefix": s.prefix, "source": s.source}
             for s in sds
@@ -162,10 +176,10 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "entries": _entries(ckpt.root, dict(pairs[:_MAX_ALIASES])),
         # containers reached again by another path: {'model': sd, 'ema': sd}
         "aliases": [{"path": a, "same_as": b} for a, b in pairs[:_MAX_ALIASES]],
-        "globals": globals_,
+        "globals": _global_rows(ckpt),
         "shared": _shared_summary(tensors, shared),
         "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
-        "tensors": tensor_rows,
+        "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter),
     }
     from ..readers.distributed import describe_distributed
 
@@ -242,71 +256,90 @@ def _jsonable(value: Any) -> Any:
     return describe(value)
 
 
-def warnings(report: dict[str, Any]) -> list[str]:
-    """Plain-language problems with this file, each with the fix."""
-    out: list[str] = []
-    gpu = sorted(loc for loc in report["devices"] if loc != "cpu")
-    if gpu:
-        where = ", ".join(gpu)
-        first = gpu[0]
+def warnings(report: dict[str, Any]) -> list[Finding]:
+    """Plain-language problems with this file, each with its fix (``Finding.fix``) if any."""
+    out = _device_warnings(report) + _prefix_warnings(report) + _global_warnings(report)
+    if report["format"] == "legacy":
         out.append(
-            f"storages were saved on {where}: a plain torch.load restores them onto that GPU "
-            f"(in every DDP rank: extra memory on {first}) and fails on a machine without one; "
-            "`ckpttool convert IN OUT` re-saves them for CPU"
+            Finding(
+                "legacy (pre-1.6) format: torch.load(mmap=True) cannot map it", Fix(REWRITE_ZIP)
+            )
         )
+    if report["format"] == "torchscript":
+        out.append(
+            Finding(
+                "a TorchScript archive (torch.jit.save): it holds code as well as weights; "
+                "torch.jit.load runs that code, so load it only if you trust its source"
+            )
+        )
+    meta = report.get("meta_tensors", [])
+    if meta:
+        out.append(Finding(_meta_warning(meta)))
+    if report["tensor_count"] == 0 and not meta:
+        out.append(Finding("the file holds no tensors"))
+    return out
+
+
+def _device_warnings(report: dict[str, Any]) -> list[Finding]:
+    gpu = sorted(loc for loc in report["devices"] if loc != "cpu")
+    if not gpu:
+        return []
+    text = (
+        f"storages were saved on {', '.join(gpu)}: a plain torch.load restores them onto that "
+        f"GPU (in every DDP rank: extra memory on {gpu[0]}) and fails on a machine without one"
+    )
+    return [Finding(text, Fix(RESAVE_CPU))]
+
+
+_WRAPPERS = (  # a key prefix, the prefix to strip, and where it comes from
+    ("module.", "module.", "saved from a DataParallel/DDP wrapper"),
+    ("_orig_mod.", "_orig_mod.", "saved from a torch.compile wrapper"),
+)
+
+
+def _prefix_warnings(report: dict[str, Any]) -> list[Finding]:
+    out = []
     for sd in report["state_dicts"]:
         prefix = sd["prefix"]
         if not prefix:
             continue
         where = f"state dict '{sd['path']}'" if sd["path"] else "the state dict"
-        if prefix.startswith("module."):
-            fix = "`ckpttool convert --strip-module`"
-            why = "saved from a DataParallel/DDP wrapper"
-        elif prefix.startswith("_orig_mod."):
-            fix = "`ckpttool convert --strip-prefix _orig_mod.`"
-            why = "saved from a torch.compile wrapper"
-        else:
-            fix = f"`ckpttool convert --strip-prefix {prefix}`"
-            why = "saved from a wrapper module"
-        out.append(
-            f"every key of {where} starts with '{prefix}' ({why}): load_state_dict on an "
-            f"unwrapped model fails with missing/unexpected keys; {fix} removes it"
+        strip, why = next(
+            ((s, w) for p, s, w in _WRAPPERS if prefix.startswith(p)),
+            (prefix, "saved from a wrapper module"),
         )
+        text = (
+            f"every key of {where} starts with '{prefix}' ({why}): load_state_dict on an "
+            "unwrapped model fails with missing/unexpected keys"
+        )
+        out.append(Finding(text, Fix(STRIP_PREFIX, strip)))
+    return out
+
+
+def _global_warnings(report: dict[str, Any]) -> list[Finding]:
     dangerous = [g["name"] for g in report["globals"] if g["kind"] == "dangerous"]
     opaque = [g["name"] for g in report["globals"] if g["kind"] in ("data", "user code")]
     user = [g["name"] for g in report["globals"] if g["kind"] == "user code"]
+    out = []
     if dangerous:
         out.append(
-            "DANGER: the pickle names " + ", ".join(dangerous[:5]) + ": torch.load with "
-            "weights_only=False would run code. Do not load this file; ckpttool never runs it"
+            Finding(
+                "DANGER: the pickle names " + ", ".join(dangerous[:5]) + ": torch.load with "
+                "weights_only=False would run code. Do not load this file; ckpttool never runs it"
+            )
         )
     if user and not dangerous and report["format"] != "torchscript":
         out.append(
-            "user code: loading this file imports "
-            + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
-            + " and runs their classes' code; load it only if you trust them"
+            Finding(
+                "user code: loading this file imports "
+                + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
+                + " and runs their classes' code; load it only if you trust them"
+            )
         )
     if opaque and report["format"] != "torchscript":
         shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")
-        out.append(
-            f"torch.load(weights_only=True) refuses this file: it pickles {shown}; "
-            "`ckpttool convert --plain-objects` writes plain equivalents it accepts"
-        )
-    if report["format"] == "legacy":
-        out.append(
-            "legacy (pre-1.6) format: torch.load(mmap=True) cannot map it; "
-            "`ckpttool convert` rewrites it in the zip format"
-        )
-    if report["format"] == "torchscript":
-        out.append(
-            "a TorchScript archive (torch.jit.save): it holds code as well as weights; "
-            "torch.jit.load runs that code, so load it only if you trust its source"
-        )
-    meta = report.get("meta_tensors", [])
-    if meta:
-        out.append(_meta_warning(meta))
-    if report["tensor_count"] == 0 and not meta:
-        out.append("the file holds no tensors")
+        text = f"torch.load(weights_only=True) refuses this file: it pickles {shown}"
+        out.append(Finding(text, Fix(PLAIN_OBJECTS)))
     return out
 
 
@@ -329,5 +362,5 @@ def broken(path: str, err: Any) -> dict[str, Any]:
         "error": err.detail,
         "globals": [{"name": g, "kind": "dangerous"} for g in err.names],
         "tensors": [],
-        "warnings": [str(err.message)],
+        "warnings": [Finding(str(err.message))],
     }

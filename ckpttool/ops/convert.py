@@ -21,7 +21,7 @@ from ..tree import KEEP, get_path, transform, walk
 from ..unpickling.policy import TORCH_ALLOWED, check_writable
 from ..unpickling.unpickler import StorageValue
 from ..writers.atomic import atomic_file
-from ..writers.pt import verify_pt, write_pt
+from ..writers.pt import StoragePlan, verify_pt, write_pt
 from ..writers.pt_pickle import OutStorage
 from .keys import KeyCollisionError, KeyOps
 from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
@@ -140,9 +140,12 @@ def _remaining_globals(root: Any) -> list[str]:
 
 
 def plan_storages(
-    root: Any, cast: str | None
-) -> tuple[list[OutStorage], dict[int, OutStorage], dict[int, str], list[tuple[str, TensorRef]]]:
-    """Number the output storages in order of first use, as torch.save does."""
+    root: Any, cast: str | None, memory: dict[str, MemoryStorage] | None = None
+) -> StoragePlan:
+    """Number the output storages in order of first use, as torch.save does.
+
+    ``memory`` holds the storages made in memory (plain-object replacements), by source key.
+    """
     castable = cast_targets(root) if cast else set()
     outs: list[OutStorage] = []
     by_source: dict[tuple[str, str], OutStorage] = {}
@@ -185,7 +188,7 @@ def plan_storages(
         out.tensors.append(name)
         if out.dtype != out.source.dtype and ref.dtype == out.source.dtype:  # type: ignore[union-attr]
             dtype_of[id(ref)] = out.dtype
-    return outs, storage_of, dtype_of, named
+    return StoragePlan(outs, storage_of, dtype_of, named, {} if memory is None else memory)
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -234,16 +237,16 @@ def convert(
         root = _make_plain(src, root, result, memory)
     result.unsafe_globals = _remaining_globals(root)
     check_writable(src, ckpt.verdict, result.unsafe_globals, allow_user_classes=allow_user_classes)
-    outs, storage_of, dtype_of, named = plan_storages(root, dtype)
-    result.tensors = len(named)
-    result.storages = len(outs)
-    result.bytes = sum(o.nbytes for o in outs)
-    result.cast = sum(1 for o in outs if o.source and o.dtype != o.source.dtype)
+    plan = plan_storages(root, dtype, memory)
+    result.tensors = len(plan.named)
+    result.storages = len(plan.outs)
+    result.bytes = sum(o.nbytes for o in plan.outs)
+    result.cast = sum(1 for o in plan.outs if o.source and o.dtype != o.source.dtype)
     cb = progress(result.bytes) if progress else None
     with atomic_file(dst) as tmp:
-        write_pt(tmp, root, outs, storage_of, dtype_of, memory, cb, check_copies=verify)
+        write_pt(tmp, root, plan, cb, check_copies=verify)
         if verify:
-            verify_pt(tmp, named, storage_of, dtype_of, outs)
+            verify_pt(tmp, plan)
             result.verified = True
             result.verification = VERIFICATION
     return result

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import sides
-from .sides import Files, Operand, open_side
+from .sides import Files, Operand, Side, open_side
 
 Progress = Callable[[int], None]
 # progress(total_bytes) may return a callback that receives byte counts (as the writers take it)
@@ -276,6 +276,61 @@ def compare_tensors(
     return TensorDiff(a.name, b.name, a.dtype, b.dtype, a.shape, b.shape, equal, stats)
 
 
+def _open_sides(a: Any, b: Any, all_tensors: bool) -> tuple[Side, Side]:
+    """Both inputs, scoped alike: by model state dict when both hold one, else by path."""
+    side_a = open_side(a, all_tensors=all_tensors)
+    side_b = open_side(b, all_tensors=all_tensors)
+    if (side_a.scope is None) != (side_b.scope is None) and not all_tensors:
+        # one side has no state dict: compare every tensor of both by path
+        side_a = open_side(a, all_tensors=True) if side_a.scope is not None else side_a
+        side_b = open_side(b, all_tensors=True) if side_b.scope is not None else side_b
+    return side_a, side_b
+
+
+def _match(
+    keys_a: list[str], keys_b: list[str]
+) -> tuple[KeyAlignment | None, dict[str, str], tuple[str, ...], tuple[str, ...]]:
+    """(the prefix alignment, A's key -> B's key for the pairs, keys only in A, only in B)."""
+    alignment = align_keys(keys_a, keys_b) if set(keys_a) != set(keys_b) else None
+    pa, pb = (alignment.strip_a, alignment.strip_b) if alignment else ("", "")
+    b_by_name = {k[len(pb) :]: k for k in keys_b}
+    matched = {k: b_by_name[k[len(pa) :]] for k in keys_a if k[len(pa) :] in b_by_name}
+    only_a = tuple(k for k in keys_a if k not in matched)
+    taken = set(matched.values())
+    only_b = tuple(k for k in keys_b if k not in taken)
+    return alignment, matched, only_a, only_b
+
+
+def _compare_matched(
+    side_a: Side,
+    side_b: Side,
+    matched: dict[str, str],
+    values: bool,
+    atol: float,
+    rtol: float,
+    progress: ProgressFactory | None,
+) -> tuple[TensorDiff, ...]:
+    """Every matched pair compared, streamed from the inputs' files."""
+    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched.items())
+    tick = progress(total) if progress is not None else None
+    files = Files()
+    try:
+        return tuple(
+            compare_tensors(
+                side_a.tensors[ka],
+                side_b.tensors[kb],
+                files,
+                values=values,
+                atol=atol,
+                rtol=rtol,
+                progress=tick,
+            )
+            for ka, kb in matched.items()
+        )
+    finally:
+        files.close()
+
+
 def diff(
     a: str | os.PathLike[str] | Any,
     b: str | os.PathLike[str] | Any,
@@ -309,38 +364,9 @@ def diff(
         >>> r = diff("best.pth", "best.safetensors", values=True)
         >>> r.equal, [t.key for t in r.changed]
     """
-    side_a = open_side(a, all_tensors=all_tensors)
-    side_b = open_side(b, all_tensors=all_tensors)
-    if (side_a.scope is None) != (side_b.scope is None) and not all_tensors:
-        # one side has no state dict: compare every tensor of both by path
-        side_a = open_side(a, all_tensors=True) if side_a.scope is not None else side_a
-        side_b = open_side(b, all_tensors=True) if side_b.scope is not None else side_b
-    keys_a, keys_b = list(side_a.tensors), list(side_b.tensors)
-    alignment = align_keys(keys_a, keys_b) if set(keys_a) != set(keys_b) else None
-    pa, pb = (alignment.strip_a, alignment.strip_b) if alignment else ("", "")
-    b_by_name = {k[len(pb) :]: k for k in keys_b}
-    matched = {k: b_by_name[k[len(pa) :]] for k in keys_a if k[len(pa) :] in b_by_name}
-    only_a = tuple(k for k in keys_a if k not in matched)
-    taken = set(matched.values())
-    only_b = tuple(k for k in keys_b if k not in taken)
-    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched.items())
-    tick = progress(total) if progress is not None else None
-    files = Files()
-    try:
-        pairs = tuple(
-            compare_tensors(
-                side_a.tensors[ka],
-                side_b.tensors[kb],
-                files,
-                values=values,
-                atol=atol,
-                rtol=rtol,
-                progress=tick,
-            )
-            for ka, kb in matched.items()
-        )
-    finally:
-        files.close()
+    side_a, side_b = _open_sides(a, b, all_tensors)
+    alignment, matched, only_a, only_b = _match(list(side_a.tensors), list(side_b.tensors))
+    pairs = _compare_matched(side_a, side_b, matched, values, atol, rtol, progress)
     entries = tuple(
         EntryDiff(p, side_a.entries.get(p), side_b.entries.get(p))
         for p in dict.fromkeys([*side_a.entries, *side_b.entries])

@@ -9,17 +9,19 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
-from ..model import Checkpoint
+from ..model import Checkpoint, Opaque, TensorRef
 from ..readers import open_checkpoint
-from ..tree import iter_tensors
+from ..tree import children, iter_tensors
 from ..unpickling.policy import refuse_dangerous
 from ..writers.atomic import check_target
 from .keys import CAST_DTYPES, KeyOps
+from .left_out import COMPOSITE_TENSOR
 
 Prefixes = str | tuple[str, ...]
 Replacements = tuple[str, str] | tuple[tuple[str, str], ...]
@@ -79,3 +81,49 @@ def cast_targets(chosen: Any) -> set[int]:
             if ref.shape and name.rsplit(".", 1)[-1] != "step"
         )
     return {id(ref) for ref in refs if dtypes.get(ref.dtype).is_floating}
+
+
+# Rebuilds of tensors that are not one strided view of one storage: their inner tensors (indices,
+# values, offsets, a DTensor's local shard) are parts, not tensors of the model.
+_COMPOSITE = frozenset(
+    (
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_sparse_csr_tensor",
+        "torch._utils._rebuild_nested_tensor",
+        "torch._utils._rebuild_wrapper_subclass",
+        "torch._tensor._rebuild_from_type_v2",  # left opaque: a subclass ckpttool does not model
+        "torch.nested._internal.nested_tensor._rebuild_njt",
+    )
+)
+
+
+def dense_entries(node: Any) -> list[tuple[str, Any]]:
+    """``(name, tensor)`` for every plain tensor under ``node``, and ``(name, COMPOSITE_TENSOR)``
+    for each sparse, nested or subclass tensor, whose parts are not written."""
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", node)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, TensorRef):
+            out.append((path, value))
+        elif isinstance(value, Opaque) and value.global_name in _COMPOSITE:
+            out.append((path, COMPOSITE_TENSOR))
+        elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:
+            seen.add(id(value))
+            stack.extend(reversed(children(value, path)))
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` (decimal, as Hugging Face writes it), ``500MiB`` (binary) or a byte count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").upper()
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if "I" in unit else 1000
+    size = int(number * base ** powers[unit.rstrip("B").rstrip("I")])
+    if size <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return size

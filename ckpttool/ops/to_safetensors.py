@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,16 @@ from ..writers import numeric
 from ..writers.atomic import atomic_file, atomic_shards
 from ..writers.numeric import has_view_bits
 from ..writers.safetensors import Item, assign_shards, verify_file, write_file
-from .keys import KeyCollisionError
-from .prepare import cast_targets, check_cast, key_ops, open_source
+from .keys import KeyCollisionError, KeyOps
+from .left_out import (
+    COMPOSITE_TENSOR,
+    NONE_ENTRY,
+    NOT_SCALAR,
+    OUTSIDE_STATE_DICT,
+    RESERVED_KEY,
+    LeftOut,
+)
+from .prepare import cast_targets, check_cast, dense_entries, key_ops, open_source, parse_size
 
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
@@ -44,23 +51,9 @@ class SafetensorsResult:
     files: list[str]
     aliases: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    left_out: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
     renamed: int = 0
     verified: bool = False
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` (decimal, as Hugging Face writes it), ``500MiB`` (binary) or a byte count."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a size: {text!r}")
-    number, unit = float(m.group(1)), (m.group(2) or "").upper()
-    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-    base = 1024 if "I" in unit else 1000
-    size = int(number * base ** powers[unit.rstrip("B").rstrip("I")])
-    if size <= 0:
-        raise ValueError(f"not a positive size: {text!r}")
-    return size
 
 
 # -- choosing the tensors -----------------------------------------------------------------
@@ -69,7 +62,7 @@ def _select(
 ) -> tuple[Any, list[tuple[str, Any]]]:
     """(the chosen node, its (name, value) entries) — values are tensors or None."""
     if all_tensors:
-        return ckpt.root, list(iter_tensors(ckpt.root))
+        return ckpt.root, dense_entries(ckpt.root)
     if key is not None:
         try:
             node = get_path(ckpt.root, key)
@@ -81,9 +74,7 @@ def _select(
             if not ckpt.tensors():
                 raise CheckpointError(ckpt.path, "holds no tensors: nothing to write")
             if ckpt.format == "torchscript":
-                raise CheckpointError(
-                    ckpt.path, "is a TorchScript archive", remedy="all_tensors"
-                )
+                raise CheckpointError(ckpt.path, "is a TorchScript archive", remedy="all_tensors")
             raise CheckpointError(ckpt.path, "no state dict found", remedy="key_or_all")
         node = found.node
     if isinstance(node, dict) and not isinstance(node, Opaque):
@@ -92,15 +83,15 @@ def _select(
             isinstance(v, TensorRef) or v is None for _, v in entries
         ):
             return node, entries
-    return node, list(iter_tensors(node))
+    return node, dense_entries(node)
 
 
 def _scalar_metadata(
     root: Any, chosen: Any, all_: bool = False
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], list[LeftOut]]:
     """Top-level scalar entries (epoch, step, best metric) as strings; what was left out."""
     meta: dict[str, str] = {}
-    left: list[str] = []
+    left: list[LeftOut] = []
     if not isinstance(root, dict) or isinstance(root, Opaque) or (root is chosen and not all_):
         return meta, left
     for name, value in children(root, ""):
@@ -110,14 +101,14 @@ def _scalar_metadata(
             value = numpy_scalar_value(value)
         if isinstance(value, (bool, int, float, str)) and len(str(value)) <= 1000:
             if name in RESERVED_METADATA:
-                left.append(f"{name} (the metadata key {name!r} is reserved)")
+                left.append(LeftOut(name, RESERVED_KEY))
             else:
                 meta[name] = str(value)
         elif isinstance(value, TensorRef):
             if not all_:
-                left.append(f"{name} (a tensor outside the chosen state dict; --all keeps it)")
+                left.append(LeftOut(name, OUTSIDE_STATE_DICT))
         elif not (all_ and _holds_tensor(value)):
-            left.append(f"{name} (not a scalar)")
+            left.append(LeftOut(name, NOT_SCALAR))
     return meta, left
 
 
@@ -223,8 +214,62 @@ def to_safetensors(
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     # user classes are fine (no permission asked): only tensors and strings are written
     ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shard_limit is not None)
+    chosen, tensors, left_out = _chosen_tensors(ckpt, src, key, all_tensors)
+    renamed_sd = _renamed(src, ops, tensors)
+    renamed = sum(1 for a, b in zip(tensors, renamed_sd, strict=True) if a != b)
+    items = _plan_items(src, chosen, renamed_sd, dtype)
+    _check_names(src, "keep", keep, list(renamed_sd))
+    groups = _shared_groups(items)
+    aliases: dict[str, str] = {}
+    if not duplicate_shared:
+        items, aliases = _store_once(items, groups, keep)
+    meta, left = _output_metadata(ckpt, chosen, all_tensors, metadata, aliases)
+    total = sum(it.nbytes for it in items)
+    result = SafetensorsResult(
+        src, dst, len(items), total, [], aliases, meta, left_out + left, renamed
+    )
+    cb = progress(total) if progress else None
+    shards = None
+    if shard_limit is not None:
+        shards = assign_shards(items, groups if duplicate_shared else [], shard_limit)
+    result.files = _write(dst, items, shards, meta, cb, verify, total)
+    result.verified = verify
+    return result
+
+
+def _write(
+    dst: str,
+    items: list[Item],
+    shards: list[list[Item]] | None,
+    meta: dict[str, str],
+    cb: Progress | None,
+    verify: bool,
+    total: int,
+) -> list[str]:
+    """Write the output (a file, or a folder of ``shards``) atomically; the files written."""
+    sources = bytecopy.Sources()
+    try:
+        if shards is None:
+            with atomic_file(dst) as tmp:
+                write_file(tmp, items, meta, sources, cb, verify)
+                if verify:
+                    verify_file(tmp, items, meta, sources)
+            return [dst]
+        return _write_shards(dst, shards, meta, sources, cb, verify, total)
+    finally:
+        sources.close()
+
+
+def _chosen_tensors(
+    ckpt: Checkpoint, src: str, key: str | None, all_tensors: bool
+) -> tuple[Any, OrderedDict[str, TensorRef], list[LeftOut]]:
+    """(the chosen node, its tensors by name, its None entries): step 1, what to write."""
     chosen, entries = _select(ckpt, key, all_tensors)
-    left_out = [f"{name} (None)" for name, v in entries if not isinstance(v, TensorRef)]
+    left_out = [
+        LeftOut(name, COMPOSITE_TENSOR if v == COMPOSITE_TENSOR else NONE_ENTRY)
+        for name, v in entries
+        if not isinstance(v, TensorRef)
+    ]
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
     for name, v in entries:
         if isinstance(v, TensorRef):
@@ -235,13 +280,25 @@ def to_safetensors(
             tensors[name] = v
     if not tensors:
         raise CheckpointError(src, "holds no tensors to write")
+    return chosen, tensors, left_out
+
+
+def _renamed(
+    src: str, ops: KeyOps, tensors: OrderedDict[str, TensorRef]
+) -> OrderedDict[str, TensorRef]:
+    """The tensors under their output names (step 2: the key renames)."""
     try:
-        renamed_sd = ops.apply(tensors) if ops else tensors
+        return ops.apply(tensors) if ops else tensors
     except KeyCollisionError as exc:
         raise CheckpointError(
             src, f"renaming would make {exc.first!r} and {exc.second!r} both {exc.new!r}"
         ) from None
-    renamed = sum(1 for a, b in zip(tensors, renamed_sd, strict=True) if a != b)
+
+
+def _plan_items(
+    src: str, chosen: Any, renamed_sd: OrderedDict[str, TensorRef], dtype: str | None
+) -> list[Item]:
+    """One output item per tensor, with the dtype it is stored as (step 3)."""
     items: list[Item] = []
     castable = cast_targets(chosen) if dtype else set()
     for name, ref in renamed_sd.items():
@@ -252,22 +309,36 @@ def to_safetensors(
         if problem:
             raise CheckpointError(src, f"tensor {name!r} {problem}")
         items.append(Item(name, ref, out_dtype))
-    _check_names(src, "keep", keep, list(renamed_sd))
+    return items
+
+
+def _store_once(
+    items: list[Item], groups: list[list[Item]], keep: tuple[str, ...]
+) -> tuple[list[Item], dict[str, str]]:
+    """Tied tensors stored once: (the items left, {alias: stored name})."""
     aliases: dict[str, str] = {}
-    groups = _shared_groups(items)
-    if not duplicate_shared:
-        drop: set[str] = set()
-        for group in groups:
-            first = next((m for m in group if m.name in keep), group[0])
-            for m in group:
-                if m is first:
-                    continue
-                if _same_view(m.ref, first.ref) and m.dtype == first.dtype:
-                    aliases[m.name] = first.name
-                    drop.add(m.name)
-        items = [it for it in items if it.name not in drop]
+    drop: set[str] = set()
+    for group in groups:
+        first = next((m for m in group if m.name in keep), group[0])
+        for m in group:
+            if m is first:
+                continue
+            if _same_view(m.ref, first.ref) and m.dtype == first.dtype:
+                aliases[m.name] = first.name
+                drop.add(m.name)
+    return [it for it in items if it.name not in drop], aliases
+
+
+def _output_metadata(
+    ckpt: Checkpoint,
+    chosen: Any,
+    all_tensors: bool,
+    metadata: dict[str, str] | None,
+    aliases: dict[str, str],
+) -> tuple[dict[str, str], list[LeftOut]]:
+    """The output's ``__metadata__`` (carried, scalars, the caller's, aliases); what was left
+    out of it."""
     meta, left = _scalar_metadata(ckpt.root, chosen, all_tensors)
-    left_out += left
     carried = ckpt.facts.get("metadata") or {}  # a safetensors input's own metadata
     for k in RESERVED_METADATA:
         if metadata and k in metadata:
@@ -280,38 +351,36 @@ def to_safetensors(
     }
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    total = sum(it.nbytes for it in items)
-    result = SafetensorsResult(src, dst, len(items), total, [], aliases, meta, left_out, renamed)
-    cb = progress(total) if progress else None
-    sources = bytecopy.Sources()
-    try:
-        if shard_limit is None:
-            with atomic_file(dst) as tmp:
-                write_file(tmp, items, meta, sources, cb, verify)
-                if verify:
-                    verify_file(tmp, items, meta, sources)
-            result.files = [dst]
-        else:
-            shards = assign_shards(items, groups if duplicate_shared else [], shard_limit)
-            n = len(shards)
-            with atomic_shards(dst) as tmpdir:
-                weight_map: dict[str, str] = {}
-                for i, shard in enumerate(shards, 1):
-                    fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                    path = os.path.join(tmpdir, fname)
-                    open(path, "wb").close()
-                    write_file(path, shard, meta, sources, cb, verify)
-                    if verify:
-                        verify_file(path, shard, meta, sources)
-                    for it in shard:
-                        weight_map[it.name] = fname
-                    result.files.append(os.path.join(dst, fname))
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                with open(os.path.join(tmpdir, INDEX_NAME), "w", encoding="utf-8") as f:
-                    json.dump(index, f, indent=2)
-                    f.write("\n")
-            result.files.append(os.path.join(dst, INDEX_NAME))
-    finally:
-        sources.close()
-    result.verified = verify
-    return result
+    return meta, left
+
+
+def _write_shards(
+    dst: str,
+    shards: list[list[Item]],
+    meta: dict[str, str],
+    sources: bytecopy.Sources,
+    cb: Progress | None,
+    verify: bool,
+    total: int,
+) -> list[str]:
+    """Write the shards and their index into the folder ``dst`` (atomically); the files."""
+    files: list[str] = []
+    n = len(shards)
+    with atomic_shards(dst) as tmpdir:
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path = os.path.join(tmpdir, fname)
+            open(path, "wb").close()
+            write_file(path, shard, meta, sources, cb, verify)
+            if verify:
+                verify_file(path, shard, meta, sources)
+            for it in shard:
+                weight_map[it.name] = fname
+            files.append(os.path.join(dst, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(tmpdir, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+    files.append(os.path.join(dst, INDEX_NAME))
+    return files

@@ -17,6 +17,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
+from ..writers.crc import crc32
 
 Progress = Callable[[int], None]
 
@@ -164,11 +165,10 @@ def iter_logical_chunks(
 
 def crc_logical(tensor: LogicalTensor, sources: Any) -> int:
     """CRC-32 of the tensor's logical bytes, read from its segments."""
-    import zlib
 
     crc = 0
     for piece in iter_logical_chunks(tensor, sources):
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     return crc
 
 

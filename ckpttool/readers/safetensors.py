@@ -55,6 +55,9 @@ def read_header(path: str, file_bytes: int) -> tuple[int, dict[str, Any]]:
     return 8 + n, header
 
 
+_Entry = tuple[int, int, str, str, tuple[int, ...]]  # (begin, end, name, dtype, shape)
+
+
 def read(path: str, file_bytes: int) -> Checkpoint:
     data_start, header = read_header(path, file_bytes)
     metadata = header.pop("__metadata__", None)
@@ -63,48 +66,9 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise CheckpointError(path, "safetensors __metadata__ must map strings to strings")
-    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise CheckpointError(path, f"safetensors entry {name!r} is not an object")
-        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(code, str) or code not in dtypes.SAFETENSORS_DTYPES:
-            raise CheckpointError(path, f"tensor {name!r} has unknown dtype {code!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-        ):
-            raise CheckpointError(path, f"tensor {name!r} has an invalid shape")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CheckpointError(path, f"tensor {name!r} has invalid data_offsets")
-        dtype = dtypes.SAFETENSORS_DTYPES[code]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel * dtype.itemsize != offsets[1] - offsets[0]:
-            raise CheckpointError(
-                path,
-                f"tensor {name!r}: shape {shape} of {code} needs {numel * dtype.itemsize:,} "
-                f"bytes but data_offsets span {offsets[1] - offsets[0]:,}",
-            )
-        entries.append((offsets[0], offsets[1], name, dtype.name, tuple(shape)))
+    entries = [_entry(path, name, entry) for name, entry in header.items()]
     entries.sort()
-    pos = 0
-    for begin, end, name, _, _ in entries:
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
-            raise CheckpointError(path, f"tensor {name!r} {what} (data_offsets)")
-        pos = end
-    if data_start + pos != file_bytes:
-        if data_start + pos > file_bytes:
-            raise CheckpointError(path, "is truncated: tensor data is cut short")
-        raise CheckpointError(
-            path, f"has {file_bytes - data_start - pos:,} unexpected bytes after the last tensor"
-        )
+    _check_tiling(path, entries, data_start, file_bytes)
     root: dict[str, TensorRef] = {}
     storages: dict[str, StorageInfo] = {}
     order = {name: i for i, name in enumerate(header)}
@@ -125,6 +89,53 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         globals=[],
         facts={"metadata": metadata},
     )
+
+
+def _entry(path: str, name: str, entry: Any) -> _Entry:
+    """One header entry, checked: its dtype is known, its shape fits its data_offsets."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, f"safetensors entry {name!r} is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str) or code not in dtypes.SAFETENSORS_DTYPES:
+        raise CheckpointError(path, f"tensor {name!r} has unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise CheckpointError(path, f"tensor {name!r} has an invalid shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(path, f"tensor {name!r} has invalid data_offsets")
+    dtype = dtypes.SAFETENSORS_DTYPES[code]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel * dtype.itemsize != offsets[1] - offsets[0]:
+        raise CheckpointError(
+            path,
+            f"tensor {name!r}: shape {shape} of {code} needs {numel * dtype.itemsize:,} "
+            f"bytes but data_offsets span {offsets[1] - offsets[0]:,}",
+        )
+    return (offsets[0], offsets[1], name, dtype.name, tuple(shape))
+
+
+def _check_tiling(path: str, entries: list[_Entry], data_start: int, file_bytes: int) -> None:
+    """The sorted entries' bytes follow each other without gaps or overlaps to the file's end."""
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise CheckpointError(path, f"tensor {name!r} {what} (data_offsets)")
+        pos = end
+    if data_start + pos != file_bytes:
+        if data_start + pos > file_bytes:
+            raise CheckpointError(path, "is truncated: tensor data is cut short")
+        raise CheckpointError(
+            path, f"has {file_bytes - data_start - pos:,} unexpected bytes after the last tensor"
+        )
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:

@@ -42,54 +42,14 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
             raise CheckpointError(path, f"unsupported legacy protocol version {protocol!r}")
         sys_info, _ = unpickle(path, f, "the system info", seen=seen, end=file_bytes)
         little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
-
-        declared: dict[str, tuple[StorageType, str, int]] = {}
-        placeholders: dict[str, StorageInfo] = {}
-
-        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
-            seen = declared.get(key)
-            if seen is None:
-                declared[key] = (storage_type, location, numel)
-                placeholders[key] = StorageInfo(
-                    key, storage_type.dtype, numel, location, path, -1, big_endian=not little
-                )
-            elif seen[0].dtype != storage_type.dtype or seen[2] != numel:
-                raise CheckpointError(path, f"storage {key!r} is declared twice with other sizes")
-            return placeholders[key]
-
-        root, unpickler = unpickle(path, f, "the pickled object", resolve, seen, end=file_bytes)
+        declared = _Declared(path, little)
+        root, unpickler = unpickle(
+            path, f, "the pickled object", declared.resolve, seen, end=file_bytes
+        )
         keys, _ = unpickle(path, f, "the storage key list", seen=seen, end=file_bytes)
         if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
             raise CheckpointError(path, "the storage key list is corrupt")
-        pos = f.tell()
-
-        storages: dict[str, StorageInfo] = {}
-        for key in map(str, keys):
-            if key not in placeholders:
-                raise CheckpointError(path, f"storage {key!r} is listed but no tensor uses it")
-            if key in storages:
-                raise CheckpointError(path, f"storage {key!r} is listed twice")
-            ph = placeholders[key]
-            header = os.pread(raw.fileno(), 8, pos)
-            if len(header) < 8:
-                raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
-            (numel,) = struct.unpack("<q" if little else ">q", header)
-            if numel != ph.numel:
-                raise CheckpointError(
-                    path,
-                    f"storage {key!r} holds {numel} elements but the pickle says {ph.numel}",
-                )
-            start = pos + 8
-            end = start + ph.nbytes
-            if end > file_bytes:
-                raise CheckpointError(path, f"is truncated: storage {key!r} is cut short")
-            storages[key] = StorageInfo(
-                key, ph.dtype, ph.numel, ph.location, path, start, big_endian=not little
-            )
-            pos = end
-        missing = set(placeholders) - set(storages)
-        if missing:
-            raise CheckpointError(path, f"storage {sorted(missing)[0]!r} is missing from the file")
+        storages, pos = _locate(declared, raw.fileno(), keys, f.tell(), file_bytes)
 
     for ref in unpickler.tensors:
         if ref.storage is not None:
@@ -111,3 +71,62 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
         globals=list(seen),
         facts=facts,
     )
+
+
+class _Declared:
+    """The storages the pickle declares (by persistent id), before their bytes are located."""
+
+    def __init__(self, path: str, little: bool) -> None:
+        self.path = path
+        self.little = little
+        self.declared: dict[str, tuple[StorageType, str, int]] = {}
+        self.placeholders: dict[str, StorageInfo] = {}
+
+    def resolve(
+        self, storage_type: StorageType, key: str, location: str, numel: int
+    ) -> StorageInfo:
+        seen = self.declared.get(key)
+        if seen is None:
+            self.declared[key] = (storage_type, location, numel)
+            self.placeholders[key] = StorageInfo(
+                key, storage_type.dtype, numel, location, self.path, -1, big_endian=not self.little
+            )
+        elif seen[0].dtype != storage_type.dtype or seen[2] != numel:
+            raise CheckpointError(self.path, f"storage {key!r} is declared twice with other sizes")
+        return self.placeholders[key]
+
+
+def _locate(
+    declared: _Declared, fd: int, keys: list[Any], pos: int, file_bytes: int
+) -> tuple[dict[str, StorageInfo], int]:
+    """Each listed storage's bytes, which follow the key list in its order, each after an
+    8-byte element count; returns the storages and the position after the last one."""
+    path, little, placeholders = declared.path, declared.little, declared.placeholders
+    storages: dict[str, StorageInfo] = {}
+    for key in map(str, keys):
+        if key not in placeholders:
+            raise CheckpointError(path, f"storage {key!r} is listed but no tensor uses it")
+        if key in storages:
+            raise CheckpointError(path, f"storage {key!r} is listed twice")
+        ph = placeholders[key]
+        header = os.pread(fd, 8, pos)
+        if len(header) < 8:
+            raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
+        (numel,) = struct.unpack("<q" if little else ">q", header)
+        if numel != ph.numel:
+            raise CheckpointError(
+                path,
+                f"storage {key!r} holds {numel} elements but the pickle says {ph.numel}",
+            )
+        start = pos + 8
+        end = start + ph.nbytes
+        if end > file_bytes:
+            raise CheckpointError(path, f"is truncated: storage {key!r} is cut short")
+        storages[key] = StorageInfo(
+            key, ph.dtype, ph.numel, ph.location, path, start, big_endian=not little
+        )
+        pos = end
+    missing = set(placeholders) - set(storages)
+    if missing:
+        raise CheckpointError(path, f"storage {sorted(missing)[0]!r} is missing from the file")
+    return storages, pos

@@ -11,6 +11,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
@@ -205,64 +206,11 @@ def _read(archive: ZipArchive, path: str, file_bytes: int, seen: dict[str, str])
     )
     if not archive.has("data.pkl"):
         raise CheckpointError(path, f"zip archive has no {archive.root}/data.pkl: not a checkpoint")
-    byteorder = "little"
-    if archive.has("byteorder"):
-        byteorder = archive.read_small("byteorder", 16).decode("ascii", "replace").strip()
-        if byteorder not in ("little", "big"):
-            raise CheckpointError(path, f"unknown byteorder {byteorder!r}")
-    facts: dict[str, Any] = {"archive_name": archive.root}
-    if archive.has("version"):
-        facts["record_version"] = archive.read_small("version", 64).decode("ascii", "replace")
-        facts["record_version"] = facts["record_version"].strip()
-    if archive.has("byteorder"):
-        facts["byteorder"] = byteorder
-
-    storages: dict[str, StorageInfo] = {}
-
-    def resolver(folder: str):
-        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
-            name = f"{folder}/{key}"
-            known = storages.get(name)
-            if known is not None:
-                if known.dtype != storage_type.dtype or known.numel != numel:
-                    raise CheckpointError(path, f"storage {key!r} is declared with two sizes")
-                return known
-            info = archive.entries.get(name)
-            if info is None:
-                raise CheckpointError(path, f"storage record {archive.root}/{name} is missing")
-            itemsize = _itemsize(storage_type.dtype)
-            if info.file_size != numel * itemsize:
-                raise CheckpointError(
-                    path,
-                    f"storage record {archive.root}/{name} holds {info.file_size:,} bytes but "
-                    f"the pickle declares {numel:,} {storage_type.dtype} elements "
-                    f"({numel * itemsize:,} bytes)",
-                )
-            storage = StorageInfo(
-                key=key if folder == "data" else name,
-                dtype=storage_type.dtype,
-                numel=numel,
-                location=location,
-                file=path,
-                offset=archive.data_offset(info),
-                record=info.filename,
-                compressed=info.compress_type != zipfile.ZIP_STORED,
-                big_endian=byteorder == "big",
-                # torch can write records without CRCs (zeros): then there is none to check
-                crc=info.CRC if info.CRC or not info.file_size else None,
-            )
-            if (
-                not storage.compressed
-                and storage.offset + info.file_size > archive.base + file_bytes
-            ):
-                raise CheckpointError(path, f"is truncated: storage record {name} is cut short")
-            storages[name] = storage
-            return storage
-
-        return resolve
-
+    byteorder, facts = _byteorder_and_facts(archive, path)
+    records = _Records(archive, path, file_bytes, byteorder == "big")
+    storages = records.storages
     pkl = archive.read_small("data.pkl")
-    root, unpickler = unpickle(path, io.BytesIO(pkl), "data.pkl", resolver("data"), seen)
+    root, unpickler = unpickle(path, io.BytesIO(pkl), "data.pkl", records.resolver("data"), seen)
     tensors = list(unpickler.tensors)
     if is_torchscript:
         facts["torchscript"] = True
@@ -271,7 +219,7 @@ def _read(archive: ZipArchive, path: str, file_bytes: int, seen: dict[str, str])
                 path,
                 io.BytesIO(archive.read_small("constants.pkl")),
                 "constants.pkl",
-                resolver("constants"),
+                records.resolver("constants"),
                 seen,
             )
             tensors += cu.tensors
@@ -288,6 +236,83 @@ def _read(archive: ZipArchive, path: str, file_bytes: int, seen: dict[str, str])
         globals=list(seen),
         facts=facts,
     )
+
+
+def _byteorder_and_facts(archive: ZipArchive, path: str) -> tuple[str, dict[str, Any]]:
+    """The archive's byte order ("little" unless it says otherwise) and the facts it records."""
+    byteorder = "little"
+    if archive.has("byteorder"):
+        byteorder = archive.read_small("byteorder", 16).decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise CheckpointError(path, f"unknown byteorder {byteorder!r}")
+    facts: dict[str, Any] = {"archive_name": archive.root}
+    if archive.has("version"):
+        facts["record_version"] = archive.read_small("version", 64).decode("ascii", "replace")
+        facts["record_version"] = facts["record_version"].strip()
+    if archive.has("byteorder"):
+        facts["byteorder"] = byteorder
+    return byteorder, facts
+
+
+class _Records:
+    """The storage records the pickles declare, checked against the zip directory."""
+
+    def __init__(self, archive: ZipArchive, path: str, file_bytes: int, big_endian: bool) -> None:
+        self.archive = archive
+        self.path = path
+        self.file_bytes = file_bytes
+        self.big_endian = big_endian
+        self.storages: dict[str, StorageInfo] = {}  # by record name below the archive's root
+
+    def resolver(self, folder: str) -> Callable[[StorageType, str, str, int], StorageInfo]:
+        """The persistent-id callback for a pickle whose records lie in ``folder``."""
+
+        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
+            return self.resolve(folder, storage_type, key, location, numel)
+
+        return resolve
+
+    def resolve(
+        self, folder: str, storage_type: StorageType, key: str, location: str, numel: int
+    ) -> StorageInfo:
+        archive, path, storages = self.archive, self.path, self.storages
+        name = f"{folder}/{key}"
+        known = storages.get(name)
+        if known is not None:
+            if known.dtype != storage_type.dtype or known.numel != numel:
+                raise CheckpointError(path, f"storage {key!r} is declared with two sizes")
+            return known
+        info = archive.entries.get(name)
+        if info is None:
+            raise CheckpointError(path, f"storage record {archive.root}/{name} is missing")
+        itemsize = _itemsize(storage_type.dtype)
+        if info.file_size != numel * itemsize:
+            raise CheckpointError(
+                path,
+                f"storage record {archive.root}/{name} holds {info.file_size:,} bytes but "
+                f"the pickle declares {numel:,} {storage_type.dtype} elements "
+                f"({numel * itemsize:,} bytes)",
+            )
+        storage = StorageInfo(
+            key=key if folder == "data" else name,
+            dtype=storage_type.dtype,
+            numel=numel,
+            location=location,
+            file=path,
+            offset=archive.data_offset(info),
+            record=info.filename,
+            compressed=info.compress_type != zipfile.ZIP_STORED,
+            big_endian=self.big_endian,
+            # torch can write records without CRCs (zeros): then there is none to check
+            crc=info.CRC if info.CRC or not info.file_size else None,
+        )
+        if (
+            not storage.compressed
+            and storage.offset + info.file_size > archive.base + self.file_bytes
+        ):
+            raise CheckpointError(path, f"is truncated: storage record {name} is cut short")
+        storages[name] = storage
+        return storage
 
 
 def _itemsize(dtype: str) -> int:

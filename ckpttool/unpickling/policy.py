@@ -12,183 +12,32 @@ Four kinds, from :func:`judge` over a static walk (:mod:`.opscan`) of every pick
 * ``dangerous``: anything else that gets called, any attribute path (``builtins.eval.__call__``,
   ``torch.os.system``), a module-level object the pickle changes, a result the pickle calls,
   a module whose import runs a program, and names known to run code in any use.
+
+The name tables themselves live in :mod:`.lists`; ``TORCH_ALLOWED`` is re-exported here.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .lists import (
+    DATA_ALLOWED,
+    DENY_MODULES,
+    DENY_NAMES,
+    DENY_PREFIXES,
+    PLAIN_TYPES,
+    ROLES,
+    STDLIB,
+    TORCH_ALLOWED,
+    TORCH_CONSTANTS,
+    TORCH_ON_IMPORT,
+)
 from .opscan import SCALARS, GlobalRef, PickleWalk, Value
 
 TORCH, DATA, USER, DANGEROUS = "torch", "data", "user code", "dangerous"
 
-
-def _w(text: str) -> list[str]:
-    return text.split()
-
-
 _RANK = {TORCH: 0, DATA: 1, USER: 2, DANGEROUS: 3}
-
-_SCALAR_TYPES = _w("Byte Char Short Int Long Half Float Double BFloat16 Bool")
-_DTYPES = _w(
-    "bfloat16 bits16 bits1x8 bits2x4 bits4x2 bits8 bool complex128 complex32 complex64 float16 "
-    "float32 float4_e2m1fn_x2 float64 float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz "
-    "float8_e8m0fnu int16 int32 int64 int8 qint32 qint8 quint2x4 quint4x2 quint8 uint16 uint32 "
-    "uint64 uint8 per_channel_affine per_channel_affine_float_qparams per_channel_symmetric "
-    "per_tensor_affine per_tensor_symmetric"
-)
-_REBUILDS = _w(
-    "_rebuild_device_tensor_from_cpu_tensor _rebuild_device_tensor_from_numpy "
-    "_rebuild_meta_tensor_no_storage _rebuild_nested_tensor _rebuild_parameter "
-    "_rebuild_parameter_with_state _rebuild_qtensor _rebuild_sparse_tensor _rebuild_tensor "
-    "_rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_wrapper_subclass"
-)
-
-# What torch.load(weights_only=True) accepts by default (torch 2.13's
-# _weights_only_unpickler._get_allowed_globals), kept here so that checking never imports torch.
-TORCH_ALLOWED: frozenset[str] = frozenset(
-    [
-        *_w(
-            "_codecs.encode builtins.bytearray builtins.complex builtins.set collections.Counter "
-            "collections.OrderedDict torch.Size torch.Tensor torch.device "
-            "torch.nn.parameter.Parameter torch.serialization._get_layout "
-            "torch.storage.TypedStorage torch.storage.UntypedStorage "
-            "torch._tensor._rebuild_from_type_v2"
-        ),
-        *(f"torch._utils.{f}" for f in _REBUILDS),
-        *(f"torch.{d}" for d in _DTYPES),
-        *(f"torch.{k}{n}" for k in ("int", "uint") for n in range(1, 8)),
-        *(f"torch.{t}Storage" for t in [*_SCALAR_TYPES, "ComplexDouble", "ComplexFloat"]),
-        *(f"torch.{t}Storage" for t in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")),
-        *(f"torch.cuda.{t}Storage" for t in [*_SCALAR_TYPES, "ComplexDouble", "ComplexFloat"]),
-        *(f"{m}{t}Tensor" for m in ("torch.", "torch.cuda.") for t in _SCALAR_TYPES),
-        *(f"{m}{t}Tensor" for m in ("torch.sparse.", "torch.cuda.sparse.") for t in _SCALAR_TYPES),
-    ]
-) - {f"{m}BoolTensor" for m in ("torch.sparse.", "torch.cuda.sparse.")}
-# Rebuilds torch's weights_only loader accepts once their module is imported (torch special-cases
-# them: "torch.nested and torch._dynamo must be imported to load nested jagged tensors").
-TORCH_ON_IMPORT: frozenset[str] = frozenset(
-    _w(
-        "torch.nested._internal.nested_tensor.NestedTensor "
-        "torch.nested._internal.nested_tensor._rebuild_njt torch._dynamo.decorators._DimRange "
-        "torch.distributed.device_mesh.DeviceMesh "
-        "torch.distributed.tensor._dtensor_spec.DTensorSpec "
-        "torch.distributed.tensor._dtensor_spec.TensorMeta torch.distributed.tensor.DTensor "
-        "torch.distributed.tensor.placement_types.Partial "
-        "torch.distributed.tensor.placement_types.Replicate "
-        "torch.distributed.tensor.placement_types.Shard"
-    )
-)
-# torch constants that protocol 4 pickles through an attribute path of a torch module
-# (``torch._utils`` + ``torch.channels_last``: the module's own ``torch`` is the package).
-_TORCH_CONSTANTS = frozenset(
-    f"torch.{n}"
-    for n in _w("contiguous_format channels_last channels_last_3d preserve_format")
-)
-
-_PATHS = _w("PurePath PurePosixPath PureWindowsPath Path PosixPath WindowsPath")
-# Plain data classes and helpers that build plain data from plain data.
-DATA_ALLOWED: frozenset[str] = frozenset(
-    [
-        *_w(
-            "builtins.frozenset builtins.slice builtins.range builtins.object "
-            "collections.defaultdict collections.deque copyreg._reconstructor copyreg.__newobj__ "
-            "copyreg.__newobj_ex__ argparse.Namespace types.SimpleNamespace datetime.datetime "
-            "datetime.date datetime.time datetime.timedelta datetime.timezone decimal.Decimal "
-            "fractions.Fraction uuid.UUID uuid.SafeUUID numpy.dtype numpy.ndarray "
-            "numpy.ma.core._mareconstruct numpy.random._pickle.__randomstate_ctor "
-            "numpy.random._pickle.__bit_generator_ctor numpy.random._pickle.__generator_ctor "
-            "torch.Generator torch._C.Generator torch.nn.backends.thnn._get_thnn_function_backend "
-            "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING"
-        ),
-        *(
-            f"numpy.{c}.multiarray.{f}"
-            for c in ("core", "_core")
-            for f in ("_reconstruct", "scalar")
-        ),
-        *(f"numpy.{c}.numeric._frombuffer" for c in ("core", "_core")),
-        *(f"{m}.{p}" for m in ("pathlib", "pathlib._local") for p in _PATHS),
-        *(f"torch.jit._pickle.build_{t}list" for t in ("int", "tensor", "double", "bool")),
-        *(
-            f"torch.distributed.checkpoint.metadata.{c}"  # DCP's .metadata dataclasses
-            for c in _w(
-                "Metadata TensorStorageMetadata TensorProperties ChunkStorageMetadata "
-                "BytesStorageMetadata MetadataIndex StorageMeta"
-            )
-        ),
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "torch.jit._pickle.build_tensor_from_id",
-        "torch.jit._pickle.restore_type_tag",
-    ]
-)
-# Plain builtin types: fine as a defaultdict factory, a copyreg base, or a class to instantiate.
-_PLAIN_TYPES = frozenset(
-    f"builtins.{t}"
-    for t in _w("object dict list set frozenset tuple int float str bytes bool complex")
-)
-# Arguments that allowlisted callables call ("call") or instantiate ("new"), by position.
-_ROLES: dict[str, dict[int, str]] = {
-    "torch._tensor._rebuild_from_type_v2": {0: "call", 1: "new"},
-    "torch._utils._rebuild_wrapper_subclass": {0: "new"},
-    "copyreg._reconstructor": {0: "new", 1: "base"},
-    "copyreg.__newobj__": {0: "new"},
-    "copyreg.__newobj_ex__": {0: "new"},
-    "collections.defaultdict": {0: "call"},
-    "numpy.ma.core._mareconstruct": {0: "new", 1: "new"},
-    **{f"numpy.{c}.multiarray._reconstruct": {0: "new"} for c in ("core", "_core")},
-    **{
-        f"numpy.random._pickle.__{k}_ctor": {0: "call", 1: "call"}
-        for k in ("randomstate", "bit_generator", "generator")
-    },
-}
-
-# Known to run code, touch the system or load more pickles in any use (naming them is enough).
-_DENY_MODULES = frozenset(
-    _w(
-        "os posix nt posixpath ntpath subprocess commands sys shutil runpy importlib imp "
-        "pickle _pickle cPickle marshal types ctypes socket webbrowser pty code codeop pdb "
-        "bdb timeit trace profile cProfile multiprocessing asyncio threading _thread signal "
-        "platform pip setuptools distutils __builtin__ io _io tempfile glob pathlib "
-        "zipimport dill cloudpickle joblib requests urllib http ftplib smtplib telnetlib "
-        "xmlrpc pydoc pkgutil operator _operator functools _frozen_importlib "
-        "_frozen_importlib_external _xxsubinterpreters _interpreters idlelib ensurepip venv "
-        "doctest linecache _osx_support imaplib logging test antigravity this"
-    )
-)
-_DENY_NAMES = frozenset(
-    [
-        *(
-            f"builtins.{n}"
-            for n in _w(
-                "eval exec compile open __import__ getattr setattr delattr globals locals "
-                "vars input breakpoint exit quit help memoryview type super classmethod "
-                "staticmethod property apply execfile reload file"
-            )
-        ),
-        *_w(
-            "torch.load torch.storage._load_from_bytes torch.serialization.load torch._C._jit_load "
-            "torch.hub.load torch.hub.load_state_dict_from_url torch.jit.load "
-            "torch._utils._rebuild_xla_tensor torch.utils.collect_env.run "
-            "torch.fx.graph_module._exec_with_source numpy.load numpy.loadtxt numpy.fromfile "
-            "numpy.testing._private.utils.runstring numpy.lib.npyio.load "
-            "numpy.f2py.crackfortran.myeval numpy.f2py.crackfortran.getlincoef "
-            "uuid._get_command_stdout typing.ForwardRef"
-        ),
-    ]
-)
-_DENY_PREFIXES = tuple(
-    _w(
-        "torch.jit. torch._C. torch.hub. torch.package. torch.ops. torch._ops. "
-        "torch._inductor. torch.fx. torch.utils.cpp_extension torch._dynamo. "
-        "torch.utils.collect_env torch.utils.data.datapipes torch.fx.experimental "
-        "torch.testing. torch.distributed.rpc torch.multiprocessing torch.compiler "
-        "torch.export torch.library torch.classes. torch.utils.tensorboard torch._export. "
-        "torch.utils._config_module numpy.f2py. numpy.testing. numpy.distutils."
-    )
-)
-_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "copy_reg"}
 
 
 @dataclass(frozen=True)
@@ -287,14 +136,14 @@ def _shape(args: tuple[Value, ...] | None) -> str:
 
 def _arg_role(owner: GlobalRef, i: int, arg: Value, extra: dict[int, str]) -> None:
     callee = owner.full
-    role = _ROLES.get(callee, {}).get(i)
+    role = ROLES.get(callee, {}).get(i)
     if role is None:
         return
     if arg.kind == "global" and arg.gref is not None:
         g = arg.gref
-        if role == "new" or (role == "base" and g.full in _PLAIN_TYPES):
+        if role == "new" or (role == "base" and g.full in PLAIN_TYPES):
             g.uses.add("instantiated")
-        elif g.full in TORCH_ALLOWED | TORCH_ON_IMPORT | DATA_ALLOWED | _PLAIN_TYPES:
+        elif g.full in TORCH_ALLOWED | TORCH_ON_IMPORT | DATA_ALLOWED | PLAIN_TYPES:
             g.uses.add(f"passed to {callee}")
         else:
             g.uses.add(f"called by {callee}")
@@ -311,7 +160,7 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
         return DANGEROUS, "an extension-registry code: what it loads depends on the process"
     if (
         top == "torch"
-        and name in _TORCH_CONSTANTS
+        and name in TORCH_CONSTANTS
         and not g.uses & {"called", "instantiated", "mutated", "result called"}
         and not extra
     ):
@@ -330,15 +179,15 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
         return TORCH, "torch's weights_only loader allows it"
     if full in TORCH_ON_IMPORT:
         return TORCH, "torch's weights_only loader allows it once its module is imported"
-    if full in DATA_ALLOWED or (full in _PLAIN_TYPES and not g.uses & {"called", "mutated"}):
+    if full in DATA_ALLOWED or (full in PLAIN_TYPES and not g.uses & {"called", "mutated"}):
         return DATA, "plain data"
-    if full in _PLAIN_TYPES and "mutated" not in g.uses and shapes <= {"plain", "empty"}:
+    if full in PLAIN_TYPES and "mutated" not in g.uses and shapes <= {"plain", "empty"}:
         return DATA, "a builtin type called with plain values (protocol 2 pickles b'' as bytes())"
     if full.startswith("numpy.dtypes.") and "called" not in g.uses:
         return DATA, "plain data"
     if _denied(full, module, top):
         return DANGEROUS, "known to run code or load files"
-    stdlib = top in _STDLIB
+    stdlib = top in STDLIB
     if "called" in g.uses:
         if not stdlib and top != "torch" and shapes <= {"plain", "empty"} and _classlike(name):
             return USER, f"called with plain values (as enum members are); loading imports {module}"
@@ -352,10 +201,10 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
 
 def _denied(full: str, module: str, top: str) -> bool:
     return (
-        full in _DENY_NAMES
-        or module in _DENY_MODULES
-        or top in _DENY_MODULES
-        or full.startswith(_DENY_PREFIXES)
+        full in DENY_NAMES
+        or module in DENY_MODULES
+        or top in DENY_MODULES
+        or full.startswith(DENY_PREFIXES)
     )
 
 

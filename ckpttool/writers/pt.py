@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
@@ -18,6 +18,7 @@ from ..model import TensorRef
 from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
+from .crc import crc32
 from .pt_pickle import OutStorage, dumps
 from .zipwriter import ZipWriter
 
@@ -41,13 +42,13 @@ def _write_transformed(
         bytecopy.write_all(dst_fd, memory.data)
         if progress:
             progress(len(memory.data))
-        return zlib.crc32(memory.data)
+        return crc32(memory.data)
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
     for chunk in bytecopy.iter_storage_chunks(src, src_fd):
         data = chunk if simple else bytecopy.recode(chunk, src, out.dtype)
         bytecopy.write_all(dst_fd, data)
-        crc = zlib.crc32(data, crc)
+        crc = crc32(data, crc)
         if progress:
             progress(len(data))  # output bytes, as the total counts them (a cast changes size)
     return crc
@@ -60,13 +61,25 @@ def _serialization_id(pkl: bytes, outs: list[OutStorage]) -> bytes:
     return h.hexdigest().encode()
 
 
+@dataclass(frozen=True)
+class StoragePlan:
+    """What a torch zip will hold: its storages in order, and which one each tensor uses.
+
+    The maps are keyed by ``id()`` of the planned tree's nodes, so a plan is only good for the
+    tree it was made from (which must stay alive while the plan is used).
+    """
+
+    outs: list[OutStorage]  # the output storages, numbered in order of first use
+    storage_of: dict[int, OutStorage]  # id(TensorRef or saved storage) -> its output storage
+    dtype_of: dict[int, str]  # id(TensorRef) -> the dtype it is written as, when cast
+    named: list[tuple[str, TensorRef]]  # every tensor by its path, in document order
+    memory: dict[str, MemoryStorage] = field(default_factory=dict)  # made in memory, by key
+
+
 def write_pt(
     dst_tmp: str,
     root: Any,
-    outs: list[OutStorage],
-    storage_of: dict[int, OutStorage],
-    dtype_of: dict[int, str],
-    memory: dict[str, MemoryStorage],
+    plan: StoragePlan,
     progress: Progress | None,
     *,
     check_copies: bool = True,
@@ -78,7 +91,7 @@ def write_pt(
     proves the copy), or from the input's zip record when that is skipped.
     """
     try:
-        pkl = dumps(root, storage_of, dtype_of)
+        pkl = dumps(root, plan.storage_of, plan.dtype_of)
     except RecursionError:
         raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
     sources = bytecopy.Sources()
@@ -92,10 +105,10 @@ def write_pt(
         zw.add_bytes(f"{archive}/.storage_alignment", b"64")
         zw.add_bytes(f"{archive}/byteorder", b"little")
         pending: list[tuple[int, OutStorage, Any]] = []
-        for out in outs:
+        for out in plan.outs:
             src = out.source
             assert src is not None
-            mem = memory.get(src.key) if not src.file else None
+            mem = plan.memory.get(src.key) if not src.file else None
             verbatim = out.copies_verbatim and mem is None
             phase = src.offset % 4096 if verbatim and src.offset % 64 == 0 else 0
             start = zw.begin(
@@ -104,21 +117,7 @@ def write_pt(
             offsets[out.key] = start
             job = None
             if verbatim:
-                src_fd = sources.fd(src.file)
-                try:
-                    bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
-                except EOFError:
-                    raise CheckpointError(
-                        src.file, "is truncated: a storage is cut short"
-                    ) from None
-                if check_copies or src.crc is None:  # read back (in the background)
-                    job = background.submit(
-                        bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, src.crc
-                    )
-                    out.read_back = True
-                else:
-                    out.crc = src.crc
-                background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
+                job = _copy_verbatim(out, fd, start, sources, background, progress, check_copies)
             else:
                 out.crc = _write_transformed(
                     out, sources.fd(src.file) if src.file else -1, fd, mem, progress
@@ -126,20 +125,8 @@ def write_pt(
             zw.end()
             pending.append((len(zw.entries) - 1, out, job))
         zw.add_bytes(f"{archive}/version", b"3")
-        zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, outs))
-        for index, out, job in pending:
-            if job is not None:
-                try:
-                    out.crc = job.result()
-                except bytecopy.CopyMismatch as exc:
-                    src = out.source
-                    raise CheckpointError(
-                        src.file if src else None,
-                        f"storage record {src.record if src else out.key} {exc}: "
-                        "the input is corrupt or changed while it was copied",
-                    ) from None
-            assert out.crc is not None
-            zw.set_crc(index, out.crc)
+        zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
+        _set_crcs(zw, pending)
         zw.finish()
     finally:
         background.close()
@@ -148,14 +135,54 @@ def write_pt(
     return offsets
 
 
+def _copy_verbatim(
+    out: OutStorage,
+    fd: int,
+    start: int,
+    sources: bytecopy.Sources,
+    background: bytecopy.Background,
+    progress: Progress | None,
+    check_copies: bool,
+) -> Any:
+    """Copy a storage record byte for byte; return its read-back job (None: CRC from input)."""
+    src = out.source
+    assert src is not None
+    src_fd = sources.fd(src.file)
+    try:
+        bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
+    except EOFError:
+        raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
+    job = None
+    if check_copies or src.crc is None:  # read back (in the background)
+        job = background.submit(
+            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, src.crc
+        )
+        out.read_back = True
+    else:
+        out.crc = src.crc
+    background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
+    return job
+
+
+def _set_crcs(zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]]) -> None:
+    """Record each storage's CRC-32 in the zip, waiting for its read-back where there is one."""
+    for index, out, job in pending:
+        if job is not None:
+            try:
+                out.crc = job.result()
+            except bytecopy.CopyMismatch as exc:
+                src = out.source
+                raise CheckpointError(
+                    src.file if src else None,
+                    f"storage record {src.record if src else out.key} {exc}: "
+                    "the input is corrupt or changed while it was copied",
+                ) from None
+        assert out.crc is not None
+        zw.set_crc(index, out.crc)
+
+
 # -- verification --------------------------------------------------------------------------
-def verify_pt(
-    path: str,
-    named: list[tuple[str, TensorRef]],
-    storage_of: dict[int, OutStorage],
-    dtype_of: dict[int, str],
-    outs: list[OutStorage],
-) -> None:
+def verify_pt(path: str, plan: StoragePlan) -> None:
     """Re-open the written file and compare it with what was intended, bytes streamed."""
 
     def fail(what: str) -> CheckpointError:
@@ -165,6 +192,7 @@ def verify_pt(
         back = open_checkpoint(path)
     except CheckpointError as exc:
         raise fail(exc.message) from None
+    named, storage_of, dtype_of = plan.named, plan.storage_of, plan.dtype_of
     got = back.tensors()
     if len(got) != len(named):
         raise fail(f"{len(got)} tensors read back, {len(named)} written")
@@ -184,7 +212,7 @@ def verify_pt(
             raise fail(f"tensor {name!r} reads back differently")
     fd = os.open(path, os.O_RDONLY)
     try:
-        for out in outs:
+        for out in plan.outs:
             s = back.storages.get(out.key)
             if s is None or s.nbytes != out.nbytes or s.crc != out.crc:
                 raise fail(f"storage {out.key} reads back differently")

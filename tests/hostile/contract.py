@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 # --- the contract ----------------------------------------------------------------------------
 EXIT_OK, EXIT_ERROR, EXIT_DANGEROUS = 0, 1, 3
 ERROR_PREFIX = "Error: "  # the single stderr line for exit 1 starts with this
-DANGEROUS_PREFIX = "Danger: "  # ... and for exit 3 (what ckpttool/cli.py inspect prints)
+DANGEROUS_PREFIX = "Danger: "  # ... and for exit 3 (what ckpttool inspect prints)
 RLIMIT_AS_BYTES = 1 << 30  # address-space cap for the tool (1 GiB)
 TIMEOUT_S = 20  # hard kill
 MAX_SECONDS = 10.0  # contract: every run finishes within this

@@ -1,0 +1,183 @@
+"""The root ``ckpttool`` group and the process around it: error lines, exit codes, signals.
+
+``main`` is the console script; a library error becomes one line (:func:`error_line`, with
+:data:`REMEDIES` spelling its fix in flags) and its exit code; a signal ends the command with
+one line and ``EXIT_INTERRUPTED`` (:func:`_interrupted`), naming the output being written
+(:func:`writes`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .. import __version__, signals
+from ..errors import EXIT_DANGEROUS, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentError, CheckpointError
+
+EPILOG = """\b
+Exit codes:
+  0    success (also when a reader such as head closes the output early)
+  1    bad input (unreadable, corrupt or unsupported file) or a failed write
+  2    usage error
+  3    the pickle names dangerous globals (inspect reports, writers refuse)
+  130  interrupted (SIGINT, SIGTERM or SIGHUP); nothing was written
+"""
+
+
+# How to fix a library error, in this command line's flags (the library says it in its own
+# argument names: ckpttool.errors.REMEDIES).
+REMEDIES = {
+    "force": "; pass --force to replace it",
+    "in_place": "; pass --in-place to replace it",
+    "key": " (--key)",
+    "choose_key": "; choose one with --key",
+    "key_or_all": ": choose one with --key PATH, or use --all",
+    "all_tensors": ": use --all to write its tensors",
+    "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
+    "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
+    "replace them",
+}
+
+
+def error_line(err: CheckpointError) -> str:
+    """The one line the command prints for ``err``: the library's words, the CLI's remedy."""
+    text = err.message + (REMEDIES[err.remedy] if err.remedy else "")
+    return f"{err.path}: {text}" if err.path is not None else text
+
+
+def fail(err: CheckpointError) -> None:
+    """Print ``err``'s line (``Error:``, or ``Danger:`` for a dangerous pickle) and exit."""
+    from ..render import escape
+
+    bar = sys.modules.get("ckpttool.progress")
+    if bar is not None:
+        bar.clear_line()
+    if isinstance(err, ArgumentError):  # the file does not hold what an option names
+        flag = "--" + err.argument.replace("_", "-")
+        click.echo(f"Error: Invalid value for '{flag}': {escape(error_line(err))}", err=True)
+        sys.exit(EXIT_USAGE)
+    prefix = "Danger: " if err.exit_code == EXIT_DANGEROUS else "Error: "
+    click.echo(prefix + escape(error_line(err)), err=True)
+    sys.exit(err.exit_code)
+
+
+def run_library(fn: Callable[[], Any]) -> Any:
+    """Call the library; a :class:`CheckpointError` ends the command (:func:`fail`)."""
+    try:
+        return fn()
+    except CheckpointError as err:
+        fail(err)
+
+
+class _Group(click.Group):
+    """The root group: a reader that closes stdout early (``| head``) ends the command quietly,
+    with exit 0: what it read was printed in full."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe: Click reports it (exit 1)
+            _stdout_gone()
+            ctx.exit(0)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null so that flushing it at exit raises no second BrokenPipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(__version__, prog_name="ckpttool")
+def cli() -> None:
+    """Inspect, fix and convert PyTorch checkpoints without running their code."""
+
+
+def main() -> None:
+    """Entry point of ``ckpttool`` and ``python -m ckpttool``.
+
+    Installs the signal policy first (``signals.install``): SIGINT, SIGTERM and SIGHUP end
+    any command with one line, no temp file left, and exit code 130. A reader closing stdout
+    early (``| head``) ends it with exit 0.
+    """
+    signals.install()
+    try:
+        signals.release()
+        cli(standalone_mode=True)
+    except signals.Interrupted:
+        _interrupted()
+    except SystemExit:
+        if signals.received() is not None:  # caught, then swallowed on its way: still stop
+            _interrupted()
+        raise
+    if signals.received() is not None:
+        _interrupted()
+
+
+def _interrupted() -> None:
+    """Stop now: remove what a write left, say so in one line, exit with EXIT_INTERRUPTED.
+
+    Imports nothing: the signal may have cut an import short.
+    """
+    signals.stop()
+    atomic = sys.modules.get("ckpttool.writers.atomic")  # no write began if it was not imported
+    bar = sys.modules.get("ckpttool.progress")
+    written: list[str] = []
+    if atomic is not None:
+        atomic.remove_temps()
+        written = atomic.written_outputs()
+    if bar is not None:
+        bar.clear_line()
+    target = _output[0] if _output else None
+    if target is None:
+        line = "Error: interrupted; nothing was written"
+    elif any(_same_path(w, target) for w in written):
+        line = f"Error: {target}: interrupted after the output was written (it is complete)"
+    else:
+        line = f"Error: {target}: interrupted; nothing was written"
+    if not line.isprintable():
+        line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is sys.stderr:
+                stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_INTERRUPTED)  # no more Python code runs: no atexit hook, no thread join
+
+
+_output: list[str] = []  # the output the running command writes (named when interrupted)
+
+
+def writes(output_path: str) -> None:
+    """Record the output the command writes, to name it if the command is interrupted."""
+    _output[:] = [output_path]
+
+
+def _same_path(written: str, given: str) -> bool:
+    """Whether an output written (link resolved) is the one the user named."""
+    given = os.path.realpath(given) if os.path.islink(given) else given
+    return os.path.abspath(written) == os.path.abspath(given)

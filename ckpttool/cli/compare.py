@@ -1,0 +1,148 @@
+"""The comparing commands: ``diff`` (two checkpoints, key by key and tensor by tensor) and
+``check`` (would load_state_dict succeed, and the convert command that fixes it)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..errors import EXIT_DANGEROUS, EXIT_DIFFERS
+from .app import EPILOG, cli, run_library
+from .fixes import fix_command
+from .options import table_format
+
+COMPARE_EPILOG = EPILOG.replace(
+    "  130", "  4    the inputs differ (diff) / the checkpoint would not load (check)\n  130"
+)
+
+
+def _compare_bar(quiet: bool, bars: list[Any]) -> Callable[[int], Callable[[int], None] | None]:
+    """A 'comparing' progress bar on stderr for large inputs (opened bars go to ``bars``)."""
+
+    def make(total: int) -> Callable[[int], None] | None:
+        if quiet or total < (256 << 20) or not sys.stderr.isatty():
+            return None
+        bar = click.progressbar(length=total, label="comparing", file=sys.stderr)
+        bar.__enter__()
+        bars.append(bar)
+        return bar.update
+
+    return make
+
+
+def _danger_exit(names: tuple[str, ...]) -> None:
+    if names:
+        click.echo(
+            f"Danger: the pickles name dangerous globals ({', '.join(names[:5])}); ckpttool "
+            "never ran them, but torch.load(weights_only=False) would",
+            err=True,
+        )
+        sys.exit(EXIT_DANGEROUS)
+
+
+@cli.command(epilog=COMPARE_EPILOG)
+@click.argument("a", metavar="A", type=str)
+@click.argument("b", metavar="B", type=str)
+@click.option("--values", is_flag=True, help="Compare values: max/mean abs diff, rel. L2, count.")
+@click.option("--atol", type=float, default=0.0, help="Absolute tolerance (with --values).")
+@click.option("--rtol", type=float, default=0.0, help="Relative tolerance (with --values).")
+@click.option("--all", "all_tensors", is_flag=True, help="Every tensor by path, not state dicts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--fmt",
+    metavar="FORMAT",
+    default="simple",
+    callback=lambda ctx, param, value: table_format(value),
+    help="Table format (any tabulate format).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def diff(
+    a: str,
+    b: str,
+    values: bool,
+    atol: float,
+    rtol: float,
+    all_tensors: bool,
+    as_json: bool,
+    fmt: str,
+    quiet: bool,
+) -> None:
+    """Compare two checkpoints key by key and tensor by tensor (any formats, mixed).
+
+    Compares the model state dicts (or with --all every tensor by path), aligning keys that
+    differ only by a wrapper prefix; tensors bit for bit, streamed from both files; with
+    --values also how far the values are. Non-tensor entries (epoch, args) are compared too.
+
+    \b
+    Example:
+      ckpttool diff best.pth best.safetensors
+      ckpttool diff before.pt after.pt --values --atol 1e-6
+    """
+    from ..ops.diff import diff as do_diff
+    from ..render import to_json
+    from ..render_diff import diff_dict, diff_text
+
+    if (atol or rtol) and not values:
+        raise click.UsageError("--atol and --rtol apply to --values: add --values")
+    bars: list[Any] = []
+    try:
+        result = run_library(
+            lambda: do_diff(
+                a,
+                b,
+                values=values,
+                atol=atol,
+                rtol=rtol,
+                all_tensors=all_tensors,
+                progress=_compare_bar(quiet or as_json, bars),
+            )
+        )
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+    click.echo(to_json(diff_dict(result)) if as_json else diff_text(result, fmt))
+    _danger_exit(result.dangerous)
+    sys.exit(0 if result.equal else EXIT_DIFFERS)
+
+
+@cli.command(epilog=COMPARE_EPILOG)
+@click.argument("ckpt", metavar="CKPT", type=str)
+@click.option("--against", metavar="REF", help="A checkpoint/safetensors/HF index with its keys.")
+@click.option(
+    "--model",
+    "model_spec",
+    metavar="MODULE:FACTORY",
+    help="Build FACTORY() from MODULE on the meta device (imports and runs that code).",
+)
+@click.option("--key", metavar="PATH", help="The state dict in CKPT to check (e.g. model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check(
+    ckpt: str, against: str | None, model_spec: str | None, key: str | None, as_json: bool
+) -> None:
+    """Say whether model.load_state_dict(sd, strict=True) would succeed, and how to fix it.
+
+    The model is REF's state dict (a safetensors file, a Hugging Face index or folder, any
+    checkpoint), or with --model a real model built on the meta device (no memory used; this
+    imports and runs MODULE). Reports missing, unexpected and mismatched keys, grouped, and
+    the fix: a prefix to strip/add/replace (the convert command), a transposed weight, a
+    resized vocabulary, tied weights stored once, dtype casts.
+
+    \b
+    Example:
+      ckpttool check ddp_best.pth --against model.safetensors
+      ckpttool check train.ckpt --model mypkg.models:build_model
+    """
+    from ..ops.check import check as do_check
+    from ..render import to_json
+    from ..render_diff import check_dict, check_text
+
+    if (against is None) == (model_spec is None):
+        raise click.UsageError("give one of --against REF or --model MODULE:FACTORY")
+    result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=key))
+    command = fix_command(result, ckpt)
+    click.echo(to_json(check_dict(result, command)) if as_json else check_text(result, command))
+    _danger_exit(result.dangerous)
+    sys.exit(0 if result.loads else EXIT_DIFFERS)

@@ -1,0 +1,144 @@
+"""The reading commands: ``inspect`` (what a checkpoint holds) and ``scan`` (which files can
+run code when loaded)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..errors import EXIT_DANGEROUS, CheckpointError, DangerousCheckpointError
+from .app import EPILOG, cli, fail
+from .fixes import warning_texts
+from .options import given, table_format
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("path", type=str)
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor.")
+@click.option(
+    "--filter",
+    "name_filter",
+    metavar="GLOB",
+    help="Only tensors whose name matches (a note on stderr when none does).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--fmt",
+    metavar="FORMAT",
+    default="simple",
+    show_default=True,
+    callback=lambda ctx, param, value: table_format(value),
+    help="Table format: simple, github, grid, plain, tsv, ... (any tabulate format).",
+)
+def inspect(
+    path: str, show_tensors: bool, name_filter: str | None, as_json: bool, fmt: str
+) -> None:
+    """Show what is inside a checkpoint without loading it.
+
+    Reads only the metadata: format, tensors, dtypes, the device each storage was saved
+    from, state dicts and their key prefixes, other entries, and the globals the pickle
+    names. Nothing in the file is executed, and torch is not imported.
+
+    \b
+    Example:
+      ckpttool inspect best.pth
+      ckpttool inspect best.pth --tensors --filter 'model.*'
+      ckpttool inspect best.pth --json | jq .devices
+    """
+    from .. import render
+    from ..analysis import report
+    from ..readers import open_checkpoint
+
+    if as_json and given(click.get_current_context(), "fmt"):
+        raise click.UsageError("--fmt formats tables; --json prints JSON: give one of them")
+    try:
+        ckpt = open_checkpoint(path)
+    except DangerousCheckpointError as err:  # hostile and broken: report what it names
+        if as_json:
+            click.echo(render.to_json(warning_texts(report.broken(path, err))))
+        fail(err)
+    except CheckpointError as err:
+        fail(err)
+    rep = warning_texts(report.build(ckpt, tensor_filter=name_filter))
+    if name_filter and not rep["tensors"]:
+        click.echo(
+            f"note: no tensor name matches --filter {render.escape(name_filter)!r} "
+            f"({rep['tensor_count']} tensors; the pattern must match a whole dotted name, "
+            "e.g. 'model.*')",
+            err=True,
+        )
+    if as_json:
+        click.echo(render.to_json(rep))
+    else:
+        click.echo(render.summary(rep, fmt))
+        if show_tensors or name_filter:
+            click.echo("")
+            click.echo(render.tensors_table(rep, fmt))
+    _danger_exit(path, rep)
+
+
+def _danger_exit(path: str, rep: dict[str, Any]) -> None:
+    """Exit 3, saying so on stderr, when the pickle names dangerous globals."""
+    from ..render import escape
+
+    dangerous = [g["name"] for g in rep["globals"] if g["kind"] == "dangerous"]
+    if dangerous:
+        click.echo(
+            f"Danger: {escape(path)}: the pickle names dangerous globals "
+            f"({', '.join(dangerous[:5])}); torch.load(weights_only=False) would run them",
+            err=True,
+        )
+        sys.exit(EXIT_DANGEROUS)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=str)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def scan(paths: tuple[str, ...], as_json: bool) -> None:
+    """Tell which files can run code when loaded, without loading them.
+
+    Reads only pickles and headers (never tensor bytes) of each file, and of each
+    checkpoint file under each folder (recursively: Hugging Face snapshots, sharded
+    indexes, DCP and DeepSpeed folders). One line per file: safe, user code (loading
+    imports that module), or dangerous, with the globals that decide it. Exits 3 if any
+    file is dangerous, 1 if any could not be read.
+
+    \b
+    Example:
+      ckpttool scan downloads/model.bin
+      ckpttool scan ~/.cache/huggingface/hub --json \\
+        | jq '.files[] | select(.verdict != "safe")'
+    """
+    from .. import render
+    from ..ops.scan import scan as do_scan
+
+    result = do_scan(paths)
+    if as_json:
+        click.echo(render.to_json(result.to_json()))
+    else:
+        for f in result.files:
+            why = f.error or ", ".join(f"{g.name} ({'; '.join(g.uses)})" for g in f.deciding[:5])
+            more = f" and {len(f.deciding) - 5} more" if len(f.deciding) > 5 else ""
+            line = f"{f.verdict:<10} {f.path}" + (f": {why}{more}" if why else "")
+            click.echo(render.escape(line))
+    n = len(result.files)
+    if result.dangerous:
+        shown = ", ".join(result.dangerous[:3]) + (" ..." if len(result.dangerous) > 3 else "")
+        click.echo(
+            render.escape(
+                f"Danger: {len(result.dangerous)} of {n} files can run code when loaded: {shown}"
+            ),
+            err=True,
+        )
+        sys.exit(EXIT_DANGEROUS)
+    if result.errors:
+        click.echo(
+            render.escape(
+                f"Error: {len(result.errors)} of {n} files could not be scanned: "
+                f"{', '.join(result.errors[:3])}"
+            ),
+            err=True,
+        )
+        sys.exit(1)
