@@ -1,0 +1,96 @@
+"""to-safetensors over the zoo, judged by torch: every tensor written is one torch loads from the
+input (same dtype, shape and values, made contiguous, view bits resolved), every tensor torch
+loads that safetensors can hold is written, or the file is refused in one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import ckpttool
+from ckpttool.errors import CheckpointError
+
+from . import compare, zoo
+
+# What safetensors (0.8's format) holds: plain strided tensors of these dtypes.
+STORABLE = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool,
+    torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+}  # fmt: skip
+
+
+def _tensors(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from what torch loaded (containers, stand-ins' records)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(k, seen)
+            yield from _tensors(v, seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _tensors(v, seen)
+    elif hasattr(obj, "__dict__"):
+        yield from _tensors(vars(obj), seen)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor safetensors can hold: strided, dense, CPU-loadable, of a storable dtype."""
+    return (
+        t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_meta
+        and not t.is_nested
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype in STORABLE
+    )
+
+
+def _key(t: torch.Tensor) -> tuple[Any, ...]:
+    t = t.detach().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format)
+    return (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _written(path: str) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    out = dict(load_file(path))
+    for alias, source in json.loads(meta.get("ckpttool.aliases", "{}")).items():
+        out[alias] = out[source]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(zoo.CASES))
+def test_zoo_case_to_safetensors_equals_torch(name: str, tmp_path: Path) -> None:
+    src = zoo.write(zoo.CASES[name], str(tmp_path))
+    out = str(tmp_path / "out.safetensors")
+    try:
+        ckpttool.to_safetensors(src, out, all_tensors=True)
+    except CheckpointError as exc:
+        line = str(exc)
+        assert "\n" not in line and "corrupt" not in line, line
+        assert not os.path.exists(out)
+        return
+    want = [t for t in _tensors(compare.load(src)) if _plain(t)]
+    got = _written(out)
+    wanted = {_key(t) for t in want}
+    for tname, t in got.items():
+        assert _key(t) in wanted, f"{name}: {tname!r} is not a tensor torch loads from the input"
+    written = {_key(t) for t in got.values()}
+    missing = [t for t in want if _key(t) not in written]
+    assert not missing, f"{name}: {len(missing)} tensors torch loads were not written"
