@@ -26,6 +26,8 @@ _EXPORTS = {
     "convert": "ckpttool.ops.convert",
     "ConvertResult": "ckpttool.ops.convert",
     "to_safetensors": "ckpttool.ops.to_safetensors",
+    "consolidate": "ckpttool.ops.consolidate",
+    "scan": "ckpttool.ops.scan",
     "diff": "ckpttool.ops.diff",
     "DiffResult": "ckpttool.ops.diff",
     "check": "ckpttool.ops.check",

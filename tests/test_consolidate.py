@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+import ckpttool
 from ckpttool.cli import cli
 from ckpttool.errors import CheckpointError
 from ckpttool.ops.consolidate import consolidate
@@ -225,3 +226,12 @@ def test_top_level_weights_as_torchtitan_saves_them(tmp_path: Path) -> None:
     got = torch.load(out, weights_only=True)
     assert list(got) == ["m.weight", "m.bias", "optimizer", "train_state"]
     same(got["optimizer"], saved["optimizer"])
+
+
+def test_library_convert_of_a_folder_points_to_consolidate(folders: Any, tmp_path: Path) -> None:
+    """The CLI's convert and to-safetensors hand a folder to consolidate; the library functions
+    say which function does it (in its argument words), and write nothing."""
+    for fn, out in ((ckpttool.convert, "o.pt"), (ckpttool.to_safetensors, "o.safetensors")):
+        with pytest.raises(ckpttool.CheckpointError, match=r"ckpttool\.consolidate\(folder"):
+            fn(folders[2], tmp_path / out)
+    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,7 @@ REMEDIES = {
     "choose_key": "; choose one with --key",
     "key_or_all": ": choose one with --key PATH, or use --all",
     "all_tensors": ": use --all to write its tensors",
+    "consolidate": ": `ckpttool consolidate FOLDER OUTPUT` merges its shards into one file",
     "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
     "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
     "replace them",

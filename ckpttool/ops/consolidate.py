@@ -170,7 +170,9 @@ def consolidate(
     src, dst = os.fspath(src), os.fspath(dst)
     fmt, limit = _output_format(dst, output_format, max_shard_size)
     check_cast(dtype)
-    ckpt = open_source(src, dst, force=force, in_place=None, is_dir=limit is not None)
+    ckpt = open_source(
+        src, dst, force=force, in_place=None, is_dir=limit is not None, distributed=True
+    )
     dc = _distributed(ckpt, src)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)

@@ -57,10 +57,21 @@ def input_files(ckpt: Checkpoint) -> list[str]:
 
 
 def open_source(
-    src: str, dst: str, *, force: bool, in_place: bool | None, is_dir: bool = False
+    src: str,
+    dst: str,
+    *,
+    force: bool,
+    in_place: bool | None,
+    is_dir: bool = False,
+    distributed: bool = False,
 ) -> Checkpoint:
-    """Open ``src``, refuse an output that would clobber something, refuse a dangerous input."""
+    """Open ``src``, refuse an output that would clobber something, refuse a dangerous input
+    (and a folder of shards unless the command consolidates them: ``distributed``)."""
     ckpt = open_checkpoint(src)
+    if ckpt.facts.get("distributed") is not None and not distributed:
+        raise CheckpointError(
+            src, "is a distributed checkpoint folder (DCP or DeepSpeed)", remedy="consolidate"
+        )
     check_target(input_files(ckpt), dst, force=force, in_place=in_place, is_dir=is_dir)
     refuse_dangerous(src, ckpt.verdict)
     return ckpt
