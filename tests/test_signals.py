@@ -110,8 +110,25 @@ def command(kind: str, src: Path, out: Path) -> list[str]:
     return [name, os.fspath(src), os.fspath(out), *extra]
 
 
-def start(args: list[str], executable: list[str] | None = None) -> subprocess.Popen[str]:
+def as_at_a_terminal() -> None:
+    """In the child before exec: the three signals at their defaults, as a terminal starts a
+    command. A test runner started in the background (``cmd &``: SIGINT ignored) or under
+    nohup (SIGHUP ignored) passes those on, and ckpttool rightly keeps an inherited SIG_IGN."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def start(
+    args: list[str], executable: list[str] | None = None, *, ignore: int | None = None
+) -> subprocess.Popen[str]:
+    """Run ckpttool as from a terminal (``ignore``: with that signal ignored, as nohup does)."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+
+    def setup() -> None:
+        as_at_a_terminal()
+        if ignore is not None:
+            signal.signal(ignore, signal.SIG_IGN)
+
     return subprocess.Popen(
         [*(executable or [sys.executable, "-m", "ckpttool"]), *args],
         stdout=subprocess.PIPE,
@@ -119,6 +136,7 @@ def start(args: list[str], executable: list[str] | None = None) -> subprocess.Po
         text=True,
         cwd=REPO,
         env=env,
+        preexec_fn=setup,
     )
 
 
@@ -315,6 +333,18 @@ def test_signal_mid_copy(sig: int, kind: str, big: Path, big_hash: str, tmp_path
     assert sha256(big) == big_hash
 
 
+def test_nohup_keeps_ignoring_sighup(big: Path, tmp_path: Path) -> None:
+    """Under nohup (SIGHUP ignored) closing the terminal must not stop the write: an inherited
+    SIG_IGN is kept, and the command completes."""
+    out = tmp_path / "out.pt"
+    proc = start(command("convert", big, out), ignore=signal.SIGHUP)
+    assert wait_for_bytes(proc, tmp_path, out.name, DATA_BYTES // 3), proc.communicate()
+    proc.send_signal(signal.SIGHUP)
+    res = finish(proc)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file()
+
+
 # -- verification -----------------------------------------------------------------------------
 # (kind, signal, moment): "numpy" = while the safetensors read-back imports numpy (the first
 # shard's, for sharded output); "end" = the copy is complete: waiting for the read-back, the
@@ -387,6 +417,7 @@ def test_progress_bar_fits_a_30_column_terminal(big: Path, tmp_path: Path) -> No
         stderr=slave,
         cwd=REPO,
         env=env,
+        preexec_fn=as_at_a_terminal,
     )
     os.close(slave)
     chunks = []
@@ -438,6 +469,7 @@ def test_signal_after_the_rename_says_the_output_is_complete(kind: str, tmp_path
         text=True,
         timeout=120,
         cwd=REPO,
+        preexec_fn=as_at_a_terminal,
     )
     assert res.returncode == 130, res.stderr
     assert res.stderr.splitlines() == [
@@ -479,6 +511,7 @@ def test_library_write_interrupted_raises_and_restores_handlers(tmp_path: Path) 
         text=True,
         timeout=120,
         cwd=REPO,
+        preexec_fn=as_at_a_terminal,
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [
