@@ -9,6 +9,7 @@ only to cast dtypes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -170,9 +171,8 @@ def consolidate(
     src, dst = os.fspath(src), os.fspath(dst)
     fmt, limit = _output_format(dst, output_format, max_shard_size)
     check_cast(dtype)
-    ckpt = open_source(
-        src, dst, force=force, in_place=None, is_dir=limit is not None, distributed=True
-    )
+    shards = limit is not None
+    ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shards, distributed=True)
     dc = _distributed(ckpt, src)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
@@ -180,14 +180,11 @@ def consolidate(
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
-    sources = bytecopy.Sources()
-    try:
+    with contextlib.closing(bytecopy.Sources()) as sources:
         if fmt == "pt":
             result.files = _consolidate_pt(dst, chosen, dtype, verify, sources, cb)
         else:
             _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
-    finally:
-        sources.close()
     result.verified = verify
     return result
 
