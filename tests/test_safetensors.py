@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import ckpttool
 from ckpttool.cli import cli
-from ckpttool.ops.to_safetensors import ALIASES_KEY, INDEX_NAME, parse_size
+from ckpttool.ops.to_safetensors import ALIASES_KEY, parse_size
+from ckpttool.writers.shards import INDEX_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"

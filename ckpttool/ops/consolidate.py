@@ -10,7 +10,6 @@ only to cast dtypes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +22,13 @@ from ..readers.distributed import model_state_dict
 from ..tree import KEEP as _KEEP_NODE
 from ..tree import get_path, iter_tensors, transform
 from ..writers import copy as bytecopy
-from ..writers.atomic import atomic_file, atomic_shards
+from ..writers.atomic import atomic_file
 from ..writers.pt import verify_pt
 from ..writers.safetensors import Item, assign_shards, verify_file
+from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .logical_write import Progress, logical, out_dtype, write_pt, write_st
 from .prepare import check_cast, key_ops, open_source
-
-INDEX_NAME = "model.safetensors.index.json"  # as ops/to_safetensors writes it
 
 
 @dataclass
@@ -262,24 +260,10 @@ def _consolidate_st(
                 verify_file(tmp, items, meta, sources)
         result.files = [dst]
         return
-    shards = assign_shards(items, [], limit)
-    n = len(shards)
-    with atomic_shards(dst) as tmpdir:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path = os.path.join(tmpdir, fname)
-            open(path, "wb").close()
-            write_st(path, shard, meta, sources, cb)
-            if verify:
-                verify_file(path, shard, meta, sources)
-            weight_map.update((it.name, fname) for it in shard)
-            result.files.append(os.path.join(dst, fname))
-        index = {
-            "metadata": {"total_size": sum(it.nbytes for it in items)},
-            "weight_map": weight_map,
-        }
-        with open(os.path.join(tmpdir, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-    result.files.append(os.path.join(dst, INDEX_NAME))
+    def write_one(path: str, shard: list[Item]) -> None:
+        write_st(path, shard, meta, sources, cb)
+        if verify:
+            verify_file(path, shard, meta, sources)
+
+    total = sum(it.nbytes for it in items)
+    result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)

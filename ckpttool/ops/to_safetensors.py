@@ -22,9 +22,10 @@ from ..model import Checkpoint, Opaque, TensorRef
 from ..tree import children, get_path, iter_tensors
 from ..writers import copy as bytecopy
 from ..writers import numeric
-from ..writers.atomic import atomic_file, atomic_shards
+from ..writers.atomic import atomic_file
 from ..writers.numeric import has_view_bits
 from ..writers.safetensors import Item, assign_shards, verify_file, write_file
+from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .left_out import (
     COMPOSITE_TENSOR,
@@ -39,7 +40,6 @@ from .prepare import cast_targets, check_cast, dense_entries, key_ops, open_sour
 Progress = Callable[[int], None]
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
 RESERVED_METADATA = ("format", ALIASES_KEY)
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass
@@ -364,23 +364,10 @@ def _write_shards(
     total: int,
 ) -> list[str]:
     """Write the shards and their index into the folder ``dst`` (atomically); the files."""
-    files: list[str] = []
-    n = len(shards)
-    with atomic_shards(dst) as tmpdir:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path = os.path.join(tmpdir, fname)
-            open(path, "wb").close()
-            write_file(path, shard, meta, sources, cb, verify)
-            if verify:
-                verify_file(path, shard, meta, sources)
-            for it in shard:
-                weight_map[it.name] = fname
-            files.append(os.path.join(dst, fname))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(tmpdir, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-    files.append(os.path.join(dst, INDEX_NAME))
-    return files
+
+    def write_one(path: str, shard: list[Item]) -> None:
+        write_file(path, shard, meta, sources, cb, verify)
+        if verify:
+            verify_file(path, shard, meta, sources)
+
+    return write_shards(dst, shards, total, write_one)
