@@ -44,7 +44,15 @@ def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progres
 
 
 def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> int:
-    """CRC-32 of ``n`` bytes at ``off``, read in chunks into one reused buffer."""
+    """CRC-32 of ``n`` bytes at ``off`` of a file this process wrote (an output).
+
+    Read through a read-only mapping (half the time of copying into a buffer, measured); a
+    file that cannot be mapped is read in chunks into one reused buffer.
+    """
+    try:
+        return _crc_mapped(fd, off, n, progress)
+    except (OSError, ValueError):
+        pass
     buf = bytearray(min(CHUNK, max(n, 1)))
     view = memoryview(buf)
     crc = 0
@@ -60,6 +68,29 @@ def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> in
         if progress:
             progress(got)
     return crc
+
+
+def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None) -> int:
+    import mmap
+
+    if n == 0:
+        return 0
+    start = off - off % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, off - start + n, prot=mmap.PROT_READ, offset=start) as mapped:
+        if hasattr(mapped, "madvise"):  # not on Windows
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mapped)
+        try:
+            crc = 0
+            for pos in range(off - start, off - start + n, CHUNK):
+                piece = view[pos : min(pos + CHUNK, off - start + n)]
+                crc = crc32(piece, crc)
+                if progress:
+                    progress(len(piece))
+                piece.release()
+            return crc
+        finally:
+            view.release()
 
 
 def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
