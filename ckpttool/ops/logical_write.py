@@ -21,7 +21,7 @@ from ..writers.crc import crc32
 from ..writers.pt import StoragePlan
 from ..writers.pt_pickle import OutStorage, dumps
 from ..writers.safetensors import Item, header_bytes
-from ..writers.zipwriter import ZipWriter
+from ..writers.zipwriter import ZipWriter, add_torch_header
 
 Progress = Callable[[int], None]
 
@@ -137,10 +137,7 @@ def write_pt(
     background = bytecopy.Background()
     try:
         zw = ZipWriter(fd)
-        zw.add_bytes(f"{archive}/data.pkl", pkl)
-        zw.add_bytes(f"{archive}/.format_version", b"1")
-        zw.add_bytes(f"{archive}/.storage_alignment", b"64")
-        zw.add_bytes(f"{archive}/byteorder", b"little")
+        add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
         for out in outs:
             assert isinstance(out.source, LogicalStorage) and out.source.tensor is not None

@@ -20,7 +20,7 @@ from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .crc import crc32
 from .pt_pickle import OutStorage, dumps
-from .zipwriter import ZipWriter
+from .zipwriter import ZipWriter, add_torch_header
 
 Progress = Callable[[int], None]
 
@@ -100,10 +100,7 @@ def write_pt(
     offsets: dict[str, int] = {}
     try:
         zw = ZipWriter(fd)
-        zw.add_bytes(f"{archive}/data.pkl", pkl)
-        zw.add_bytes(f"{archive}/.format_version", b"1")
-        zw.add_bytes(f"{archive}/.storage_alignment", b"64")
-        zw.add_bytes(f"{archive}/byteorder", b"little")
+        add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
         for out in plan.outs:
             src = out.source

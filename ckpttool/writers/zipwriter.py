@@ -152,3 +152,12 @@ class ZipWriter:
             )
         else:
             self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, n, n, cd_size, cd_start, 0))
+
+
+def add_torch_header(zw: ZipWriter, archive: str, pkl: bytes) -> None:
+    """The entries torch.save writes before the storage records: the pickle, the format
+    version, the storage alignment and the byte order."""
+    zw.add_bytes(f"{archive}/data.pkl", pkl)
+    zw.add_bytes(f"{archive}/.format_version", b"1")
+    zw.add_bytes(f"{archive}/.storage_alignment", b"64")
+    zw.add_bytes(f"{archive}/byteorder", b"little")
