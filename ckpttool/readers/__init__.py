@@ -105,12 +105,15 @@ def _find_index(folder: str) -> str | None:
     return os.path.join(folder, found) if found else None
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str], *, _allow_index: bool = True, _judge: bool = True
+) -> Checkpoint:
     """Read a checkpoint's structure without reading tensor bytes or running pickled code.
 
     Raises :class:`~ckpttool.errors.CheckpointError` (one line naming the file) on bad input.
     A folder holding one ``*.index.json`` opens as a sharded checkpoint, a Hugging Face
-    model folder as its ``model.safetensors`` (or ``pytorch_model.bin``).
+    model folder as its ``model.safetensors`` (or ``pytorch_model.bin``). (``_judge=False``:
+    no safety verdict, for a writer re-reading the output it has just written itself.)
     """
     path = os.fspath(path)
     if _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
@@ -136,7 +139,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) 
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     kind = sniff(head, path)
-    verdict = file_verdict(path)  # every pickle any loader would run, judged once
+    verdict = file_verdict(path) if _judge else _no_verdict()  # every pickle, judged once
     seen: dict[str, str] = {}  # every global any pickle in the file names, even if it is broken
     try:
         differential = [n for n in verdict.notes if "FRAME" in n or "could not be scanned" in n]
@@ -154,6 +157,12 @@ def open_checkpoint(path: str | os.PathLike[str], *, _allow_index: bool = True) 
         verdict = merge([verdict, scan_files(others)])
     ckpt.verdict = verdict
     return ckpt
+
+
+def _no_verdict() -> Verdict:
+    from ..unpickling.policy import Verdict
+
+    return Verdict()
 
 
 def file_verdict(path: str) -> Verdict:
