@@ -138,8 +138,9 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int,
     i = 0
     while i + 4 <= len(extra):
         tag, n = struct.unpack("<HH", extra[i : i + 4])
-        if tag == 1:
-            vals = list(struct.unpack(f"<{n // 8}Q", extra[i + 4 : i + 4 + (n // 8) * 8]))
+        if tag == 1:  # a field that claims more bytes than the extra holds: take what is there
+            count = min(n, len(extra) - i - 4) // 8
+            vals = list(struct.unpack(f"<{count}Q", extra[i + 4 : i + 4 + count * 8]))
             if usize == 0xFFFFFFFF and vals:
                 usize = vals.pop(0)
             if csize == 0xFFFFFFFF and vals:

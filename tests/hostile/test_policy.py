@@ -229,3 +229,22 @@ def test_builtin_types_called_with_computed_values_stay_suspect() -> None:
     data = b"\x80\x02cbuiltins\nbytes\ncos\ngetcwd\n)R\x85R."
     got = kinds(data)
     assert got["os.getcwd"] == DANGEROUS
+
+
+def test_zip64_extra_field_longer_than_its_bytes_is_one_line(tmp_path: Path) -> None:
+    """Found by tests/fuzz/run_fuzz.py (50,000 inputs): a zip64 extra field in the central
+    directory that declares more bytes than it has made the scan raise struct.error."""
+    import zipfile
+
+    from ckpttool.errors import CheckpointError
+    from ckpttool.readers import open_checkpoint
+
+    path = tmp_path / "bad_extra.pt"
+    info = zipfile.ZipInfo("archive/data.pkl")
+    info.extra = b"\x01\x00\x00\x61" + b"\xff" * 8  # tag 1 (zip64), claims 0x6100 bytes
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(info, pickle.dumps({"a": 1}, 2))
+    try:
+        open_checkpoint(path)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
