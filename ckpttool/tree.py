@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .nodes import Opaque, TensorRef
@@ -75,18 +75,21 @@ def children(node: Any, path: str) -> list[tuple[str, Any]]:
     return []
 
 
-def walk(root: Any) -> Iterator[tuple[str, Any]]:
+def walk(root: Any, enter: Callable[[Any], bool] | None = None) -> Iterator[tuple[str, Any]]:
     """Yield (path, node) in document order, entering each container once.
 
     Containers reached again through another reference (a memoised, shared object) are yielded
     but not entered a second time, so a shared-reference DAG costs its size, not its path count;
     tensors are leaves and are yielded under every name they are reached by (tied weights).
+    ``enter(node)`` False: the node is yielded but what is inside it is not.
     """
     seen: set[int] = set()
     stack: list[tuple[str, Any]] = [("", root)]
     while stack:
         path, node = stack.pop()
         yield path, node
+        if enter is not None and not enter(node):
+            continue
         if isinstance(node, (dict, list, tuple, set, frozenset, TensorRef)):  # Opaque is a dict
             if id(node) in seen:
                 continue

@@ -17,7 +17,7 @@ from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from ..readers import open_checkpoint
-from ..tree import children, iter_tensors
+from ..tree import iter_tensors, walk
 from ..unpickling.policy import refuse_dangerous
 from ..writers.atomic import check_target
 from .keys import CAST_DTYPES, KeyOps
@@ -108,22 +108,18 @@ _COMPOSITE = frozenset(
 )
 
 
+def _composite(value: Any) -> bool:
+    return isinstance(value, Opaque) and value.global_name in _COMPOSITE
+
+
 def dense_entries(node: Any) -> list[tuple[str, Any]]:
     """``(name, tensor)`` for every plain tensor under ``node``, and ``(name, COMPOSITE_TENSOR)``
     for each sparse, nested or subclass tensor, whose parts are not written."""
-    out: list[tuple[str, Any]] = []
-    seen: set[int] = set()
-    stack: list[tuple[str, Any]] = [("", node)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, TensorRef):
-            out.append((path, value))
-        elif isinstance(value, Opaque) and value.global_name in _COMPOSITE:
-            out.append((path, COMPOSITE_TENSOR))
-        elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:
-            seen.add(id(value))
-            stack.extend(reversed(children(value, path)))
-    return out
+    return [
+        (path, COMPOSITE_TENSOR if _composite(value) else value)
+        for path, value in walk(node, enter=lambda v: not _composite(v))
+        if isinstance(value, TensorRef) or _composite(value)
+    ]
 
 
 def parse_size(text: str) -> int:
