@@ -10,6 +10,8 @@ EXIT_ERROR = 1  # bad input, unreadable file, failed write
 EXIT_USAGE = 2  # Click's usage errors
 EXIT_DANGEROUS = 3  # the pickle names dangerous globals (inspect reports them; writers refuse)
 EXIT_DIFFERS = 4  # diff: the inputs differ; check: the state dict would not load
+EXIT_UNVETTED = 5  # scan: loading would import and run unvetted code (classes, TorchScript)
+EXIT_UNPROVEN = 6  # cannot prove what loading does: unreadable, or read differently by torch
 EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM / SIGHUP: nothing was written
 
 
@@ -71,6 +73,16 @@ class DangerousCheckpointError(CheckpointError):
         else:
             message = f"refusing: the pickle names dangerous globals ({shown}); it may run code"
         super().__init__(path, message)
+
+
+class UnprovenCheckpointError(CheckpointError):
+    """ckpttool cannot prove what torch would read from the file (an ambiguous zip, a FRAME
+    that lies, a tar link): it is neither read nor written, whatever it seems to hold."""
+
+    exit_code = EXIT_UNPROVEN
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str) -> None:
+        super().__init__(path, f"cannot prove what torch would load: {reason}")
 
 
 class InterruptedWriteError(CheckpointError):

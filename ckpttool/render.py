@@ -79,7 +79,24 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"size:     {human_bytes(report['file_bytes'])} ({report['file_bytes']:,} bytes)",
         f"tensors:  {report['tensor_count']:,} in {report['storage_count']:,} storages, "
         f"{report['parameters']:,} parameters, {human_bytes(report['tensor_bytes'])}",
+        *_verdict_line(report),
     ]
+
+
+_VERDICT_WORDS = {
+    "safe": "safe (loading calls only allowlisted torch and data callables)",
+    "unvetted code": "unvetted code (loading imports and runs classes or code nobody vetted)",
+    "dangerous": "dangerous (loading can run code)",
+}
+
+
+def _verdict_line(report: dict[str, Any]) -> list[str]:
+    v = report.get("verdict") or {}
+    kind = v.get("kind")
+    if kind not in _VERDICT_WORDS:
+        return []
+    why = v.get("reasons") or []
+    return [f"safety:   {_VERDICT_WORDS[kind]}" + (f": {escape(why[0])}" if why else "")]
 
 
 def _tables(report: dict[str, Any], table: Any) -> None:

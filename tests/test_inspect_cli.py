@@ -121,7 +121,7 @@ def _check_contract(doc: dict[str, Any]) -> None:
         assert sd["prefix"] is None or isinstance(sd["prefix"], str)
     for g in doc["globals"]:
         assert set(g) >= {"name", "kind"}
-        assert g["kind"] in ("torch", "data", "user code", "dangerous")
+        assert g["kind"] in ("torch", "data", "unvetted code", "dangerous")
 
 
 def test_json_every_fixture(

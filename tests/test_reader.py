@@ -193,8 +193,10 @@ def test_torchscript_recognised(fixtures_dir: Path) -> None:
     assert sorted(t.name for t in ckpt.tensors()) == ["bias", "weight"]
     kinds = {g["name"]: g["kind"] for g in report.build(ckpt)["globals"]}
     scripted = [n for n in kinds if n.startswith("__torch__.")]
-    assert scripted and all(kinds[n] == "user code" for n in scripted)
+    assert scripted and all(kinds[n] == "unvetted code" for n in scripted)
     assert "dangerous" not in kinds.values()
+    assert ckpt.verdict is not None and ckpt.verdict.kind == "unvetted code"
+    assert any("TorchScript" in r for r in ckpt.verdict.reasons("unvetted code"))
 
 
 def test_malicious_inspected_without_running(

@@ -177,6 +177,7 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         # containers reached again by another path: {'model': sd, 'ema': sd}
         "aliases": [{"path": a, "same_as": b} for a, b in pairs[:_MAX_ALIASES]],
         "globals": _global_rows(ckpt),
+        "verdict": _verdict(ckpt),
         "shared": _shared_summary(tensors, shared),
         "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
         "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter),
@@ -318,8 +319,8 @@ def _prefix_warnings(report: dict[str, Any]) -> list[Finding]:
 
 def _global_warnings(report: dict[str, Any]) -> list[Finding]:
     dangerous = [g["name"] for g in report["globals"] if g["kind"] == "dangerous"]
-    opaque = [g["name"] for g in report["globals"] if g["kind"] in ("data", "user code")]
-    user = [g["name"] for g in report["globals"] if g["kind"] == "user code"]
+    opaque = [g["name"] for g in report["globals"] if g["kind"] in ("data", "unvetted code")]
+    user = [g["name"] for g in report["globals"] if g["kind"] == "unvetted code"]
     out = []
     if dangerous:
         out.append(
@@ -331,7 +332,7 @@ def _global_warnings(report: dict[str, Any]) -> list[Finding]:
     if user and not dangerous and report["format"] != "torchscript":
         out.append(
             Finding(
-                "user code: loading this file imports "
+                "unvetted code: loading this file imports "
                 + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
                 + " and runs their classes' code; load it only if you trust them"
             )
@@ -341,6 +342,16 @@ def _global_warnings(report: dict[str, Any]) -> list[Finding]:
         text = f"torch.load(weights_only=True) refuses this file: it pickles {shown}"
         out.append(Finding(text, Fix(PLAIN_OBJECTS)))
     return out
+
+
+def _verdict(ckpt: Checkpoint) -> dict[str, Any]:
+    """The file's safety verdict, as ``scan`` gives it: ``safe``, ``unvetted code``,
+    ``unreadable`` or ``dangerous``, and what besides its globals decides it."""
+    v = ckpt.verdict
+    if v is None:
+        return {"kind": "unknown", "reasons": []}
+    kind = "safe" if v.safe else v.kind
+    return {"kind": kind, "reasons": [] if v.safe else v.reasons(kind)}
 
 
 def _global_rows(ckpt: Checkpoint) -> list[dict[str, Any]]:

@@ -24,6 +24,9 @@ Exit codes:
   1    bad input (unreadable, corrupt or unsupported file) or a failed write
   2    usage error
   3    the pickle names dangerous globals (inspect reports, writers refuse)
+  4    diff: the inputs differ; check: the state dict would not load
+  5    scan: loading would run unvetted code (classes, TorchScript)
+  6    cannot prove what torch would load (unreadable, or ambiguous)
   130  interrupted (SIGINT, SIGTERM or SIGHUP); nothing was written
 """
 

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from ..errors import EXIT_DANGEROUS, CheckpointError, DangerousCheckpointError
+from ..errors import (
+    EXIT_DANGEROUS,
+    EXIT_UNPROVEN,
+    EXIT_UNVETTED,
+    CheckpointError,
+    DangerousCheckpointError,
+)
 from .app import EPILOG, cli, fail
 from .fixes import warning_texts
 from .options import given, table_format
@@ -97,13 +103,16 @@ def _danger_exit(path: str, rep: dict[str, Any]) -> None:
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 def scan(paths: tuple[str, ...], as_json: bool) -> None:
-    """Tell which files can run code when loaded, without loading them.
+    """Prove which files are safe to load, without loading them.
 
     Reads only pickles and headers (never tensor bytes) of each file, and of each
     checkpoint file under each folder (recursively: Hugging Face snapshots, sharded
-    indexes, DCP and DeepSpeed folders). One line per file: safe, user code (loading
-    imports that module), or dangerous, with the globals that decide it. Exits 3 if any
-    file is dangerous, 1 if any could not be read.
+    indexes, DCP and DeepSpeed folders, numpy arrays), the way torch's (or numpy's) loader
+    reads them. One line per file: safe (every call loading makes is to an allowlisted
+    callable), unvetted code (loading imports and runs classes or TorchScript nobody
+    vetted: whole pickled models), unreadable (cannot be read, or not provably as torch
+    reads it), or dangerous, with what decides it. Exits 0 only if every file is safe:
+    3 if any is dangerous, else 6 if any is unreadable, else 5 if any holds unvetted code.
 
     \b
     Example:
@@ -119,26 +128,32 @@ def scan(paths: tuple[str, ...], as_json: bool) -> None:
         click.echo(render.to_json(result.to_json()))
     else:
         for f in result.files:
-            why = f.error or ", ".join(f"{g.name} ({'; '.join(g.uses)})" for g in f.deciding[:5])
-            more = f" and {len(f.deciding) - 5} more" if len(f.deciding) > 5 else ""
-            line = f"{f.verdict:<10} {f.path}" + (f": {why}{more}" if why else "")
-            click.echo(render.escape(line))
-    n = len(result.files)
-    if result.dangerous:
-        shown = ", ".join(result.dangerous[:3]) + (" ..." if len(result.dangerous) > 3 else "")
-        click.echo(
-            render.escape(
-                f"Danger: {len(result.dangerous)} of {n} files can run code when loaded: {shown}"
-            ),
-            err=True,
-        )
-        sys.exit(EXIT_DANGEROUS)
-    if result.errors:
-        click.echo(
-            render.escape(
-                f"Error: {len(result.errors)} of {n} files could not be scanned: "
-                f"{', '.join(result.errors[:3])}"
-            ),
-            err=True,
-        )
-        sys.exit(1)
+            click.echo(render.escape(_scan_line(f)))
+    worst, n = result.worst, len(result.files)
+    bad = [f.path for f in result.files if f.verdict == worst]
+    shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+    if worst == "dangerous":
+        line = f"Danger: {len(bad)} of {n} files can run code when loaded: {shown}"
+    elif worst == "unreadable":
+        line = f"Error: {len(bad)} of {n} files cannot be proven safe (unreadable): {shown}"
+    elif worst == "unvetted code":
+        line = f"Unvetted: {len(bad)} of {n} files run unvetted code when loaded: {shown}"
+    else:
+        return
+    click.echo(render.escape(line), err=True)
+    sys.exit(SCAN_EXIT[worst])
+
+
+SCAN_EXIT = {
+    "dangerous": EXIT_DANGEROUS,
+    "unreadable": EXIT_UNPROVEN,
+    "unvetted code": EXIT_UNVETTED,
+}
+
+
+def _scan_line(f: Any) -> str:
+    why = f.error or ", ".join(f"{g.name} ({'; '.join(g.uses)})" for g in f.deciding[:5])
+    if not why and f.reasons:
+        why = f.reasons[0]
+    more = f" and {len(f.deciding) - 5} more" if len(f.deciding) > 5 else ""
+    return f"{f.verdict:<13} {f.path}" + (f": {why}{more}" if why else "")

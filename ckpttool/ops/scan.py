@@ -13,14 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..unpickling.policy import DANGEROUS, USER, GlobalVerdict
+from ..unpickling.policy import DANGEROUS, UNREADABLE, USER, GlobalVerdict
 
-SAFE, ERROR = "safe", "error"
+SAFE = "safe"
+ERROR = UNREADABLE  # the verdict of a file that cannot be read (kept for old callers)
+VERDICTS = (SAFE, USER, UNREADABLE, DANGEROUS)  # from best to worst
 
 
 @dataclass(frozen=True)
 class FileScan:
-    """The verdict of one file: ``safe``, ``user code``, ``dangerous`` or ``error``."""
+    """The verdict of one file: ``safe`` (a proof: every pickle read as its loader reads it,
+    every call allowlisted), ``unvetted code`` (loading imports and runs classes or TorchScript
+    nobody vetted), ``unreadable`` (cannot be read, or not provably as the loader reads it) or
+    ``dangerous`` (known to run code)."""
 
     path: str
     verdict: str
@@ -28,7 +33,8 @@ class FileScan:
     deciding: tuple[GlobalVerdict, ...] = ()  # the globals that decide the verdict
     globals: tuple[GlobalVerdict, ...] = ()  # every global of every pickle
     notes: tuple[str, ...] = ()
-    error: str | None = None
+    error: str | None = None  # why it is unreadable, or the first reason of its verdict
+    reasons: tuple[str, ...] = ()  # what else decides the verdict besides globals
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +46,7 @@ class FileScan:
                 for g in self.globals
             ],
             "deciding": [g.name for g in self.deciding],
+            "reasons": list(self.reasons),
             "notes": list(self.notes),
             "error": self.error,
         }
@@ -60,10 +67,15 @@ class ScanResult:
 
     @property
     def errors(self) -> list[str]:
-        return [f.path for f in self.files if f.verdict == ERROR]
+        return [f.path for f in self.files if f.verdict == UNREADABLE]
+
+    @property
+    def worst(self) -> str:
+        """The worst verdict of any file (``safe`` when every file is)."""
+        return max((f.verdict for f in self.files), key=VERDICTS.index, default=SAFE)
 
     def to_json(self) -> dict[str, Any]:
-        kinds = (SAFE, USER, DANGEROUS, ERROR)
+        kinds = VERDICTS
         return {
             "schema": 1,
             "files": [f.to_json() for f in self.files],
@@ -95,7 +107,7 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanResult:
         if os.path.isdir(p):
             found = checkpoint_files(p)
             if not found:
-                result.files.append(FileScan(p, ERROR, "folder", error="no checkpoint files"))
+                result.files.append(FileScan(p, UNREADABLE, "folder", error="no checkpoint files"))
             result.files.extend(scan_one(f) for f in found)
         else:
             result.files.append(scan_one(p))
@@ -112,19 +124,23 @@ def scan_one(path: str) -> FileScan:
         with open(path, "rb") as f:
             head = f.read(512)
         kind = sniff(head, path) if size else "empty"
-        verdict = scan_file(path)
+        from ..readers.dcp import item_ranges
+
+        verdict = scan_file(path, dcp_items=item_ranges)
         if kind == "safetensors":
             from ..readers import safetensors
 
             safetensors.read(path, size)  # the header is valid: safe by construction
     except CheckpointError as exc:
-        return FileScan(path, ERROR, "?", error=exc.message)
+        return FileScan(path, UNREADABLE, "?", error=exc.message)
     except (OSError, ValueError) as exc:
-        return FileScan(path, ERROR, "?", error=getattr(exc, "strerror", None) or str(exc))
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return FileScan(path, UNREADABLE, "?", error=reason)
     worst = verdict.kind
-    label = worst if worst in (DANGEROUS, USER) else SAFE
+    label = worst if worst in (DANGEROUS, USER, UNREADABLE) else SAFE
     deciding = tuple(g for g in verdict.globals if g.kind == worst) if label != SAFE else ()
-    unscanned = [n for n in verdict.notes if "could not" in n or "too large" in n or "FRAME" in n]
-    if unscanned and label != DANGEROUS:
-        return FileScan(path, ERROR, kind, (), verdict.globals, verdict.notes, unscanned[0])
-    return FileScan(path, label, kind, deciding, verdict.globals, verdict.notes)
+    reasons = tuple(verdict.reasons(label)) if label != SAFE else ()
+    error = reasons[0] if label == UNREADABLE and reasons else None
+    return FileScan(
+        path, label, kind, deciding, verdict.globals, verdict.notes, error, reasons
+    )

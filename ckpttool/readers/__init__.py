@@ -142,10 +142,6 @@ def open_checkpoint(
     verdict = file_verdict(path) if _judge else _no_verdict()  # every pickle, judged once
     seen: dict[str, str] = {}  # every global any pickle in the file names, even if it is broken
     try:
-        differential = [n for n in verdict.notes if "FRAME" in n or "could not be scanned" in n]
-        if differential:  # CPython reading a file and other readers see different pickles
-            tampered = " (a tampered file)" if "FRAME" in differential[0] else ""
-            raise CheckpointError(path, differential[0] + tampered)
         ckpt = _read(path, size, kind, head, seen, _allow_index)
     except CheckpointError as exc:
         _refuse_dangerous(path, exc, verdict)
@@ -153,8 +149,10 @@ def open_checkpoint(
     others = sorted({s.file for s in ckpt.storages.values()} - {path})
     if others:  # a sharded index: its shards are files of their own
         from ..unpickling.discover import merge, scan_files
+        from .dcp import item_ranges
 
-        verdict = merge([verdict, scan_files(others)])
+        verdict = merge([verdict, scan_files(others, dcp_items=item_ranges)])
+    _refuse_unproven(path, verdict)
     ckpt.verdict = verdict
     return ckpt
 
@@ -168,9 +166,10 @@ def _no_verdict() -> Verdict:
 def file_verdict(path: str) -> Verdict:
     """The security verdict of one file (see ``unpickling/discover.py``)."""
     from ..unpickling.discover import scan_file
+    from .dcp import item_ranges
 
     try:
-        return scan_file(path)
+        return scan_file(path, dcp_items=item_ranges)
     except (OSError, ValueError) as exc:  # mmap of an unreadable or special file
         reason = getattr(exc, "strerror", None) or exc
         raise CheckpointError(path, f"read failed: {reason}") from None
@@ -182,6 +181,17 @@ def _refuse_dangerous(path: str, exc: CheckpointError, verdict: Verdict) -> None
 
     if verdict.dangerous and not isinstance(exc, DangerousCheckpointError):
         raise DangerousCheckpointError(path, verdict.dangerous, detail=exc.message) from None
+
+
+def _refuse_unproven(path: str, verdict: Verdict) -> None:
+    """A file read fine by ckpttool but not provably as torch reads it is not read at all:
+    what ckpttool would show or write may not be what torch loads."""
+    from ..errors import UnprovenCheckpointError
+    from ..unpickling.policy import UNREADABLE
+
+    if verdict.kind == UNREADABLE:
+        reasons = verdict.reasons(UNREADABLE)
+        raise UnprovenCheckpointError(path, reasons[0] if reasons else "unknown")
 
 
 def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
@@ -218,6 +228,7 @@ def _open_distributed(
     except CheckpointError as exc:
         _refuse_dangerous(path, exc, verdict)
         raise
+    _refuse_unproven(path, verdict)
     ckpt = as_checkpoint(dc, list(seen))
     ckpt.verdict = verdict
     return ckpt
@@ -226,9 +237,10 @@ def _open_distributed(
 def folder_verdict(folder: str) -> Verdict:
     """The verdict over every checkpoint-like file under a folder checkpoint (DCP, DeepSpeed)."""
     from ..unpickling.discover import checkpoint_files, scan_files
+    from .dcp import item_ranges
 
     try:
-        return scan_files(checkpoint_files(folder))
+        return scan_files(checkpoint_files(folder), dcp_items=item_ranges)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise CheckpointError(folder, f"read failed: {reason}") from None

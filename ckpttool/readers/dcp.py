@@ -347,3 +347,20 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
         entries=entries,
         facts=facts,
     )
+
+
+def item_ranges(folder: str) -> list[tuple[str, int, int, bool]]:
+    """Every item ``.metadata`` names: (file, offset, length, whether DCP reads it with
+    ``torch.load(weights_only=False)``: non-tensor values are; tensors use ``weights_only``)."""
+    meta = os.path.join(folder, METADATA)
+    fields = _fields(_unpickle_metadata(folder, {}), "Metadata", meta)
+    sdm = fields.get("state_dict_metadata")
+    if not isinstance(sdm, dict):
+        raise CheckpointError(meta, "has no state_dict_metadata")
+    index = _storage_index(folder, fields.get("storage_data"), {meta: os.path.getsize(meta)})
+    plain = {
+        fqn
+        for fqn, md in sdm.items()
+        if isinstance(md, Opaque) and md.global_name == _META + "BytesStorageMetadata"
+    }
+    return [(it.file, it.offset, it.length, key[0] in plain) for key, it in index.items()]

@@ -1,21 +1,19 @@
-"""The symbolic machine under :mod:`.opscan`: its state, and the handlers of the opcodes that
-are rare in torch checkpoints (the common ones run inline in ``opscan``)."""
+"""Handlers of the opcodes that are rare in torch checkpoints, for the symbolic machine under
+:mod:`.opscan` (the common ones run inline in ``opscan``; the machine's state and the calls no
+global names are in :mod:`.opcalls`)."""
 
 from __future__ import annotations
 
-import _compat_pickle
 import codecs
 from collections.abc import Callable
 
+from .opcalls import _PERSID, Machine, attribute_call, persid
 from .opvalues import (
     _LEN4,
     _LEN8,
     _SIGNED4,
+    ANY_ATTR,
     MAX_STR,
-    CallSite,
-    GlobalRef,
-    PickleWalk,
-    Reader,
     Stop,
     Value,
     _str_value,
@@ -23,103 +21,17 @@ from .opvalues import (
     _unquote,
 )
 
-_INT, _FLOAT, _NONE, _BOOL, _BYTES, _PERSID = (
-    Value(k) for k in ("int", "float", "none", "bool", "bytes", "persid")
-)
+_INT, _FLOAT, _NONE, _BOOL, _BYTES = (Value(k) for k in ("int", "float", "none", "bool", "bytes"))
 _EMPTY_TUPLE = Value("tuple", items=())
 _SIZES = {0x58: 4, 0x8C: 1, 0x8D: 8, 0x42: 4, 0x43: 1, 0x8E: 8, 0x96: 8}  # length prefixes
 _STR_OPS = frozenset({0x58, 0x8C, 0x8D})  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+_BYTES_OPS = frozenset({0x42, 0x43, 0x8E})  # BINBYTES, SHORT_BINBYTES, BINBYTES8
+_INT1 = [Value("int", num=i) for i in range(256)]  # BININT1, shared: no allocation per int
+__all__ = ["HANDLERS", "Machine", "persid"]
 
 
-class Machine:
-    """The walk's state; the inline loop keeps ``pos``, ``limit`` and ``stack`` in locals and
-    writes them back here before a handler runs."""
-
-    def __init__(self, r: Reader, res: PickleWalk) -> None:
-        self.r, self.res, self.buf, self.end = r, res, r.buf, r.end
-        self.pos, self.limit = r.pos, r.end
-        self.stack: list[Value] = []
-        self.marks: list[list[Value]] = []
-        self.memo: dict[int, Value] = {}
-        self.proto = 0
-
-    def slow(self, n: int) -> bytes:
-        """n bytes across the frame end or the data end (Reader decides how)."""
-        self.r.pos = self.pos
-        data = self.r.read(n)
-        self.pos = self.r.pos
-        self.limit = self.r.frame_end if self.r.frame_end is not None else self.end
-        return data
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n <= self.limit:
-            data = bytes(self.buf[self.pos : self.pos + n])
-            self.pos += n
-            return data
-        return self.slow(n)
-
-    def skip(self, n: int) -> None:
-        if n > self.end - self.pos:
-            raise Stop(f"truncated at offset {self.pos} (declares {n:,} bytes)")
-        if self.pos + n <= self.limit:
-            self.pos += n  # skipped, never copied: a BINBYTES8 may hold gigabytes
-        else:
-            self.slow(n)
-
-    def line(self) -> bytes:
-        self.r.pos = self.pos
-        data = self.r.readline()
-        self.pos = self.r.pos
-        self.limit = self.r.frame_end if self.r.frame_end is not None else self.end
-        return data
-
-    def pop(self, k: int = 1) -> list[Value]:
-        if len(self.stack) < k:
-            raise Stop(f"stack underflow at offset {self.pos}")
-        items = self.stack[-k:]
-        del self.stack[-k:]
-        return items
-
-    def top(self) -> Value:
-        if not self.stack:
-            raise Stop(f"stack underflow at offset {self.pos}")
-        return self.stack[-1]
-
-    def pop_mark(self) -> list[Value]:
-        if not self.marks:
-            raise Stop(f"no MARK before offset {self.pos}")
-        items, self.stack = self.stack, self.marks.pop()
-        return items
-
-    def add_global(self, module: str, name: str, opcode: str, at: int) -> Value:
-        if self.proto < 3:  # Python 2 names, mapped as pickle maps them
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            elif module in _compat_pickle.IMPORT_MAPPING:
-                module = _compat_pickle.IMPORT_MAPPING[module]
-        g = GlobalRef(module, name, opcode, at)
-        self.res.globals.append(g)
-        return Value("global", gref=g)
-
-    def call(self, op: str, callee: Value, args: Value | None, at: int) -> Value:
-        site = CallSite(op, callee, args, at)
-        self.res.calls.append(site)
-        return Value("result", origin=site)
-
-    def memo_get(self, idx: int, at: int) -> None:
-        v = self.memo.get(idx)
-        if v is None:
-            raise Stop(f"memo key {idx} not found at offset {at}")
-        self.stack.append(v)
-
-
-def persid(pid: Value) -> Value:
-    """torch's legacy loader returns the class itself for ``('module', cls, file, source)``."""
-    if pid.kind == "tuple" and pid.items and len(pid.items) >= 2:
-        first = pid.items[0]
-        if first.kind == "str" and first.text == "module" and pid.items[1].kind == "global":
-            return pid.items[1]
-    return _PERSID
+def _bytes_value(raw: bytes) -> Value:
+    return Value("bytes", text=raw.decode("latin-1"))
 
 
 # -- handlers of the rarer opcodes: (machine, opcode, offset) -----------------------------------
@@ -138,10 +50,11 @@ def _on(*codes: int) -> Callable[[Handler], Handler]:
 @_on(*_SIZES)
 def _sized(m: Machine, code: int, at: int) -> None:
     n = int.from_bytes(m.take(_SIZES[code]), "little")
-    if code in _STR_OPS and n <= MAX_STR:
+    if n <= MAX_STR and code in _STR_OPS | _BYTES_OPS:
         if n > m.end - m.pos:
             raise Stop(f"truncated at offset {at} (declares {n:,} bytes)")
-        m.stack.append(_str_value(m.take(n)))
+        raw = m.take(n)
+        m.stack.append(_str_value(raw) if code in _STR_OPS else _bytes_value(raw))
         return
     m.skip(n)
     m.stack.append(Value("str") if code in _STR_OPS else _BYTES)
@@ -149,8 +62,13 @@ def _sized(m: Machine, code: int, at: int) -> None:
 
 @_on(0x4D, 0x4A, 0x47, 0x4B)  # BININT2, BININT, BINFLOAT, BININT1
 def _binary_number(m: Machine, code: int, at: int) -> None:
-    m.take({0x4D: 2, 0x4A: 4, 0x47: 8, 0x4B: 1}[code])
-    m.stack.append(_FLOAT if code == 0x47 else _INT)
+    raw = m.take({0x4D: 2, 0x4A: 4, 0x47: 8, 0x4B: 1}[code])
+    if code == 0x47:
+        m.stack.append(_FLOAT)
+    elif code == 0x4B:
+        m.stack.append(_INT1[raw[0]])
+    else:
+        m.stack.append(Value("int", num=int.from_bytes(raw, "little", signed=code == 0x4A)))
 
 
 @_on(0x71, 0x72, 0x94)  # BINPUT, LONG_BINPUT, MEMOIZE
@@ -168,25 +86,53 @@ def _get(m: Machine, code: int, at: int) -> None:
 
 @_on(0x75, 0x73, 0x61, 0x65, 0x90)  # SETITEMS, SETITEM, APPEND, APPENDS, ADDITEMS
 def _mutate(m: Machine, code: int, at: int) -> None:
-    if code in (0x75, 0x65, 0x90):
-        m.pop_mark()
-    else:
-        m.pop(2 if code == 0x73 else 1)
-    m.res.mutated.append(("SETITEM" if code in (0x75, 0x73) else "APPEND", m.top()))
+    items = m.pop_mark() if code in (0x75, 0x65, 0x90) else m.pop(2 if code == 0x73 else 1)
+    target = m.top()
+    m.res.mutated.append(("SETITEM" if code in (0x75, 0x73) else "APPEND", target))
+    if code in (0x75, 0x73):
+        if target.entries is not None:
+            target.entries.extend(zip(items[0::2], items[1::2], strict=False))
+        return  # SETITEM on anything else calls its type's __setitem__, never an attribute
+    if target.kind != "result":
+        return  # a list appends natively; anything else has no append and stops the load
+    # CPython looks these up on the object: an attribute the pickle set is what gets called
+    names = ("add",) if code == 0x90 else ("extend", "append")
+    attribute_call(m, target, names, Value("tuple", items=tuple(items)), at)
 
 
 @_on(0x7D, 0x5D, 0x8F, 0x6C, 0x64, 0x91)  # empty/marked dict, list, set, frozenset
 def _container(m: Machine, code: int, at: int) -> None:
-    if code in (0x6C, 0x64, 0x91):
-        m.pop_mark()
-    kind = "dict" if code in (0x7D, 0x64) else "list" if code in (0x5D, 0x6C) else "set"
-    m.stack.append(Value(kind))
+    items = m.pop_mark() if code in (0x6C, 0x64, 0x91) else []
+    if code in (0x7D, 0x64):
+        pairs = zip(items[0::2], items[1::2], strict=False)  # an odd item: CPython stops
+        m.stack.append(Value("dict", entries=list(pairs)))
+        return
+    m.stack.append(Value("list" if code in (0x5D, 0x6C) else "set"))
 
 
 @_on(0x62)  # BUILD
 def _build(m: Machine, code: int, at: int) -> None:
+    """CPython calls the object's ``__setstate__`` (an attribute set by an earlier BUILD
+    wins over the class's), else copies ``state`` (or ``(state, slotstate)``) into it."""
     (state,) = m.pop()
-    m.res.built.append((m.top(), state))
+    target = m.top()
+    m.res.built.append((target, state))
+    if target.kind != "result":
+        return
+    attribute_call(m, target, ("__setstate__",), Value("tuple", items=(state,)), at)
+    attrs = target.attrs if target.attrs is not None else {}
+    parts = (
+        state.items if state.kind == "tuple" and state.items and len(state.items) == 2 else (state,)
+    )
+    for part in parts:
+        if part.kind == "none":
+            continue
+        if part.entries is None:
+            attrs[ANY_ATTR] = part  # a state the walk cannot read: it may set any name
+            continue
+        for key, value in part.entries:
+            attrs[key.text if key.kind == "str" and key.text is not None else ANY_ATTR] = value
+    target.attrs = attrs
 
 
 @_on(0x81, 0x92)  # NEWOBJ, NEWOBJ_EX
@@ -256,8 +202,11 @@ def _counted(m: Machine, code: int, at: int) -> None:
     if n < 0 or n > m.end - m.pos:
         raise Stop(f"a bad byte count at offset {at}")
     if code in (0x8A, 0x8B):
-        m.skip(n)
-        m.stack.append(_INT)
+        if n > 16:
+            m.skip(n)
+            m.stack.append(_INT)
+        else:
+            m.stack.append(Value("int", num=int.from_bytes(m.take(n), "little", signed=True)))
     elif n <= MAX_STR:
         m.stack.append(_str_value(m.take(n)))
     else:
@@ -282,9 +231,12 @@ def _text_number(m: Machine, code: int, at: int) -> None:
             float(raw)
         except ValueError:
             raise Stop(f"could not convert string to float at offset {at}") from None
-    elif _text_int(raw) is None:
+        m.stack.append(_FLOAT)
+        return
+    num = _text_int(raw)
+    if num is None:
         raise Stop(f"could not convert string to int at offset {at}")
-    m.stack.append(_FLOAT if code == 0x46 else _INT)
+    m.stack.append(Value("int", num=num))
 
 
 @_on(0x70, 0x67)  # PUT, GET (text, base 10)
@@ -332,7 +284,7 @@ def _tuple(m: Machine, code: int, at: int) -> None:
 @_on(0x52, 0x51)  # REDUCE, BINPERSID
 def _reduce(m: Machine, code: int, at: int) -> None:
     if code == 0x51:
-        m.stack.append(persid(m.pop()[0]))
+        m.stack.append(persid(m, m.pop()[0], at))
         return
     func, args = m.pop(2)
     m.stack.append(m.call("REDUCE", func, args, at))
@@ -342,6 +294,7 @@ def _reduce(m: Machine, code: int, at: int) -> None:
 def _constant(m: Machine, code: int, at: int) -> None:
     if code == 0x2E:
         m.res.end = m.pos
+        m.res.value = m.stack[-1] if m.stack else None
         fe = m.r.frame_end
         m.res.frame_end = fe if fe is not None and fe > m.pos else None
         return

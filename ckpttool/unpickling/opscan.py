@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from .opmachine import _BOOL, _EMPTY_TUPLE, _INT, _NONE, HANDLERS, Machine, persid
+from .opmachine import _BOOL, _EMPTY_TUPLE, _INT1, _NONE, HANDLERS, Machine, persid
 from .opvalues import (
     MAX_STR,
     SCALARS,
@@ -34,7 +34,14 @@ __all__ = ["SCALARS", "CallSite", "GlobalRef", "PickleWalk", "Value", "walk", "w
 _Reader, _Stop = Reader, Stop
 
 
-def walk(buf: Any, start: int = 0, end: int | None = None, *, drop_tail: bool = True) -> PickleWalk:
+def walk(
+    buf: Any,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    drop_tail: bool = True,
+    persid_mode: str = "zip",
+) -> PickleWalk:
     """Walk one pickle from ``start``; see the module docstring.
 
     Args:
@@ -43,6 +50,8 @@ def walk(buf: Any, start: int = 0, end: int | None = None, *, drop_tail: bool = 
         end: where the data ends (default: the end of ``buf``).
         drop_tail: read across a FRAME end as CPython reading a file does (True) or straight
             on, as the pure-Python unpickler and ``pickletools`` do (False).
+        persid_mode: which loader's ``persistent_load`` reads persistent ids (``zip``,
+            ``legacy``, ``tar``, or ``none`` for ``pickle.load``): see ``opmachine.persid``.
 
     Returns:
         A :class:`PickleWalk`; ``error`` says where CPython would stop (the walk stops there
@@ -57,7 +66,7 @@ def walk(buf: Any, start: int = 0, end: int | None = None, *, drop_tail: bool = 
     res = PickleWalk(start=start)
     r = Reader(buf, start, end, drop_tail)
     try:
-        _run(Machine(r, res))
+        _run(Machine(r, res, persid_mode))
     except Stop as exc:
         res.error = str(exc)
     except (IndexError, KeyError, ValueError, struct.error, UnicodeDecodeError) as exc:
@@ -96,7 +105,7 @@ def _run(m: Machine) -> None:
             marks.append(stack)
             stack = []
         elif code == 0x4B and pos < limit:  # BININT1
-            stack.append(_INT)
+            stack.append(_INT1[buf[pos]])
             pos += 1
         elif code in (0x85, 0x86, 0x87) and len(stack) >= code - 0x84:  # TUPLE1..3
             items = tuple(stack[0x84 - code :])
@@ -110,7 +119,7 @@ def _run(m: Machine) -> None:
             stack[-1] = Value("result", origin=CallSite("REDUCE", stack[-1], args, at))
             calls.append(stack[-1].origin)  # type: ignore[arg-type]
         elif code == 0x51 and stack:  # BINPERSID
-            stack[-1] = persid(stack[-1])
+            stack[-1] = persid(m, stack[-1], at)
         elif code in (0x88, 0x89, 0x29, 0x4E):  # NEWTRUE, NEWFALSE, EMPTY_TUPLE, NONE
             stack.append(_BOOL if code > 0x80 else _EMPTY_TUPLE if code == 0x29 else _NONE)
         else:  # STOP and the rest go to HANDLERS
@@ -131,10 +140,12 @@ def _run(m: Machine) -> None:
     m.res.ops = ops
 
 
-def walk_all(buf: Any, start: int = 0, end: int | None = None) -> list[PickleWalk]:
+def walk_all(
+    buf: Any, start: int = 0, end: int | None = None, persid_mode: str = "zip"
+) -> list[PickleWalk]:
     """Walk as CPython does, and when a read crosses a FRAME end walk the other way too, so
     that whatever any reader would run is seen. The first walk is CPython's."""
-    first = walk(buf, start, end, drop_tail=True)
+    first = walk(buf, start, end, drop_tail=True, persid_mode=persid_mode)
     if not first.straddle:
         return [first]
-    return [first, walk(buf, start, end, drop_tail=False)]
+    return [first, walk(buf, start, end, drop_tail=False, persid_mode=persid_mode)]

@@ -16,7 +16,7 @@ MAX_STR = 4096  # strings longer than this are kept as "a str" without their val
 class Value:
     """One item of the symbolic stack: a kind, and for some kinds what it is made of."""
 
-    __slots__ = ("gref", "items", "kind", "origin", "text")
+    __slots__ = ("attrs", "entries", "gref", "items", "kind", "num", "origin", "text")
 
     def __init__(
         self,
@@ -26,12 +26,22 @@ class Value:
         items: tuple[Value, ...] | None = None,
         origin: CallSite | None = None,
         text: str | None = None,
+        num: int | None = None,
+        entries: list[tuple[Value, Value]] | None = None,
     ) -> None:
         self.kind = kind  # "global", "result", "tuple", "list", "dict", "set", "persid", scalars
         self.gref = gref  # kind == "global"
         self.items = items  # kind == "tuple"
         self.origin = origin  # kind == "result": the call that made it
         self.text = text  # kind == "str": the value, when short
+        self.num = num  # kind == "int": the value, when read from a binary opcode
+        self.entries = entries  # kind == "dict": (key, value) in the order the pickle sets them
+        # kind == "result": instance attributes the pickle set through BUILD, by name
+        # (ANY_ATTR: names it set that the walk cannot read, so any name may be set)
+        self.attrs: dict[str, Value] | None = None
+
+
+ANY_ATTR = "*"
 
 
 @dataclass
@@ -70,6 +80,9 @@ class PickleWalk:
     calls: list[CallSite] = field(default_factory=list)
     mutated: list[tuple[str, Value]] = field(default_factory=list)  # (opcode, target)
     built: list[tuple[Value, Value]] = field(default_factory=list)  # BUILD (target, state)
+    value: Value | None = None  # what the pickle returns (the top of the stack at STOP)
+    # calls torch would make that no global names: (verdict kind, reason, offset)
+    findings: list[tuple[str, str, int]] = field(default_factory=list)
     straddle: bool = False  # a read crossed a FRAME's end
     frame_end: int | None = None  # the open frame's end when STOP was read
     protocol: int = 0

@@ -1,14 +1,21 @@
 """Default-deny policy: what each global of a pickle may do, judged by how the pickle uses it.
 
-Four kinds, from :func:`judge` over a static walk (:mod:`.opscan`) of every pickle of a file:
+A file is ``safe`` only as a proof: every global its pickles name is ``torch`` or ``data``,
+every call torch would make (REDUCE, NEWOBJ, INST/OBJ, BUILD's ``__setstate__``, APPEND(S) and
+ADDITEMS on objects, each loader's ``persistent_load``, and the calls allowlisted functions
+make with their arguments: :mod:`.arguments`) goes to an allowlisted callable, and the
+loading model read every pickle exactly as the loader would (no problem of kind
+``unreadable``). Anything else is not safe, whatever its names look like.
+
+Four kinds of global, from :func:`judge` over a static walk (:mod:`.opscan`) of every pickle:
 
 * ``torch``: torch's ``weights_only`` allowlist;
 * ``data``: a short allowlist of plain data classes (argparse.Namespace, numpy arrays, dtypes
   and scalars, collections, datetime, decimal, fractions, uuid, pathlib paths,
   SimpleNamespace, torch's Generator state);
-* ``user code``: a class of another module that the pickle only instantiates (NEWOBJ + BUILD,
-  as whole pickled models and configs are), or calls with plain values (as enum members are
-  pickled), or only refers to: loading imports that module and runs its classes' code;
+* ``unvetted code``: a class of another module that the pickle only instantiates (NEWOBJ +
+  BUILD, as whole pickled models and configs are), or calls with plain values (as enum
+  members are pickled), or only refers to: loading imports that module and runs its code;
 * ``dangerous``: anything else that gets called, any attribute path (``builtins.eval.__call__``,
   ``torch.os.system``), a module-level object the pickle changes, a result the pickle calls,
   a module whose import runs a program, and names known to run code in any use.
@@ -21,13 +28,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import arguments
 from .lists import (
     DATA_ALLOWED,
     DENY_MODULES,
     DENY_NAMES,
     DENY_PREFIXES,
     PLAIN_TYPES,
-    ROLES,
     STDLIB,
     TORCH_ALLOWED,
     TORCH_CONSTANTS,
@@ -35,9 +42,10 @@ from .lists import (
 )
 from .opscan import SCALARS, GlobalRef, PickleWalk, Value
 
-TORCH, DATA, USER, DANGEROUS = "torch", "data", "user code", "dangerous"
+TORCH, DATA, USER, DANGEROUS = "torch", "data", "unvetted code", "dangerous"
+UNREADABLE = "unreadable"  # a file-level kind: the walk cannot prove what the loader reads
 
-_RANK = {TORCH: 0, DATA: 1, USER: 2, DANGEROUS: 3}
+_RANK = {TORCH: 0, DATA: 1, USER: 2, UNREADABLE: 3, DANGEROUS: 4}
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class GlobalVerdict:
     """One global of a file: its name, kind, how the pickle uses it, and why that kind."""
 
     name: str  # module.qualname as the loader resolves it (Python 2 names mapped)
-    kind: str  # torch, data, user code, dangerous
+    kind: str  # torch, data, unvetted code, dangerous
     uses: tuple[str, ...]  # "called", "instantiated", "referenced", "mutated", ...
     reason: str
 
@@ -55,12 +63,25 @@ class Verdict:
     """The security verdict of one file, computed once from every pickle it holds."""
 
     globals: tuple[GlobalVerdict, ...] = ()
-    notes: tuple[str, ...] = ()  # what could not be scanned, parser differentials
+    notes: tuple[str, ...] = ()
+    # what stops the proof besides the globals: (kind, reason), kind one of ``dangerous``,
+    # ``unvetted code`` (TorchScript), ``unreadable`` (cannot be read as the loader reads it)
+    problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def kind(self) -> str:
-        """The worst kind of any global: ``dangerous``, ``user code``, ``data`` or ``torch``."""
-        return max((g.kind for g in self.globals), key=_RANK.__getitem__, default=TORCH)
+        """The worst kind: ``dangerous``, ``unreadable``, ``unvetted code``, ``data`` or
+        ``torch`` (``data`` and ``torch`` files are safe)."""
+        kinds = [g.kind for g in self.globals] + [k for k, _ in self.problems]
+        return max(kinds, key=_RANK.__getitem__, default=TORCH)
+
+    @property
+    def safe(self) -> bool:
+        return self.kind in (TORCH, DATA)
+
+    def reasons(self, kind: str) -> list[str]:
+        """Why the file is of ``kind``: the problems of that kind."""
+        return [r for k, r in self.problems if k == kind]
 
     def names(self, *kinds: str) -> list[str]:
         return [g.name for g in self.globals if g.kind in kinds]
@@ -76,7 +97,11 @@ class Verdict:
         return next((g for g in self.globals if g.name == name), None)
 
 
-def judge(walks: Iterable[PickleWalk], notes: Iterable[str] = ()) -> Verdict:
+def judge(
+    walks: Iterable[PickleWalk],
+    notes: Iterable[str] = (),
+    problems: Iterable[tuple[str, str]] = (),
+) -> Verdict:
     """The verdict over the static walks of every pickle of one file (worst use wins).
 
     Example:
@@ -85,38 +110,40 @@ def judge(walks: Iterable[PickleWalk], notes: Iterable[str] = ()) -> Verdict:
         ['os.system']
     """
     merged: dict[str, GlobalVerdict] = {}
+    found = list(problems)
     for w in walks:
-        for g, kind, reason in _judge_walk(w):
+        for g, kind, reason in _judge_walk(w, found):
             old = merged.get(g.full)
             uses = tuple(sorted(set(old.uses if old else ()) | (g.uses or {"referenced"})))
             if old is None or _RANK[kind] > _RANK[old.kind]:
                 merged[g.full] = GlobalVerdict(g.full, kind, uses, reason)
             else:
                 merged[g.full] = GlobalVerdict(old.name, old.kind, uses, old.reason)
-    return Verdict(tuple(merged.values()), tuple(notes))
+    return Verdict(tuple(merged.values()), tuple(notes), tuple(dict.fromkeys(found)))
 
 
-def _judge_walk(w: PickleWalk) -> list[tuple[GlobalRef, str, str]]:
+def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[GlobalRef, str, str]]:
     extra: dict[int, str] = {}  # id(GlobalRef) -> a dangerous reason found from its context
     shapes: dict[int, set[str]] = {}
     for site in w.calls:
         callee = site.callee
-        if callee.kind == "result" and callee.origin is not None:
-            origin = callee.origin.callee
-            if origin.kind == "global" and origin.gref is not None:
-                origin.gref.uses.add("result called")
+        if callee.kind == "result":
+            if not _result_called(callee):
+                problems.append((DANGEROUS, "the pickle calls a value it computed"))
             continue
         if callee.kind != "global" or callee.gref is None:
-            continue
+            continue  # calling a str, a tuple, a storage... stops the load (TypeError)
         g = callee.gref
         args = site.args.items if site.args is not None and site.args.kind == "tuple" else None
-        if site.op.startswith("NEWOBJ") or (site.op in ("INST", "OBJ") and args == ()):
+        if site.op == "ATTR":
+            g.uses.add("called through an attribute the pickle set")
+            extra[id(g)] = "the pickle sets it as an object's attribute, which loading calls"
+        elif site.op.startswith("NEWOBJ") or (site.op in ("INST", "OBJ") and args == ()):
             g.uses.add("instantiated")
         else:
             g.uses.add("called")
             shapes.setdefault(id(g), set()).add(_shape(args))
-        for i, arg in enumerate(args or ()):
-            _arg_role(g, i, arg, extra)
+        arguments.check(g, args, extra)
     for _op, target in w.mutated:
         if target.kind == "global" and target.gref is not None:
             target.gref.uses.add("mutated")
@@ -126,31 +153,27 @@ def _judge_walk(w: PickleWalk) -> list[tuple[GlobalRef, str, str]]:
     return [(g, *_kind(g, shapes.get(id(g), set()), extra.get(id(g)))) for g in w.globals]
 
 
+def _result_called(callee: Value) -> bool:
+    """A call of what another call returned: marks the global at the root of the chain."""
+    for _ in range(64):
+        site = callee.origin
+        if site is None:
+            return False
+        callee = site.callee
+        if callee.kind == "global" and callee.gref is not None:
+            callee.gref.uses.add("result called")
+            return True
+        if callee.kind != "result":
+            return False
+    return False
+
+
 def _shape(args: tuple[Value, ...] | None) -> str:
     if args is None:
         return "unknown"
     if not args:
         return "empty"
     return "plain" if all(a.kind in SCALARS for a in args) else "other"
-
-
-def _arg_role(owner: GlobalRef, i: int, arg: Value, extra: dict[int, str]) -> None:
-    callee = owner.full
-    role = ROLES.get(callee, {}).get(i)
-    if role is None:
-        return
-    if arg.kind == "global" and arg.gref is not None:
-        g = arg.gref
-        if role == "new" or (role == "base" and g.full in PLAIN_TYPES):
-            g.uses.add("instantiated")
-        elif g.full in TORCH_ALLOWED | TORCH_ON_IMPORT | DATA_ALLOWED | PLAIN_TYPES:
-            g.uses.add(f"passed to {callee}")
-        else:
-            g.uses.add(f"called by {callee}")
-            extra[id(g)] = f"passed to {callee}, which calls it"
-    elif arg.kind not in SCALARS and role in ("call", "base"):
-        owner.uses.add("given a computed value to call")
-        extra[id(owner)] = "the pickle hands it a computed value, which it calls"
 
 
 def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
@@ -238,7 +261,7 @@ def check_writable(
     """Refuse to write an output that would carry code.
 
     ``remaining`` names the globals the output would still pickle. ``torch`` and ``data`` are
-    fine; ``user code`` that the pickle instantiates (objects of user classes, enum members)
+    fine; ``unvetted code`` that the pickle instantiates (objects of user classes, enum members)
     only with ``allow_user_classes``; a bare reference to a global (a function or class
     stored as a value) never, since the output would hand a callable to whoever loads it.
     """

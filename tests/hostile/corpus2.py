@@ -441,6 +441,19 @@ _case(
 )
 
 
+# Cases whose payload torch never runs, as torch itself shows (issue 18's oracle): torch.load
+# reads only ROOT/data.pkl of a non-TorchScript zip (a ``*.debug_pkl`` is read by
+# torch.jit.load of TorchScript archives only), and the polyglot's legacy persistent ids have
+# the zip loader's five items where the legacy loader unpacks six, so torch stops before the
+# payload. Their verdicts (safe; unreadable) are checked in test_corpus2.
+RETIRED = {
+    "c4_zip_payload_in_debug_pkl": "safe",
+    "c4_legacy_then_benign_zip_polyglot": "unreadable",
+}
+RETIRED_CASES = [c for c in CASES2 if c.id in RETIRED]
+CASES2[:] = [c for c in CASES2 if c.id not in RETIRED]
+
+
 def by_family() -> dict[str, list[Case2]]:
     out: dict[str, list[Case2]] = {}
     for c in CASES2:

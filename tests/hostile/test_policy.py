@@ -184,7 +184,7 @@ def test_writers_carry_user_classes_only_when_asked_and_never_a_callable(tmp_pat
     res = runner.invoke(cli, ["to-safetensors", str(model_file), str(tmp_path / "m.safetensors")])
     assert res.exit_code == 0, res.output  # only tensors are written: no permission needed
     res = runner.invoke(cli, ["scan", str(model_file), str(ref_file)])
-    assert res.exit_code == 0 and res.output.count("user code") == 2, res.output
+    assert res.exit_code == 5 and res.stdout.count("unvetted code") == 2, res.output
 
 
 @pytest.mark.parametrize("op", [b"T", b"X", b"B", b"\x8d", b"\x8e", b"\x96", b"\x8c", b"U", b"C"])

@@ -1,0 +1,278 @@
+"""One model per loader torch (or numpy) really has: which pickles it runs from a file, in
+which order, and with which ``persistent_load``. Each model adds walks and problems to a
+:class:`Found`; :mod:`.discover` picks the models that apply to a file.
+
+* torch zip (:func:`torch_zip`): ``ROOT/data.pkl`` as miniz finds it; a ``constants.pkl``
+  record makes it TorchScript, which ``torch.load`` hands to ``torch.jit.load``;
+* legacy (:func:`pickle_chain`): magic number, protocol, system info, the object (legacy
+  ``persistent_load``), the storage keys: five pickles in a row; a file whose first pickle is
+  not the magic number is a plain pickle (``pickle.load`` reads that one only);
+* pre-1.0 tar (:func:`tar_file`): ``storages`` (a count, then per storage a pickle and raw
+  bytes, then the views pickle), ``tensors`` (a count, then per tensor a pickle and raw
+  sizes), then ``pickle`` with the tar ``persistent_load``, members as ``tarfile`` resolves them;
+* numpy (:func:`npy`): an ``.npy`` whose dtype holds objects is followed by a pickle.
+"""
+
+from __future__ import annotations
+
+import ast
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from .opscan import PickleWalk, walk_all
+from .zipmodel import local_entries, member, read_zip
+
+DANGEROUS, UNVETTED, UNREADABLE = "dangerous", "unvetted code", "unreadable"
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_COUNT = 1 << 20  # storages or tensors a tar file may declare
+_STORAGE_SIZES = {
+    **dict.fromkeys(("Double", "Long", "ComplexFloat"), 8),
+    **dict.fromkeys(("Float", "Int", "QInt32"), 4),
+    **dict.fromkeys(("Half", "Short", "BFloat16"), 2),
+    **dict.fromkeys(("Byte", "Char", "Bool", "QInt8", "QUInt8", "QUInt4x2", "QUInt2x4"), 1),
+    "ComplexDouble": 16,
+}
+
+
+@dataclass
+class Found:
+    """The walks of every pickle a loader runs from one file, and what stops a proof."""
+
+    walks: list[PickleWalk] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (verdict kind, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def problem(self, kind: str, reason: str) -> None:
+        if (kind, reason) not in self.problems:
+            self.problems.append((kind, reason))
+
+    def walk(self, buf: Any, start: int, end: int, what: str, mode: str) -> PickleWalk:
+        """Walk one pickle the loader runs; a pickle it cannot finish makes the file
+        unreadable (what ran before the failure is judged all the same)."""
+        found = walk_all(buf, start, end, mode)
+        self.walks.extend(found)
+        first = found[0]
+        if first.crashed:
+            self.problem(UNREADABLE, f"{what} could not be scanned ({first.error})")
+        elif first.error is not None:
+            self.problem(UNREADABLE, f"{what} cannot be loaded: {first.error}")
+        if first.straddle:
+            self.problem(UNREADABLE, f"{what}: an opcode straddles the end of a FRAME")
+        if first.frame_end is not None:
+            self.problem(UNREADABLE, f"{what}: STOP inside a FRAME (readers resume elsewhere)")
+        for kind, reason, _at in first.findings:
+            self.problem(kind, f"{what}: {reason}")
+        return first
+
+
+def torch_zip(buf: Any, base: int, size: int, what: str, found: Found) -> None:
+    """A torch zip at ``buf[base : base + size]``, read the way ``torch.load`` reads it.
+
+    Where the archive is ambiguous (readers may see different entries), every ``*.pkl``
+    entry any reading finds is walked too, so that the worst of them decides."""
+    model = read_zip(buf, base, size)
+    for reason in model.ambiguities:
+        found.problem(UNREADABLE, f"{what}: ambiguous zip: {reason}")
+    if model.ambiguities or model.error is not None:
+        seen: set[tuple[int, int]] = set()
+        for e in [*model.entries, *local_entries(buf, base, base + size)]:
+            if e.name.lower().endswith("pkl") and (e.header, e.csize) not in seen:
+                seen.add((e.header, e.csize))
+                _member_walk(buf, e, f"{what}: {e.name}", found, "zip", required=False)
+    if model.error is not None:
+        found.problem(UNREADABLE, f"{what}: torch cannot open it: {model.error}")
+        return
+    prefix = model.root + "/"
+    if any(not e.name.startswith(prefix) for e in model.entries):
+        found.problem(UNREADABLE, f"{what}: zip entries lie outside the root folder {model.root!r}")
+        return
+    if "constants.pkl" in model.records():
+        found.problem(
+            UNVETTED, f"{what}: a TorchScript archive: torch.load runs its code/ (torch.jit.load)"
+        )
+        for e in model.entries:  # still name what its pickles reach for
+            if e.name.lower().endswith(".pkl"):
+                _member_walk(buf, e, f"{what}: {e.name}", found, "any", required=False)
+        return
+    want = prefix.lower() + "data.pkl"
+    matches = [e for e in model.entries if e.name.lower() == want]
+    if not matches:
+        found.problem(UNREADABLE, f"{what}: no {model.root}/data.pkl record")
+    for e in matches:  # more than one: ambiguous already; each is what torch may read
+        _member_walk(buf, e, f"{what}: {e.name}", found, "zip", required=True)
+
+
+def _member_walk(buf: Any, e: Any, what: str, found: Found, mode: str, *, required: bool) -> None:
+    data = member(buf, e)
+    if data is None:
+        if required:
+            found.problem(UNREADABLE, f"{what} cannot be read to scan it")
+        return
+    if required:
+        found.walk(data, 0, len(data), what, mode)
+    else:  # only its globals count: torch does not read it as a pickle of its own
+        found.walks.extend(walk_all(data, 0, len(data), mode))
+
+
+def pickle_chain(buf: Any, start: int, end: int, what: str, found: Found) -> None:
+    """Pickles read from ``start`` as ``torch.load`` reads a non-zip file (legacy format), or
+    as ``pickle.load`` reads a plain pickle (the first one only)."""
+    first = found.walk(buf, start, end, what, "none")
+    value = first.value
+    if first.end is None or value is None or value.kind != "int" or value.num != LEGACY_MAGIC:
+        return  # a plain pickle: torch.load stops after it, pickle.load reads nothing more
+    pos = first.end
+    for name, mode in (("protocol", "none"), ("system info", "none"), ("object", "legacy"),
+                       ("storage keys", "none")):  # fmt: skip
+        w = found.walk(buf, pos, end, f"{what} ({name})", mode)
+        if w.end is None:
+            return
+        pos = w.end
+
+
+def npy(buf: Any, start: int, end: int, what: str, found: Found) -> None:
+    """An ``.npy`` array: ``np.load(allow_pickle=True)`` unpickles the data of object arrays."""
+    head = bytes(buf[start : min(end, start + 12)])
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        found.problem(UNREADABLE, f"{what}: not an .npy array")
+        return
+    if head[6] == 1:
+        (n,), at = struct.unpack("<H", head[8:10]), start + 10
+    else:
+        (n,), at = struct.unpack("<I", head[8:12]), start + 12
+    try:
+        header = ast.literal_eval(bytes(buf[at : at + min(n, 1 << 16)]).decode("latin-1"))
+        descr = header["descr"]
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        found.problem(UNREADABLE, f"{what}: an .npy header numpy cannot read")
+        return
+    if "O" in repr(descr):  # object fields anywhere in the dtype: the data is a pickle
+        found.walk(buf, at + n, end, f"{what} (object array)", "none")
+
+
+def npz(buf: Any, what: str, found: Found) -> None:
+    """An ``.npz``: numpy reads it with Python's ``zipfile``; each ``.npy`` member as above."""
+    import io
+    import zipfile
+
+    from .zipmodel import _BufFile
+
+    try:
+        with zipfile.ZipFile(_BufFile(buf, 0, len(buf))) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                if info.file_size > 1 << 28:
+                    found.problem(UNREADABLE, f"{what}: {info.filename} is too large to scan")
+                    continue
+                data = zf.read(info)
+                npy(data, 0, len(data), f"{what}: {info.filename}", found)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, io.UnsupportedOperation) as exc:
+        found.problem(UNREADABLE, f"{what}: numpy cannot open it ({type(exc).__name__})")
+
+
+def tar_file(f: Any, what: str, found: Found) -> bool:
+    """A pre-1.0 tar checkpoint, if ``tarfile`` opens ``f`` (torch's first try on a non-zip
+    file); returns whether it did. Every pickle torch reads from it is walked, also those
+    that follow raw storage bytes."""
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
+    with tar:
+        data = {}
+        for name in ("storages", "tensors", "pickle"):
+            blob = _tar_member(tar, name, what, found)
+            if blob is None:
+                return True  # torch stops here (KeyError, or a link it cannot follow)
+            data[name] = blob
+    if _tar_storages(data["storages"], what, found) and _tar_tensors(data["tensors"], what, found):
+        found.walk(data["pickle"], 0, len(data["pickle"]), f"{what}: tar 'pickle'", "tar")
+    return True
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> bytes | None:
+    """A member's bytes as ``tar.extract`` / ``tar.extractfile`` give them to torch."""
+    try:
+        info = tar.getmember(name)  # the last member of that name, as tarfile picks it
+        if info.issym():
+            found.problem(
+                UNREADABLE,
+                f"{what}: tar member {name!r} is a symbolic link (torch reads "
+                "whatever it points to on the loading machine)",
+            )
+            return None
+        if info.islnk():
+            # what extract() falls back to, and what extractfile() reads
+            info = tar._find_link_target(info)  # type: ignore[attr-defined]
+        if info.size > 1 << 31:
+            found.problem(UNREADABLE, f"{what}: tar member {name!r} is too large to scan")
+            return None
+        fh = tar.extractfile(info)
+        return fh.read() if fh is not None else None
+    except KeyError:
+        found.problem(UNREADABLE, f"{what}: no tar member {name!r} (torch cannot load it)")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        found.problem(UNREADABLE, f"{what}: tar member {name!r} unreadable ({type(exc).__name__})")
+    return None
+
+
+def _count(w: PickleWalk, what: str, found: Found) -> int | None:
+    v = w.value
+    if w.end is None:
+        return None
+    if v is None or v.kind != "int" or v.num is None or not 0 <= v.num <= MAX_COUNT:
+        found.problem(UNREADABLE, f"{what}: a count the walk cannot read")
+        return None
+    return v.num
+
+
+def _tar_storages(data: bytes, what: str, found: Found) -> bool:
+    what = f"{what}: tar 'storages'"
+    w = found.walk(data, 0, len(data), what, "none")
+    num = _count(w, what, found)
+    if num is None or w.end is None:
+        return False
+    pos = w.end
+    for i in range(num):
+        w = found.walk(data, pos, len(data), f"{what} (storage {i})", "none")
+        args = w.value.items if w.end is not None and w.value is not None else None
+        kind = args[2] if args is not None and len(args) == 3 else None
+        size = _storage_size(kind.gref.full) if kind is not None and kind.gref else None
+        if w.end is None or size is None or w.end + 8 > len(data):
+            found.problem(UNREADABLE, f"{what}: storage {i} cannot be followed")
+            return False
+        (numel,) = struct.unpack("<q", data[w.end : w.end + 8])
+        pos = w.end + 8 + numel * size
+        if numel < 0 or pos > len(data):
+            found.problem(UNREADABLE, f"{what}: storage {i} is cut short")
+            return False
+    return found.walk(data, pos, len(data), f"{what} (views)", "none").end is not None
+
+
+def _storage_size(name: str) -> int | None:
+    for prefix in ("torch.cuda.", "torch."):
+        if name.startswith(prefix) and name.endswith("Storage"):
+            return _STORAGE_SIZES.get(name[len(prefix) : -len("Storage")])
+    return None
+
+
+def _tar_tensors(data: bytes, what: str, found: Found) -> bool:
+    what = f"{what}: tar 'tensors'"
+    w = found.walk(data, 0, len(data), what, "none")
+    num = _count(w, what, found)
+    if num is None or w.end is None:
+        return False
+    pos = w.end
+    for i in range(num):
+        w = found.walk(data, pos, len(data), f"{what} (tensor {i})", "none")
+        if w.end is None or w.end + 8 > len(data):
+            return False
+        (ndim,) = struct.unpack("<i", data[w.end : w.end + 4])
+        pos = w.end + 8 + 16 * ndim + 8
+        if not 0 <= ndim <= 1 << 16 or pos > len(data):
+            found.problem(UNREADABLE, f"{what}: tensor {i} is cut short")
+            return False
+    return True
