@@ -39,6 +39,13 @@ from .pk import Build, Call, G, PersId, Raw
 from .zipw import torch_zip
 
 SYSTEM = G("os", "system")
+RNG = "numpy.random._pickle"
+_BOOM = "class Boom:\n    def __init__(self):\n        open(MARKER, 'w').close()\n"
+
+
+def _boom(d: Path, id: str) -> G:
+    """A class of a module the victim has installed whose constructor creates the marker."""
+    return G(user_module(d, f"c3u_{id}", _BOOM), "Boom")
 
 
 def _zip(payload: Any, proto: int = 2) -> bytes:
@@ -60,8 +67,13 @@ def type_hints(d: Path) -> Call:
 
 
 # --- class 3: persistent ids -----------------------------------------------------------------
-def _c3(id: str, make, name: str = "model.pt", note: str = "") -> None:  # type: ignore[no-untyped-def]
-    add(id, 3, DANGEROUS, make, name=name, payload=True, note=note)
+def _c3(id: str, make, name: str = "model.pt", note: str = "", **kw: Any) -> None:  # type: ignore[no-untyped-def]
+    add(id, 3, DANGEROUS, make, name=name, payload=True, note=note, **kw)
+
+
+# Sinks no denylist names (they are unvetted code that runs what it is given): a verdict of
+# "unvetted code" is as right as "dangerous" for them.
+SINK = (UNVETTED,)
 
 
 _c3(
@@ -123,9 +135,41 @@ _c3(
 )
 
 
+_c3(
+    "c3_legacy_persid_bytes_module_wave_write",
+    lambda d: _legacy(
+        Call(PersId((b"module", G("wave", "Wave_write"), None, None)), (marker(d),)), 3
+    ),
+    also=SINK,
+)
+_c3(
+    "c3_tar_persid_tuple_first_item_sympy_S",
+    lambda d: _tar(Call(PersId((G("sympy", "S"), None, None)), (expr(d),))),
+    "model.tar",
+    also=SINK,
+    needs=("sympy",),
+)
+add(
+    "c3_tar_persid_tuple_first_item_fork_exec",
+    3,
+    DANGEROUS,
+    lambda d: _tar(Call(PersId((G("_posixsubprocess", "fork_exec"), None, None)), _fork_exec(d))),
+    name="model.tar",
+    note="not confirmed: fork_exec only execs when errpipe_write is an open descriptor >= 3, "
+    "which depends on the loading process; the case passes 1000 so it stays inert",
+)
+
+
+def _fork_exec(d: Path) -> tuple[Any, ...]:
+    args = [a.encode() for a in argv(d)]
+    pipes = (-1, -1, -1, -1, -1, -1, -1, 1000)  # p2c, c2p, err, then errpipe read and write
+    ids = (False, False, -1, -1, None, -1, -1, None, False)  # signals .. umask, preexec, vfork
+    return (args, [b"/usr/bin/touch", b"/bin/touch"], True, (), None, None, *pipes, *ids)
+
+
 # --- class 4: calls through instance attributes ----------------------------------------------
-def _c4(id: str, value, proto: int = 2, note: str = "") -> None:  # type: ignore[no-untyped-def]
-    add(id, 4, DANGEROUS, lambda d: _zip(value(d), proto), payload=True, note=note)
+def _c4(id: str, value, proto: int = 2, note: str = "", **kw: Any) -> None:  # type: ignore[no-untyped-def]
+    add(id, 4, DANGEROUS, lambda d: _zip(value(d), proto), payload=True, note=note, **kw)
 
 
 def _ops(*parts: Any, proto: int = 2) -> Raw:
@@ -239,6 +283,41 @@ _c4(
 )
 
 
+_c4(
+    "c4_namespace_setstate_is_sympy_S",
+    lambda d: Build(_ns(__setstate__=G("sympy", "S")), expr(d)),
+    also=SINK,
+    needs=("sympy",),
+)
+_c4(
+    "c4_namespace_append_is_get_type_hints",
+    lambda d: _ops(
+        _ns(append=G("typing", "get_type_hints")), _ns(__annotations__={"x": expr(d)}), pk.APPEND
+    ),
+    also=SINK,
+)
+_c4(
+    "c4_counter_append_is_wave_write",
+    lambda d: _ops(
+        Build(Call(G("collections", "Counter"), ()), {"append": G("wave", "Wave_write")}),
+        marker(d),
+        pk.APPEND,
+    ),
+    also=SINK,
+)
+add(
+    "c4_namespace_setstate_is_numpy_randomstate_ctor",
+    4,
+    UNVETTED,
+    lambda d: _zip(Build(_ns(__setstate__=G(RNG, "__randomstate_ctor")), _boom(d, "nsrs"))),
+    also=(DANGEROUS,),
+    payload=True,
+    site=True,
+    note="every global is allowlisted but the user class it is given: __randomstate_ctor(Boom) "
+    "calls numpy's __bit_generator_ctor(Boom), which instantiates it",
+)
+
+
 # --- class 5: calls made inside allowed functions --------------------------------------------
 def _c5(id: str, value, expect: str = DANGEROUS, **kw: Any) -> None:  # type: ignore[no-untyped-def]
     add(id, 5, expect, lambda d: _zip(value(d)), **{"payload": True, **kw})
@@ -257,7 +336,27 @@ _c5(
     lambda d: _rebuild("_rebuild_from_type_v2", G("builtins", "exec"), (py(d),)),
 )
 _c5("c5_rebuild_from_type_v1_os_system", lambda d: _rebuild("_rebuild_from_type", SYSTEM, (sh(d),)))
-RNG = "numpy.random._pickle"
+_c5(
+    "c5_rebuild_from_type_v2_get_type_hints",
+    lambda d: _rebuild(
+        "_rebuild_from_type_v2",
+        G("typing", "get_type_hints"),
+        (_ns(__annotations__={"x": expr(d)}),),
+    ),
+    also=SINK,
+)
+_c5(
+    "c5_rebuild_from_type_v2_sympy_S",
+    lambda d: _rebuild("_rebuild_from_type_v2", G("sympy", "S"), (expr(d),)),
+    also=SINK,
+    needs=("sympy",),
+)
+_c5(
+    "c5_randomstate_ctor_calls_sympy_S",
+    lambda d: Call(G(RNG, "__randomstate_ctor"), (expr(d), G("sympy", "S"))),
+    also=SINK,
+    needs=("sympy",),
+)
 _c5(
     "c5_randomstate_ctor_calls_os_system",
     lambda d: Call(G(RNG, "__randomstate_ctor"), (sh(d), SYSTEM)),
@@ -272,17 +371,11 @@ _c5(
     lambda d: Call(G(RNG, "__generator_ctor"), (sh(d), SYSTEM)),
 )
 
-_BOOM = "class Boom:\n    def __init__(self):\n        open(MARKER, 'w').close()\n"
-
-
-def _boom(d: Path, id: str) -> G:
-    return G(user_module(d, f"c3u_{id}", _BOOM), "Boom")
-
-
 _c5(
     "c5_bit_generator_ctor_instantiates_user_class",
     lambda d: Call(G(RNG, "__bit_generator_ctor"), (_boom(d, "bitgen"),)),
     UNVETTED,
+    also=(DANGEROUS,),
     site=True,
     note="any class is instantiated with no arguments",
 )
@@ -292,6 +385,7 @@ _c5(
         G(RNG, "__randomstate_ctor"), (_boom(d, "rsctor"), G(RNG, "__bit_generator_ctor"))
     ),
     UNVETTED,
+    also=(DANGEROUS,),
     site=True,
     note="numpy's own bit-generator constructor, but given a class that is not numpy's",
 )
@@ -329,6 +423,7 @@ _c5(
         ),
     ),
     UNVETTED,
+    also=(DANGEROUS,),
     site=True,
     note="the factory's module runs code when loading imports it",
 )

@@ -136,8 +136,10 @@ add(
             (3,),
         )
     ),
+    also=(DANGEROUS,),
     payload=True,
     site=True,
+    note="an unknown function called: 'dangerous' is as right as 'unvetted code'",
 )
 
 _TINY = (
