@@ -26,7 +26,7 @@ import pytest
 from . import clirun
 from . import contract as C
 from .c3base import DANGEROUS, SAFE, UNREADABLE, UNVETTED, VERDICTS, Case3
-from .confirm3 import Outcome, confirm_many, job_for
+from .confirm3 import Outcome, confirm, confirm_many, job_for
 from .corpus import marker_path
 from .corpus3 import BENIGN, CASES3, HOSTILE, PAYLOADS, by_class
 
@@ -171,6 +171,14 @@ def test_loading_what_has_no_payload(case: Case3, confirmed: dict[str, Outcome])
         assert o.loaded == case.loads, (
             f"[{case.id}] loaded: {o.loaded}, want {case.loads}: {o.error}"
         )
+
+
+def test_confirm_one_file(tmp_path: Path) -> None:
+    """``confirm(path)`` alone: the loader is guessed, the marker is the folder's."""
+    pytest.importorskip("torch")
+    case = next(c for c in CASES3 if c.id == "c11_npz_object_member")
+    assert confirm(case.build(tmp_path))
+    assert marker_path(tmp_path).exists()
 
 
 # --- the library's verdict -------------------------------------------------------------------
