@@ -144,12 +144,13 @@ def alias_names(
                 if ch != ".":
                     continue
                 for alias in by_first.get(current[:i], ()):
-                    if made >= limit:
+                    if made >= limit or len(current) > 4096:  # cycles through other paths
                         return out, True
                     new = alias + current[i:]
                     found.append(new)
-                    todo.append(new)
                     made += 1
+                    if not alias.startswith(current[:i] + "."):
+                        todo.append(new)  # a cycle (x.me is x) names each path once only
         if found:
             out[name] = found
     return out, False

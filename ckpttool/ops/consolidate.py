@@ -21,6 +21,7 @@ from ..model import Checkpoint, TensorRef
 from ..readers.distributed import model_state_dict
 from ..tree import KEEP as _KEEP_NODE
 from ..tree import get_path, iter_tensors, transform
+from ..unpickling.policy import check_writable
 from ..writers import copy as bytecopy
 from ..writers.atomic import atomic_file
 from ..writers.pt import verify_pt
@@ -140,6 +141,7 @@ def consolidate(
     output_format: str | None = None,
     verify: bool = True,
     force: bool = False,
+    allow_user_classes: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
 ) -> ConsolidateResult:
     """Write one ``.pt`` or safetensors file from a distributed checkpoint folder.
@@ -158,6 +160,8 @@ def consolidate(
         output_format: ``"pt"`` or ``"safetensors"`` (default: from ``dst``'s suffix).
         verify: read every tensor back and re-open the output before it replaces ``dst``.
         force: replace an existing output.
+        allow_user_classes: write objects of unvetted classes that non-tensor items hold
+            (a ``.pt`` output only; loading it imports their modules).
         progress: called with the total bytes; returns a callback fed bytes written.
 
     Returns:
@@ -175,6 +179,10 @@ def consolidate(
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
     chosen, renamed = _rename_model(chosen, ops, src)
+    if fmt == "pt":  # non-tensor items are written as they are pickled: only with consent
+        check_writable(
+            src, ckpt.verdict, _object_globals(chosen), allow_user_classes=allow_user_classes
+        )
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
@@ -185,6 +193,14 @@ def consolidate(
             _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
     result.verified = verify
     return result
+
+
+def _object_globals(node: Any) -> list[str]:
+    """The globals of the objects a ``.pt`` output of ``node`` would pickle."""
+    from ..nodes import Opaque
+    from ..tree import walk
+
+    return [n.global_name for _, n in walk(node) if isinstance(n, Opaque)]
 
 
 def _output_format(

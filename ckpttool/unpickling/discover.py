@@ -26,7 +26,7 @@ from typing import Any
 
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
-from .zipmodel import read_zip
+from .zipmodel import Entry, member, read_zip
 
 ItemRanges = Callable[[str], list[tuple[str, int, int, bool]]]
 
@@ -81,11 +81,16 @@ def _no_pickle(head: bytes, path: str) -> bool:
 
 
 def _is_npz(buf: Any) -> bool:
+    """A zip that holds no ``data.pkl`` but a member numpy reads as an array."""
     model = read_zip(buf)
-    names = [e.name for e in model.entries]
-    return any(n.endswith(".npy") for n in names) and not any(
-        n.lower().endswith("/data.pkl") for n in names
-    )
+    if any(e.name.lower().endswith("/data.pkl") for e in model.entries):
+        return False
+    return any(_npy_member(buf, e) for e in model.entries)
+
+
+def _npy_member(buf: Any, e: Entry) -> bool:
+    data = member(buf, e)
+    return data is not None and data[:6] == b"\x93NUMPY"
 
 
 def _distcp(buf: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> None:

@@ -150,6 +150,23 @@ def npy(buf: Any, start: int, end: int, what: str, found: Found) -> None:
         return
     if "O" in repr(descr):  # object fields anywhere in the dtype: the data is a pickle
         found.walk(buf, at + n, end, f"{what} (object array)", "none")
+        return
+    need = _array_bytes(header)
+    if need is None or need > end - (at + n):
+        found.problem(UNREADABLE, f"{what}: the array's data is shorter than its shape")
+
+
+def _array_bytes(header: Any) -> int | None:
+    """Bytes of a numeric array's data, from its header (dtype from the literal only)."""
+    import numpy as np
+
+    try:
+        count = 1
+        for d in header["shape"]:
+            count *= int(d)
+        return count * int(np.lib.format.descr_to_dtype(header["descr"]).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def npz(buf: Any, what: str, found: Found) -> None:
@@ -161,9 +178,10 @@ def npz(buf: Any, what: str, found: Found) -> None:
 
     try:
         with zipfile.ZipFile(_BufFile(buf, 0, len(buf))) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
+            for info in zf.infolist():  # numpy reads any member that starts as an .npy
+                with zf.open(info) as fh:
+                    if fh.read(6) != b"\x93NUMPY":
+                        continue
                 if info.file_size > 1 << 28:
                     found.problem(UNREADABLE, f"{what}: {info.filename} is too large to scan")
                     continue
@@ -197,15 +215,15 @@ def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> byt
     """A member's bytes as ``tar.extract`` / ``tar.extractfile`` give them to torch."""
     try:
         info = tar.getmember(name)  # the last member of that name, as tarfile picks it
-        if info.issym():
+        if info.issym() and name != "pickle":  # extract() makes the link; open() follows it
             found.problem(
                 UNREADABLE,
                 f"{what}: tar member {name!r} is a symbolic link (torch reads "
                 "whatever it points to on the loading machine)",
             )
             return None
-        if info.islnk():
-            # what extract() falls back to, and what extractfile() reads
+        if info.islnk() or info.issym():
+            # what extract() falls back to for a hard link, and what extractfile() reads
             info = tar._find_link_target(info)  # type: ignore[attr-defined]
         if info.size > 1 << 31:
             found.problem(UNREADABLE, f"{what}: tar member {name!r} is too large to scan")
