@@ -427,6 +427,23 @@ def _storage_direct() -> dict[str, Any]:
     return {"s": t.untyped_storage(), "typed": ints(3)._typed_storage(), "t": t}
 
 
+def _storage_direct_legacy() -> dict[str, Any]:
+    """Typed storages saved on their own, one before and one after a tensor that shares it
+    (torch cannot load an untyped storage from the legacy format: it looks up a dtype on the
+    UntypedStorage class)."""
+    shared = torch.arange(5)
+    later = ints(4)
+    return {
+        "typed": ints(3)._typed_storage(),
+        "half": ints(5, torch.float16)._typed_storage(),
+        "bools": torch.tensor([True, False, True])._typed_storage(),
+        "first": shared._typed_storage(),
+        "view": shared[1:],
+        "t": later[2:],
+        "after": later._typed_storage(),
+    }
+
+
 def _whole_module() -> Any:
     return tiny_net()
 
@@ -524,6 +541,10 @@ def _cases() -> dict[str, Case]:
         cases.append(Case(f"legacy-p{p}-weights", _weights_mix, zip=False, protocol=p))
         if p != 2:
             cases.append(Case(f"zip-p{p}", _legacy_mix, protocol=p, user_classes=True))
+            cases.append(Case(f"storage-direct-p{p}", _storage_direct, protocol=p))
+        cases.append(
+            Case(f"storage-direct-legacy-p{p}", _storage_direct_legacy, zip=False, protocol=p)
+        )
     return {c.name: c for c in cases}
 
 
