@@ -279,6 +279,13 @@ def _chosen_tensors(
                 )
             tensors[name] = v
     if not tensors:
+        parts = [item for item in left_out if item.reason == COMPOSITE_TENSOR]
+        if parts:  # only sparse, nested or subclass tensors: say which
+            raise CheckpointError(
+                src,
+                f"holds no tensors safetensors can store: {parts[0].name!r} is "
+                + parts[0].description,
+            )
         raise CheckpointError(src, "holds no tensors to write")
     return chosen, tensors, left_out
 

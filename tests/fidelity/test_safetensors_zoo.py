@@ -75,12 +75,11 @@ def _written(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(zoo.CASES))
-def test_zoo_case_to_safetensors_equals_torch(name: str, tmp_path: Path) -> None:
+def _judge(name: str, tmp_path: Path, *, all_tensors: bool) -> None:
     src = zoo.write(zoo.CASES[name], str(tmp_path))
     out = str(tmp_path / "out.safetensors")
     try:
-        ckpttool.to_safetensors(src, out, all_tensors=True)
+        ckpttool.to_safetensors(src, out, all_tensors=all_tensors)
     except CheckpointError as exc:
         line = str(exc)
         assert "\n" not in line and "corrupt" not in line, line
@@ -91,6 +90,20 @@ def test_zoo_case_to_safetensors_equals_torch(name: str, tmp_path: Path) -> None
     wanted = {_key(t) for t in want}
     for tname, t in got.items():
         assert _key(t) in wanted, f"{name}: {tname!r} is not a tensor torch loads from the input"
+    if not all_tensors:  # one state dict: the rest is left out on purpose
+        return
     written = {_key(t) for t in got.values()}
     missing = [t for t in want if _key(t) not in written]
     assert not missing, f"{name}: {len(missing)} tensors torch loads were not written"
+
+
+@pytest.mark.parametrize("name", sorted(zoo.CASES))
+def test_zoo_case_to_safetensors_equals_torch(name: str, tmp_path: Path) -> None:
+    _judge(name, tmp_path, all_tensors=True)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.CASES))
+def test_zoo_case_state_dict_to_safetensors_is_torchs(name: str, tmp_path: Path) -> None:
+    """Without ``--all``: the state dict found holds tensors torch loads (not the parts of a
+    sparse, nested or subclass tensor, such as a jagged tensor's cached max/min lengths)."""
+    _judge(name, tmp_path, all_tensors=False)

@@ -262,6 +262,11 @@ def _nested_jagged() -> dict[str, Any]:
     return {"njt": torch.nested.nested_tensor([ints(3), ints(5)], layout=torch.jagged)}
 
 
+def _nested_jagged_state_dict() -> dict[str, Any]:
+    njt = torch.nested.nested_tensor([ints(3), ints(5)], layout=torch.jagged)
+    return {"model": {"w": ints(2), "njt": njt}}
+
+
 def _meta() -> dict[str, Any]:
     return {
         "m": torch.empty(2, 3, device="meta"),
@@ -512,6 +517,7 @@ def _cases() -> dict[str, Case]:
         Case("sparse", _sparse),
         Case("nested-strided", _nested_strided),
         Case("nested-jagged", _nested_jagged),
+        Case("nested-jagged-state-dict", _nested_jagged_state_dict),
         Case("meta", _meta),
         Case("dtensor", _dtensor, context=_gloo),
         Case("subclass-attrs", _subclass_attrs, user_classes=True),
