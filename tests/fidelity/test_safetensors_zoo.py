@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +26,6 @@ STORABLE = {
     torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
     torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
 }  # fmt: skip
-
-
-def _tensors(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from what torch loaded (containers, stand-ins' records)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(k, seen)
-            yield from _tensors(v, seen)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            yield from _tensors(v, seen)
-    elif hasattr(obj, "__dict__"):
-        yield from _tensors(vars(obj), seen)
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -85,7 +64,7 @@ def _judge(name: str, tmp_path: Path, *, all_tensors: bool) -> None:
         assert "\n" not in line and "corrupt" not in line, line
         assert not os.path.exists(out)
         return
-    want = [t for t in _tensors(compare.load(src)) if _plain(t)]
+    want = [t for t in compare.tensors_in(compare.load(src)) if _plain(t)]
     got = _written(out)
     wanted = {_key(t) for t in want}
     for tname, t in got.items():
