@@ -186,6 +186,16 @@ def _dtypes_case(legacy: bool = False) -> dict[str, Any]:
     return out
 
 
+def _safetensors_dtypes() -> dict[str, Any]:
+    """Every dtype safetensors 0.8 has a code for (the float8 kinds, complex64 included)."""
+    names = [
+        "float64", "float32", "float16", "bfloat16", "complex64", "int8", "int16", "int32",
+        "int64", "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2",
+        "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    ]  # fmt: skip
+    return {n: dtype_tensor(getattr(torch, n)) for n in names if hasattr(torch, n)}
+
+
 # -- views, bits, exotic tensors --------------------------------------------------------------
 def _views(same_dtype: bool = False) -> dict[str, Any]:
     base = ints(24).reshape(4, 6)
@@ -508,6 +518,7 @@ def _cases() -> dict[str, Case]:
     cases = [
         Case("dtypes", _dtypes_case),
         Case("dtypes-legacy", lambda: _dtypes_case(legacy=True), zip=False),
+        Case("safetensors-dtypes", _safetensors_dtypes),
         Case("views", _views),
         Case("views-legacy", lambda: _views(same_dtype=True), zip=False),
         Case("conj", _conj),
