@@ -29,13 +29,14 @@ STORABLE = {
 
 
 def _plain(t: torch.Tensor) -> bool:
-    """A tensor safetensors can hold: strided, dense, CPU-loadable, of a storable dtype."""
+    """A tensor safetensors can hold: strided, dense, CPU-loadable, of a storable dtype (a
+    subclass of a user's, such as ``__main__.MyTensor``, holds such a tensor's data)."""
     return (
         t.layout == torch.strided
         and not t.is_quantized
         and not t.is_meta
         and not t.is_nested
-        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and (type(t) in (torch.Tensor, torch.nn.Parameter) or hasattr(type(t), "__standin__"))
         and t.dtype in STORABLE
     )
 

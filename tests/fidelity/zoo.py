@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import tempfile
 import uuid
 import warnings
@@ -125,6 +126,14 @@ class DictSub(dict):  # type: ignore[type-arg]
 
 class Tagged(torch.Tensor):
     """A tensor subclass (pickled through ``_rebuild_from_type_v2``)."""
+
+
+class MainTensor(torch.Tensor):
+    """A tensor subclass as a script defines it: pickled as ``__main__.MyTensor``."""
+
+
+MainTensor.__module__ = "__main__"
+MainTensor.__name__ = MainTensor.__qualname__ = "MyTensor"
 
 
 # -- building blocks --------------------------------------------------------------------------
@@ -502,6 +511,19 @@ def _inst_obj(path: str) -> None:
         f.write(head + body + pickle.dumps([], protocol=2))
 
 
+def _main_subclass(path: str) -> None:
+    """A tensor subclass saved from a script (``__main__.MyTensor``, with an attribute): the
+    class stands in ``__main__`` only while torch.save runs, as it would in that script."""
+    main = sys.modules["__main__"]
+    main.MyTensor = MainTensor  # type: ignore[attr-defined]
+    try:
+        t = ints(3).as_subclass(MainTensor)
+        t.note = "x"  # type: ignore[attr-defined]
+        torch.save({"t": t, "plain": ints(2)}, path)
+    finally:
+        delattr(main, "MyTensor")
+
+
 # -- the registry -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -512,6 +534,7 @@ class Case:
     raw: Callable[[str], None] | None = None
     context: Callable[[], contextlib.AbstractContextManager[None]] | None = None
     user_classes: bool = False  # pickles classes of this module (whole modules, dataclasses)
+    importable: bool = True  # its classes import in the test process (not __main__'s)
 
 
 def _cases() -> dict[str, Case]:
@@ -552,6 +575,7 @@ def _cases() -> dict[str, Case]:
         Case("cuda-tagged-legacy", _tagged_legacy, zip=False, context=_on_cuda0),
         Case("whole-module-p4", _whole_module, protocol=4, user_classes=True),
         Case("inst-obj-legacy", None, raw=_inst_obj, user_classes=True),
+        Case("main-subclass", None, raw=_main_subclass, user_classes=True, importable=False),
     ]
     for p in (1, 2, 3, 4, 5):
         cases.append(Case(f"legacy-p{p}", _legacy_mix, zip=False, protocol=p, user_classes=True))
