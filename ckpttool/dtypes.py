@@ -12,6 +12,9 @@ class DType:
     safetensors: str | None  # safetensors' code (e.g. "F16"), None if it has none
     is_floating: bool = False
     is_quantized: bool = False
+    # the first safetensors release that reads ``safetensors`` ("" : every release ckpttool
+    # supports, >= 0.4.3); an older reader refuses the whole file
+    safetensors_since: str = ""
 
 
 _TABLE = [
@@ -21,12 +24,12 @@ _TABLE = [
     DType("bfloat16", 2, "BF16", True),
     DType("float8_e4m3fn", 1, "F8_E4M3", True),
     DType("float8_e5m2", 1, "F8_E5M2", True),
-    DType("float8_e4m3fnuz", 1, "F8_E4M3FNUZ", True),
-    DType("float8_e5m2fnuz", 1, "F8_E5M2FNUZ", True),
-    DType("float8_e8m0fnu", 1, "F8_E8M0", True),
+    DType("float8_e4m3fnuz", 1, "F8_E4M3FNUZ", True, safetensors_since="0.8.0"),
+    DType("float8_e5m2fnuz", 1, "F8_E5M2FNUZ", True, safetensors_since="0.8.0"),
+    DType("float8_e8m0fnu", 1, "F8_E8M0", True, safetensors_since="0.6.0"),
     DType("float4_e2m1fn_x2", 1, None, True),
     DType("complex128", 16, None),  # safetensors 0.8 has no complex128 (C128 is not a code)
-    DType("complex64", 8, "C64"),
+    DType("complex64", 8, "C64", safetensors_since="0.7.0"),
     DType("complex32", 4, None),
     DType("int64", 8, "I64"),
     DType("int32", 4, "I32"),

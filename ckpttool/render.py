@@ -165,14 +165,28 @@ def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
     lines.append(f"- everything: {e['tensors']:,} tensors, {human_bytes(e['bytes'])}")
 
 
+def _tensor_size(row: dict[str, Any]) -> str:
+    """torch's ``Tensor.nbytes``; for quint4x2/quint2x4, which torch counts a byte per element,
+    also the bytes their packed values take."""
+    from .model import PACKED
+
+    per = PACKED.get(row["dtype"])
+    if per is None or row["shape"] is None:
+        return human_bytes(row["nbytes"])
+    numel = 1
+    for n in row["shape"]:
+        numel *= n
+    return f"{human_bytes(row['nbytes'])} ({human_bytes(-(-numel // per))} packed)"
+
+
 def tensors_table(report: dict[str, Any], fmt: str = "simple") -> str:
     rows = [
         [
             escape(t["name"]),
             t["dtype"],
-            "[" + ", ".join(map(str, t["shape"])) + "]",
+            "[" + ", ".join(map(str, t["shape"])) + "]" if t["shape"] is not None else "?",
             escape(t["device"]) or "-",
-            human_bytes(t["nbytes"]),
+            _tensor_size(t),
             ", ".join(escape(n) for n in t["shared_with"]) or "",
         ]
         for t in report["tensors"]

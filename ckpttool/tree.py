@@ -10,6 +10,25 @@ from .nodes import Opaque, TensorRef
 _FROM_TYPE = "torch._tensor._rebuild_from_type_v2"
 # nn.Module attributes whose contents appear in state_dict() without the attribute's own name.
 _TRANSPARENT_ATTRS = frozenset({"_parameters", "_buffers", "_modules"})
+# Rebuilds of tensors that are not one strided view of one storage: their inner tensors (indices,
+# values, offsets, a jagged tensor's cached max/min sequence lengths, a DTensor's local shard)
+# are parts, not tensors of the model.
+COMPOSITE_REBUILDS = frozenset(
+    (
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_sparse_csr_tensor",
+        "torch._utils._rebuild_nested_tensor",
+        "torch._utils._rebuild_wrapper_subclass",
+        _FROM_TYPE,  # left opaque: a subclass ckpttool does not model (DTensor, jagged)
+        "torch.nested._internal.nested_tensor._rebuild_njt",
+    )
+)
+
+
+def is_composite(node: Any) -> bool:
+    """A sparse, nested or subclass tensor kept as the pickle built it (see
+    ``COMPOSITE_REBUILDS``): one tensor of the model, made of parts."""
+    return isinstance(node, Opaque) and node.global_name in COMPOSITE_REBUILDS
 
 
 def key_str(key: Any) -> str:

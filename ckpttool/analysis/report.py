@@ -10,10 +10,11 @@ from collections import defaultdict
 from typing import Any
 
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
-from ..tree import alias_names, aliases, children, walk
+from ..tree import alias_names, aliases, children
 from ..unpickling.policy import classify
 from .describe import describe
 from .fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
+from .meta_tensors import meta_tensors
 from .state_dicts import find_state_dicts
 
 SCHEMA = 1
@@ -50,12 +51,22 @@ def _tensor_rows(
     shared: dict[int, list[str]],
     pairs: list[tuple[str, str]],
     tensor_filter: str | None,
+    meta: list[tuple[int, dict[str, Any]]],
 ) -> list[dict[str, Any]]:
+    """One row per tensor in document order, meta tensors (``meta``: rows by the number of
+    stored tensors before them) among them. ``nbytes`` is torch's ``Tensor.nbytes``: elements
+    times element size (quint4x2/quint2x4 count one byte per element, though their storage
+    packs 2 or 4 in a byte; the dtypes and devices tables count storage bytes)."""
     also, _more = alias_names([t.name for t in tensors], pairs) if pairs else ({}, False)
     rows = []
-    for i, t in enumerate(tensors):
-        if tensor_filter and not fnmatch.fnmatchcase(t.name, tensor_filter):
-            continue
+    pending = iter(meta)
+    nxt = next(pending, None)
+    for i, t in enumerate([*tensors, None]):
+        while nxt is not None and (t is None or nxt[0] <= i):
+            rows.append(nxt[1])
+            nxt = next(pending, None)
+        if t is None:
+            break
         rows.append(
             {
                 "name": t.name,
@@ -64,13 +75,15 @@ def _tensor_rows(
                 "stride": list(t.stride),
                 "storage_offset": t.storage_offset,
                 "device": t.device,
-                "nbytes": t.nbytes,
+                "nbytes": t.numel * t.ref.itemsize,
                 "storage": t.storage.key if t.storage else None,
                 "kind": t.kind,
                 "shared_with": shared.get(i, []),
                 "aliases": also.get(t.name, []),  # the same tensor reached by other paths
             }
         )
+    if tensor_filter:
+        rows = [r for r in rows if fnmatch.fnmatchcase(r["name"], tensor_filter)]
     return rows
 
 
@@ -154,6 +167,7 @@ def _parameters(tensors: list[TensorInfo], sds: list[Any]) -> int:
 def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, Any]:
     """The inspect report of ``ckpt`` (JSON-ready; its ``warnings`` are :class:`Finding`)."""
     tensors = ckpt.tensors()
+    meta = meta_tensors(ckpt.root)
     shared = _shared_groups(tensors)
     storages = list(ckpt.storages.values())
     sds = find_state_dicts(ckpt.root)
@@ -180,58 +194,25 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "verdict": _verdict(ckpt),
         "shared": _shared_summary(tensors, shared),
         "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
-        "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter),
+        "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter, meta),
     }
     from ..readers.distributed import describe_distributed
 
     distributed = describe_distributed(ckpt)
     if distributed is not None:  # a folder of shards (DCP, DeepSpeed): its layout
         report["distributed"] = _jsonable(distributed)
-    meta = _meta_tensors(ckpt.root)
     if meta:
-        report["meta_tensors"] = meta
+        report["meta_tensors"] = [
+            {k: row[k] for k in ("name", "dtype", "shape", "kind")} for _, row in meta
+        ]
     report["warnings"] = warnings(report)
     return report
-
-
-_META = "torch._utils._rebuild_meta_tensor_no_storage"
-_PARAMETER_CALLS = ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state")
 
 
 def _meta_warning(meta: list[dict[str, Any]]) -> str:
     names = ", ".join(m["name"] for m in meta[:3]) + (" and more" if len(meta) > 3 else "")
     many = "s" if len(meta) != 1 else ""
     return f"{len(meta)} tensor{many} saved from the meta device ({names}): dtype and shape only"
-
-
-def _meta_tensors(root: Any) -> list[dict[str, Any]]:
-    """Tensors saved from the meta device (dtype and shape, no storage): kept by ckpttool as
-    the rebuild calls torch wrote, listed here so that inspect shows them."""
-    from ..unpickling.unpickler import global_name
-
-    out: list[dict[str, Any]] = []
-    params: set[str] = set()
-    for path, node in walk(root):
-        if not isinstance(node, Opaque):
-            continue
-        if node.global_name in _PARAMETER_CALLS:
-            params.add(path)
-        if node.global_name != _META or len(node.args) < 3:
-            continue
-        dtype, size = node.args[0], node.args[1]
-        if isinstance(size, Opaque) and size.args:  # torch.Size((2, 3))
-            size = size.args[0]
-        owner = path.removesuffix(".__args__.0")
-        name = owner if owner in params else path
-        out.append(
-            {
-                "name": name,
-                "dtype": (global_name(dtype) or "?").removeprefix("torch."),
-                "shape": list(size) if isinstance(size, (tuple, list)) else None,
-                "kind": "parameter" if name != path else "tensor",
-            }
-        )
-    return out
 
 
 def _shared_summary(tensors: list[TensorInfo], shared: dict[int, list[str]]) -> list[list[str]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model import Opaque, TensorRef
-from ..tree import walk
+from ..tree import is_composite, walk
 
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning's
 # LightningModule holding `self.model`, Fabric, FSDP.
@@ -38,14 +38,15 @@ class StateDictInfo:
 
 
 def is_state_dict(node: Any) -> bool:
-    """A mapping of string keys whose values are tensors (None allowed, as for missing buffers)."""
+    """A mapping of string keys whose values are tensors (None allowed, as for missing buffers;
+    sparse, nested and subclass tensors count as tensors)."""
     if not isinstance(node, dict) or isinstance(node, Opaque) or not node:
         return False
     has_tensor = False
     for k, v in node.items():
         if not isinstance(k, str):
             return False
-        if isinstance(v, TensorRef):
+        if isinstance(v, TensorRef) or is_composite(v):
             has_tensor = True
         elif v is not None:
             return False
@@ -77,17 +78,18 @@ def _is_module(node: Any) -> bool:
 
 
 def find_state_dicts(root: Any) -> list[StateDictInfo]:
-    """State dicts in the tree, outermost first, not entering one found already."""
+    """State dicts in the tree, outermost first, not entering one found already, nor a sparse,
+    nested or subclass tensor (a jagged tensor's ``_metadata_cache`` is not a state dict)."""
     found: list[StateDictInfo] = []
     taken: list[str] = []
-    for path, node in walk(root):
+    for path, node in walk(root, enter=lambda v: not is_composite(v)):
         if any(path == t or path.startswith(t + ".") for t in taken if t or path):
             continue
         if _under_optimizer(path) or _is_param_state(node):
             continue  # optimizer.state.0 = {exp_avg: T, ...} is per-parameter state
         if is_state_dict(node):
             keys = tuple(node.keys())
-            n = sum(1 for v in node.values() if isinstance(v, TensorRef))
+            n = sum(1 for v in node.values() if isinstance(v, TensorRef) or is_composite(v))
             found.append(StateDictInfo(path, n, detect_prefix(keys), keys, node=node))
             taken.append(path)
         elif _is_module(node):

@@ -18,13 +18,13 @@ from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from ..tree import KEEP, get_path, transform, walk
-from ..unpickling.policy import TORCH_ALLOWED, check_writable
+from ..unpickling.policy import check_writable
 from ..unpickling.unpickler import StorageValue
 from ..writers.atomic import atomic_file
-from ..writers.pt import StoragePlan, verify_pt, write_pt
-from ..writers.pt_pickle import OutStorage
+from ..writers.pt import StoragePlan, pickle_for, verify_pt, write_pt
+from ..writers.pt_pickle import OutStorage, Pickled
 from .keys import KeyCollisionError, KeyOps
-from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
+from .plain import MemoryStorage, judge_weights_only, make_plain
 from .prepare import cast_targets, check_cast, key_ops, open_source
 
 Progress = Callable[[int], None]
@@ -48,8 +48,12 @@ class ConvertResult:
     replaced: list[str] = field(default_factory=list)  # plain-object replacements
     cast: int = 0  # storages cast to another dtype
     notes: list[str] = field(default_factory=list)
-    # globals the output still pickles that torch.load(weights_only=True) refuses
+    # globals the output pickles that torch.load(weights_only=True) refuses, from the pickle
+    # written (its default allowlist, torch 2.13)
     unsafe_globals: list[str] = field(default_factory=list)
+    # whether torch.load(weights_only=True) opens the output, judged from the globals the
+    # written pickle names and its protocol
+    weights_only: bool = False
     verified: bool = False
     # what verification checked (empty when it was skipped): the output is re-read by
     # ckpttool's own reader, not loaded with torch
@@ -107,38 +111,6 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
     return transform(root, lambda n: replacements.get(id(n), KEEP))
 
 
-def _make_plain(path: str, root: Any, result: ConvertResult, made: dict[str, MemoryStorage]) -> Any:
-    failures: list[str] = []
-
-    def replace(node: Any) -> Any:
-        if needs_plain(node):
-            try:
-                value = plain_equivalent(node, made)
-            except NotPlain as exc:
-                failures.append(str(exc))
-                return KEEP
-            kind = type(value).__name__ if not isinstance(value, TensorRef) else "tensor"
-            result.replaced.append(f"{node.global_name} -> {kind}")
-            # Children of a replaced value may hold placeholders too.
-            return transform(value, replace) if isinstance(value, (dict, list)) else value
-        return KEEP
-
-    new_root = transform(root, replace)
-    if failures:
-        raise CheckpointError(path, f"cannot replace objects by plain equivalents: {failures[0]}")
-    return new_root
-
-
-def _remaining_globals(root: Any) -> list[str]:
-    names: dict[str, None] = {}
-    for _, node in walk(root):
-        if isinstance(node, Opaque) and node.global_name not in TORCH_ALLOWED:
-            names[node.global_name] = None
-        elif isinstance(node, type) and issubclass(node, Opaque):
-            names[node.__ck_global__] = None
-    return list(names)
-
-
 def plan_storages(
     root: Any, cast: str | None, memory: dict[str, MemoryStorage] | None = None
 ) -> StoragePlan:
@@ -191,6 +163,30 @@ def plan_storages(
     return StoragePlan(outs, storage_of, dtype_of, named, {} if memory is None else memory)
 
 
+def _pickle_checked(
+    src: str,
+    ckpt: Checkpoint,
+    root: Any,
+    plan: StoragePlan,
+    result: ConvertResult,
+    plain_objects: bool,
+    allow_user_classes: bool,
+) -> Pickled:
+    """The output's pickle, once the globals it names may be written; records whether
+    ``torch.load(weights_only=True)`` opens it (with ``plain_objects``, it must)."""
+    pickled = pickle_for(root, plan)
+    judged = judge_weights_only(pickled)
+    result.unsafe_globals, result.weights_only = judged.refused, judged.loadable
+    check_writable(src, ckpt.verdict, judged.refused, allow_user_classes=allow_user_classes)
+    if plain_objects and not judged.loadable:
+        raise CheckpointError(
+            src,
+            "cannot replace objects by plain equivalents: torch.load(weights_only=True) would "
+            f"still refuse the output ({judged.why()})",
+        )
+    return pickled
+
+
 # -- the command -----------------------------------------------------------------------------
 def convert(
     src: str | os.PathLike[str],
@@ -234,17 +230,16 @@ def convert(
     root = _rename(src, root, ops, key, result)
     memory: dict[str, MemoryStorage] = {}
     if plain_objects:
-        root = _make_plain(src, root, result, memory)
-    result.unsafe_globals = _remaining_globals(root)
-    check_writable(src, ckpt.verdict, result.unsafe_globals, allow_user_classes=allow_user_classes)
+        root, result.replaced = make_plain(src, root, memory)
     plan = plan_storages(root, dtype, memory)
+    pickled = _pickle_checked(src, ckpt, root, plan, result, plain_objects, allow_user_classes)
     result.tensors = len(plan.named)
     result.storages = len(plan.outs)
     result.bytes = sum(o.nbytes for o in plan.outs)
     result.cast = sum(1 for o in plan.outs if o.source and o.dtype != o.source.dtype)
     cb = progress(result.bytes) if progress else None
     with atomic_file(dst) as tmp:
-        write_pt(tmp, root, plan, cb, check_copies=verify)
+        write_pt(tmp, pickled.data, plan, cb, check_copies=verify)
         if verify:
             verify_pt(tmp, plan)
             result.verified = True

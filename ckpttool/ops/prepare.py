@@ -15,9 +15,9 @@ from typing import Any, cast
 from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
-from ..model import Checkpoint, Opaque, TensorRef
+from ..model import Checkpoint, TensorRef
 from ..readers import open_checkpoint
-from ..tree import iter_tensors, walk
+from ..tree import is_composite, iter_tensors, walk
 from ..unpickling.policy import refuse_dangerous
 from ..writers.atomic import check_target
 from .keys import CAST_DTYPES, KeyOps
@@ -94,31 +94,13 @@ def cast_targets(chosen: Any) -> set[int]:
     return {id(ref) for ref in refs if dtypes.get(ref.dtype).is_floating}
 
 
-# Rebuilds of tensors that are not one strided view of one storage: their inner tensors (indices,
-# values, offsets, a DTensor's local shard) are parts, not tensors of the model.
-_COMPOSITE = frozenset(
-    (
-        "torch._utils._rebuild_sparse_tensor",
-        "torch._utils._rebuild_sparse_csr_tensor",
-        "torch._utils._rebuild_nested_tensor",
-        "torch._utils._rebuild_wrapper_subclass",
-        "torch._tensor._rebuild_from_type_v2",  # left opaque: a subclass ckpttool does not model
-        "torch.nested._internal.nested_tensor._rebuild_njt",
-    )
-)
-
-
-def _composite(value: Any) -> bool:
-    return isinstance(value, Opaque) and value.global_name in _COMPOSITE
-
-
 def dense_entries(node: Any) -> list[tuple[str, Any]]:
     """``(name, tensor)`` for every plain tensor under ``node``, and ``(name, COMPOSITE_TENSOR)``
     for each sparse, nested or subclass tensor, whose parts are not written."""
     return [
-        (path, COMPOSITE_TENSOR if _composite(value) else value)
-        for path, value in walk(node, enter=lambda v: not _composite(v))
-        if isinstance(value, TensorRef) or _composite(value)
+        (path, COMPOSITE_TENSOR if is_composite(value) else value)
+        for path, value in walk(node, enter=lambda v: not is_composite(v))
+        if isinstance(value, TensorRef) or is_composite(value)
     ]
 
 

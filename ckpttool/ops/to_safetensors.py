@@ -24,7 +24,7 @@ from ..writers import copy as bytecopy
 from ..writers import numeric
 from ..writers.atomic import atomic_file
 from ..writers.numeric import has_view_bits
-from ..writers.safetensors import Item, assign_shards, verify_file, write_file
+from ..writers.safetensors import Item, assign_shards, reader_notes, verify_file, write_file
 from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .left_out import (
@@ -54,6 +54,9 @@ class SafetensorsResult:
     left_out: list[LeftOut] = field(default_factory=list)
     renamed: int = 0
     verified: bool = False
+    # what a reader of the output should know: dtypes whose safetensors code only newer
+    # safetensors releases read (an older one refuses the whole file)
+    notes: list[str] = field(default_factory=list)
 
 
 # -- choosing the tensors -----------------------------------------------------------------
@@ -228,6 +231,7 @@ def to_safetensors(
     result = SafetensorsResult(
         src, dst, len(items), total, [], aliases, meta, left_out + left, renamed
     )
+    result.notes = reader_notes(items)
     cb = progress(total) if progress else None
     shards = None
     if shard_limit is not None:
@@ -279,6 +283,13 @@ def _chosen_tensors(
                 )
             tensors[name] = v
     if not tensors:
+        parts = [item for item in left_out if item.reason == COMPOSITE_TENSOR]
+        if parts:  # only sparse, nested or subclass tensors: say which
+            raise CheckpointError(
+                src,
+                f"holds no tensors safetensors can store: {parts[0].name!r} is "
+                + parts[0].description,
+            )
         raise CheckpointError(src, "holds no tensors to write")
     return chosen, tensors, left_out
 

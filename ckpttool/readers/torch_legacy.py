@@ -9,8 +9,9 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
+from ..tree import walk
 from ..unpickling.scan import check_views, unpickle
-from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
+from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType, StorageValue
 
 _MAGIC_LONG1 = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
 _MAGIC_TEXT = b"L" + str(LEGACY_MAGIC).encode() + b"L\n."  # protocols 0 and 1
@@ -54,6 +55,7 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
     for ref in unpickler.tensors:
         if ref.storage is not None:
             ref.storage = storages[ref.storage.key]
+    _locate_saved_storages(root, storages)
     check_views(path, unpickler.tensors)
     facts: dict[str, Any] = {
         "protocol_version": protocol,
@@ -71,6 +73,15 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
         globals=list(seen),
         facts=facts,
     )
+
+
+def _locate_saved_storages(root: Any, storages: dict[str, StorageInfo]) -> None:
+    """Point each storage saved directly (``torch.save({"s": t.untyped_storage()})``) at its
+    located record, as the tensors are: until then it holds the placeholder, whose offset is
+    unknown (-1), and a writer would copy its bytes from there."""
+    for _, node in walk(root):
+        if isinstance(node, StorageValue):
+            node.base = storages[node.base.key]
 
 
 class _Declared:

@@ -19,7 +19,7 @@ from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .crc import crc32
-from .pt_pickle import OutStorage, dumps
+from .pt_pickle import OutStorage, Pickled, pickle_tree
 from .zipwriter import ZipWriter, add_torch_header
 
 Progress = Callable[[int], None]
@@ -76,24 +76,29 @@ class StoragePlan:
     memory: dict[str, MemoryStorage] = field(default_factory=dict)  # made in memory, by key
 
 
+def pickle_for(root: Any, plan: StoragePlan) -> Pickled:
+    """The pickle of the tree ``plan`` was made from, as :func:`write_pt` writes it."""
+    try:
+        return pickle_tree(root, plan.storage_of, plan.dtype_of)
+    except RecursionError:
+        raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
+
+
 def write_pt(
     dst_tmp: str,
-    root: Any,
+    pkl: bytes,
     plan: StoragePlan,
     progress: Progress | None,
     *,
     check_copies: bool = True,
     archive: str = "archive",
 ) -> dict[str, int]:
-    """Write the torch zip file; return each storage key's data offset in it.
+    """Write the torch zip file holding the pickle ``pkl`` (:func:`pickle_for`); return each
+    storage key's data offset in it.
 
     Verbatim copies get their CRC-32 by reading the output back (``check_copies``, which also
     proves the copy), or from the input's zip record when that is skipped.
     """
-    try:
-        pkl = dumps(root, plan.storage_of, plan.dtype_of)
-    except RecursionError:
-        raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
     sources = bytecopy.Sources()
     background = bytecopy.Background()
     fd = os.open(dst_tmp, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close

@@ -121,6 +121,7 @@ class TreePickler(_PurePickler):
         self._storage_of = storage_of  # id(TensorRef) -> its output storage
         self._dtype_of = dtype_of  # id(TensorRef) -> its output dtype
         self._storage_refs: dict[int, _StorageRef] = {}
+        self.written_globals: dict[str, None] = {}  # every global written, in order
 
     dispatch = _PurePickler.dispatch.copy()
 
@@ -238,6 +239,7 @@ class TreePickler(_PurePickler):
             module, _, attr = full.rpartition(".")
         if "\n" in module + attr or not module or not attr:
             raise pickle.PicklingError(f"invalid global name {module}.{attr!r}")
+        self.written_globals[f"{module}.{attr}"] = None
         if self.proto >= 4:
             self.save(module)
             self.save(attr)
@@ -262,7 +264,16 @@ class TreePickler(_PurePickler):
     del _t
 
 
-def dumps(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]) -> bytes:
+@dataclass(frozen=True)
+class Pickled:
+    """A tree's pickle, the protocol it needed and every global it names (in order)."""
+
+    data: bytes
+    protocol: int
+    globals: list[str]
+
+
+def pickle_tree(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]) -> Pickled:
     """The pickle of ``root`` at protocol 2 (as torch.save writes it), or at protocol 4 when
     the tree holds what only protocol 4 can write."""
     limit = sys.getrecursionlimit()
@@ -270,11 +281,17 @@ def dumps(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]
     try:
         for protocol in (2, 4):
             buf = io.BytesIO()
+            pickler = TreePickler(buf, storage_of, dtype_of, protocol)
             try:
-                TreePickler(buf, storage_of, dtype_of, protocol).dump(root)
+                pickler.dump(root)
             except NeedsProtocol4:
                 continue
-            return buf.getvalue()
+            return Pickled(buf.getvalue(), protocol, list(pickler.written_globals))
         raise AssertionError("protocol 4 writes everything")
     finally:
         sys.setrecursionlimit(limit)
+
+
+def dumps(root: Any, storage_of: dict[int, OutStorage], dtype_of: dict[int, str]) -> bytes:
+    """The bytes of :func:`pickle_tree`."""
+    return pickle_tree(root, storage_of, dtype_of).data

@@ -56,6 +56,20 @@ def header_bytes(items: list[Item], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def reader_notes(items: list[Item]) -> list[str]:
+    """For each dtype written whose safetensors code only newer safetensors releases read
+    (``F8_E4M3FNUZ``: 0.8.0), what to tell the reader."""
+    notes = []
+    for name in dict.fromkeys(it.dtype for it in items):
+        info = dtypes.get(name)
+        if info.safetensors_since:
+            notes.append(
+                f"{name} is stored as {info.safetensors}, which safetensors reads from "
+                f"{info.safetensors_since} on (an older reader refuses the whole file)"
+            )
+    return notes
+
+
 def write_tensor(
     it: Item,
     sources: bytecopy.Sources,

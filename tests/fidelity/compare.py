@@ -19,6 +19,7 @@ import struct
 import types
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -351,6 +352,27 @@ class _Canon:
         return ("object", name, state)
 
 
+def tensors_in(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from what torch loaded (containers, stand-ins' records), each
+    once; a tensor's own parts (a nested tensor's values, a DTensor's shard) are not entered."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors_in(k, seen)
+            yield from tensors_in(v, seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from tensors_in(v, seen)
+    elif hasattr(obj, "__dict__"):
+        yield from tensors_in(vars(obj), seen)
+
+
 def canon(obj: Any) -> Any:
     """The canonical, comparable form of a loaded object graph."""
     return _Canon().go(obj)
@@ -388,4 +410,14 @@ def same_real(path_a: str, path_b: str) -> str | None:
     return first_diff(canon(load_real(path_a)), canon(load_real(path_b)))
 
 
-__all__ = ["OrderedDict", "canon", "first_diff", "io", "load", "load_real", "same", "same_real"]
+__all__ = [
+    "OrderedDict",
+    "canon",
+    "first_diff",
+    "io",
+    "load",
+    "load_real",
+    "same",
+    "same_real",
+    "tensors_in",
+]

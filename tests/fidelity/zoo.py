@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import tempfile
 import uuid
 import warnings
@@ -127,6 +128,14 @@ class Tagged(torch.Tensor):
     """A tensor subclass (pickled through ``_rebuild_from_type_v2``)."""
 
 
+class MainTensor(torch.Tensor):
+    """A tensor subclass as a script defines it: pickled as ``__main__.MyTensor``."""
+
+
+MainTensor.__module__ = "__main__"
+MainTensor.__name__ = MainTensor.__qualname__ = "MyTensor"
+
+
 # -- building blocks --------------------------------------------------------------------------
 def ints(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.arange(n).to(dtype)
@@ -184,6 +193,16 @@ def _dtypes_case(legacy: bool = False) -> dict[str, Any]:
             continue
         out[name] = t
     return out
+
+
+def _safetensors_dtypes() -> dict[str, Any]:
+    """Every dtype safetensors 0.8 has a code for (the float8 kinds, complex64 included)."""
+    names = [
+        "float64", "float32", "float16", "bfloat16", "complex64", "int8", "int16", "int32",
+        "int64", "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2",
+        "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    ]  # fmt: skip
+    return {n: dtype_tensor(getattr(torch, n)) for n in names if hasattr(torch, n)}
 
 
 # -- views, bits, exotic tensors --------------------------------------------------------------
@@ -260,6 +279,11 @@ def _nested_strided() -> dict[str, Any]:
 
 def _nested_jagged() -> dict[str, Any]:
     return {"njt": torch.nested.nested_tensor([ints(3), ints(5)], layout=torch.jagged)}
+
+
+def _nested_jagged_state_dict() -> dict[str, Any]:
+    njt = torch.nested.nested_tensor([ints(3), ints(5)], layout=torch.jagged)
+    return {"model": {"w": ints(2), "njt": njt}}
 
 
 def _meta() -> dict[str, Any]:
@@ -427,6 +451,23 @@ def _storage_direct() -> dict[str, Any]:
     return {"s": t.untyped_storage(), "typed": ints(3)._typed_storage(), "t": t}
 
 
+def _storage_direct_legacy() -> dict[str, Any]:
+    """Typed storages saved on their own, one before and one after a tensor that shares it
+    (torch cannot load an untyped storage from the legacy format: it looks up a dtype on the
+    UntypedStorage class)."""
+    shared = torch.arange(5)
+    later = ints(4)
+    return {
+        "typed": ints(3)._typed_storage(),
+        "half": ints(5, torch.float16)._typed_storage(),
+        "bools": torch.tensor([True, False, True])._typed_storage(),
+        "first": shared._typed_storage(),
+        "view": shared[1:],
+        "t": later[2:],
+        "after": later._typed_storage(),
+    }
+
+
 def _whole_module() -> Any:
     return tiny_net()
 
@@ -470,6 +511,19 @@ def _inst_obj(path: str) -> None:
         f.write(head + body + pickle.dumps([], protocol=2))
 
 
+def _main_subclass(path: str) -> None:
+    """A tensor subclass saved from a script (``__main__.MyTensor``, with an attribute): the
+    class stands in ``__main__`` only while torch.save runs, as it would in that script."""
+    main = sys.modules["__main__"]
+    main.MyTensor = MainTensor  # type: ignore[attr-defined]
+    try:
+        t = ints(3).as_subclass(MainTensor)
+        t.note = "x"  # type: ignore[attr-defined]
+        torch.save({"t": t, "plain": ints(2)}, path)
+    finally:
+        delattr(main, "MyTensor")
+
+
 # -- the registry -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -480,12 +534,14 @@ class Case:
     raw: Callable[[str], None] | None = None
     context: Callable[[], contextlib.AbstractContextManager[None]] | None = None
     user_classes: bool = False  # pickles classes of this module (whole modules, dataclasses)
+    importable: bool = True  # its classes import in the test process (not __main__'s)
 
 
 def _cases() -> dict[str, Case]:
     cases = [
         Case("dtypes", _dtypes_case),
         Case("dtypes-legacy", lambda: _dtypes_case(legacy=True), zip=False),
+        Case("safetensors-dtypes", _safetensors_dtypes),
         Case("views", _views),
         Case("views-legacy", lambda: _views(same_dtype=True), zip=False),
         Case("conj", _conj),
@@ -495,6 +551,7 @@ def _cases() -> dict[str, Case]:
         Case("sparse", _sparse),
         Case("nested-strided", _nested_strided),
         Case("nested-jagged", _nested_jagged),
+        Case("nested-jagged-state-dict", _nested_jagged_state_dict),
         Case("meta", _meta),
         Case("dtensor", _dtensor, context=_gloo),
         Case("subclass-attrs", _subclass_attrs, user_classes=True),
@@ -518,12 +575,17 @@ def _cases() -> dict[str, Case]:
         Case("cuda-tagged-legacy", _tagged_legacy, zip=False, context=_on_cuda0),
         Case("whole-module-p4", _whole_module, protocol=4, user_classes=True),
         Case("inst-obj-legacy", None, raw=_inst_obj, user_classes=True),
+        Case("main-subclass", None, raw=_main_subclass, user_classes=True, importable=False),
     ]
     for p in (1, 2, 3, 4, 5):
         cases.append(Case(f"legacy-p{p}", _legacy_mix, zip=False, protocol=p, user_classes=True))
         cases.append(Case(f"legacy-p{p}-weights", _weights_mix, zip=False, protocol=p))
         if p != 2:
             cases.append(Case(f"zip-p{p}", _legacy_mix, protocol=p, user_classes=True))
+            cases.append(Case(f"storage-direct-p{p}", _storage_direct, protocol=p))
+        cases.append(
+            Case(f"storage-direct-legacy-p{p}", _storage_direct_legacy, zip=False, protocol=p)
+        )
     return {c.name: c for c in cases}
 
 
