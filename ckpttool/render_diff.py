@@ -72,6 +72,7 @@ def diff_dict(r: DiffResult) -> dict[str, Any]:
         "entries": [{"path": e.path, "a": e.a, "b": e.b} for e in r.entries],
         "options": {"values": r.values, "atol": r.atol, "rtol": r.rtol},
         "dangerous": list(r.dangerous),
+        "notes": list(r.notes),
     }
 
 
@@ -105,6 +106,7 @@ def diff_text(r: DiffResult, fmt: str = "simple") -> str:
         f"A: {escape(r.a)} ({_scope(r.scope_a)}, {_n(len(r.tensors) + len(r.only_a), 'tensor')})",
         f"B: {escape(r.b)} ({_scope(r.scope_b)}, {_n(len(r.tensors) + len(r.only_b), 'tensor')})",
     ]
+    lines += [f"note: {escape(n)}" for n in r.notes]
     if r.alignment is not None:
         lines.append(f"keys: {escape(r.alignment.description)} (compared after aligning them)")
     for title, keys in (("only in A", r.only_a), ("only in B", r.only_b)):
@@ -206,6 +208,7 @@ def check_dict(r: CheckResult, command: str | None) -> dict[str, Any]:
         "fix_command": command,
         "after_fixes": _problems_dict(r.after_fixes),
         "dangerous": list(r.dangerous),
+        "notes": list(r.notes),
         "diagnoses": [
             {"kind": d.kind, "message": d.message, "keys": list(d.keys)} for d in r.diagnoses
         ],
@@ -232,6 +235,7 @@ def check_text(r: CheckResult, command: str | None) -> str:
     p = r.problems
     where = "" if not r.state_dict else f", state dict '{escape(r.state_dict)}'"
     lines = [f"checkpoint: {escape(r.checkpoint)}{where}", f"model:      {escape(r.against)}"]
+    lines += [f"note: {escape(n)}" for n in r.notes]
     if r.loads:
         lines.append("would load (strict=True)")
     else:

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
+from ..readers.hf_folder import note as folder_note
 from ..tree import alias_names, aliases, children, walk
 from ..unpickling.policy import classify
 from .describe import describe
@@ -178,7 +179,11 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "aliases": [{"path": a, "same_as": b} for a, b in pairs[:_MAX_ALIASES]],
         "globals": _global_rows(ckpt),
         "shared": _shared_summary(tensors, shared),
-        "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
+        "facts": _jsonable(
+            {k: v for k, v in ckpt.facts.items() if k not in ("distributed", "folder")}
+        ),
+        # opened from a folder: {path, weights (the file read), chosen_by, ignored}
+        "folder": _jsonable(ckpt.facts.get("folder")),
         "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter),
     }
     from ..readers.distributed import describe_distributed
@@ -259,6 +264,9 @@ def _jsonable(value: Any) -> Any:
 def warnings(report: dict[str, Any]) -> list[Finding]:
     """Plain-language problems with this file, each with its fix (``Finding.fix``) if any."""
     out = _device_warnings(report) + _prefix_warnings(report) + _global_warnings(report)
+    two_sets = folder_note(report.get("folder"))
+    if two_sets:
+        out.insert(0, Finding(two_sets))
     if report["format"] == "legacy":
         out.append(
             Finding(

@@ -87,6 +87,7 @@ class CheckResult:
     after_fixes: Problems  # what would remain after them (and after selecting the state dict)
     diagnoses: tuple[Diagnosis, ...]
     dangerous: tuple[str, ...] = ()  # dangerous globals either file names (never run)
+    notes: tuple[str, ...] = ()  # about the inputs (a folder holding two weight sets)
 
     @property
     def loads(self) -> bool:
@@ -337,6 +338,7 @@ def check(
         after_fixes=after,
         diagnoses=tuple(diagnoses),
         dangerous=tuple(dict.fromkeys(ck.dangerous + ref.dangerous)),
+        notes=tuple(dict.fromkeys(ck.notes + ref.notes)),
     )
 
 

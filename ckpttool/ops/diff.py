@@ -106,6 +106,7 @@ class DiffResult:
     left_out_a: int = 0  # tensors outside the compared state dict
     left_out_b: int = 0
     dangerous: tuple[str, ...] = ()  # dangerous globals either pickle names (never run)
+    notes: tuple[str, ...] = ()  # about the inputs (a folder holding two weight sets)
 
     @property
     def changed(self) -> tuple[TensorDiff, ...]:
@@ -229,4 +230,5 @@ def diff(
         left_out_a=side_a.left_out,
         left_out_b=side_b.left_out,
         dangerous=tuple(dict.fromkeys(side_a.dangerous + side_b.dangerous)),
+        notes=tuple(dict.fromkeys(side_a.notes + side_b.notes)),
     )

@@ -18,6 +18,7 @@ from ..analysis.describe import describe
 from ..analysis.state_dicts import default_state_dict, find_state_dicts
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..readers.hf_folder import note as folder_note
 from ..tree import iter_tensors, walk
 
 CHUNK_ELEMENTS = 1 << 19  # elements compared at a time: a few MB of float64 temporaries
@@ -47,6 +48,7 @@ class Side:
     entries: dict[str, str]  # dotted path -> description of a non-tensor value
     dangerous: tuple[str, ...] = ()
     left_out: int = 0  # tensors outside the state dict in scope (not compared)
+    notes: tuple[str, ...] = ()  # e.g. the folder holds a second weight set, not read
 
 
 class Files:
@@ -131,6 +133,12 @@ def _entries(root: Any, skip: str | None) -> dict[str, str]:
     return out
 
 
+def folder_notes(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The warning for an input folder holding two weight sets (of which one was read)."""
+    note = folder_note(ckpt.facts.get("folder"))
+    return (note,) if note else ()
+
+
 def dangerous_globals(ckpt: Checkpoint) -> tuple[str, ...]:
     """The dangerous globals any pickle of the checkpoint names (ckpttool never runs them)."""
     return tuple(ckpt.verdict.dangerous) if ckpt.verdict is not None else ()
@@ -163,10 +171,12 @@ def open_side(
     if not isinstance(obj, Checkpoint):
         return _distributed_side(obj, all_tensors)
     dangerous = dangerous_globals(obj)
+    notes = folder_notes(obj)
     sd = None if all_tensors and key is None else _state_dict(obj, key)
     if sd is None:
         tensors = {n: _ref_operand(n, r) for n, r in iter_tensors(obj.root)}
-        return Side(obj.path, obj.format, None, tensors, _entries(obj.root, None), dangerous)
+        entries = _entries(obj.root, None)
+        return Side(obj.path, obj.format, None, tensors, entries, dangerous, notes=notes)
     if sd.source == "dict":
         named: Iterable[tuple[str, Any]] = sd.node.items()
     else:
@@ -178,7 +188,8 @@ def open_side(
         entries.update(
             {f"{k} (in the state dict)": "None" for k, v in sd.node.items() if v is None}
         )
-    return Side(obj.path, obj.format, sd.path, tensors, entries, dangerous, max(left_out, 0))
+    left_out = max(left_out, 0)
+    return Side(obj.path, obj.format, sd.path, tensors, entries, dangerous, left_out, notes)
 
 
 def _distributed_side(dc: Any, all_tensors: bool) -> Side:
@@ -208,6 +219,7 @@ class KeySet:
     keys: dict[str, KeySpec]
     tied: tuple[tuple[str, ...], ...] = ()  # groups of keys holding one tensor
     dangerous: tuple[str, ...] = ()  # dangerous globals the file's pickle names (never run)
+    notes: tuple[str, ...] = ()  # e.g. the folder holds a second weight set, not read
 
 
 def checkpoint_keys(path: str | os.PathLike[str], key: str | None = None) -> KeySet:
@@ -233,7 +245,7 @@ def checkpoint_keys(path: str | os.PathLike[str], key: str | None = None) -> Key
         else:
             keys[name] = KeySpec(None, None)
     tied = tuple(tuple(g) for g in views.values() if len(g) > 1)
-    return KeySet(ckpt.path, sd.path, keys, tied, dangerous)
+    return KeySet(ckpt.path, sd.path, keys, tied, dangerous, folder_notes(ckpt))
 
 
 def model_keys(spec: str) -> KeySet:

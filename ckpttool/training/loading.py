@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import CheckpointError, CheckpointWarning, DangerousCheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +57,13 @@ def _device(map_location: Any, path: str) -> torch.device:
 def _format(path: str) -> tuple[str, str]:
     """``(format, file)`` where ``file`` is the index file for a sharded folder."""
     from ..readers import open_checkpoint, sniff
+    from ..readers.hf_folder import note
 
     if os.path.isdir(path) or path.endswith(".json"):
         ckpt = open_checkpoint(path)  # resolves the index, checks every shard exists
+        two_sets = note(ckpt.facts.get("folder"))
+        if two_sets:
+            warnings.warn(two_sets, CheckpointWarning, stacklevel=3)
         return ckpt.format, ckpt.path
     try:
         with open(path, "rb") as f:
@@ -87,7 +92,9 @@ def load(
     Args:
         path: a torch file (zip or legacy ``.pt``/``.pth``/``.bin``/``.ckpt``), a ``.safetensors``
             file, a sharded checkpoint's ``*.index.json``, the folder holding that index, or a
-            Hugging Face model folder (its ``model.safetensors`` or ``pytorch_model.bin``).
+            Hugging Face model folder (the weights transformers loads from it: its
+            ``model.safetensors`` first; a :class:`~ckpttool.errors.CheckpointWarning` when
+            the folder holds a second weight set, which is ignored).
         map_location: ``"cpu"``, ``"cuda:N"`` or a :class:`torch.device`; ``None`` is refused.
         weights_only: passed to :func:`torch.load` (torch files only). Keep ``True`` for files
             you did not write yourself: then no pickled code runs.

@@ -1,0 +1,246 @@
+"""Issue 19 (items 1-4) against real transformers output: a tiny GPT-2 with tied embeddings,
+written by ``save_pretrained`` and read back by ``from_pretrained`` (the oracle for which
+weights a folder serves), checked with a real strict ``load_state_dict``. Nothing is
+downloaded; the module skips without transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import ckpttool  # noqa: E402
+from ckpttool.readers import open_checkpoint  # noqa: E402
+
+SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+SETS = (SAFE, SAFE_INDEX, BIN, BIN_INDEX)  # one seed each: 10, 11, 12, 13
+CONFIG = dict(
+    n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+    bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+)  # fmt: skip
+EMBED, HEAD = "transformer.wte.weight", "lm_head.weight"
+
+
+def gpt2(seed: int) -> Any:
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    return model.eval()
+
+
+def from_pretrained(folder: Path) -> Any:
+    return transformers.GPT2LMHeadModel.from_pretrained(folder)
+
+
+def write_set(model: Any, folder: Path, name: str) -> None:
+    """One weight set as Hugging Face tools write it: ``save_pretrained`` for safetensors
+    (one file, or shards with their index); for ``.bin``, what ``save_pretrained`` wrote with
+    ``safe_serialization=False`` before transformers 5 dropped it (``torch.save`` of the
+    state dict, tied tensors sharing one storage; shards with an index)."""
+    if name in (SAFE, SAFE_INDEX):
+        model.save_pretrained(folder, max_shard_size="20KB" if name == SAFE_INDEX else "5GB")
+        return
+    model.config.save_pretrained(folder)
+    sd = model.state_dict()
+    if name == BIN:
+        torch.save(sd, folder / BIN)
+        return
+    keys = list(sd)
+    parts = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        shard = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        torch.save({k: sd[k] for k in part}, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / BIN_INDEX).write_text(json.dumps(index, indent=2))
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each weight set alone in its folder, from a model of its own (seed 10 + its index)."""
+    transformers.utils.logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("sets")
+    out = {}
+    for i, name in enumerate(SETS):
+        folder = root / name.replace(".", "_")
+        folder.mkdir()
+        write_set(gpt2(10 + i), folder, name)
+        out[name] = folder
+    return out
+
+
+def combine(staged: dict[str, Path], names: tuple[str, ...], folder: Path) -> Path:
+    folder.mkdir()
+    for name in names:
+        for f in staged[name].iterdir():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def served(model: Any, staged: dict[str, Path]) -> str:
+    """Which weight set ``model`` (from from_pretrained) holds, by its embeddings."""
+    wte = model.transformer.wte.weight.detach()
+    found = [
+        n
+        for n, i in zip(SETS, range(10, 14), strict=True)
+        if torch.equal(wte, gpt2(i).transformer.wte.weight)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+# -- 1. a folder serves the weights transformers loads, and says so ---------------------------
+FOLDERS = [c for n in (2, 3, 4) for c in combinations(SETS, n)]
+
+
+@pytest.mark.parametrize("names", FOLDERS, ids=["+".join(c) for c in FOLDERS])
+def test_folder_reads_what_from_pretrained_loads(
+    staged: dict[str, Path], tmp_path: Path, run_cli: Callable[..., Any], names: tuple[str, ...]
+) -> None:
+    """Before: a folder with model.safetensors and its index read the index (stale weights)."""
+    folder = combine(staged, names, tmp_path / "model")
+    loaded = from_pretrained(folder)
+    chosen = served(loaded, staged)
+    assert chosen == names[0]  # transformers' order, as SETS lists it
+    ckpt = open_checkpoint(folder)
+    assert ckpt.facts["folder"]["weights"] == chosen
+    assert ckpt.facts["folder"]["ignored"] == list(names[1:])
+    with pytest.warns(ckpttool.CheckpointWarning, match="weight sets"):
+        got = ckpttool.load(folder)
+    truth = loaded.state_dict()
+    assert set(got) <= set(truth) and EMBED in got
+    assert all(torch.equal(got[k], truth[k]) for k in got)
+    res = run_cli("inspect", "--json", folder)
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["folder"]["weights"] == chosen and report["folder"]["ignored"] == list(names[1:])
+    assert any("weight sets" in w and chosen in w for w in report["warnings"])
+    text = run_cli("inspect", folder).stdout
+    assert f"(read {chosen}: what transformers loads; ignored: {', '.join(names[1:])})" in text
+    same = run_cli("diff", folder, staged[chosen])
+    assert same.exit_code == 0, same.stdout
+    assert "note: " in same.stdout and "weight sets" in same.stdout
+    other = run_cli("diff", folder, staged[names[1]])
+    assert other.exit_code == 4  # the ignored set holds other weights
+
+
+def test_config_transformers_weights_wins(staged: dict[str, Path], tmp_path: Path) -> None:
+    folder = combine(staged, (SAFE, SAFE_INDEX), tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": SAFE_INDEX}))
+    assert served(from_pretrained(folder), staged) == SAFE_INDEX
+    fact = open_checkpoint(folder).facts["folder"]
+    assert (fact["weights"], fact["chosen_by"], fact["ignored"]) == (SAFE_INDEX, "config", [SAFE])
+
+
+def _train_pt(path: Path, seed: int = 20, step: int = 7) -> Any:
+    """A training checkpoint: model, AdamW state, scalars (the tied head shares wte)."""
+    model = gpt2(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.arange(8)[None]
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "epoch": 1,
+        "lr": 0.001,
+        "config": model.config.to_dict(),
+    }
+    torch.save(ckpt, path)
+    return model
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def test_shards_never_land_beside_a_model_safetensors(
+    staged: dict[str, Path], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """Before: the shards were written beside model.safetensors without --force, and
+    from_pretrained kept serving the old model.safetensors."""
+    new = _train_pt(tmp_path / "train.pt")
+    folder = combine(staged, (SAFE,), tmp_path / "model")
+    before = _snapshot(folder)
+    args = ("to-safetensors", tmp_path / "train.pt", folder, "--max-shard-size", "20KB")
+    res = run_cli(*args)
+    assert res.exit_code == 1 and _snapshot(folder) == before
+    assert res.stderr.strip() == (
+        f"Error: {folder}: the folder holds model.safetensors: shards beside it make a second "
+        "weight set; pass --force to replace that set"
+    )
+    assert run_cli(*args, "--force").exit_code == 0
+    assert SAFE not in os.listdir(folder) and SAFE_INDEX in os.listdir(folder)
+    assert {"config.json", "generation_config.json"} <= set(os.listdir(folder))
+    loaded = from_pretrained(folder)
+    assert torch.equal(loaded.transformer.wte.weight, new.transformer.wte.weight)
+    assert open_checkpoint(folder).facts["folder"] == {
+        "path": os.fspath(folder),
+        "weights": SAFE_INDEX,
+        "chosen_by": "transformers",
+        "ignored": [],
+    }
+
+
+def test_one_file_never_lands_beside_shards(
+    staged: dict[str, Path], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """Before: model.safetensors was written into a folder of shards, whose index other tools
+    kept reading."""
+    new = _train_pt(tmp_path / "train.pt")
+    folder = combine(staged, (SAFE_INDEX,), tmp_path / "model")
+    shards = sorted(n for n in os.listdir(folder) if n.startswith("model-"))
+    before = _snapshot(folder)
+    args = ("to-safetensors", tmp_path / "train.pt", folder / SAFE)
+    res = run_cli(*args)
+    assert res.exit_code == 1 and _snapshot(folder) == before
+    assert res.stderr.strip() == (
+        f"Error: {folder / SAFE}: the folder holds sharded weights ({SAFE_INDEX}, "
+        f"{len(shards)} shards): model.safetensors beside them makes a second weight set; "
+        "pass --force to replace that set"
+    )
+    assert run_cli(*args, "--force").exit_code == 0
+    names = os.listdir(folder)
+    assert SAFE in names and SAFE_INDEX not in names and not set(shards) & set(names)
+    assert not [n for n in names if n.startswith(".")]  # no temp folder left
+    loaded = from_pretrained(folder)
+    assert torch.equal(loaded.transformer.wte.weight, new.transformer.wte.weight)
+
+
+def test_a_set_that_is_the_input_is_never_replaced(
+    staged: dict[str, Path], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    folder = combine(staged, (SAFE,), tmp_path / "model")
+    before = _snapshot(folder)
+    res = run_cli("to-safetensors", folder / SAFE, folder, "--max-shard-size", "20KB", "--force")
+    assert res.exit_code == 1 and _snapshot(folder) == before
+    assert res.stderr.strip() == f"Error: {folder}: output is the input file (model.safetensors)"
+    sharded = combine(staged, (SAFE_INDEX,), tmp_path / "sharded")
+    before = _snapshot(sharded)
+    res = run_cli("to-safetensors", sharded, sharded / SAFE, "--force")
+    assert res.exit_code == 1 and _snapshot(sharded) == before
+    assert "would replace the input's" in res.stderr
+
+
+def test_writing_beside_a_bin_says_which_set_is_served(
+    staged: dict[str, Path], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    folder = combine(staged, (BIN,), tmp_path / "model")
+    res = run_cli("to-safetensors", folder / BIN, folder / SAFE)
+    assert res.exit_code == 0, res.stderr
+    assert f"note: {folder} holds two weight sets: model.safetensors is read" in res.stderr
+    assert served(from_pretrained(folder), staged) == BIN  # the same weights, now as safetensors
