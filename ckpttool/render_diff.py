@@ -72,6 +72,7 @@ def diff_dict(r: DiffResult) -> dict[str, Any]:
         "entries": [{"path": e.path, "a": e.a, "b": e.b} for e in r.entries],
         "options": {"values": r.values, "atol": r.atol, "rtol": r.rtol},
         "dangerous": list(r.dangerous),
+        "not_compared": {"a": list(r.unheld_a), "b": list(r.unheld_b)},
         "notes": list(r.notes),
     }
 
@@ -150,8 +151,25 @@ def diff_text(r: DiffResult, fmt: str = "simple") -> str:
             lines.append(f"  {escape(e.path)}: {a} -> {b}")
         if len(r.entries) > 50:
             lines.append(f"  ... and {len(r.entries) - 50} more")
-    lines += ["", _diff_verdict(r)]
+    unheld = _unheld(r)
+    lines += ["", *([unheld] if unheld else []), _diff_verdict(r)]
     return "\n".join(lines)
+
+
+def _unheld(r: DiffResult) -> str:
+    """One line for the entries a safetensors side cannot hold (not compared)."""
+    parts = []
+    for side, names in (("A", r.unheld_a), ("B", r.unheld_b)):
+        if names:
+            shown = ", ".join(escape(n) for n in names[:6])
+            more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+            parts.append(f"{_n(len(names), 'entry')} of {side} ({shown}{more})")
+    if not parts:
+        return ""
+    return (
+        f"not compared: {' and '.join(parts)}, which the other side does not hold "
+        "(safetensors holds tensors and string metadata only)"
+    )
 
 
 def _diff_verdict(r: DiffResult) -> str:

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import ckpttool  # noqa: E402
+from ckpttool.ops.diff import diff  # noqa: E402
 from ckpttool.readers import open_checkpoint  # noqa: E402
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -244,3 +245,64 @@ def test_writing_beside_a_bin_says_which_set_is_served(
     assert res.exit_code == 0, res.stderr
     assert f"note: {folder} holds two weight sets: model.safetensors is read" in res.stderr
     assert served(from_pretrained(folder), staged) == BIN  # the same weights, now as safetensors
+
+
+# -- 2. diff verifies what to-safetensors extracted ---------------------------------------------
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "shards"])
+def test_diff_verifies_an_extraction(
+    tmp_path: Path, run_cli: Callable[..., Any], sharded: bool
+) -> None:
+    """Before: exit 4, the tied head "only in A" and one '-> (absent)' line per optimizer
+    setting (43 of them here)."""
+    train = tmp_path / "train.pt"
+    _train_pt(train)
+    out = tmp_path / ("shards" if sharded else "model.safetensors")
+    extra = ("--max-shard-size", "20KB") if sharded else ()
+    assert run_cli("to-safetensors", train, out, *extra).exit_code == 0
+    # torch's view: every tensor of the model state dict comes back, the tied head included
+    truth = torch.load(train)["model"]
+    back = ckpttool.load(out)
+    assert set(back) == set(truth) and all(torch.equal(back[k], truth[k]) for k in truth)
+    for a, b in ((train, out), (out, train)):
+        res = run_cli("diff", a, b)
+        assert res.exit_code == 0, res.stdout
+        assert "(absent)" not in res.stdout and "only in" not in res.stdout
+        side = "A" if a == train else "B"
+        unheld = [line for line in res.stdout.splitlines() if line.startswith("not compared")]
+        assert unheld == [
+            f"not compared: 2 entries of {side} (optimizer, config), which the other side does "
+            "not hold (safetensors holds tensors and string metadata only)"
+        ]
+        assert res.stdout.rstrip().endswith("equal: 29 tensors bit for bit, 3 entries")
+    report = json.loads(run_cli("diff", "--json", train, out).stdout)
+    assert report["equal"] and report["only_b"] == [] and len(report["tensors"]) == 29
+    assert report["not_compared"] == {"a": ["optimizer", "config"], "b": []}
+    head = next(t for t in report["tensors"] if t["key"] == HEAD)
+    assert head["equal"] and head["key_b"] == HEAD
+
+
+def test_diff_still_sees_what_differs(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """What safetensors can hold is compared: a changed weight and a changed step differ."""
+    _train_pt(tmp_path / "train.pt")
+    assert (
+        run_cli("to-safetensors", tmp_path / "train.pt", tmp_path / "m.safetensors").exit_code == 0
+    )
+    _train_pt(tmp_path / "later.pt", seed=21, step=8)
+    res = run_cli("diff", tmp_path / "later.pt", tmp_path / "m.safetensors")
+    assert res.exit_code == 4
+    assert "  step: 8 -> 7" in res.stdout and "lm_head.weight" in res.stdout
+    r = diff(tmp_path / "later.pt", tmp_path / "m.safetensors")
+    assert [(e.path, e.a, e.b) for e in r.entries] == [("step", "8", "7")]
+    assert len(r.changed) == 29 and r.unheld_a == ("optimizer", "config")
+
+
+def test_diff_against_a_folder_whose_config_ties_the_head(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """save_pretrained stores the tied head once; its config.json says so."""
+    model = gpt2(30)
+    model.save_pretrained(tmp_path / "hf")
+    torch.save(model.state_dict(), tmp_path / "fixed.pt")
+    res = run_cli("diff", tmp_path / "fixed.pt", tmp_path / "hf")
+    assert res.exit_code == 0, res.stdout
+    assert f"note: B stores {HEAD} once as {EMBED} (its config.json ties them)" in res.stdout

@@ -106,6 +106,10 @@ class DiffResult:
     left_out_a: int = 0  # tensors outside the compared state dict
     left_out_b: int = 0
     dangerous: tuple[str, ...] = ()  # dangerous globals either pickle names (never run)
+    # With a safetensors side: entries of A (of B) that the other side does not hold
+    # (optimizer state, objects, scalars it does not carry): not compared, not a difference.
+    unheld_a: tuple[str, ...] = ()
+    unheld_b: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # about the inputs (a folder holding two weight sets)
 
     @property
@@ -142,17 +146,71 @@ def _match(
     return alignment, matched, only_a, only_b
 
 
+def _entries(
+    a: Side, b: Side
+) -> tuple[tuple[EntryDiff, ...], int, tuple[str, ...], tuple[str, ...]]:
+    """(the differing entries, how many were compared, A's not compared, B's not compared).
+
+    Between two pickled checkpoints: every non-tensor entry. When a side is safetensors
+    (tensors and string metadata only), what it can hold: the other side's top-level scalars
+    as ``to-safetensors`` stores them, against its metadata, where both hold the key; the
+    rest is listed as not compared (it could not be there), not counted as a difference.
+    """
+    unheld_a: tuple[str, ...] = ()
+    unheld_b: tuple[str, ...] = ()
+    if not (a.tensors_only or b.tensors_only):
+        ea, eb = a.entries, b.entries
+    else:
+        ea = a.entries if a.tensors_only else a.scalars
+        eb = b.entries if b.tensors_only else b.scalars
+        unheld_a = tuple(k for k in ea if k not in eb) + (() if a.tensors_only else a.unheld)
+        unheld_b = tuple(k for k in eb if k not in ea) + (() if b.tensors_only else b.unheld)
+        ea, eb = {k: v for k, v in ea.items() if k in eb}, {k: v for k, v in eb.items() if k in ea}
+    paths = dict.fromkeys([*ea, *eb])
+    entries = tuple(EntryDiff(p, ea.get(p), eb.get(p)) for p in paths if ea.get(p) != eb.get(p))
+    return entries, len(paths), unheld_a, unheld_b
+
+
+def _config_tied(
+    a: Side, b: Side, matched: dict[str, str], only_a: tuple[str, ...], only_b: tuple[str, ...]
+) -> tuple[list[tuple[str, str]], tuple[str, ...], tuple[str, ...], list[str]]:
+    """The pairs to compare, the keys left only in A and only in B, and a note per tied name
+    a Hugging Face folder stores once because its ``config.json`` ties them
+    (``tie_word_embeddings``): a key only the other side holds, whose tensor there is the
+    same as that of a matched key, is compared with the folder's tensor for that key
+    (``lm_head.weight`` with ``transformer.wte.weight``)."""
+    pairs = list(matched.items())
+    by_b = {kb: ka for ka, kb in matched.items()}
+    notes: list[str] = []
+    done_a, done_b = set(), set()
+    for k in only_a if b.ties_config else ():
+        p = next((p for p in a.tied.get(k, ()) if p in matched), None)
+        if p is not None:
+            pairs.append((k, matched[p]))
+            done_a.add(k)
+            notes.append(f"B stores {k} once as {matched[p]} (its config.json ties them)")
+    for k in only_b if a.ties_config else ():
+        p = next((p for p in b.tied.get(k, ()) if p in by_b), None)
+        if p is not None:
+            pairs.append((by_b[p], k))
+            done_b.add(k)
+            notes.append(f"A stores {k} once as {by_b[p]} (its config.json ties them)")
+    only_a = tuple(k for k in only_a if k not in done_a)
+    only_b = tuple(k for k in only_b if k not in done_b)
+    return pairs, only_a, only_b, notes
+
+
 def _compare_matched(
     side_a: Side,
     side_b: Side,
-    matched: dict[str, str],
+    matched: list[tuple[str, str]],
     values: bool,
     atol: float,
     rtol: float,
     progress: ProgressFactory | None,
 ) -> tuple[TensorDiff, ...]:
     """Every matched pair compared, streamed from the inputs' files."""
-    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched.items())
+    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched)
     tick = progress(total) if progress is not None else None
     files = Files()
     try:
@@ -166,7 +224,7 @@ def _compare_matched(
                 rtol=rtol,
                 progress=tick,
             )
-            for ka, kb in matched.items()
+            for ka, kb in matched
         )
     finally:
         files.close()
@@ -186,6 +244,9 @@ def diff(
 
     The model state dicts are compared when both hold one (else every tensor by its dotted
     path); keys that differ only by a wrapper prefix are aligned (``result.alignment``).
+    A safetensors side holds its tied tensors under every name (``ckpttool.aliases``, and
+    :func:`_config_tied`); against it only what safetensors can hold is compared
+    (:func:`_entries`): ``to-safetensors``' output compares equal to its input.
     Tensors in both are compared bit for bit, streamed piece by piece; with ``values`` also max
     and mean absolute difference, relative L2 and the number of elements outside
     ``atol + rtol * |b|`` (float64 arithmetic).
@@ -201,18 +262,13 @@ def diff(
     Returns:
         A :class:`DiffResult`; ``result.equal`` is False when anything differs.
 
-    Example:
-        >>> r = diff("best.pth", "best.safetensors", values=True)
-        >>> r.equal, [t.key for t in r.changed]
+    Example: ``diff("best.pth", "best.safetensors", values=True).changed``
     """
     side_a, side_b = _open_sides(a, b, all_tensors)
     alignment, matched, only_a, only_b = _match(list(side_a.tensors), list(side_b.tensors))
-    pairs = _compare_matched(side_a, side_b, matched, values, atol, rtol, progress)
-    entries = tuple(
-        EntryDiff(p, side_a.entries.get(p), side_b.entries.get(p))
-        for p in dict.fromkeys([*side_a.entries, *side_b.entries])
-        if side_a.entries.get(p) != side_b.entries.get(p)
-    )
+    to_compare, only_a, only_b, tied = _config_tied(side_a, side_b, matched, only_a, only_b)
+    pairs = _compare_matched(side_a, side_b, to_compare, values, atol, rtol, progress)
+    entries, compared, unheld_a, unheld_b = _entries(side_a, side_b)
     return DiffResult(
         a=side_a.path,
         b=side_b.path,
@@ -223,12 +279,14 @@ def diff(
         only_b=only_b,
         tensors=pairs,
         entries=entries,
-        entries_compared=len(set(side_a.entries) | set(side_b.entries)),
+        entries_compared=compared,
         values=values,
         atol=atol,
         rtol=rtol,
         left_out_a=side_a.left_out,
         left_out_b=side_b.left_out,
         dangerous=tuple(dict.fromkeys(side_a.dangerous + side_b.dangerous)),
-        notes=tuple(dict.fromkeys(side_a.notes + side_b.notes)),
+        unheld_a=unheld_a,
+        unheld_b=unheld_b,
+        notes=tuple(dict.fromkeys([*side_a.notes, *side_b.notes, *tied])),
     )

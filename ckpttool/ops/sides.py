@@ -10,16 +10,20 @@ view, say) plugs in by producing these.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..analysis.describe import describe
 from ..analysis.state_dicts import default_state_dict, find_state_dicts
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..readers.hf_folder import choose, config
 from ..readers.hf_folder import note as folder_note
+from ..readers.safetensors import ALIASES_KEY
 from ..tree import iter_tensors, walk
+from .to_safetensors import scalar_metadata
 
 CHUNK_ELEMENTS = 1 << 19  # elements compared at a time: a few MB of float64 temporaries
 MAX_ENTRIES = 100_000  # non-tensor leaves compared per side
@@ -49,6 +53,14 @@ class Side:
     dangerous: tuple[str, ...] = ()
     left_out: int = 0  # tensors outside the state dict in scope (not compared)
     notes: tuple[str, ...] = ()  # e.g. the folder holds a second weight set, not read
+    # A safetensors input holds tensors and string metadata only: ``entries`` are then its
+    # metadata. Other inputs say what safetensors would hold of them (``to-safetensors``):
+    # ``scalars``, their top-level scalars as strings, and ``unheld``, the entries it cannot.
+    tensors_only: bool = False
+    scalars: dict[str, str] = field(default_factory=dict)
+    unheld: tuple[str, ...] = ()
+    tied: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> its other names
+    ties_config: bool = False  # a Hugging Face folder whose config.json ties its embeddings
 
 
 class Files:
@@ -144,7 +156,7 @@ def dangerous_globals(ckpt: Checkpoint) -> tuple[str, ...]:
     return tuple(ckpt.verdict.dangerous) if ckpt.verdict is not None else ()
 
 
-def _state_dict(ckpt: Checkpoint, key: str | None) -> Any:
+def chosen_state_dict(ckpt: Checkpoint, key: str | None) -> Any:
     """The state dict at dotted path ``key``, or the model's (None when there is none)."""
     if key is None:
         return default_state_dict(ckpt.root)
@@ -171,25 +183,60 @@ def open_side(
     if not isinstance(obj, Checkpoint):
         return _distributed_side(obj, all_tensors)
     dangerous = dangerous_globals(obj)
-    notes = folder_notes(obj)
-    sd = None if all_tensors and key is None else _state_dict(obj, key)
+    sd = None if all_tensors and key is None else chosen_state_dict(obj, key)
     if sd is None:
         tensors = {n: _ref_operand(n, r) for n, r in iter_tensors(obj.root)}
-        entries = _entries(obj.root, None)
-        return Side(obj.path, obj.format, None, tensors, entries, dangerous, notes=notes)
-    if sd.source == "dict":
-        named: Iterable[tuple[str, Any]] = sd.node.items()
+        side = Side(obj.path, obj.format, None, tensors, _entries(obj.root, None), dangerous)
     else:
-        named = iter_tensors(sd.node)
-    tensors = {k: _ref_operand(k, v) for k, v in named if isinstance(v, TensorRef)}
+        side = _state_dict_side(obj, sd, dangerous)
+    named = iter_tensors(obj.root) if sd is None else _named(sd)
+    tied = {k: tuple(o for o in g if o != k) for g in tied_groups(named) for k in g}
+    side = replace(side, notes=folder_notes(obj), tied=tied, ties_config=config_ties(obj))
+    if obj.format in TENSORS_ONLY:
+        return _tensors_only(side, obj)
+    scalars, left = scalar_metadata(obj.root, obj.root if sd is None else sd.node, sd is None)
+    return replace(side, scalars=scalars, unheld=tuple(x.name for x in left))
+
+
+def _named(sd: Any) -> Iterable[tuple[str, Any]]:
+    """A state dict's (key, value) pairs (a pickled module's tensors by path)."""
+    return sd.node.items() if sd.source == "dict" else iter_tensors(sd.node)
+
+
+def _state_dict_side(obj: Checkpoint, sd: Any, dangerous: tuple[str, ...]) -> Side:
+    tensors = {k: _ref_operand(k, v) for k, v in _named(sd) if isinstance(v, TensorRef)}
     left_out = len(obj.tensors()) - sum(1 for _ in iter_tensors(sd.node))
     entries = _entries(obj.root, sd.path)
     if sd.source == "dict":  # keys whose value is None (absent buffers) are keys too
         entries.update(
             {f"{k} (in the state dict)": "None" for k, v in sd.node.items() if v is None}
         )
-    left_out = max(left_out, 0)
-    return Side(obj.path, obj.format, sd.path, tensors, entries, dangerous, left_out, notes)
+    return Side(obj.path, obj.format, sd.path, tensors, entries, dangerous, max(left_out, 0))
+
+
+# Formats that hold named tensors and string metadata only (safetensors, a sharded index).
+TENSORS_ONLY = ("safetensors", "hf-sharded")
+
+
+def recorded_aliases(ckpt: Checkpoint) -> dict[str, str]:
+    """{alias: stored name}: tied tensors ``to-safetensors`` stored once and recorded in
+    ``__metadata__["ckpttool.aliases"]`` (``ckpttool.load`` gives them back under every name)."""
+    if ckpt.format not in TENSORS_ONLY or not isinstance(ckpt.root, dict):
+        return {}
+    from ..readers.safetensors import recorded_aliases as parse
+
+    return parse(ckpt.path, ckpt.facts.get("metadata"), ckpt.root)
+
+
+def _tensors_only(side: Side, ckpt: Checkpoint) -> Side:
+    """A safetensors side: its tied tensors under every name, its metadata as its entries."""
+    tensors = dict(side.tensors)
+    for alias, stored in recorded_aliases(ckpt).items():
+        if stored in tensors:
+            tensors[alias] = replace(tensors[stored], name=alias)
+    meta = ckpt.facts.get("metadata") or {}
+    entries = {k: v for k, v in meta.items() if k not in ("format", ALIASES_KEY)}
+    return replace(side, tensors=tensors, entries=entries, tensors_only=True)
 
 
 def _distributed_side(dc: Any, all_tensors: bool) -> Side:
@@ -199,6 +246,46 @@ def _distributed_side(dc: Any, all_tensors: bool) -> Side:
     entries = {k: describe(v, 120) for k, v in dc.entries.items()}
     scope = None if chosen is dc.tensors else "model"
     return Side(dc.path, dc.kind, scope, tensors, entries, (), len(dc.tensors) - len(chosen))
+
+
+def tied_groups(named: Iterable[tuple[str, Any]]) -> list[tuple[str, ...]]:
+    """Groups of names whose tensors are the same view of one storage (tied weights)."""
+    views: dict[tuple[Any, ...], list[str]] = {}
+    for name, ref in named:
+        if isinstance(ref, TensorRef) and ref.storage is not None and ref.numel:
+            where = (ref.storage.file, ref.storage.key, ref.storage_offset, ref.dtype)
+            views.setdefault((*where, ref.shape, ref.stride), []).append(name)
+    return [tuple(g) for g in views.values() if len(g) > 1]
+
+
+def config_ties(ckpt: Checkpoint) -> bool:
+    """Whether the Hugging Face model whose weights these are ties tensors that
+    ``save_pretrained`` then stores once (``lm_head.weight`` as ``transformer.wte.weight``).
+
+    True when the weights are a model folder's (opened from it, or the file it serves) whose
+    ``config.json`` does not set ``tie_word_embeddings`` to false (absent means true:
+    ``PretrainedConfig``'s default, which transformers 4 left out of the file) and whose
+    ``architectures``, when listed, are not all base models without a head (``GPT2Model``).
+    """
+    fact = ckpt.facts.get("folder")
+    folder = fact["path"] if fact else os.path.dirname(ckpt.path) or "."
+    if not fact:
+        try:
+            chosen = choose(folder)
+        except CheckpointError:
+            return False
+        if chosen is None or os.path.abspath(chosen.path) != os.path.abspath(ckpt.path):
+            return False
+    cfg = config(folder)
+    if not cfg or cfg.get("tie_word_embeddings", True) is not True:
+        return False
+    names = cfg.get("architectures")
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return not all(_BASE_MODEL.fullmatch(n) for n in names)
+    return True
+
+
+_BASE_MODEL = re.compile(r"(?!.*(?:For|Head)).*Model")  # GPT2Model, BertModel: no head
 
 
 # -- key sets (check) ----------------------------------------------------------------------------
@@ -228,7 +315,7 @@ def checkpoint_keys(path: str | os.PathLike[str], key: str | None = None) -> Key
 
     ckpt = open_checkpoint(path)
     dangerous = dangerous_globals(ckpt)
-    sd = _state_dict(ckpt, key)
+    sd = chosen_state_dict(ckpt, key)
     if sd is None:
         if dangerous:
             raise DangerousCheckpointError(ckpt.path, list(dangerous))

@@ -21,6 +21,7 @@ from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from ..readers.hf_folder import SAFE_WEIGHTS, choose
 from ..readers.hf_folder import note as folder_note
+from ..readers.safetensors import ALIASES_KEY  # __metadata__: JSON {alias: stored name}
 from ..tree import children, get_path, iter_tensors
 from ..writers import copy as bytecopy
 from ..writers import numeric
@@ -40,7 +41,6 @@ from .left_out import (
 from .prepare import cast_targets, check_cast, dense_entries, key_ops, open_source, parse_size
 
 Progress = Callable[[int], None]
-ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
 RESERVED_METADATA = ("format", ALIASES_KEY)
 
 
@@ -89,7 +89,7 @@ def _select(
     return node, dense_entries(node)
 
 
-def _scalar_metadata(
+def scalar_metadata(
     root: Any, chosen: Any, all_: bool = False
 ) -> tuple[dict[str, str], list[LeftOut]]:
     """Top-level scalar entries (epoch, step, best metric) as strings; what was left out."""
@@ -357,7 +357,7 @@ def _output_metadata(
 ) -> tuple[dict[str, str], list[LeftOut]]:
     """The output's ``__metadata__`` (carried, scalars, the caller's, aliases); what was left
     out of it."""
-    meta, left = _scalar_metadata(ckpt.root, chosen, all_tensors)
+    meta, left = scalar_metadata(ckpt.root, chosen, all_tensors)
     carried = ckpt.facts.get("metadata") or {}  # a safetensors input's own metadata
     for k in RESERVED_METADATA:
         if metadata and k in metadata:
