@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .ops.check import CheckResult, Problems, group_keys
 from .ops.diff import DiffResult, TensorDiff
-from .ops.sides import KeySpec
+from .ops.keysets import KeySpec
 from .render import escape
 
 SCHEMA = 1

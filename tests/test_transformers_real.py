@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import ckpttool  # noqa: E402
+from ckpttool.ops.check import check  # noqa: E402
 from ckpttool.ops.diff import diff  # noqa: E402
 from ckpttool.readers import open_checkpoint  # noqa: E402
 
@@ -306,3 +307,87 @@ def test_diff_against_a_folder_whose_config_ties_the_head(
     res = run_cli("diff", tmp_path / "fixed.pt", tmp_path / "hf")
     assert res.exit_code == 0, res.stdout
     assert f"note: B stores {HEAD} once as {EMBED} (its config.json ties them)" in res.stdout
+
+
+# -- 3. check: tied weights that load are not "would not load" --------------------------------
+def test_check_against_a_folder_whose_config_ties_the_head(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """Before: 'would not load: 1 unexpected (lm_head.weight)', exit 4."""
+    model = gpt2(31)
+    model.save_pretrained(tmp_path / "hf")
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "fixed.pt")
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    fresh.load_state_dict(torch.load(tmp_path / "fixed.pt"), strict=True)  # torch: it loads
+    for ref in (tmp_path / "hf", tmp_path / "hf" / SAFE):
+        r = check(tmp_path / "fixed.pt", ref)
+        assert r.loads, r.problems
+        assert [d.keys for d in r.diagnoses] == [(HEAD, EMBED)]
+        res = run_cli("check", tmp_path / "fixed.pt", "--against", ref)
+        assert res.exit_code == 0 and "would load (strict=True)" in res.stdout
+        assert "(config.json: tie_word_embeddings, true by default)" in res.stdout
+    # transformers 4 left the default (true) out of config.json
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert transformers.GPT2Config.from_pretrained(tmp_path / "hf").tie_word_embeddings
+    assert check(tmp_path / "fixed.pt", tmp_path / "hf").loads
+
+
+def test_check_against_a_base_model_folder_without_head(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """GPT2Model has no lm_head: the tied head of an LM checkpoint is unexpected there."""
+    base = transformers.GPT2Model(transformers.GPT2Config(**CONFIG))
+    base.save_pretrained(tmp_path / "base")
+    sd = gpt2(34).state_dict()
+    torch.save(sd, tmp_path / "fixed.pt")
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        base.load_state_dict({k.removeprefix("transformer."): v for k, v in sd.items()})
+    r = check(tmp_path / "fixed.pt", tmp_path / "base")
+    assert not r.loads and r.after_fixes.unexpected == (HEAD,)
+    assert run_cli("check", tmp_path / "fixed.pt", "--against", tmp_path / "base").exit_code == 4
+
+
+def _factory(tmp_path: Path) -> str:
+    path = tmp_path / "tiny_gpt2.py"
+    path.write_text(
+        "import transformers\n\n\ndef build():\n"
+        f"    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{CONFIG!r}))\n"
+    )
+    return f"{path}:build"
+
+
+def test_check_safetensors_aliases_against_a_model(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """Before: 'would not load: 1 missing (lm_head.weight)', exit 4, although the alias is
+    recorded and ckpttool.load returns it."""
+    model = gpt2(32)
+    torch.save(model.state_dict(), tmp_path / "fixed.pt")
+    out = tmp_path / "model.safetensors"
+    assert run_cli("to-safetensors", tmp_path / "fixed.pt", out).exit_code == 0
+    spec = _factory(tmp_path)
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    fresh.load_state_dict(ckpttool.load(out), strict=True)  # torch: it loads
+    r = check(out, model=spec)
+    assert r.loads, r.problems
+    res = run_cli("check", out, "--model", spec)
+    assert res.exit_code == 0 and "would load (strict=True)" in res.stdout
+    assert "recorded in ckpttool.aliases" in res.stdout
+
+
+def test_check_still_refuses_a_head_that_is_missing(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """save_pretrained's own file lacks the tied head: a strict load_state_dict fails."""
+    from safetensors.torch import load_file
+
+    gpt2(33).save_pretrained(tmp_path / "hf")
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(load_file(tmp_path / "hf" / SAFE), strict=True)
+    r = check(tmp_path / "hf" / SAFE, model=_factory(tmp_path))
+    assert not r.loads and r.problems.missing == (HEAD,)
+    assert run_cli("check", tmp_path / "hf", "--model", _factory(tmp_path)).exit_code == 4

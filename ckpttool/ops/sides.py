@@ -1,9 +1,10 @@
 """What each side of a comparison holds, read from the file's metadata (no tensor bytes).
 
 ``diff`` compares two :class:`Side` s: the tensors in scope as :class:`Operand` s (dtype, shape,
-and their elements piece by piece, mapped from the file) and the non-tensor entries. ``check``
-compares two :class:`KeySet` s: a state dict's keys, shapes and dtypes, from a checkpoint or
-from a model built on torch's meta device. A new input kind (a distributed checkpoint's logical
+and their elements piece by piece, mapped from the file) and the non-tensor entries; a
+safetensors side also its tied names and its metadata, any other side what safetensors could
+hold of it. ``check``'s sides (``keysets``) share the helpers below: the state dict chosen,
+tied names, the notes about a folder. A new input kind (a distributed checkpoint's logical
 view, say) plugs in by producing these.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..analysis.describe import describe
 from ..analysis.state_dicts import default_state_dict, find_state_dicts
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from ..readers.hf_folder import choose, config
 from ..readers.hf_folder import note as folder_note
@@ -286,99 +287,3 @@ def config_ties(ckpt: Checkpoint) -> bool:
 
 
 _BASE_MODEL = re.compile(r"(?!.*(?:For|Head)).*Model")  # GPT2Model, BertModel: no head
-
-
-# -- key sets (check) ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeySpec:
-    """What a state dict holds under one key (dtype and shape None: not a tensor)."""
-
-    dtype: str | None
-    shape: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class KeySet:
-    """One side of a check: a state dict's keys, and which keys name the same tensor."""
-
-    source: str  # the file, or the model factory
-    path: str | None  # the state dict's dotted path in the file ("" the root); None: a model
-    keys: dict[str, KeySpec]
-    tied: tuple[tuple[str, ...], ...] = ()  # groups of keys holding one tensor
-    dangerous: tuple[str, ...] = ()  # dangerous globals the file's pickle names (never run)
-    notes: tuple[str, ...] = ()  # e.g. the folder holds a second weight set, not read
-
-
-def checkpoint_keys(path: str | os.PathLike[str], key: str | None = None) -> KeySet:
-    """The keys, shapes and dtypes of a checkpoint's model state dict (or the one at ``key``)."""
-    from ..readers import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    dangerous = dangerous_globals(ckpt)
-    sd = chosen_state_dict(ckpt, key)
-    if sd is None:
-        if dangerous:
-            raise DangerousCheckpointError(ckpt.path, list(dangerous))
-        raise CheckpointError(ckpt.path, "holds no state dict (no mapping of names to tensors)")
-    named = list(sd.node.items()) if sd.source == "dict" else list(iter_tensors(sd.node))
-    keys: dict[str, KeySpec] = {}
-    views: dict[tuple[Any, ...], list[str]] = {}
-    for name, value in named:
-        if isinstance(value, TensorRef):
-            keys[name] = KeySpec(value.dtype, tuple(value.shape))
-            if value.storage is not None:
-                where = (value.storage.file, value.storage.key, value.storage_offset)
-                views.setdefault((*where, value.shape, value.stride), []).append(name)
-        else:
-            keys[name] = KeySpec(None, None)
-    tied = tuple(tuple(g) for g in views.values() if len(g) > 1)
-    return KeySet(ckpt.path, sd.path, keys, tied, dangerous, folder_notes(ckpt))
-
-
-def model_keys(spec: str) -> KeySet:
-    """Build ``module:factory`` on torch's meta device and read its ``state_dict()`` keys.
-
-    This imports the module and runs the factory (user code): callers opt in explicitly. The
-    module may also be a ``.py`` file path; the working directory is importable.
-    """
-    import importlib
-    import importlib.util
-    import sys
-
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise CheckpointError(None, f"model {spec!r} is not MODULE:FACTORY")
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        if module_name.endswith(".py"):
-            loaded = importlib.util.spec_from_file_location("_ckpttool_model", module_name)
-            if loaded is None or loaded.loader is None:
-                raise CheckpointError(module_name, "cannot be imported")
-            module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-        import torch
-
-        with torch.device("meta"):
-            model = factory()
-        state = model.state_dict(keep_vars=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # user code: any failure is reported as one line
-        raise CheckpointError(None, f"building the model {spec!r} failed: {exc!r}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    keys: dict[str, KeySpec] = {}
-    by_id: dict[int, list[str]] = {}
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            keys[name] = KeySpec(str(value.dtype).removeprefix("torch."), tuple(value.shape))
-            by_id.setdefault(id(value), []).append(name)
-        else:
-            keys[name] = KeySpec(None, None)
-    return KeySet(spec, None, keys, tuple(tuple(g) for g in by_id.values() if len(g) > 1))
