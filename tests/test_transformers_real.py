@@ -391,3 +391,22 @@ def test_check_still_refuses_a_head_that_is_missing(
     r = check(tmp_path / "hf" / SAFE, model=_factory(tmp_path))
     assert not r.loads and r.problems.missing == (HEAD,)
     assert run_cli("check", tmp_path / "hf", "--model", _factory(tmp_path)).exit_code == 4
+
+
+# -- 4. inspect counts a tied weight once -------------------------------------------------------
+def test_parameters_count_tied_weights_once(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """Before: 30,080 (the tied wte counted twice) instead of 28,032."""
+    model = _train_pt(tmp_path / "train.pt")
+    expected = sum(p.numel() for p in model.parameters())
+    assert expected == model.num_parameters() == 28_032
+    torch.save(model.state_dict(), tmp_path / "fixed.pt")
+    model.save_pretrained(tmp_path / "hf")
+    assert (
+        run_cli("to-safetensors", tmp_path / "fixed.pt", tmp_path / "m.safetensors").exit_code == 0
+    )
+    for path in ("fixed.pt", "train.pt", "hf", "m.safetensors"):
+        res = run_cli("inspect", "--json", tmp_path / path)
+        assert json.loads(res.stdout)["parameters"] == expected, path
+    assert (
+        "29 in 28 storages, 28,032 parameters" in run_cli("inspect", tmp_path / "fixed.pt").stdout
+    )

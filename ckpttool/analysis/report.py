@@ -138,17 +138,21 @@ def _devices(storages: list[StorageInfo]) -> dict[str, dict[str, int]]:
 
 
 def _parameters(tensors: list[TensorInfo], sds: list[Any]) -> int:
-    """Elements in the state dicts (each tensor once), or in every tensor if there is none."""
-    if not sds:
-        return sum(t.numel for t in tensors)
+    """Elements in the state dicts, or in every tensor if there is none; a tensor is counted
+    once however many names reach it, and so are names for one view of one storage (tied
+    weights such as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``), as
+    ``sum(p.numel() for p in model.parameters())`` counts a tied parameter once."""
+    prefixes = [f"{sd.path}." if sd.path else "" for sd in sds]
+    counted: set[Any] = set()
     params = 0
-    counted: set[int] = set()
-    for sd in sds:
-        prefix = f"{sd.path}." if sd.path else ""
-        for t in tensors:
-            if t.name.startswith(prefix) and id(t.ref) not in counted:
-                counted.add(id(t.ref))
-                params += t.numel
+    for t in tensors:
+        if sds and not any(t.name.startswith(p) for p in prefixes):
+            continue
+        s = t.storage
+        view = (s.file, s.key, t.storage_offset, t.shape, t.stride, t.dtype) if s else id(t.ref)
+        if view not in counted and id(t.ref) not in counted:
+            counted.update((view, id(t.ref)))
+            params += t.numel
     return params
 
 
