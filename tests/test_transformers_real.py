@@ -139,6 +139,10 @@ def test_folder_reads_what_from_pretrained_loads(
 
 
 def test_config_transformers_weights_wins(staged: dict[str, Path], tmp_path: Path) -> None:
+    import inspect
+
+    if "transformers_weights" not in inspect.getsource(transformers.modeling_utils):
+        pytest.skip(f"transformers {transformers.__version__} ignores transformers_weights")
     folder = combine(staged, (SAFE, SAFE_INDEX), tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": SAFE_INDEX}))
@@ -329,7 +333,7 @@ def test_check_against_a_folder_whose_config_ties_the_head(
         assert "(config.json: tie_word_embeddings, true by default)" in res.stdout
     # transformers 4 left the default (true) out of config.json
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    del config["tie_word_embeddings"]
+    config.pop("tie_word_embeddings", None)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert transformers.GPT2Config.from_pretrained(tmp_path / "hf").tie_word_embeddings
     assert check(tmp_path / "fixed.pt", tmp_path / "hf").loads
