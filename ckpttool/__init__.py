@@ -23,6 +23,7 @@ _EXPORTS = {
     "TensorInfo": "ckpttool.model",
     "StorageInfo": "ckpttool.model",
     "CheckpointError": "ckpttool.errors",
+    "CheckpointWarning": "ckpttool.errors",
     "convert": "ckpttool.ops.convert",
     "ConvertResult": "ckpttool.ops.convert",
     "to_safetensors": "ckpttool.ops.to_safetensors",

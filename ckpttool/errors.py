@@ -19,6 +19,7 @@ EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM / SIGHUP: nothing was written
 # says the same with its flags (``cli.REMEDIES``): the library never names a flag.
 REMEDIES = {
     "force": "; pass force=True to replace it",
+    "force_set": "; pass force=True to replace that set",
     "in_place": "; pass in_place=True to replace it",
     "key": " (key)",
     "choose_key": "; choose one with key=PATH",
@@ -52,6 +53,11 @@ class CheckpointError(Exception):
         self.remedy = remedy
         text = message + (REMEDIES[remedy] if remedy else "")
         super().__init__(f"{self.path}: {text}" if self.path is not None else text)
+
+
+class CheckpointWarning(UserWarning):
+    """Something the caller should know that does not stop the work (a folder holding two
+    weight sets, of which one is read)."""
 
 
 class DangerousCheckpointError(CheckpointError):

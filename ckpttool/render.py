@@ -73,8 +73,17 @@ def _header(report: dict[str, Any]) -> list[str]:
         if facts.get("byteorder") == "big":
             fmt_name += ", big-endian"
         fmt_name += ")"
+    folder = report.get("folder")
+    chosen = []
+    if folder:  # a model folder: which file was read, as transformers chooses it
+        why = {"config": "config.json's transformers_weights", "index": "its only index"}.get(
+            folder["chosen_by"], "what transformers loads"
+        )
+        ignored = f"; ignored: {', '.join(folder['ignored'])}" if folder["ignored"] else ""
+        chosen = [f"folder:   {escape(folder['path'])} (read {folder['weights']}: {why}{ignored})"]
     return [
         f"path:     {escape(report['path'])}",
+        *chosen,
         f"format:   {fmt_name}",
         f"size:     {human_bytes(report['file_bytes'])} ({report['file_bytes']:,} bytes)",
         f"tensors:  {report['tensor_count']:,} in {report['storage_count']:,} storages, "

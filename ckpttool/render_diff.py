@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .ops.check import CheckResult, Problems, group_keys
 from .ops.diff import DiffResult, TensorDiff
-from .ops.sides import KeySpec
+from .ops.keysets import KeySpec
 from .render import escape
 
 SCHEMA = 1
@@ -72,6 +72,8 @@ def diff_dict(r: DiffResult) -> dict[str, Any]:
         "entries": [{"path": e.path, "a": e.a, "b": e.b} for e in r.entries],
         "options": {"values": r.values, "atol": r.atol, "rtol": r.rtol},
         "dangerous": list(r.dangerous),
+        "not_compared": {"a": list(r.unheld_a), "b": list(r.unheld_b)},
+        "notes": list(r.notes),
     }
 
 
@@ -105,6 +107,7 @@ def diff_text(r: DiffResult, fmt: str = "simple") -> str:
         f"A: {escape(r.a)} ({_scope(r.scope_a)}, {_n(len(r.tensors) + len(r.only_a), 'tensor')})",
         f"B: {escape(r.b)} ({_scope(r.scope_b)}, {_n(len(r.tensors) + len(r.only_b), 'tensor')})",
     ]
+    lines += [f"note: {escape(n)}" for n in r.notes]
     if r.alignment is not None:
         lines.append(f"keys: {escape(r.alignment.description)} (compared after aligning them)")
     for title, keys in (("only in A", r.only_a), ("only in B", r.only_b)):
@@ -148,8 +151,25 @@ def diff_text(r: DiffResult, fmt: str = "simple") -> str:
             lines.append(f"  {escape(e.path)}: {a} -> {b}")
         if len(r.entries) > 50:
             lines.append(f"  ... and {len(r.entries) - 50} more")
-    lines += ["", _diff_verdict(r)]
+    unheld = _unheld(r)
+    lines += ["", *([unheld] if unheld else []), _diff_verdict(r)]
     return "\n".join(lines)
+
+
+def _unheld(r: DiffResult) -> str:
+    """One line for the entries a safetensors side cannot hold (not compared)."""
+    parts = []
+    for side, names in (("A", r.unheld_a), ("B", r.unheld_b)):
+        if names:
+            shown = ", ".join(escape(n) for n in names[:6])
+            more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+            parts.append(f"{_n(len(names), 'entry')} of {side} ({shown}{more})")
+    if not parts:
+        return ""
+    return (
+        f"not compared: {' and '.join(parts)}, which the other side does not hold "
+        "(safetensors holds tensors and string metadata only)"
+    )
 
 
 def _diff_verdict(r: DiffResult) -> str:
@@ -206,6 +226,7 @@ def check_dict(r: CheckResult, command: str | None) -> dict[str, Any]:
         "fix_command": command,
         "after_fixes": _problems_dict(r.after_fixes),
         "dangerous": list(r.dangerous),
+        "notes": list(r.notes),
         "diagnoses": [
             {"kind": d.kind, "message": d.message, "keys": list(d.keys)} for d in r.diagnoses
         ],
@@ -232,6 +253,7 @@ def check_text(r: CheckResult, command: str | None) -> str:
     p = r.problems
     where = "" if not r.state_dict else f", state dict '{escape(r.state_dict)}'"
     lines = [f"checkpoint: {escape(r.checkpoint)}{where}", f"model:      {escape(r.against)}"]
+    lines += [f"note: {escape(n)}" for n in r.notes]
     if r.loads:
         lines.append("would load (strict=True)")
     else:

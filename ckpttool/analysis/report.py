@@ -10,7 +10,8 @@ from collections import defaultdict
 from typing import Any
 
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
-from ..tree import alias_names, aliases, children
+from ..readers.hf_folder import note as folder_note
+from ..tree import alias_names, aliases, children, walk
 from ..unpickling.policy import classify
 from .describe import describe
 from .fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
@@ -150,17 +151,21 @@ def _devices(storages: list[StorageInfo]) -> dict[str, dict[str, int]]:
 
 
 def _parameters(tensors: list[TensorInfo], sds: list[Any]) -> int:
-    """Elements in the state dicts (each tensor once), or in every tensor if there is none."""
-    if not sds:
-        return sum(t.numel for t in tensors)
+    """Elements in the state dicts, or in every tensor if there is none; a tensor is counted
+    once however many names reach it, and so are names for one view of one storage (tied
+    weights such as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``), as
+    ``sum(p.numel() for p in model.parameters())`` counts a tied parameter once."""
+    prefixes = [f"{sd.path}." if sd.path else "" for sd in sds]
+    counted: set[Any] = set()
     params = 0
-    counted: set[int] = set()
-    for sd in sds:
-        prefix = f"{sd.path}." if sd.path else ""
-        for t in tensors:
-            if t.name.startswith(prefix) and id(t.ref) not in counted:
-                counted.add(id(t.ref))
-                params += t.numel
+    for t in tensors:
+        if sds and not any(t.name.startswith(p) for p in prefixes):
+            continue
+        s = t.storage
+        view = (s.file, s.key, t.storage_offset, t.shape, t.stride, t.dtype) if s else id(t.ref)
+        if view not in counted and id(t.ref) not in counted:
+            counted.update((view, id(t.ref)))
+            params += t.numel
     return params
 
 
@@ -193,7 +198,11 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "globals": _global_rows(ckpt),
         "verdict": _verdict(ckpt),
         "shared": _shared_summary(tensors, shared),
-        "facts": _jsonable({k: v for k, v in ckpt.facts.items() if k != "distributed"}),
+        "facts": _jsonable(
+            {k: v for k, v in ckpt.facts.items() if k not in ("distributed", "folder")}
+        ),
+        # opened from a folder: {path, weights (the file read), chosen_by, ignored}
+        "folder": _jsonable(ckpt.facts.get("folder")),
         "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter, meta),
     }
     from ..readers.distributed import describe_distributed
@@ -241,6 +250,9 @@ def _jsonable(value: Any) -> Any:
 def warnings(report: dict[str, Any]) -> list[Finding]:
     """Plain-language problems with this file, each with its fix (``Finding.fix``) if any."""
     out = _device_warnings(report) + _prefix_warnings(report) + _global_warnings(report)
+    two_sets = folder_note(report.get("folder"))
+    if two_sets:
+        out.insert(0, Finding(two_sets))
     if report["format"] == "legacy":
         out.append(
             Finding(

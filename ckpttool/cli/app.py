@@ -35,6 +35,7 @@ Exit codes:
 # argument names: ckpttool.errors.REMEDIES).
 REMEDIES = {
     "force": "; pass --force to replace it",
+    "force_set": "; pass --force to replace that set",
     "in_place": "; pass --in-place to replace it",
     "key": " (--key)",
     "choose_key": "; choose one with --key",

@@ -214,7 +214,7 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
     for item in result.left_out:
         click.echo(f"left out: {escape(left_out_text(item))}", err=True)
     for note in result.notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"note: {escape(note)}", err=True)
     check = "verified" if result.verified else "not verified"
     where = escape(output_path)
     files = f" in {len(result.files) - 1} shards" if sharded else ""

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
-from .sides import KeySet, KeySpec, checkpoint_keys, model_keys
+from .keysets import KeySet, KeySpec, checkpoint_keys, model_keys, with_config_ties
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class CheckResult:
     after_fixes: Problems  # what would remain after them (and after selecting the state dict)
     diagnoses: tuple[Diagnosis, ...]
     dangerous: tuple[str, ...] = ()  # dangerous globals either file names (never run)
+    notes: tuple[str, ...] = ()  # about the inputs (a folder holding two weight sets)
 
     @property
     def loads(self) -> bool:
@@ -287,6 +288,18 @@ def _tied(fixes: list[KeyFix], after: Problems, ref: KeySet, ck: KeySet) -> list
                 f"otherwise drop {k}"
             )
             out.append(Diagnosis("tied", message, (k, partners[0])))
+    for k, stored in ck.recorded:
+        message = (
+            f"{k} is stored once as {stored} (recorded in ckpttool.aliases): ckpttool.load "
+            "returns both names; safetensors.torch.load_file only the stored one"
+        )
+        out.append(Diagnosis("tied", message, (k, stored)))
+    for k, stored in ref.implied:
+        message = (
+            f"{k} is stored once as {stored} in the reference, a Hugging Face model that ties "
+            "them (config.json: tie_word_embeddings, true by default): the model holds both"
+        )
+        out.append(Diagnosis("tied", message, (k, stored)))
     return out
 
 
@@ -324,9 +337,17 @@ def check(
         raise CheckpointError(None, "give either a reference checkpoint or a model factory")
     ck = checkpoint_keys(ckpt_path, key)
     ref = model_keys(model) if model is not None else checkpoint_keys(os.fspath(against or ""))
-    problems = compare(ck.keys, ref.keys)
+    ref_as_is = with_config_ties(ref, ck.tied)
+    problems = compare(ck.keys, ref_as_is.keys)
     fixes = find_fixes(ck.keys, ref.keys) if problems.missing or problems.unexpected else []
-    after = compare(apply_fixes(ck.keys, fixes), ref.keys) if fixes else problems
+    if fixes:  # the tied names as the fixes rename them
+        renamed = [
+            tuple(apply_fixes(dict.fromkeys(g, KeySpec(None, None)), fixes)) for g in ck.tied
+        ]
+        ref = with_config_ties(ref, renamed)
+        after = compare(apply_fixes(ck.keys, fixes), ref.keys)
+    else:
+        ref, after = ref_as_is, problems
     diagnoses = _diagnose(ck.path, fixes, after, ref, ck)
     return CheckResult(
         checkpoint=ck.source,
@@ -337,6 +358,7 @@ def check(
         after_fixes=after,
         diagnoses=tuple(diagnoses),
         dangerous=tuple(dict.fromkeys(ck.dangerous + ref.dangerous)),
+        notes=tuple(dict.fromkeys(ck.notes + ref.notes)),
     )
 
 

@@ -270,7 +270,7 @@ def _consolidate_st(
     items, result.left_out = _safetensors_items(src, chosen, dtype)
     meta = {**_scalars(root), "format": "pt"}
     if limit is None:
-        with atomic_file(dst) as tmp:
+        with atomic_file(dst, weight_set=True) as tmp:
             write_st(tmp, items, meta, sources, cb)
             if verify:
                 verify_file(tmp, items, meta, sources)

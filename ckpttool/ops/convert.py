@@ -17,6 +17,7 @@ from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..readers.hf_folder import note as folder_note
 from ..tree import KEEP, get_path, transform, walk
 from ..unpickling.policy import check_writable
 from ..unpickling.unpickler import StorageValue
@@ -225,7 +226,8 @@ def convert(
             "is a TorchScript archive (code and weights): convert does not rewrite it",
             remedy="extract_torchscript",
         )
-    result = ConvertResult(src, dst, 0, 0, 0)
+    two_sets = folder_note(ckpt.facts.get("folder"))  # an input folder with two weight sets
+    result = ConvertResult(src, dst, 0, 0, 0, notes=[two_sets] if two_sets else [])
     root = _select(ckpt, only)
     root = _rename(src, root, ops, key, result)
     memory: dict[str, MemoryStorage] = {}

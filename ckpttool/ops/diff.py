@@ -8,14 +8,15 @@ Non-tensor entries (epoch, args, optimizer settings) are compared by their descr
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import sides
-from .sides import Files, Operand, Side, open_side
+from .diff_tensors import TensorDiff, ValueStats, compare_tensors
+from .sides import Files, Side, open_side
+
+__all__ = ["DiffResult", "EntryDiff", "KeyAlignment", "TensorDiff", "ValueStats", "diff"]
 
 Progress = Callable[[int], None]
 # progress(total_bytes) may return a callback that receives byte counts (as the writers take it)
@@ -76,40 +77,6 @@ def align_keys(keys_a: Iterable[str], keys_b: Iterable[str]) -> KeyAlignment | N
     return best
 
 
-# -- comparing tensors ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ValueStats:
-    """How far B's values are from A's (computed in float64; NaN matches NaN)."""
-
-    max_abs: float  # max |a - b|
-    mean_abs: float  # mean |a - b|
-    rel_l2: float  # ||a - b|| / ||a|| (0 when equal, inf when A is all zeros and B is not)
-    differing: int  # elements with |a - b| > atol + rtol * |b|
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorDiff:
-    """One key present in both inputs."""
-
-    key: str  # A's key
-    key_b: str  # B's key (differs from ``key`` when the keys were aligned)
-    dtype_a: str
-    dtype_b: str
-    shape_a: tuple[int, ...]
-    shape_b: tuple[int, ...]
-    equal: bool | None  # elements bit for bit the same; None when the shapes differ
-    stats: ValueStats | None = None  # with values; None when not computed or not comparable
-
-    @property
-    def differs(self) -> bool:
-        if self.dtype_a != self.dtype_b or self.shape_a != self.shape_b:
-            return True
-        if self.stats is not None:
-            return self.stats.differing > 0
-        return not self.equal
-
-
 @dataclass(frozen=True)
 class EntryDiff:
     """A non-tensor entry whose description differs (None: absent on that side)."""
@@ -139,6 +106,11 @@ class DiffResult:
     left_out_a: int = 0  # tensors outside the compared state dict
     left_out_b: int = 0
     dangerous: tuple[str, ...] = ()  # dangerous globals either pickle names (never run)
+    # With a safetensors side: entries of A (of B) that the other side does not hold
+    # (optimizer state, objects, scalars it does not carry): not compared, not a difference.
+    unheld_a: tuple[str, ...] = ()
+    unheld_b: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # about the inputs (a folder holding two weight sets)
 
     @property
     def changed(self) -> tuple[TensorDiff, ...]:
@@ -147,133 +119,6 @@ class DiffResult:
     @property
     def equal(self) -> bool:
         return not (self.only_a or self.only_b or self.entries or self.alignment or self.changed)
-
-
-def _pairs(ia: Iterator[Any], ib: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
-    """Pieces of two element streams cut to equal lengths, whatever sizes each side yields."""
-    a = b = None
-    while True:
-        if a is None or not len(a):
-            a = next(ia, None)
-        if b is None or not len(b):
-            b = next(ib, None)
-        if a is None or b is None:
-            return
-        n = min(len(a), len(b))
-        yield a[:n], b[:n]
-        a, b = a[n:], b[n:]
-
-
-class _Accumulator:
-    """Value statistics over the pieces of one pair of tensors, in reused float64 buffers."""
-
-    def __init__(self, atol: float, rtol: float, dtype_a: str, dtype_b: str) -> None:
-        import numpy as np
-
-        self.atol, self.rtol = atol, rtol
-        self.dtype_a, self.dtype_b = dtype_a, dtype_b
-        self.max_abs = 0.0
-        self.sum_abs = self.sum_sq = self.ref_sq = 0.0
-        self.differing = self.numel = 0
-        n = sides.CHUNK_ELEMENTS
-        self.fa, self.fb, self.d = np.empty(n), np.empty(n), np.empty(n)
-        self.mask = np.empty(n, dtype=bool)
-
-    def add(self, pa: Any, pb: Any, same_bits: bool) -> None:
-        import numpy as np
-
-        from ..analysis.arrays import as_float64
-
-        k = len(pa)
-        self.numel += k
-        fa = as_float64(pa, self.dtype_a, self.fa[:k] if k <= len(self.fa) else None)
-        if same_bits:  # nothing differs here: only ||a|| grows
-            self._ref(fa)
-            return
-        fb = as_float64(pb, self.dtype_b, self.fb[:k] if k <= len(self.fb) else None)
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: handled below
-            if np.iscomplexobj(fa) or np.iscomplexobj(fb) or k > len(self.d):
-                d = np.abs(fa - fb)
-            else:
-                d = np.subtract(fa, fb, out=self.d[:k])
-                np.abs(d, out=d)
-        finite = np.isfinite(d).all()
-        if not finite:
-            d = self._non_finite(fa, fb, d)
-        self.max_abs = max(self.max_abs, float(d.max()))
-        self.sum_abs += float(d.sum())
-        self.sum_sq += float(np.dot(d, d)) if finite else float(np.sum(d * d))
-        self._ref(fa)
-        if self.atol == 0 and self.rtol == 0:
-            self.differing += int(np.count_nonzero(d))
-        else:
-            with np.errstate(invalid="ignore"):
-                thr = np.abs(fb) * self.rtol + self.atol
-                self.differing += int(np.count_nonzero((d > thr) | np.isinf(d)))
-
-    def _ref(self, fa: Any) -> None:
-        import numpy as np
-
-        if np.iscomplexobj(fa):
-            fa = np.abs(fa)
-        r = float(np.dot(fa, fa))
-        if not np.isfinite(r):
-            ok = fa[np.isfinite(fa)]
-            r = float(np.dot(ok, ok))
-        self.ref_sq += r
-
-    @staticmethod
-    def _non_finite(fa: Any, fb: Any, d: Any) -> Any:
-        """|a - b| where NaN matches NaN and inf matches inf; other NaNs count as inf."""
-        import numpy as np
-
-        with np.errstate(invalid="ignore"):
-            same = (fa == fb) | (np.isnan(fa) & np.isnan(fb))
-        d = np.where(same, 0.0, d)
-        d[np.isnan(d)] = np.inf
-        return d
-
-    def stats(self) -> ValueStats:
-        if self.sum_sq == 0:
-            rel = 0.0
-        else:
-            rel = math.sqrt(self.sum_sq) / math.sqrt(self.ref_sq) if self.ref_sq else math.inf
-        mean = self.sum_abs / self.numel if self.numel else 0.0
-        return ValueStats(self.max_abs, mean, rel, self.differing, self.numel)
-
-
-def compare_tensors(
-    a: Operand,
-    b: Operand,
-    files: Files,
-    *,
-    values: bool = False,
-    atol: float = 0.0,
-    rtol: float = 0.0,
-    progress: Progress | None = None,
-) -> TensorDiff:
-    """Compare two tensors piece by piece: bit equality, and with ``values`` the statistics."""
-    import numpy as np
-
-    from ..analysis.arrays import PACKED, bits_view
-
-    same_kind = a.dtype == b.dtype
-    if a.shape != b.shape:
-        return TensorDiff(a.name, b.name, a.dtype, b.dtype, a.shape, b.shape, None)
-    want_values = values and a.dtype not in PACKED and b.dtype not in PACKED
-    acc = _Accumulator(atol, rtol, a.dtype, b.dtype) if want_values else None
-    equal = same_kind
-    for pa, pb in _pairs(a.chunks(files), b.chunks(files)):
-        same = same_kind and np.array_equal(bits_view(pa), bits_view(pb))
-        equal = equal and same
-        if acc is not None:
-            acc.add(pa, pb, same)
-        elif not equal:
-            break
-        if progress:
-            progress(pa.nbytes + pb.nbytes)
-    stats = acc.stats() if acc is not None else None
-    return TensorDiff(a.name, b.name, a.dtype, b.dtype, a.shape, b.shape, equal, stats)
 
 
 def _open_sides(a: Any, b: Any, all_tensors: bool) -> tuple[Side, Side]:
@@ -301,17 +146,71 @@ def _match(
     return alignment, matched, only_a, only_b
 
 
+def _entries(
+    a: Side, b: Side
+) -> tuple[tuple[EntryDiff, ...], int, tuple[str, ...], tuple[str, ...]]:
+    """(the differing entries, how many were compared, A's not compared, B's not compared).
+
+    Between two pickled checkpoints: every non-tensor entry. When a side is safetensors
+    (tensors and string metadata only), what it can hold: the other side's top-level scalars
+    as ``to-safetensors`` stores them, against its metadata, where both hold the key; the
+    rest is listed as not compared (it could not be there), not counted as a difference.
+    """
+    unheld_a: tuple[str, ...] = ()
+    unheld_b: tuple[str, ...] = ()
+    if not (a.tensors_only or b.tensors_only):
+        ea, eb = a.entries, b.entries
+    else:
+        ea = a.entries if a.tensors_only else a.scalars
+        eb = b.entries if b.tensors_only else b.scalars
+        unheld_a = tuple(k for k in ea if k not in eb) + (() if a.tensors_only else a.unheld)
+        unheld_b = tuple(k for k in eb if k not in ea) + (() if b.tensors_only else b.unheld)
+        ea, eb = {k: v for k, v in ea.items() if k in eb}, {k: v for k, v in eb.items() if k in ea}
+    paths = dict.fromkeys([*ea, *eb])
+    entries = tuple(EntryDiff(p, ea.get(p), eb.get(p)) for p in paths if ea.get(p) != eb.get(p))
+    return entries, len(paths), unheld_a, unheld_b
+
+
+def _config_tied(
+    a: Side, b: Side, matched: dict[str, str], only_a: tuple[str, ...], only_b: tuple[str, ...]
+) -> tuple[list[tuple[str, str]], tuple[str, ...], tuple[str, ...], list[str]]:
+    """The pairs to compare, the keys left only in A and only in B, and a note per tied name
+    a Hugging Face folder stores once because its ``config.json`` ties them
+    (``tie_word_embeddings``): a key only the other side holds, whose tensor there is the
+    same as that of a matched key, is compared with the folder's tensor for that key
+    (``lm_head.weight`` with ``transformer.wte.weight``)."""
+    pairs = list(matched.items())
+    by_b = {kb: ka for ka, kb in matched.items()}
+    notes: list[str] = []
+    done_a, done_b = set(), set()
+    for k in only_a if b.ties_config else ():
+        p = next((p for p in a.tied.get(k, ()) if p in matched), None)
+        if p is not None:
+            pairs.append((k, matched[p]))
+            done_a.add(k)
+            notes.append(f"B stores {k} once as {matched[p]} (its config.json ties them)")
+    for k in only_b if a.ties_config else ():
+        p = next((p for p in b.tied.get(k, ()) if p in by_b), None)
+        if p is not None:
+            pairs.append((by_b[p], k))
+            done_b.add(k)
+            notes.append(f"A stores {k} once as {by_b[p]} (its config.json ties them)")
+    only_a = tuple(k for k in only_a if k not in done_a)
+    only_b = tuple(k for k in only_b if k not in done_b)
+    return pairs, only_a, only_b, notes
+
+
 def _compare_matched(
     side_a: Side,
     side_b: Side,
-    matched: dict[str, str],
+    matched: list[tuple[str, str]],
     values: bool,
     atol: float,
     rtol: float,
     progress: ProgressFactory | None,
 ) -> tuple[TensorDiff, ...]:
     """Every matched pair compared, streamed from the inputs' files."""
-    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched.items())
+    total = sum(side_a.tensors[ka].nbytes + side_b.tensors[kb].nbytes for ka, kb in matched)
     tick = progress(total) if progress is not None else None
     files = Files()
     try:
@@ -325,7 +224,7 @@ def _compare_matched(
                 rtol=rtol,
                 progress=tick,
             )
-            for ka, kb in matched.items()
+            for ka, kb in matched
         )
     finally:
         files.close()
@@ -345,6 +244,9 @@ def diff(
 
     The model state dicts are compared when both hold one (else every tensor by its dotted
     path); keys that differ only by a wrapper prefix are aligned (``result.alignment``).
+    A safetensors side holds its tied tensors under every name (``ckpttool.aliases``, and
+    :func:`_config_tied`); against it only what safetensors can hold is compared
+    (:func:`_entries`): ``to-safetensors``' output compares equal to its input.
     Tensors in both are compared bit for bit, streamed piece by piece; with ``values`` also max
     and mean absolute difference, relative L2 and the number of elements outside
     ``atol + rtol * |b|`` (float64 arithmetic).
@@ -360,18 +262,13 @@ def diff(
     Returns:
         A :class:`DiffResult`; ``result.equal`` is False when anything differs.
 
-    Example:
-        >>> r = diff("best.pth", "best.safetensors", values=True)
-        >>> r.equal, [t.key for t in r.changed]
+    Example: ``diff("best.pth", "best.safetensors", values=True).changed``
     """
     side_a, side_b = _open_sides(a, b, all_tensors)
     alignment, matched, only_a, only_b = _match(list(side_a.tensors), list(side_b.tensors))
-    pairs = _compare_matched(side_a, side_b, matched, values, atol, rtol, progress)
-    entries = tuple(
-        EntryDiff(p, side_a.entries.get(p), side_b.entries.get(p))
-        for p in dict.fromkeys([*side_a.entries, *side_b.entries])
-        if side_a.entries.get(p) != side_b.entries.get(p)
-    )
+    to_compare, only_a, only_b, tied = _config_tied(side_a, side_b, matched, only_a, only_b)
+    pairs = _compare_matched(side_a, side_b, to_compare, values, atol, rtol, progress)
+    entries, compared, unheld_a, unheld_b = _entries(side_a, side_b)
     return DiffResult(
         a=side_a.path,
         b=side_b.path,
@@ -382,11 +279,14 @@ def diff(
         only_b=only_b,
         tensors=pairs,
         entries=entries,
-        entries_compared=len(set(side_a.entries) | set(side_b.entries)),
+        entries_compared=compared,
         values=values,
         atol=atol,
         rtol=rtol,
         left_out_a=side_a.left_out,
         left_out_b=side_b.left_out,
         dangerous=tuple(dict.fromkeys(side_a.dangerous + side_b.dangerous)),
+        unheld_a=unheld_a,
+        unheld_b=unheld_b,
+        notes=tuple(dict.fromkeys([*side_a.notes, *side_b.notes, *tied])),
     )

@@ -1,24 +1,30 @@
 """What each side of a comparison holds, read from the file's metadata (no tensor bytes).
 
 ``diff`` compares two :class:`Side` s: the tensors in scope as :class:`Operand` s (dtype, shape,
-and their elements piece by piece, mapped from the file) and the non-tensor entries. ``check``
-compares two :class:`KeySet` s: a state dict's keys, shapes and dtypes, from a checkpoint or
-from a model built on torch's meta device. A new input kind (a distributed checkpoint's logical
+and their elements piece by piece, mapped from the file) and the non-tensor entries; a
+safetensors side also its tied names and its metadata, any other side what safetensors could
+hold of it. ``check``'s sides (``keysets``) share the helpers below: the state dict chosen,
+tied names, the notes about a folder. A new input kind (a distributed checkpoint's logical
 view, say) plugs in by producing these.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..analysis.describe import describe
 from ..analysis.state_dicts import default_state_dict, find_state_dicts
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..readers.hf_folder import choose, config
+from ..readers.hf_folder import note as folder_note
+from ..readers.safetensors import ALIASES_KEY
 from ..tree import iter_tensors, walk
+from .to_safetensors import scalar_metadata
 
 CHUNK_ELEMENTS = 1 << 19  # elements compared at a time: a few MB of float64 temporaries
 MAX_ENTRIES = 100_000  # non-tensor leaves compared per side
@@ -47,6 +53,15 @@ class Side:
     entries: dict[str, str]  # dotted path -> description of a non-tensor value
     dangerous: tuple[str, ...] = ()
     left_out: int = 0  # tensors outside the state dict in scope (not compared)
+    notes: tuple[str, ...] = ()  # e.g. the folder holds a second weight set, not read
+    # A safetensors input holds tensors and string metadata only: ``entries`` are then its
+    # metadata. Other inputs say what safetensors would hold of them (``to-safetensors``):
+    # ``scalars``, their top-level scalars as strings, and ``unheld``, the entries it cannot.
+    tensors_only: bool = False
+    scalars: dict[str, str] = field(default_factory=dict)
+    unheld: tuple[str, ...] = ()
+    tied: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> its other names
+    ties_config: bool = False  # a Hugging Face folder whose config.json ties its embeddings
 
 
 class Files:
@@ -131,12 +146,18 @@ def _entries(root: Any, skip: str | None) -> dict[str, str]:
     return out
 
 
+def folder_notes(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The warning for an input folder holding two weight sets (of which one was read)."""
+    note = folder_note(ckpt.facts.get("folder"))
+    return (note,) if note else ()
+
+
 def dangerous_globals(ckpt: Checkpoint) -> tuple[str, ...]:
     """The dangerous globals any pickle of the checkpoint names (ckpttool never runs them)."""
     return tuple(ckpt.verdict.dangerous) if ckpt.verdict is not None else ()
 
 
-def _state_dict(ckpt: Checkpoint, key: str | None) -> Any:
+def chosen_state_dict(ckpt: Checkpoint, key: str | None) -> Any:
     """The state dict at dotted path ``key``, or the model's (None when there is none)."""
     if key is None:
         return default_state_dict(ckpt.root)
@@ -163,15 +184,28 @@ def open_side(
     if not isinstance(obj, Checkpoint):
         return _distributed_side(obj, all_tensors)
     dangerous = dangerous_globals(obj)
-    sd = None if all_tensors and key is None else _state_dict(obj, key)
+    sd = None if all_tensors and key is None else chosen_state_dict(obj, key)
     if sd is None:
         tensors = {n: _ref_operand(n, r) for n, r in iter_tensors(obj.root)}
-        return Side(obj.path, obj.format, None, tensors, _entries(obj.root, None), dangerous)
-    if sd.source == "dict":
-        named: Iterable[tuple[str, Any]] = sd.node.items()
+        side = Side(obj.path, obj.format, None, tensors, _entries(obj.root, None), dangerous)
     else:
-        named = iter_tensors(sd.node)
-    tensors = {k: _ref_operand(k, v) for k, v in named if isinstance(v, TensorRef)}
+        side = _state_dict_side(obj, sd, dangerous)
+    named = iter_tensors(obj.root) if sd is None else _named(sd)
+    tied = {k: tuple(o for o in g if o != k) for g in tied_groups(named) for k in g}
+    side = replace(side, notes=folder_notes(obj), tied=tied, ties_config=config_ties(obj))
+    if obj.format in TENSORS_ONLY:
+        return _tensors_only(side, obj)
+    scalars, left = scalar_metadata(obj.root, obj.root if sd is None else sd.node, sd is None)
+    return replace(side, scalars=scalars, unheld=tuple(x.name for x in left))
+
+
+def _named(sd: Any) -> Iterable[tuple[str, Any]]:
+    """A state dict's (key, value) pairs (a pickled module's tensors by path)."""
+    return sd.node.items() if sd.source == "dict" else iter_tensors(sd.node)
+
+
+def _state_dict_side(obj: Checkpoint, sd: Any, dangerous: tuple[str, ...]) -> Side:
+    tensors = {k: _ref_operand(k, v) for k, v in _named(sd) if isinstance(v, TensorRef)}
     left_out = len(obj.tensors()) - sum(1 for _ in iter_tensors(sd.node))
     entries = _entries(obj.root, sd.path)
     if sd.source == "dict":  # keys whose value is None (absent buffers) are keys too
@@ -179,6 +213,31 @@ def open_side(
             {f"{k} (in the state dict)": "None" for k, v in sd.node.items() if v is None}
         )
     return Side(obj.path, obj.format, sd.path, tensors, entries, dangerous, max(left_out, 0))
+
+
+# Formats that hold named tensors and string metadata only (safetensors, a sharded index).
+TENSORS_ONLY = ("safetensors", "hf-sharded")
+
+
+def recorded_aliases(ckpt: Checkpoint) -> dict[str, str]:
+    """{alias: stored name}: tied tensors ``to-safetensors`` stored once and recorded in
+    ``__metadata__["ckpttool.aliases"]`` (``ckpttool.load`` gives them back under every name)."""
+    if ckpt.format not in TENSORS_ONLY or not isinstance(ckpt.root, dict):
+        return {}
+    from ..readers.safetensors import recorded_aliases as parse
+
+    return parse(ckpt.path, ckpt.facts.get("metadata"), ckpt.root)
+
+
+def _tensors_only(side: Side, ckpt: Checkpoint) -> Side:
+    """A safetensors side: its tied tensors under every name, its metadata as its entries."""
+    tensors = dict(side.tensors)
+    for alias, stored in recorded_aliases(ckpt).items():
+        if stored in tensors:
+            tensors[alias] = replace(tensors[stored], name=alias)
+    meta = ckpt.facts.get("metadata") or {}
+    entries = {k: v for k, v in meta.items() if k not in ("format", ALIASES_KEY)}
+    return replace(side, tensors=tensors, entries=entries, tensors_only=True)
 
 
 def _distributed_side(dc: Any, all_tensors: bool) -> Side:
@@ -190,96 +249,41 @@ def _distributed_side(dc: Any, all_tensors: bool) -> Side:
     return Side(dc.path, dc.kind, scope, tensors, entries, (), len(dc.tensors) - len(chosen))
 
 
-# -- key sets (check) ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeySpec:
-    """What a state dict holds under one key (dtype and shape None: not a tensor)."""
-
-    dtype: str | None
-    shape: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class KeySet:
-    """One side of a check: a state dict's keys, and which keys name the same tensor."""
-
-    source: str  # the file, or the model factory
-    path: str | None  # the state dict's dotted path in the file ("" the root); None: a model
-    keys: dict[str, KeySpec]
-    tied: tuple[tuple[str, ...], ...] = ()  # groups of keys holding one tensor
-    dangerous: tuple[str, ...] = ()  # dangerous globals the file's pickle names (never run)
-
-
-def checkpoint_keys(path: str | os.PathLike[str], key: str | None = None) -> KeySet:
-    """The keys, shapes and dtypes of a checkpoint's model state dict (or the one at ``key``)."""
-    from ..readers import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    dangerous = dangerous_globals(ckpt)
-    sd = _state_dict(ckpt, key)
-    if sd is None:
-        if dangerous:
-            raise DangerousCheckpointError(ckpt.path, list(dangerous))
-        raise CheckpointError(ckpt.path, "holds no state dict (no mapping of names to tensors)")
-    named = list(sd.node.items()) if sd.source == "dict" else list(iter_tensors(sd.node))
-    keys: dict[str, KeySpec] = {}
+def tied_groups(named: Iterable[tuple[str, Any]]) -> list[tuple[str, ...]]:
+    """Groups of names whose tensors are the same view of one storage (tied weights)."""
     views: dict[tuple[Any, ...], list[str]] = {}
-    for name, value in named:
-        if isinstance(value, TensorRef):
-            keys[name] = KeySpec(value.dtype, tuple(value.shape))
-            if value.storage is not None:
-                where = (value.storage.file, value.storage.key, value.storage_offset)
-                views.setdefault((*where, value.shape, value.stride), []).append(name)
-        else:
-            keys[name] = KeySpec(None, None)
-    tied = tuple(tuple(g) for g in views.values() if len(g) > 1)
-    return KeySet(ckpt.path, sd.path, keys, tied, dangerous)
+    for name, ref in named:
+        if isinstance(ref, TensorRef) and ref.storage is not None and ref.numel:
+            where = (ref.storage.file, ref.storage.key, ref.storage_offset, ref.dtype)
+            views.setdefault((*where, ref.shape, ref.stride), []).append(name)
+    return [tuple(g) for g in views.values() if len(g) > 1]
 
 
-def model_keys(spec: str) -> KeySet:
-    """Build ``module:factory`` on torch's meta device and read its ``state_dict()`` keys.
+def config_ties(ckpt: Checkpoint) -> bool:
+    """Whether the Hugging Face model whose weights these are ties tensors that
+    ``save_pretrained`` then stores once (``lm_head.weight`` as ``transformer.wte.weight``).
 
-    This imports the module and runs the factory (user code): callers opt in explicitly. The
-    module may also be a ``.py`` file path; the working directory is importable.
+    True when the weights are a model folder's (opened from it, or the file it serves) whose
+    ``config.json`` does not set ``tie_word_embeddings`` to false (absent means true:
+    ``PretrainedConfig``'s default, which transformers 4 left out of the file) and whose
+    ``architectures``, when listed, are not all base models without a head (``GPT2Model``).
     """
-    import importlib
-    import importlib.util
-    import sys
+    fact = ckpt.facts.get("folder")
+    folder = fact["path"] if fact else os.path.dirname(ckpt.path) or "."
+    if not fact:
+        try:
+            chosen = choose(folder)
+        except CheckpointError:
+            return False
+        if chosen is None or os.path.abspath(chosen.path) != os.path.abspath(ckpt.path):
+            return False
+    cfg = config(folder)
+    if not cfg or cfg.get("tie_word_embeddings", True) is not True:
+        return False
+    names = cfg.get("architectures")
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return not all(_BASE_MODEL.fullmatch(n) for n in names)
+    return True
 
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise CheckpointError(None, f"model {spec!r} is not MODULE:FACTORY")
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        if module_name.endswith(".py"):
-            loaded = importlib.util.spec_from_file_location("_ckpttool_model", module_name)
-            if loaded is None or loaded.loader is None:
-                raise CheckpointError(module_name, "cannot be imported")
-            module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-        import torch
 
-        with torch.device("meta"):
-            model = factory()
-        state = model.state_dict(keep_vars=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # user code: any failure is reported as one line
-        raise CheckpointError(None, f"building the model {spec!r} failed: {exc!r}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    keys: dict[str, KeySpec] = {}
-    by_id: dict[int, list[str]] = {}
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            keys[name] = KeySpec(str(value.dtype).removeprefix("torch."), tuple(value.shape))
-            by_id.setdefault(id(value), []).append(name)
-        else:
-            keys[name] = KeySpec(None, None)
-    return KeySet(spec, None, keys, tuple(tuple(g) for g in by_id.values() if len(g) > 1))
+_BASE_MODEL = re.compile(r"(?!.*(?:For|Head)).*Model")  # GPT2Model, BertModel: no head

@@ -19,6 +19,9 @@ from ..analysis.describe import numpy_scalar_value
 from ..analysis.state_dicts import default_state_dict
 from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..readers.hf_folder import SAFE_WEIGHTS, choose
+from ..readers.hf_folder import note as folder_note
+from ..readers.safetensors import ALIASES_KEY  # __metadata__: JSON {alias: stored name}
 from ..tree import children, get_path, iter_tensors
 from ..writers import copy as bytecopy
 from ..writers import numeric
@@ -38,7 +41,6 @@ from .left_out import (
 from .prepare import cast_targets, check_cast, dense_entries, key_ops, open_source, parse_size
 
 Progress = Callable[[int], None]
-ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry: JSON {alias: stored name}
 RESERVED_METADATA = ("format", ALIASES_KEY)
 
 
@@ -55,7 +57,8 @@ class SafetensorsResult:
     renamed: int = 0
     verified: bool = False
     # what a reader of the output should know: dtypes whose safetensors code only newer
-    # safetensors releases read (an older one refuses the whole file)
+    # safetensors releases read (an older one refuses the whole file), a folder holding two
+    # weight sets
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,7 +92,7 @@ def _select(
     return node, dense_entries(node)
 
 
-def _scalar_metadata(
+def scalar_metadata(
     root: Any, chosen: Any, all_: bool = False
 ) -> tuple[dict[str, str], list[LeftOut]]:
     """Top-level scalar entries (epoch, step, best metric) as strings; what was left out."""
@@ -238,7 +241,23 @@ def to_safetensors(
         shards = assign_shards(items, groups if duplicate_shared else [], shard_limit)
     result.files = _write(dst, items, shards, meta, cb, verify, total)
     result.verified = verify
+    result.notes = folder_notes(ckpt, dst, shard_limit is not None)
     return result
+
+
+def folder_notes(ckpt: Checkpoint, dst: str, sharded: bool) -> list[str]:
+    """The input's folder, and the output's once written, if either holds two weight sets
+    (a ``pytorch_model.bin`` beside the new ``model.safetensors``, say)."""
+    notes = [folder_note(ckpt.facts.get("folder"))]
+    if sharded or os.path.basename(dst) == SAFE_WEIGHTS:
+        folder = dst if sharded else os.path.dirname(dst) or "."
+        try:
+            chosen = choose(folder)
+        except CheckpointError as exc:  # a config.json naming weights that are not there
+            notes.append(exc.message)
+        else:
+            notes.append(folder_note(chosen.fact() if chosen else None))
+    return list(dict.fromkeys(n for n in notes if n))
 
 
 def _write(
@@ -254,7 +273,7 @@ def _write(
     sources = bytecopy.Sources()
     try:
         if shards is None:
-            with atomic_file(dst) as tmp:
+            with atomic_file(dst, weight_set=True) as tmp:
                 write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
                     verify_file(tmp, items, meta, sources)
@@ -349,7 +368,7 @@ def _output_metadata(
 ) -> tuple[dict[str, str], list[LeftOut]]:
     """The output's ``__metadata__`` (carried, scalars, the caller's, aliases); what was left
     out of it."""
-    meta, left = _scalar_metadata(ckpt.root, chosen, all_tensors)
+    meta, left = scalar_metadata(ckpt.root, chosen, all_tensors)
     carried = ckpt.facts.get("metadata") or {}  # a safetensors input's own metadata
     for k in RESERVED_METADATA:
         if metadata and k in metadata:

@@ -82,38 +82,17 @@ def _check_file(path: str) -> int:
     return st.st_size
 
 
-# A Hugging Face model folder's weights, in the order transformers looks for them.
-HF_WEIGHTS = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-
-
-def _find_index(folder: str) -> str | None:
-    """The file a folder opens as: its one ``*.index.json``, else the weights of a Hugging
-    Face model folder (``model.safetensors``, ``pytorch_model.bin``, ...)."""
-    try:
-        names = set(os.listdir(folder))
-    except OSError:
-        return None
-    indexes = sorted(n for n in names if n.endswith(".index.json"))
-    if len(indexes) == 1:
-        return os.path.join(folder, indexes[0])
-    found = next((n for n in HF_WEIGHTS if n in names), None)
-    return os.path.join(folder, found) if found else None
-
-
 def open_checkpoint(
     path: str | os.PathLike[str], *, _allow_index: bool = True, _judge: bool = True
 ) -> Checkpoint:
     """Read a checkpoint's structure without reading tensor bytes or running pickled code.
 
     Raises :class:`~ckpttool.errors.CheckpointError` (one line naming the file) on bad input.
-    A folder holding one ``*.index.json`` opens as a sharded checkpoint, a Hugging Face
-    model folder as its ``model.safetensors`` (or ``pytorch_model.bin``). (``_judge=False``:
-    no safety verdict, for a writer re-reading the output it has just written itself.)
+    A Hugging Face model folder opens as the weights transformers loads from it
+    (``readers/hf_folder.py``: ``model.safetensors`` first; ``facts["folder"]`` says which and
+    what it ignored), another folder holding one ``*.index.json`` as that sharded checkpoint.
+    (``_judge=False``: no safety verdict, for a writer re-reading the output it has just
+    written itself.)
     """
     path = os.fspath(path)
     if _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
@@ -124,10 +103,13 @@ def open_checkpoint(
         if deepspeed.is_deepspeed_folder(path):
             # only the files of the tag being read decide the verdict, not older tags beside it
             return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
+    chosen = None
     if _allow_index and os.path.isdir(path):
-        index = _find_index(path)
-        if index is not None:
-            path = index
+        from .hf_folder import choose
+
+        chosen = choose(path)  # the weights transformers loads, or the folder's one index
+        if chosen is not None:
+            path = chosen.path
     size = _check_file(path)
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
@@ -154,6 +136,8 @@ def open_checkpoint(
         verdict = merge([verdict, scan_files(others, dcp_items=item_ranges)])
     _refuse_unproven(path, verdict)
     ckpt.verdict = verdict
+    if chosen is not None:  # opened from a folder: which file, and the weight sets ignored
+        ckpt.facts["folder"] = chosen.fact()
     return ckpt
 
 

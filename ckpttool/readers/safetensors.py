@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from .. import dtypes
@@ -15,6 +16,7 @@ from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
 
 MAX_HEADER = 100 * 1000 * 1000  # the limit the safetensors library itself applies
+ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry to-safetensors writes: {alias: stored}
 
 
 def _no_duplicates(path: str):
@@ -89,6 +91,31 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         globals=[],
         facts={"metadata": metadata},
     )
+
+
+def recorded_aliases(
+    path: str, metadata: dict[str, str] | None, stored: Iterable[str]
+) -> dict[str, str]:
+    """``__metadata__["ckpttool.aliases"]`` (JSON {alias: stored name}: tied tensors that
+    ``to-safetensors`` stored once), checked against the ``stored`` tensor names."""
+    raw = (metadata or {}).get(ALIASES_KEY)
+    if raw is None:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except ValueError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(path, f"its {ALIASES_KEY!r} metadata is not a map of tensor names")
+    names = set(stored)
+    for alias, target in aliases.items():
+        if alias in names:
+            raise CheckpointError(path, f"alias {alias!r} is also a stored tensor")
+        if target not in names:
+            raise CheckpointError(path, f"alias {alias!r} names {target!r}, which is not stored")
+    return aliases
 
 
 def _entry(path: str, name: str, entry: Any) -> _Entry:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, DangerousCheckpointError
+from ..errors import CheckpointError, CheckpointWarning, DangerousCheckpointError
+from ..readers.safetensors import recorded_aliases
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +58,13 @@ def _device(map_location: Any, path: str) -> torch.device:
 def _format(path: str) -> tuple[str, str]:
     """``(format, file)`` where ``file`` is the index file for a sharded folder."""
     from ..readers import open_checkpoint, sniff
+    from ..readers.hf_folder import note
 
     if os.path.isdir(path) or path.endswith(".json"):
         ckpt = open_checkpoint(path)  # resolves the index, checks every shard exists
+        two_sets = note(ckpt.facts.get("folder"))
+        if two_sets:
+            warnings.warn(two_sets, CheckpointWarning, stacklevel=3)
         return ckpt.format, ckpt.path
     try:
         with open(path, "rb") as f:
@@ -87,7 +93,9 @@ def load(
     Args:
         path: a torch file (zip or legacy ``.pt``/``.pth``/``.bin``/``.ckpt``), a ``.safetensors``
             file, a sharded checkpoint's ``*.index.json``, the folder holding that index, or a
-            Hugging Face model folder (its ``model.safetensors`` or ``pytorch_model.bin``).
+            Hugging Face model folder (the weights transformers loads from it: its
+            ``model.safetensors`` first; a :class:`~ckpttool.errors.CheckpointWarning` when
+            the folder holds a second weight set, which is ignored).
         map_location: ``"cpu"``, ``"cuda:N"`` or a :class:`torch.device`; ``None`` is refused.
         weights_only: passed to :func:`torch.load` (torch files only). Keep ``True`` for files
             you did not write yourself: then no pickled code runs.
@@ -118,14 +126,14 @@ def load(
 
 
 def _load_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
-    tensors, aliases = _read_safetensors(path, device)
-    return _with_aliases(path, tensors, aliases)
+    tensors, meta = _read_safetensors(path, device)
+    return _with_aliases(tensors, recorded_aliases(path, meta, tensors))
 
 
 def _read_safetensors(
     path: str, device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(the stored tensors, the aliases ckpttool recorded for tied tensors stored once)."""
+    """(the stored tensors, the file's ``__metadata__``)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -135,36 +143,12 @@ def _read_safetensors(
             meta = f.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(path, f"cannot load safetensors file: {one_line(exc)}") from None
-    return tensors, _aliases(path, meta)
+    return tensors, meta
 
 
-def _aliases(path: str, meta: Mapping[str, str]) -> dict[str, str]:
-    """``__metadata__["ckpttool.aliases"]``: JSON {alias: stored name}, checked."""
-    import json
-
-    from ..ops.to_safetensors import ALIASES_KEY
-
-    raw = meta.get(ALIASES_KEY)
-    if raw is None:
-        return {}
-    try:
-        aliases = json.loads(raw)
-    except ValueError:
-        aliases = None
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        raise CheckpointError(path, f"its {ALIASES_KEY!r} metadata is not a map of tensor names")
-    return aliases
-
-
-def _with_aliases(path: str, tensors: dict[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
-    """Tied tensors under every name again: each alias is the very tensor it names."""
-    for alias, stored in aliases.items():
-        if alias in tensors:
-            raise CheckpointError(path, f"alias {alias!r} is also a stored tensor")
-        if stored not in tensors:
-            raise CheckpointError(path, f"alias {alias!r} names {stored!r}, which is not stored")
+def _with_aliases(tensors: dict[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    """Tied tensors under every name again: each alias is the very tensor it names (the
+    aliases ckpttool recorded in ``__metadata__["ckpttool.aliases"]``, checked)."""
     out = dict(tensors)
     out.update({alias: tensors[stored] for alias, stored in aliases.items()})
     return out
@@ -252,8 +236,8 @@ def _load_sharded(
         shard_path = os.path.join(folder, shard)
         kind, _ = _format(shard_path)
         if kind == "safetensors":
-            part, found = _read_safetensors(shard_path, device)
-            aliases.update(found)
+            part, meta = _read_safetensors(shard_path, device)
+            aliases.update(recorded_aliases(shard_path, meta, weight_map))
         else:
             part = _load_torch(shard_path, kind, device, weights_only=weights_only, mmap=mmap)
         if not isinstance(part, Mapping):
@@ -262,7 +246,7 @@ def _load_sharded(
     missing = [name for name in weight_map if name not in merged]
     if missing:
         raise CheckpointError(index, f"tensor {missing[0]!r} is not in its shard")
-    return _with_aliases(index, {name: merged[name] for name in weight_map}, aliases)
+    return _with_aliases({name: merged[name] for name in weight_map}, aliases)
 
 
 def one_line(exc: BaseException) -> str:

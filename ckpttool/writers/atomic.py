@@ -35,12 +35,31 @@ def resolve_output(dst: str) -> str:
     return os.path.realpath(dst) if os.path.islink(dst) else dst
 
 
-_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json")
+_SHARD = re.compile(
+    r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|model\.safetensors"
+)
+SINGLE = "model.safetensors"  # a Hugging Face folder's one-file weight set
 
 
 def is_shard_output(name: str) -> bool:
-    """A file that ``to-safetensors --max-shard-size`` writes (and replaces with --force)."""
+    """A file of a Hugging Face folder's safetensors weights (one file, or shards and their
+    index): ``to-safetensors --max-shard-size`` replaces them all as one set (with --force)."""
     return _SHARD.fullmatch(name) is not None
+
+
+def displaced_set(dst: str) -> list[str]:
+    """The sharded weight set (index, shards) beside ``dst`` that writing ``dst`` replaces:
+    a folder must never hold both ``model.safetensors`` and shards that may disagree, since
+    transformers reads one and other tools the other. Empty unless ``dst`` is
+    ``model.safetensors``."""
+    if os.path.basename(dst) != SINGLE:
+        return []
+    parent = os.path.dirname(os.path.abspath(dst))
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    return [n for n in names if is_shard_output(n) and n != SINGLE]
 
 
 def check_target(
@@ -54,7 +73,9 @@ def check_target(
     """Refuse outputs that would clobber something without being asked to.
 
     ``sources`` are every file the input is made of (an index and its shards); ``in_place`` is
-    None for commands that have no ``--in-place`` option.
+    None for commands that have no ``--in-place`` option. Shards written into a folder replace
+    its ``model.safetensors`` and a ``model.safetensors`` written into a folder of shards
+    replaces them (with ``force``): never two weight sets side by side.
     """
     files = [sources] if isinstance(sources, str) else list(sources)
     shown, dst = dst, resolve_output(dst)  # messages name the path the user gave
@@ -67,20 +88,48 @@ def check_target(
             raise CheckpointError(shown, "output exists and is not a folder")
         if os.path.isdir(dst):
             replaced = [n for n in os.listdir(dst) if is_shard_output(n)]
-            if any(_same_file(s, os.path.join(dst, n)) for s in files for n in replaced):
-                raise CheckpointError(shown, "output is the input file")
-            if replaced and not force:
-                raise CheckpointError(shown, "output exists", remedy="force")
+            _check_set(shown, files, dst, replaced, force, shards=True)
     else:
         if os.path.isdir(dst):
             raise CheckpointError(shown, "output is a directory; give a file name")
         if os.path.lexists(dst) and not force and not same:
             raise CheckpointError(shown, "output exists", remedy="force")
+        folder = os.path.dirname(os.path.abspath(dst))
+        _check_set(shown, files, folder, displaced_set(dst), force, shards=False)
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise CheckpointError(shown, f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise CheckpointError(shown, f"permission denied: cannot write in {parent}")
+
+
+def _check_set(
+    shown: str, files: list[str], folder: str, replaced: list[str], force: bool, *, shards: bool
+) -> None:
+    """Refuse replacing the weight set ``replaced`` (names in ``folder``) without ``force``, and
+    always when it holds a file of the input (``shards``: the output is a folder of shards)."""
+    for name in replaced:
+        if any(_same_file(s, os.path.join(folder, name)) for s in files):
+            if shards:
+                raise CheckpointError(shown, f"output is the input file ({name})")
+            raise CheckpointError(
+                shown, f"writing it would replace the input's {name}: write it elsewhere"
+            )
+    if not replaced or force:
+        return
+    if shards and replaced == [SINGLE]:  # shards into a folder holding model.safetensors
+        what = SINGLE
+        new = "shards beside it make"
+    elif not shards:  # model.safetensors into a folder of shards
+        count = sum(1 for n in replaced if not n.endswith(".json"))
+        index = [n for n in replaced if n.endswith(".json")]
+        what = f"sharded weights ({', '.join([*index, f'{count} shards'])})"
+        new = f"{SINGLE} beside them makes"
+    else:
+        raise CheckpointError(shown, "output exists", remedy="force")
+    raise CheckpointError(
+        shown, f"the folder holds {what}: {new} a second weight set", remedy="force_set"
+    )
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -179,12 +228,14 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(dst: str) -> Iterator[str]:
+def atomic_file(dst: str, *, weight_set: bool = False) -> Iterator[str]:
     """Yield a temp path beside ``dst``; on success fsync it and rename it over ``dst``.
 
     A symbolic link at ``dst`` is written through (its target is replaced). Signals are held
     while the temp file is created and registered, while it is renamed into place, and while
-    it is removed after a failure, so none of these is ever half done.
+    it is removed after a failure, so none of these is ever half done. ``weight_set``: the
+    output is a Hugging Face folder's ``model.safetensors``, which replaces the sharded set
+    beside it (:func:`displaced_set`) in the same step.
     """
     dst = resolve_output(dst)
     parent = os.path.dirname(os.path.abspath(dst))
@@ -205,9 +256,12 @@ def atomic_file(dst: str) -> Iterator[str]:
                 os.chmod(tmp, 0o666 & ~_umask())
                 with signals.held():
                     signals.check()  # one swallowed on its way still stops the commit
-                    os.replace(tmp, dst)
+                    displaced = displaced_set(dst) if weight_set else []
+                    old = _commit_file(tmp, dst, parent, displaced)
                     _live.pop(tmp, None)
                     _written.append(dst)
+                    if old is not None:
+                        _forget(old)
             except OSError as exc:
                 raise CheckpointError(dst, describe_os_error(exc)) from None
         _fsync_dir(parent)
@@ -215,6 +269,28 @@ def atomic_file(dst: str) -> Iterator[str]:
         if tmp is not None and tmp in _live:
             with signals.held():
                 _forget(tmp)
+
+
+def _commit_file(tmp: str, dst: str, parent: str, displaced: list[str]) -> str | None:
+    """Rename ``tmp`` over ``dst``, first moving the ``displaced`` files of ``parent`` into a
+    temp folder (returned, to be removed); on an OS error put them back."""
+    if not displaced:
+        os.replace(tmp, dst)
+        return None
+    old = tempfile.mkdtemp(prefix=".old.", suffix=TMP_SUFFIX, dir=parent)
+    _live[old] = "dir"
+    moved: list[str] = []
+    try:
+        for name in displaced:
+            os.rename(os.path.join(parent, name), os.path.join(old, name))
+            moved.append(name)
+        os.replace(tmp, dst)
+    except OSError:
+        for name in moved:
+            os.rename(os.path.join(old, name), os.path.join(parent, name))
+        _forget(old)
+        raise
+    return old
 
 
 @contextlib.contextmanager
