@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import os
 import struct
 from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
+from ..source import file_view, open_source
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType
 
@@ -32,8 +31,7 @@ def looks_legacy(head: bytes) -> bool:
 
 def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
     seen = {} if seen is None else seen
-    with open(path, "rb") as raw:
-        f = io.BufferedReader(raw, 1 << 16)
+    with open_source(path) as raw, file_view(raw) as f:
         magic, _ = unpickle(path, f, "the magic number", seen=seen, end=file_bytes)
         if magic != LEGACY_MAGIC:
             raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")
@@ -49,7 +47,7 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
         keys, _ = unpickle(path, f, "the storage key list", seen=seen, end=file_bytes)
         if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
             raise CheckpointError(path, "the storage key list is corrupt")
-        storages, pos = _locate(declared, raw.fileno(), keys, f.tell(), file_bytes)
+        storages, pos = _locate(declared, raw, keys, f.tell(), file_bytes)
 
     for ref in unpickler.tensors:
         if ref.storage is not None:
@@ -97,7 +95,7 @@ class _Declared:
 
 
 def _locate(
-    declared: _Declared, fd: int, keys: list[Any], pos: int, file_bytes: int
+    declared: _Declared, source: Any, keys: list[Any], pos: int, file_bytes: int
 ) -> tuple[dict[str, StorageInfo], int]:
     """Each listed storage's bytes, which follow the key list in its order, each after an
     8-byte element count; returns the storages and the position after the last one."""
@@ -109,7 +107,7 @@ def _locate(
         if key in storages:
             raise CheckpointError(path, f"storage {key!r} is listed twice")
         ph = placeholders[key]
-        header = os.pread(fd, 8, pos)
+        header = source.pread(8, pos)
         if len(header) < 8:
             raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
         (numel,) = struct.unpack("<q" if little else ">q", header)

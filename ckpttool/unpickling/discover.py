@@ -26,6 +26,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 
+from ..source import file_view, open_source
 from .opscan import PickleWalk, walk_all
 from .policy import Verdict, judge
 
@@ -41,18 +42,18 @@ def scan_file(path: str) -> Verdict:
     """The verdict of one file (any format); raises OSError if it cannot be read."""
     walks: list[PickleWalk] = []
     notes: list[str] = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_source(path) as src:  # a local file (mmap) or a URL (range requests)
+        size = src.size
         if size == 0:
             return Verdict()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with src.buffer() as buf:
             if buf[:4] == b"PK\x03\x04":
                 for name, data in zip_pickles(buf, notes):
                     _walk(data, 0, len(data), name, walks, notes)
             else:
                 _chain(buf, 0, size, "the pickle", walks, notes)
                 if _is_tar(buf[:512]):
-                    for name, data in _tar_members(f, notes):
+                    for name, data in _tar_members(file_view(src), notes):
                         _chain(data, 0, len(data), f"tar member {name!r}", walks, notes)
     return judge(walks, notes)
 
