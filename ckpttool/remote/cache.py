@@ -40,7 +40,7 @@ class RemoteSource:
         if off >= end:
             return b""
         if end - off >= DIRECT:
-            return self.backend.fetch(off, end)  # type: ignore[no-any-return]
+            return bytes(self.backend.fetch(off, end))
         with self._lock:
             pieces = []
             pos = off

@@ -95,6 +95,9 @@ class S3Backend:
         return sorted("s3://" + f for f in found)
 
 
+_PINNED: dict[tuple[Any, ...], str] = {}  # (endpoint, type, repo, revision) -> commit
+
+
 def hf_filesystem() -> Any:
     from huggingface_hub import HfFileSystem
 
@@ -117,14 +120,20 @@ class HfBackend:
         self.size = -1
 
     def _pin(self) -> str:
-        """The commit the revision names now: every read is of that commit."""
+        """The commit the revision names now (asked once per repo and revision in a process):
+        every read is of that commit."""
         r = self.resolved
-        try:
-            info = self.fs._api.repo_info(r.repo_id, repo_type=r.repo_type, revision=r.revision)
-        except Exception as exc:
-            raise _mapped(self.url, exc) from None
-        self.count(self.url, 0)
-        return str(info.sha or r.revision)
+        key = (self.fs.endpoint, r.repo_type, r.repo_id, r.revision)
+        if key not in _PINNED:
+            try:
+                info = self.fs._api.repo_info(
+                    r.repo_id, repo_type=r.repo_type, revision=r.revision
+                )
+            except Exception as exc:
+                raise _mapped(self.url, exc) from None
+            self.count(self.url, 0)
+            _PINNED[key] = str(info.sha or r.revision)
+        return _PINNED[key]
 
     def stat(self) -> Stat:
         self.commit = self._pin()
