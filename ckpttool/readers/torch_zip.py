@@ -38,17 +38,7 @@ class ZipArchive:
         self.base = base or 0
         self.source = open_source(path)  # a local file or a URL read by range requests
         self.window = file_view(self.source, self.base, file_bytes if base is not None else None)
-        try:
-            self.zf = zipfile.ZipFile(self.window)
-        except CheckpointError:
-            self.close()
-            raise
-        except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
-            self.close()
-            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-            raise CheckpointError(
-                path, f"is a damaged or truncated zip archive ({reason})"
-            ) from None
+        self.zf = self._open_zip()
         infos = self.zf.infolist()
         if not infos:
             raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
@@ -93,6 +83,19 @@ class ZipArchive:
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
         self._folded = {k.lower(): k for k in self.entries}
+
+    def _open_zip(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self.window)
+        except CheckpointError:  # a URL that failed while zipfile read it
+            self.close()
+            raise
+        except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
+            self.close()
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise CheckpointError(
+                self.path, f"is a damaged or truncated zip archive ({reason})"
+            ) from None
 
     def has(self, name: str) -> bool:
         return name in self.entries or name.lower() in self._folded

@@ -1,9 +1,11 @@
 """A remote file read by range requests through a small cache of the ranges already fetched.
 
-Small reads fetch a window around them (256 KiB, doubling while reads go on where the last one
-ended, up to 8 MiB; near the end of the file the window reaches back a full block, where a zip
-keeps its directory); reads of 1 MiB or more go straight to the caller, uncached, so copying a
-tensor never keeps it. The cache holds at most 32 MiB, least recently used out first.
+Small reads fetch a window around them: 256 KiB at the start of the file (a zip's first record
+is its pickle), doubling while reads go on where the last one ended (up to 8 MiB); near the end
+a window reaches back a full block (where a zip keeps its directory); a lone read amid the data
+(a record's local header) fetches 4 KiB. Reads of 1 MiB or more go straight to the caller,
+uncached, so copying a tensor never keeps it. The cache holds at most 32 MiB, least recently
+used out first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import OrderedDict
 from typing import Any
 
 BLOCK = 256 << 10
+SMALL = 4 << 10
 MAX_AHEAD = 8 << 20
 DIRECT = 1 << 20
 CACHE_LIMIT = 32 << 20
@@ -92,6 +95,8 @@ class RemoteSource:
         stop = min(self.size, max(end, start + self._ahead))
         if stop == self.size and not sequential:  # a file's tail: where a zip keeps its directory
             start = min(start, max(0, self.size - BLOCK))
+        elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header)
+            start, stop = pos, min(self.size, max(end, pos + SMALL))
         # do not fetch again what is cached just before or just after
         ends = [s + len(d) for s, d in self._segments.items() if s + len(d) <= pos]
         after = min((s for s in self._segments if s >= end), default=self.size)

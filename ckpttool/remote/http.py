@@ -107,13 +107,27 @@ class HttpBackend:
         return body
 
     def list_files(self) -> list[str]:
-        """Files under a folder URL, from its HTML index (what fsspec's HTTP ``find`` reads)."""
-        try:
-            found = self.fs.find(self.url.rstrip("/") + "/", maxdepth=8)
-        except Exception as exc:
-            raise errors.lost(self.url, exc) from None
-        self.count(self.url, 0)
-        return sorted(str(f) for f in found)
+        """Files under a folder URL, from its HTML index pages (fsspec's HTTP ``ls`` reads
+        their links; only links below the folder are followed, 8 levels at most)."""
+        root = self.url.rstrip("/") + "/"
+        files: list[str] = []
+        todo = [(root, 0)]
+        while todo:
+            folder, depth = todo.pop()
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except Exception as exc:
+                raise errors.lost(folder, exc) from None
+            self.count(folder, 0)
+            for e in entries:
+                name = str(e["name"])
+                if not name.startswith(root) or name.rstrip("/") == folder.rstrip("/"):
+                    continue
+                if e.get("type") == "directory" and depth < 8:
+                    todo.append((name.rstrip("/") + "/", depth + 1))
+                elif e.get("type") != "directory":
+                    files.append(name)
+        return sorted(files)
 
 
 def _total(headers: Any) -> int:

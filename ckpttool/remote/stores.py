@@ -164,8 +164,9 @@ class HfBackend:
             endpoint=self.fs.endpoint,
         )
         headers = {**build_hf_headers(token=self.fs.token), "Range": f"bytes={start}-{end - 1}"}
+        session = get_session()
         try:
-            with get_session().stream("GET", url, headers=headers, timeout=errors.timeout()) as resp:
+            with session.stream("GET", url, headers=headers, timeout=errors.timeout()) as resp:
                 status = resp.status_code
                 body = resp.read() if status == 206 else b""
         except Exception as exc:
