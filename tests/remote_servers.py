@@ -30,6 +30,7 @@ class Behaviour:
         self.change_etag_after: int | None = None  # ranged GETs served before the ETag changes
         self.die_after: int | None = None  # ranged GETs served before the server dies mid-body
         self.status: int | None = None  # answer every request with this status
+        self.delay = 0.0  # seconds each request waits first (a round trip to a real server)
         self.gets = 0
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range)
 
@@ -65,6 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         b: Behaviour = self.server.behaviour
         b.requests.append((self.command, self.path, self.headers.get("Range", "")))
+        if b.delay:
+            time.sleep(b.delay)
         if b.status is not None:
             return self._send(b.status, b"denied")
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)

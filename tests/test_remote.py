@@ -310,3 +310,26 @@ def test_s3_scan_inspect_and_convert(s3: Any, files: Path, tmp_path: Path) -> No
     r = ckpttool("inspect", "s3://ckpts/run1/nothing.pt", env=env)
     assert r.returncode == 1 and "no such file" in r.stderr and len(r.stderr.splitlines()) == 1
     assert env["AWS_SECRET_ACCESS_KEY"] not in r.stderr
+
+
+def test_a_zip_rewritten_by_another_tool_is_refused_when_copied(
+    http: Any, files: Path, tmp_path: Path
+) -> None:
+    """A URL's record offsets are where torch's writer puts them, checked against each local
+    header when the record is first read: a zip rewritten without torch's padding still
+    inspects, and a writer refuses it in one line (one request per record is not paid)."""
+    import zipfile
+
+    src = files / "ddp_rank0_checkpoint.pt"
+    repacked = files / "repacked.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(repacked, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    try:
+        assert _report(f"{http.url}/repacked.pt")["tensor_count"] == 16
+        out = tmp_path / "o.pt"
+        r = ckpttool("convert", f"{http.url}/repacked.pt", str(out))
+        _one_line_failure(r, "does not lie where torch's writer puts it", out)
+        assert ckpttool("convert", str(repacked), str(out)).returncode == 0
+    finally:
+        repacked.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
@@ -107,15 +108,12 @@ def _locate(
         if key in storages:
             raise CheckpointError(path, f"storage {key!r} is listed twice")
         ph = placeholders[key]
-        header = source.pread(8, pos)
-        if len(header) < 8:
-            raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
-        (numel,) = struct.unpack("<q" if little else ">q", header)
-        if numel != ph.numel:
-            raise CheckpointError(
-                path,
-                f"storage {key!r} holds {numel} elements but the pickle says {ph.numel}",
-            )
+        check = _count_check(source, path, key, pos, ph.numel, little)
+        expect = getattr(source, "expect", None)  # a URL: checked when the bytes are first read
+        if expect is None:
+            check()
+        else:
+            expect(pos + 8, pos + 8 + ph.nbytes, check)
         start = pos + 8
         end = start + ph.nbytes
         if end > file_bytes:
@@ -128,3 +126,21 @@ def _locate(
     if missing:
         raise CheckpointError(path, f"storage {sorted(missing)[0]!r} is missing from the file")
     return storages, pos
+
+
+def _count_check(
+    source: Any, path: str, key: str, pos: int, numel: int, little: bool
+) -> Callable[[], None]:
+    """The check that the 8-byte element count before a storage's bytes is the pickle's."""
+
+    def check() -> None:
+        header = source.pread(8, pos)
+        if len(header) < 8:
+            raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
+        (found,) = struct.unpack("<q" if little else ">q", header)
+        if found != numel:
+            raise CheckpointError(
+                path, f"storage {key!r} holds {found} elements but the pickle says {numel}"
+            )
+
+    return check

@@ -156,11 +156,52 @@ class ZipArchive:
             )
         return header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
+    def record_offset(self, info: zipfile.ZipInfo) -> int:
+        """A storage record's data offset: from its local header for a local file; for a URL
+        (one request per record otherwise) where torch's writer puts it, checked against the
+        local header when the record's bytes are first read."""
+        expect = getattr(self.source, "expect", None)
+        if expect is None:
+            return self.data_offset(info)
+        predicted = _torch_data_offset(self.base + info.header_offset, info, self.alignment())
+
+        def check() -> None:
+            if self.data_offset(info) != predicted:
+                raise CheckpointError(
+                    self.path,
+                    f"zip record {info.filename!r} does not lie where torch's writer puts it "
+                    "(a file rewritten by another zip tool?): download it and run ckpttool on "
+                    "the local copy",
+                )
+
+        expect(predicted, predicted + info.compress_size, check)
+        return predicted
+
+    def alignment(self) -> int:
+        """Where torch aligns storage records (``.storage_alignment``, 64 before it existed)."""
+        if not hasattr(self, "_alignment"):
+            text = b"64"
+            if self.has(".storage_alignment"):
+                text = self.read_small(".storage_alignment", 16)
+            self._alignment = int(text) if text.strip().isdigit() and int(text) > 0 else 64
+        return self._alignment
+
     def close(self) -> None:
         if hasattr(self, "zf"):
             self.zf.close()
         self.window.close()
         self.source.close()
+
+
+def _torch_data_offset(header: int, info: zipfile.ZipInfo, alignment: int) -> int:
+    """Where torch's zip writer (``getPadding`` in caffe2's ``inline_container.cc``) starts
+    a record's data: after the local header, the name and a padding extra field (and zip64
+    fields past 4 GiB), at the next multiple of ``alignment``."""
+    start = header + _LOCAL_HEADER.size + len(info.orig_filename.encode("utf-8")) + 4
+    if info.file_size >= 0xFFFFFFFF or header >= 0xFFFFFFFF:
+        start += 4 + (16 if info.file_size >= 0xFFFFFFFF else 0)
+        start += 8 if header >= 0xFFFFFFFF else 0
+    return start + (-start % alignment)
 
 
 def read(
@@ -273,7 +314,7 @@ class _Records:
             numel=numel,
             location=location,
             file=path,
-            offset=archive.data_offset(info),
+            offset=archive.record_offset(info),
             record=info.filename,
             compressed=info.compress_type != zipfile.ZIP_STORED,
             big_endian=self.big_endian,

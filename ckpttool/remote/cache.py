@@ -36,12 +36,35 @@ class RemoteSource:
         self._ahead = BLOCK
         self._last_end = -1
         self._lock = threading.Lock()
+        self._expect: list[tuple[int, int, Any]] = []  # (start, end, check) not run yet
+
+    # -- checks deferred to the first read of a range ---------------------------------------
+    def expect(self, start: int, end: int, check: Any) -> None:
+        """Call ``check()`` before any read of bytes [start, end) is served (once).
+
+        A reader that would need one request per record to check a record's header (a zip's
+        local header, a legacy storage's element count) registers that check here instead: it
+        runs when a writer first reads the record, never for metadata-only commands.
+        """
+        with self._lock:
+            self._expect.append((start, end, check))
+
+    def _run_checks(self, off: int, end: int) -> None:
+        due = [e for e in self._expect if e[0] < end and off < e[1]]
+        if not due:
+            return
+        with self._lock:
+            self._expect = [e for e in self._expect if e not in due]
+        for _start, _end, check in due:
+            check()
 
     # -- reading -------------------------------------------------------------------------
     def pread(self, n: int, off: int) -> bytes:
         end = min(off + max(n, 0), self.size)
         if off >= end:
             return b""
+        if self._expect:
+            self._run_checks(off, end)
         if end - off >= DIRECT:
             return bytes(self.backend.fetch(off, end))
         with self._lock:
