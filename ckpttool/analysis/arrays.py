@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import zipfile
 from collections.abc import Iterator
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import StorageInfo, TensorRef
+from ..source import is_url, open_source, open_zip, preadv
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,13 +99,19 @@ def _storage_bytes(storage: StorageInfo, lo: int, hi: int, fd: int | None) -> An
         return _segment_bytes(storage, segments, lo, hi, fd)
     if storage.compressed:
         # a deflated zip record cannot be mapped: inflate this one record (never the file)
-        with zipfile.ZipFile(storage.file) as zf, zf.open(storage.record or "") as f:
+        with open_zip(storage.file) as zf, zf.open(storage.record or "") as f:
             f.seek(lo)
             data = f.read(hi - lo)
         if len(data) != hi - lo:
             raise CheckpointError(storage.file, f"record {storage.record} is truncated")
         return data, 0
     start = storage.offset + lo
+    if is_url(storage.file):  # read by range requests: this tensor's bytes, not the file
+        data = bytearray(hi - lo)
+        src = fd if fd is not None else open_source(storage.file)
+        if preadv(src, memoryview(data), start) != hi - lo:
+            raise CheckpointError(storage.file, "is truncated: a storage is cut short")
+        return data, 0
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
     length = storage.offset + hi - aligned
     own = fd is None

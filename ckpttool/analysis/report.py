@@ -11,7 +11,7 @@ from typing import Any
 
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
 from ..readers.hf_folder import note as folder_note
-from ..tree import alias_names, aliases, children, walk
+from ..tree import alias_names, aliases, children
 from ..unpickling.policy import classify
 from .describe import describe
 from .fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix

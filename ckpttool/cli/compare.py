@@ -12,7 +12,7 @@ import click
 from ..errors import EXIT_DANGEROUS, EXIT_DIFFERS
 from .app import EPILOG, cli, run_library
 from .fixes import fix_command
-from .options import table_format
+from .options import VERBOSE, echo_remote_usage, remote_usage, table_format
 
 COMPARE_EPILOG = EPILOG.replace(
     "  130", "  4    the inputs differ (diff) / the checkpoint would not load (check)\n  130"
@@ -59,6 +59,7 @@ def _danger_exit(names: tuple[str, ...]) -> None:
     help="Table format (any tabulate format).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@VERBOSE
 def diff(
     a: str,
     b: str,
@@ -69,6 +70,7 @@ def diff(
     as_json: bool,
     fmt: str,
     quiet: bool,
+    verbose: bool,
 ) -> None:
     """Compare two checkpoints key by key and tensor by tensor (any formats, mixed).
 
@@ -103,7 +105,12 @@ def diff(
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
-    click.echo(to_json(diff_dict(result)) if as_json else diff_text(result, fmt))
+    out = diff_dict(result) if as_json else None
+    usage = remote_usage()
+    if out is not None and usage is not None:
+        out["remote"] = usage
+    echo_remote_usage(verbose)
+    click.echo(to_json(out) if out is not None else diff_text(result, fmt))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.equal else EXIT_DIFFERS)
 
@@ -119,8 +126,14 @@ def diff(
 )
 @click.option("--key", metavar="PATH", help="The state dict in CKPT to check (e.g. model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@VERBOSE
 def check(
-    ckpt: str, against: str | None, model_spec: str | None, key: str | None, as_json: bool
+    ckpt: str,
+    against: str | None,
+    model_spec: str | None,
+    key: str | None,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Say whether model.load_state_dict(sd, strict=True) would succeed, and how to fix it.
 
@@ -143,6 +156,14 @@ def check(
         raise click.UsageError("give one of --against REF or --model MODULE:FACTORY")
     result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=key))
     command = fix_command(result, ckpt)
-    click.echo(to_json(check_dict(result, command)) if as_json else check_text(result, command))
+    usage = remote_usage()
+    echo_remote_usage(verbose)
+    if as_json:
+        out = check_dict(result, command)
+        if usage is not None:
+            out["remote"] = usage
+        click.echo(to_json(out))
+    else:
+        click.echo(check_text(result, command))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.loads else EXIT_DIFFERS)

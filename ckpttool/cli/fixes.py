@@ -59,6 +59,8 @@ def fix_command(result: Any, ckpt: str) -> str | None:
     if not result.fixes:
         return None
     stem = os.path.splitext(ckpt.rstrip("/"))[0]
+    if "://" in ckpt:  # a URL: the fixed file is written here, named after it
+        stem = stem.rsplit("/", 1)[-1] or "checkpoint"
     rank = {"strip": 0, "replace": 1, "add": 2}
     fixes = list(result.fixes)
     # convert applies strips, then replacements, then additions: one command when that order

@@ -17,7 +17,7 @@ from ..errors import (
 )
 from .app import EPILOG, cli, fail
 from .fixes import warning_texts
-from .options import given, table_format
+from .options import VERBOSE, echo_remote_usage, given, remote_usage, table_format
 
 
 @cli.command(epilog=EPILOG)
@@ -38,20 +38,23 @@ from .options import given, table_format
     callback=lambda ctx, param, value: table_format(value),
     help="Table format: simple, github, grid, plain, tsv, ... (any tabulate format).",
 )
+@VERBOSE
 def inspect(
-    path: str, show_tensors: bool, name_filter: str | None, as_json: bool, fmt: str
+    path: str, show_tensors: bool, name_filter: str | None, as_json: bool, fmt: str, verbose: bool
 ) -> None:
     """Show what is inside a checkpoint without loading it.
 
     Reads only the metadata: format, tensors, dtypes, the device each storage was saved
     from, state dicts and their key prefixes, other entries, and the globals the pickle
-    names. Nothing in the file is executed, and torch is not imported.
+    names. Nothing in the file is executed, and torch is not imported. PATH may be a URL
+    (https://, hf://, s3://, gs://: only the metadata bytes are fetched, by range requests).
 
     \b
     Example:
       ckpttool inspect best.pth
       ckpttool inspect best.pth --tensors --filter 'model.*'
       ckpttool inspect best.pth --json | jq .devices
+      ckpttool inspect hf://org/model/pytorch_model.bin -v
     """
     from .. import render
     from ..analysis import report
@@ -75,6 +78,10 @@ def inspect(
             "e.g. 'model.*')",
             err=True,
         )
+    usage = remote_usage()
+    if usage is not None:
+        rep["remote"] = usage
+    echo_remote_usage(verbose)
     if as_json:
         click.echo(render.to_json(rep))
     else:
@@ -102,7 +109,8 @@ def _danger_exit(path: str, rep: dict[str, Any]) -> None:
 @cli.command(epilog=EPILOG)
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
-def scan(paths: tuple[str, ...], as_json: bool) -> None:
+@VERBOSE
+def scan(paths: tuple[str, ...], as_json: bool, verbose: bool) -> None:
     """Prove which files are safe to load, without loading them.
 
     Reads only pickles and headers (never tensor bytes) of each file, and of each
@@ -113,19 +121,27 @@ def scan(paths: tuple[str, ...], as_json: bool) -> None:
     vetted: whole pickled models), unreadable (cannot be read, or not provably as torch
     reads it), or dangerous, with what decides it. Exits 0 only if every file is safe:
     3 if any is dangerous, else 6 if any is unreadable, else 5 if any holds unvetted code.
+    A PATH may be a URL, or a folder URL: a Hub repo (hf://org/name), a bucket prefix, an
+    HTTP folder with an index page.
 
     \b
     Example:
       ckpttool scan downloads/model.bin
       ckpttool scan ~/.cache/huggingface/hub --json \\
         | jq '.files[] | select(.verdict != "safe")'
+      ckpttool scan hf://org/model s3://bucket/checkpoints/ -v
     """
     from .. import render
     from ..ops.scan import scan as do_scan
 
     result = do_scan(paths)
+    usage = remote_usage()
+    echo_remote_usage(verbose)
     if as_json:
-        click.echo(render.to_json(result.to_json()))
+        out = result.to_json()
+        if usage is not None:
+            out["remote"] = usage
+        click.echo(render.to_json(out))
     else:
         for f in result.files:
             click.echo(render.escape(_scan_line(f)))

@@ -174,3 +174,39 @@ def writer_kwargs(opts: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         **opts,  # key, dtype, force
     }
     return quiet, kwargs
+
+
+# -- remote inputs: what reading them cost ------------------------------------------------------
+VERBOSE = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say on stderr how many bytes and requests remote inputs (URLs) cost.",
+)
+
+
+def remote_usage() -> dict[str, Any] | None:
+    """Bytes and requests the URLs read so far cost (None when no URL was read)."""
+    remote = sys.modules.get("ckpttool.remote")
+    if remote is None:
+        return None
+    usage = remote.traffic()
+    return dict(usage.to_json()) if usage.requests else None
+
+
+def echo_remote_usage(always: bool = False) -> None:
+    """One stderr line per URL read, then the total (with ``always``, or not at all)."""
+    from ..render import escape
+
+    usage = remote_usage()
+    if not always or usage is None:
+        return
+    for f in usage["files"]:
+        click.echo(
+            escape(f"remote: {f['url']}: {f['bytes']:,} bytes in {f['requests']} requests"),
+            err=True,
+        )
+    if len(usage["files"]) > 1:
+        click.echo(
+            f"remote: {usage['bytes']:,} bytes in {usage['requests']} requests in all", err=True
+        )

@@ -12,6 +12,7 @@ from .app import EPILOG, cli, writes
 from .fixes import left_out_text
 from .options import (
     ALLOW_USER_CLASSES,
+    echo_remote_usage,
     is_shard_folder,
     key_options,
     run_writer,
@@ -106,6 +107,7 @@ def _report_convert(result: Any, output_path: str) -> None:
         f"all on cpu ({check})",
         err=True,
     )
+    echo_remote_usage(always=True)  # a URL input: what reading it cost
 
 
 @cli.command(name="to-safetensors", epilog=EPILOG)
@@ -219,6 +221,7 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
     where = escape(output_path)
     files = f" in {len(result.files) - 1} shards" if sharded else ""
     click.echo(f"wrote {where}: {result.tensors} tensors{files} ({check})", err=True)
+    echo_remote_usage(always=True)
 
 
 def _consolidate_folder(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
+from ..source import is_url, read_head
 from ..unpickling.policy import DANGEROUS, UNREADABLE, USER, GlobalVerdict
 
 SAFE = "safe"
@@ -100,18 +101,42 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanResult:
         >>> r.dangerous  # doctest: +SKIP
         ['fixtures/malicious.pt']
     """
-    from ..unpickling.discover import checkpoint_files
-
     result = ScanResult()
     for p in (os.fspath(x) for x in paths):
-        if os.path.isdir(p):
-            found = checkpoint_files(p)
+        try:
+            found = _folder_files(p)
+        except CheckpointError as exc:
+            result.files.append(FileScan(p, ERROR, "folder", error=exc.message))
+            continue
+        if found is not None:
             if not found:
                 result.files.append(FileScan(p, UNREADABLE, "folder", error="no checkpoint files"))
             result.files.extend(scan_one(f) for f in found)
         else:
             result.files.append(scan_one(p))
     return result
+
+
+def _folder_files(path: str) -> list[str] | None:
+    """The checkpoint-like files under a folder (a local one, a Hub repo, a bucket prefix, an
+    HTTP folder with an index page); None when ``path`` is a file."""
+    from ..unpickling.discover import SUFFIXES, checkpoint_files
+
+    if not is_url(path):
+        return checkpoint_files(path) if os.path.isdir(path) else None
+    from .. import remote
+
+    if not remote.is_folder(path):
+        return None
+    root = path.rstrip("/")
+    out = []
+    for url in remote.list_files(path):
+        parts = url[len(root) :].strip("/").split("/")
+        if any(part in (".git", "__pycache__") for part in parts[:-1]):
+            continue
+        if parts[-1] == ".metadata" or parts[-1].lower().endswith(SUFFIXES):
+            out.append(url)
+    return out
 
 
 def scan_one(path: str) -> FileScan:
@@ -121,8 +146,7 @@ def scan_one(path: str) -> FileScan:
 
     try:
         size = _check_file(path)
-        with open(path, "rb") as f:
-            head = f.read(512)
+        head = read_head(path)
         kind = sniff(head, path) if size else "empty"
         from ..readers.dcp import item_ranges
 

@@ -23,6 +23,7 @@ from ..model import Checkpoint, Opaque, TensorRef
 from ..readers.hf_folder import choose, config
 from ..readers.hf_folder import note as folder_note
 from ..readers.safetensors import ALIASES_KEY
+from ..source import close_input, open_input
 from ..tree import iter_tensors, walk
 from .to_safetensors import scalar_metadata
 
@@ -68,19 +69,20 @@ class Files:
     """Open input files by path, closed together (a sharded input has several)."""
 
     def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, Any] = {}
 
-    def fd(self, path: str) -> int:
+    def fd(self, path: str) -> Any:
+        """A descriptor of a local file, a remote source for a URL."""
         if path not in self.fds:
             try:
-                self.fds[path] = os.open(path, os.O_RDONLY)
+                self.fds[path] = open_input(path)
             except OSError as exc:
                 raise CheckpointError(path, exc.strerror or str(exc)) from None
         return self.fds[path]
 
     def close(self) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            close_input(fd)
         self.fds.clear()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint
+from ..source import is_url, read_head
 
 if TYPE_CHECKING:
     from ..unpickling.policy import Verdict
@@ -65,6 +66,10 @@ def _describe_unknown(head: bytes) -> str:
 
 
 def _check_file(path: str) -> int:
+    if is_url(path):  # a URL: its size, as the store reports it (errors are one line already)
+        from ..source import open_source
+
+        return int(open_source(path).size)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -95,16 +100,19 @@ def open_checkpoint(
     written itself.)
     """
     path = os.fspath(path)
-    if _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
+    if is_url(path):
+        if _allow_index:
+            path = _remote_target(path)
+    elif _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
         return _open_distributed(path)
-    if _allow_index and os.path.isdir(path):
+    elif _allow_index and os.path.isdir(path):
         from . import deepspeed
 
         if deepspeed.is_deepspeed_folder(path):
             # only the files of the tag being read decide the verdict, not older tags beside it
             return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
     chosen = None
-    if _allow_index and os.path.isdir(path):
+    if _allow_index and not is_url(path) and os.path.isdir(path):
         from .hf_folder import choose
 
         chosen = choose(path)  # the weights transformers loads, or the folder's one index
@@ -114,8 +122,7 @@ def open_checkpoint(
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        head = read_head(path)
     except PermissionError:
         raise CheckpointError(path, "permission denied") from None
     except OSError as exc:
@@ -139,6 +146,31 @@ def open_checkpoint(
     if chosen is not None:  # opened from a folder: which file, and the weight sets ignored
         ckpt.facts["folder"] = chosen.fact()
     return ckpt
+
+
+def _remote_target(url: str) -> str:
+    """The file a URL opens as: itself, or for a folder (a Hub repo, a prefix) its one
+    ``*.index.json`` or its Hugging Face weights, as for a local folder."""
+    from .. import remote
+
+    if not remote.is_folder(url):
+        return url
+    root = url.rstrip("/")
+    names = {f[len(root) + 1 :] for f in remote.list_files(url) if f.startswith(root + "/")}
+    top = {n for n in names if "/" not in n}
+    if ".metadata" in top or "latest" in top:
+        raise CheckpointError(
+            url, "is a distributed checkpoint folder (DCP or DeepSpeed): download it first"
+        )
+    from .hf_folder import HF_WEIGHTS  # transformers' order, as for a local folder
+
+    indexes = sorted(n for n in top if n.endswith(".index.json"))
+    found = next((n for n in HF_WEIGHTS if n in top), None)
+    if found is None and len(indexes) == 1:
+        found = indexes[0]
+    if found is None:
+        raise CheckpointError(url, "is a folder without model weights ckpttool recognises")
+    return root + "/" + found
 
 
 def _no_verdict() -> Verdict:

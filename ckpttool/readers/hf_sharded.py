@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
+from ..source import is_url, join, open_source, parent
 from ..tree import iter_tensors
 
 MAX_INDEX_BYTES = 256 * 1000 * 1000
@@ -19,8 +20,8 @@ def read(path: str, file_bytes: int) -> Checkpoint:
     if file_bytes > MAX_INDEX_BYTES:
         raise CheckpointError(path, "index file is too large")
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        with open_source(path) as f:
+            index = json.loads(f.pread(file_bytes, 0).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"index is not valid JSON ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -28,13 +29,13 @@ def read(path: str, file_bytes: int) -> Checkpoint:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(path, "index has no weight_map of tensor name to shard file")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = parent(path)
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         if os.path.basename(shard) != shard or shard in (".", "..") or not shard:
             raise CheckpointError(path, f"weight_map names {shard!r}, outside the index's folder")
-        shard_path = os.path.join(folder, shard)
-        if not os.path.exists(shard_path):
+        shard_path = join(folder, shard)
+        if not is_url(shard_path) and not os.path.exists(shard_path):
             raise CheckpointError(path, f"shard {shard} is missing")
         ckpt = open_checkpoint(shard_path, _allow_index=False)
         shards[shard] = ckpt

@@ -14,6 +14,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
+from ..source import open_source
 
 MAX_HEADER = 100 * 1000 * 1000  # the limit the safetensors library itself applies
 ALIASES_KEY = "ckpttool.aliases"  # __metadata__ entry to-safetensors writes: {alias: stored}
@@ -32,8 +33,8 @@ def _no_duplicates(path: str):
 
 
 def read_header(path: str, file_bytes: int) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as f:
-        head = f.read(8)
+    with open_source(path) as f:
+        head = f.pread(8, 0)
         if len(head) < 8:
             raise CheckpointError(path, "is truncated: no safetensors header")
         (n,) = struct.unpack("<Q", head)
@@ -41,7 +42,7 @@ def read_header(path: str, file_bytes: int) -> tuple[int, dict[str, Any]]:
             raise CheckpointError(path, f"safetensors header length {n:,} is absurd")
         if 8 + n > file_bytes:
             raise CheckpointError(path, "is truncated: the safetensors header is cut short")
-        raw = f.read(n)
+        raw = f.pread(n, 8)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
+from ..source import file_view, open_source
 from ..tree import walk
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import LEGACY_MAGIC, LEGACY_PROTOCOL, StorageType, StorageValue
@@ -33,8 +33,7 @@ def looks_legacy(head: bytes) -> bool:
 
 def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Checkpoint:
     seen = {} if seen is None else seen
-    with open(path, "rb") as raw:
-        f = io.BufferedReader(raw, 1 << 16)
+    with open_source(path) as raw, file_view(raw) as f:
         magic, _ = unpickle(path, f, "the magic number", seen=seen, end=file_bytes)
         if magic != LEGACY_MAGIC:
             raise CheckpointError(path, "is a pickle file, but not a torch checkpoint")
@@ -50,7 +49,7 @@ def read(path: str, file_bytes: int, seen: dict[str, str] | None = None) -> Chec
         keys, _ = unpickle(path, f, "the storage key list", seen=seen, end=file_bytes)
         if not isinstance(keys, list) or not all(isinstance(k, (str, int)) for k in keys):
             raise CheckpointError(path, "the storage key list is corrupt")
-        storages, pos = _locate(declared, raw.fileno(), keys, f.tell(), file_bytes)
+        storages, pos = _locate(declared, raw, keys, f.tell(), file_bytes)
 
     for ref in unpickler.tensors:
         if ref.storage is not None:
@@ -108,7 +107,7 @@ class _Declared:
 
 
 def _locate(
-    declared: _Declared, fd: int, keys: list[Any], pos: int, file_bytes: int
+    declared: _Declared, source: Any, keys: list[Any], pos: int, file_bytes: int
 ) -> tuple[dict[str, StorageInfo], int]:
     """Each listed storage's bytes, which follow the key list in its order, each after an
     8-byte element count; returns the storages and the position after the last one."""
@@ -120,15 +119,12 @@ def _locate(
         if key in storages:
             raise CheckpointError(path, f"storage {key!r} is listed twice")
         ph = placeholders[key]
-        header = os.pread(fd, 8, pos)
-        if len(header) < 8:
-            raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
-        (numel,) = struct.unpack("<q" if little else ">q", header)
-        if numel != ph.numel:
-            raise CheckpointError(
-                path,
-                f"storage {key!r} holds {numel} elements but the pickle says {ph.numel}",
-            )
+        check = _count_check(source, path, key, pos, ph.numel, little)
+        expect = getattr(source, "expect", None)  # a URL: checked when the bytes are first read
+        if expect is None:
+            check()
+        else:
+            expect(pos + 8, pos + 8 + ph.nbytes, check)
         start = pos + 8
         end = start + ph.nbytes
         if end > file_bytes:
@@ -141,3 +137,21 @@ def _locate(
     if missing:
         raise CheckpointError(path, f"storage {sorted(missing)[0]!r} is missing from the file")
     return storages, pos
+
+
+def _count_check(
+    source: Any, path: str, key: str, pos: int, numel: int, little: bool
+) -> Callable[[], None]:
+    """The check that the 8-byte element count before a storage's bytes is the pickle's."""
+
+    def check() -> None:
+        header = source.pread(8, pos)
+        if len(header) < 8:
+            raise CheckpointError(path, f"is truncated: storage {key!r} is missing")
+        (found,) = struct.unpack("<q" if little else ">q", header)
+        if found != numel:
+            raise CheckpointError(
+                path, f"storage {key!r} holds {found} elements but the pickle says {numel}"
+            )
+
+    return check

@@ -7,7 +7,6 @@ record's position is taken from its local header so writers can copy it byte for
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zipfile
 import zlib
@@ -16,45 +15,13 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
+from ..source import file_view, open_source
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import StorageType
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint we can inspect
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``[base, base + size)`` of a file, seen as a whole file (a zip inside a file)."""
-
-    def __init__(self, path: str, base: int, size: int) -> None:
-        self.f = open(path, "rb")  # noqa: SIM115  # closed with the archive
-        self.base, self.size, self.pos = base, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset + (0, self.pos, self.size)[whence]
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(self.size - self.pos, 0)
-        n = left if n is None or n < 0 else min(n, left)
-        self.f.seek(self.base + self.pos)
-        data = self.f.read(n)
-        self.pos += len(data)
-        return data
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
 
 
 class ZipArchive:
@@ -69,14 +36,9 @@ class ZipArchive:
         self.path = path
         self.file_bytes = file_bytes
         self.base = base or 0
-        self.window = _Window(path, base, file_bytes) if base is not None else None
-        try:
-            self.zf = zipfile.ZipFile(self.window or path)
-        except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
-            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-            raise CheckpointError(
-                path, f"is a damaged or truncated zip archive ({reason})"
-            ) from None
+        self.source = open_source(path)  # a local file or a URL read by range requests
+        self.window = file_view(self.source, self.base, file_bytes if base is not None else None)
+        self.zf = self._open_zip()
         infos = self.zf.infolist()
         if not infos:
             raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
@@ -121,7 +83,19 @@ class ZipArchive:
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
         self._folded = {k.lower(): k for k in self.entries}
-        self.fd = os.open(path, os.O_RDONLY)
+
+    def _open_zip(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self.window)
+        except CheckpointError:  # a URL that failed while zipfile read it
+            self.close()
+            raise
+        except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
+            self.close()
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise CheckpointError(
+                self.path, f"is a damaged or truncated zip archive ({reason})"
+            ) from None
 
     def has(self, name: str) -> bool:
         return name in self.entries or name.lower() in self._folded
@@ -144,7 +118,7 @@ class ZipArchive:
         offset = self.data_offset(info)
         if offset - self.base + info.compress_size > self.file_bytes:
             raise CheckpointError(self.path, f"is truncated: {name} is cut short")
-        raw = os.pread(self.fd, info.compress_size, offset)
+        raw = self.source.pread(info.compress_size, offset)
         if len(raw) < info.compress_size:
             raise CheckpointError(self.path, f"is truncated: {name} is cut short")
         if info.compress_type == zipfile.ZIP_STORED:
@@ -163,14 +137,14 @@ class ZipArchive:
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
         header_offset = self.base + info.header_offset
-        header = os.pread(self.fd, _LOCAL_HEADER.size, header_offset)
+        header = self.source.pread(_LOCAL_HEADER.size, header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
         name_len, extra_len = fields[9], fields[10]
-        name = os.pread(self.fd, name_len, header_offset + _LOCAL_HEADER.size)
+        name = self.source.pread(name_len, header_offset + _LOCAL_HEADER.size)
         if name not in (
             info.orig_filename.encode("utf-8"),
             info.orig_filename.encode("cp437", "replace"),
@@ -182,11 +156,52 @@ class ZipArchive:
             )
         return header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
+    def record_offset(self, info: zipfile.ZipInfo) -> int:
+        """A storage record's data offset: from its local header for a local file; for a URL
+        (one request per record otherwise) where torch's writer puts it, checked against the
+        local header when the record's bytes are first read."""
+        expect = getattr(self.source, "expect", None)
+        if expect is None:
+            return self.data_offset(info)
+        predicted = _torch_data_offset(self.base + info.header_offset, info, self.alignment())
+
+        def check() -> None:
+            if self.data_offset(info) != predicted:
+                raise CheckpointError(
+                    self.path,
+                    f"zip record {info.filename!r} does not lie where torch's writer puts it "
+                    "(a file rewritten by another zip tool?): download it and run ckpttool on "
+                    "the local copy",
+                )
+
+        expect(predicted, predicted + info.compress_size, check)
+        return predicted
+
+    def alignment(self) -> int:
+        """Where torch aligns storage records (``.storage_alignment``, 64 before it existed)."""
+        if not hasattr(self, "_alignment"):
+            text = b"64"
+            if self.has(".storage_alignment"):
+                text = self.read_small(".storage_alignment", 16)
+            self._alignment = int(text) if text.strip().isdigit() and int(text) > 0 else 64
+        return self._alignment
+
     def close(self) -> None:
-        self.zf.close()
-        if self.window is not None:
-            self.window.close()
-        os.close(self.fd)
+        if hasattr(self, "zf"):
+            self.zf.close()
+        self.window.close()
+        self.source.close()
+
+
+def _torch_data_offset(header: int, info: zipfile.ZipInfo, alignment: int) -> int:
+    """Where torch's zip writer (``getPadding`` in caffe2's ``inline_container.cc``) starts
+    a record's data: after the local header, the name and a padding extra field (and zip64
+    fields past 4 GiB), at the next multiple of ``alignment``."""
+    start = header + _LOCAL_HEADER.size + len(info.orig_filename.encode("utf-8")) + 4
+    if info.file_size >= 0xFFFFFFFF or header >= 0xFFFFFFFF:
+        start += 4 + (16 if info.file_size >= 0xFFFFFFFF else 0)
+        start += 8 if header >= 0xFFFFFFFF else 0
+    return start + (-start % alignment)
 
 
 def read(
@@ -299,7 +314,7 @@ class _Records:
             numel=numel,
             location=location,
             file=path,
-            offset=archive.data_offset(info),
+            offset=archive.record_offset(info),
             record=info.filename,
             compressed=info.compress_type != zipfile.ZIP_STORED,
             big_endian=self.big_endian,

@@ -18,12 +18,12 @@ truncated pickle) is a problem of kind ``unreadable``: such a file is never ``sa
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Callable
 from typing import Any
 
+from ..source import file_view, open_source
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
 from .zipmodel import Entry, member, read_zip
@@ -39,13 +39,12 @@ def scan_file(path: str, *, dcp_items: ItemRanges | None = None) -> Verdict:
     is scanned where DCP reads it; without it (or without a ``.metadata``) each torch zip that
     tiles the file is."""
     found = Found()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+    with open_source(path) as src:  # a local file (mmap) or a URL (range requests)
+        if src.size == 0:
             found.problem(UNREADABLE, "the file is empty")
             return judge([], (), found.problems)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _models(buf, f, path, found, dcp_items)
+        with src.buffer() as buf:
+            _models(buf, file_view(src), path, found, dcp_items)
     return judge(found.walks, found.notes, found.problems)
 
 

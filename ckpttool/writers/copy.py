@@ -9,6 +9,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import StorageInfo
+from ..source import close_input, open_input, open_zip, preadv
 from .crc import crc32
 
 CHUNK = 8 << 20
@@ -16,8 +17,17 @@ CHUNK = 8 << 20
 Progress = Callable[[int], None]
 
 
-def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progress | None) -> None:
-    """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position."""
+def copy_range(
+    src_fd: Any, src_off: int, n: int, dst_fd: int, progress: Progress | None
+) -> int | None:
+    """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position.
+
+    ``src_fd`` is a file descriptor (copied by the kernel) or a remote source (read in chunks
+    through this process: their CRC-32 is returned, so that checking the copy reads only the
+    output and never fetches the input twice).
+    """
+    if not isinstance(src_fd, int):
+        return _copy_from_source(src_fd, src_off, n, dst_fd, progress)
     left = n
     off = src_off
     use_kernel = hasattr(os, "copy_file_range")
@@ -41,6 +51,26 @@ def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progres
         left -= done
         if progress:
             progress(done)
+    return None
+
+
+def _copy_from_source(src: Any, off: int, n: int, dst_fd: int, progress: Progress | None) -> int:
+    buf = bytearray(min(CHUNK, max(n, 1)))
+    view = memoryview(buf)
+    crc = 0
+    left = n
+    while left > 0:
+        want = min(left, len(buf))
+        got = preadv(src, view[:want], off)
+        if got <= 0:
+            raise EOFError("the input ended early")
+        write_all(dst_fd, view[:got])
+        crc = crc32(view[:got], crc)
+        off += got
+        left -= got
+        if progress:
+            progress(got)
+    return crc
 
 
 def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> int:
@@ -93,7 +123,7 @@ def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None) -> int:
             view.release()
 
 
-def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
+def compare_ranges(fd_a: Any, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
     """The first differing byte offset (relative), or None if the ranges are equal."""
     size = min(CHUNK, max(n, 1))
     a, b = bytearray(size), bytearray(size)
@@ -101,7 +131,7 @@ def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int 
     pos = 0
     while pos < n:
         want = min(n - pos, size)
-        ga = os.preadv(fd_a, [va[:want]], off_a + pos)
+        ga = preadv(fd_a, va[:want], off_a + pos)
         gb = os.preadv(fd_b, [vb[:want]], off_b + pos)
         if ga != want or gb != want:
             return pos
@@ -117,19 +147,20 @@ def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int 
 
 
 class Sources:
-    """Open input files by path (a sharded input has several)."""
+    """Open input files by path (a sharded input has several): a file descriptor for a local
+    file, a remote source for a URL (see :func:`ckpttool.source.open_input`)."""
 
     def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, Any] = {}
 
-    def fd(self, path: str) -> int:
+    def fd(self, path: str) -> Any:
         if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
+            self.fds[path] = open_input(path)
         return self.fds[path]
 
     def close(self) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            close_input(fd)
 
 
 def recode(chunk: bytes | bytearray, src: StorageInfo, dtype: str) -> bytearray:
@@ -142,15 +173,13 @@ def recode(chunk: bytes | bytearray, src: StorageInfo, dtype: str) -> bytearray:
     return numeric.recode(chunk, src, dtype)
 
 
-def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
+def iter_storage_chunks(src: StorageInfo, fd: Any) -> Iterator[bytearray]:
     """The storage's bytes in chunks that hold whole elements."""
     n = src.nbytes
     item = dtypes.get(src.dtype).itemsize
     step = max(item, (CHUNK // item) * item)
     if src.compressed:
-        import zipfile
-
-        with zipfile.ZipFile(src.file) as zf, zf.open(src.record or "") as f:
+        with open_zip(src.file) as zf, zf.open(src.record or "") as f:
             left = n
             while left:
                 data = f.read(min(step, left))
@@ -164,7 +193,7 @@ def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
     while left:
         want = min(step, left)
         chunk = bytearray(want)
-        got = os.preadv(fd, [chunk], off)
+        got = preadv(fd, memoryview(chunk), off)
         if got != want:
             raise CheckpointError(src.file, "is truncated: a storage is cut short")
         yield chunk
@@ -183,7 +212,7 @@ class CopyMismatch(Exception):
 
 
 def read_back(
-    dst_fd: int, dst_off: int, n: int, src_fd: int, src_off: int, src_crc: int | None
+    dst_fd: int, dst_off: int, n: int, src_fd: Any, src_off: int, src_crc: int | None
 ) -> int:
     """The CRC-32 of a range just copied, checked against its source.
 

@@ -151,14 +151,13 @@ def _copy_verbatim(
     assert src is not None
     src_fd = sources.fd(src.file)
     try:
-        bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
+        passed = bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
     except EOFError:
         raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
     job = None
     if check_copies or src.crc is None:  # read back (in the background)
-        job = background.submit(
-            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, src.crc
-        )
+        crc = src.crc if src.crc is not None else passed  # a remote input is not read twice
+        job = background.submit(bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, crc)
         out.read_back = True
     else:
         out.crc = src.crc

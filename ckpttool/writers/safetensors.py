@@ -94,10 +94,10 @@ def write_tensor(
         start = src.offset + ref.storage_offset * itemsize
         src_fd = sources.fd(src.file)
         dst_off = os.lseek(fd, 0, os.SEEK_CUR)
-        bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
+        passed = bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
         if check:  # check the copy in the background while the next tensor is written
             whole = ref.storage_offset == 0 and it.nbytes == src.nbytes
-            crc = src.crc if whole else None
+            crc = src.crc if whole and src.crc is not None else passed
             it.job = background.submit(
                 bytecopy.read_back, fd, dst_off, it.nbytes, src_fd, start, crc
             )

@@ -1,0 +1,335 @@
+"""Remote inputs (issue 21): URLs read by range requests, on servers started here on loopback.
+
+An HTTP server of our own (Range, ETag, If-Match; told to ignore Range, change its ETag or die
+mid-read), moto's S3 server, and a fake Hugging Face Hub endpoint (``HF_ENDPOINT``). The same
+files are read locally: reports, verdicts and written outputs must be the same.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+
+from tests.remote_servers import FileServer
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TOKEN = "hf_test_secret_token_never_printed"
+
+
+def ckpttool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "CKPTTOOL_REMOTE_TIMEOUT": "5", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ckpttool", *args], capture_output=True, text=True, env=full
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixtures, a bigger zip/legacy/safetensors trio (storages far past the first block)
+    and a hostile zip whose storage is big: what the servers serve."""
+    import torch
+
+    root = tmp_path_factory.mktemp("served")
+    for p in FIXTURES.iterdir():
+        if p.is_file() and p.suffix in (".pt", ".ckpt", ".safetensors"):
+            shutil.copy(p, root / p.name)
+    shutil.copytree(FIXTURES / "sharded", root / "sharded")
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"layer{i}.weight": torch.randint(-99, 99, (512, 1024), generator=gen).float()
+          for i in range(6)}  # fmt: skip
+    sd["emb.weight"] = sd["layer0.weight"][:, :512].t()  # a strided view
+    torch.save({"model": sd, "step": 7}, root / "big.pt")
+    torch.save(sd, root / "big_legacy.pt", _use_new_zipfile_serialization=False)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, root / "big.safetensors")
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, ("echo pwned",))
+
+    torch.save({"w": torch.zeros(2_000_000), "x": Evil()}, root / "hostile_big.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def http(files: Path) -> Any:
+    srv = FileServer(files, hub_repo="org/tiny")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _behave(request: pytest.FixtureRequest) -> Any:
+    yield
+    if "http" in request.fixturenames:
+        srv = request.getfixturevalue("http")
+        srv.behaviour.__init__()
+
+
+def _report(path: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    r = ckpttool("inspect", path, "--json", env=env)
+    assert r.returncode in (0, 3), r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def _same_report(local: dict[str, Any], remote: dict[str, Any]) -> None:
+    usage = remote.pop("remote")
+    assert usage["requests"] > 0
+    for rep in (local, remote):
+        rep.pop("path")
+        for t in rep["tensors"]:
+            t.pop("storage", None)
+    assert local == remote
+
+
+# -- reading: the same report, from a few requests ---------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["big.pt", "big_legacy.pt", "big.safetensors", "ddp_rank0_checkpoint.pt", "sharded/"]
+)
+def test_inspect_over_http_prints_the_local_report(http: Any, files: Path, name: str) -> None:
+    remote = _report(f"{http.url}/{name}")
+    local = _report(str(files / name))
+    _same_report(local, remote)
+
+
+@pytest.mark.parametrize("name", ["big.pt", "big.safetensors"])
+def test_inspect_fetches_the_metadata_only(http: Any, files: Path, name: str) -> None:
+    size = (files / name).stat().st_size
+    usage = _report(f"{http.url}/{name}")["remote"]
+    assert size > 12_000_000
+    assert usage["bytes"] < 1_000_000
+    assert usage["requests"] <= 12
+    spans = [r[2].split("=")[1].split("-") for r in http.behaviour.requests if r[2]]
+    assert all(int(b) - int(a) < 300_000 for a, b in spans)  # no 2 MB storage was fetched
+
+
+def test_verbose_says_bytes_and_requests(http: Any) -> None:
+    r = ckpttool("inspect", f"{http.url}/big.pt", "-v")
+    assert r.returncode == 0
+    line = [x for x in r.stderr.splitlines() if x.startswith("remote: ")]
+    assert line and "bytes in" in line[0] and "requests" in line[0]
+    assert "remote:" not in ckpttool("inspect", str(FIXTURES / "model.safetensors"), "-v").stderr
+
+
+# -- scan ---------------------------------------------------------------------------------------
+def _verdicts(out: str) -> dict[str, str]:
+    data = json.loads(out)
+    return {f["path"].rstrip("/").split("/", 3)[-1]: f["verdict"] for f in data["files"]}
+
+
+def _local_verdicts(files: Path) -> dict[str, str]:
+    r = ckpttool("scan", str(files), "--json")
+    data = json.loads(r.stdout)
+    return {os.path.relpath(f["path"], files): f["verdict"] for f in data["files"]}
+
+
+def test_scan_of_an_http_folder_gives_the_local_verdicts(http: Any, files: Path) -> None:
+    r = ckpttool("scan", http.url + "/", "--json")
+    assert r.returncode == 3, r.stderr
+    data = json.loads(r.stdout)
+    got = {f["path"][len(http.url) + 1 :]: f["verdict"] for f in data["files"]}
+    want = _local_verdicts(files)
+    assert got == want and len(got) >= 18
+    assert got["hostile_big.pt"] == got["malicious.pt"] == "dangerous"
+    per = {f["url"]: f["bytes"] for f in data["remote"]["files"]}
+    assert per[f"{http.url}/hostile_big.pt"] <= 2 * 262_144  # two windows of its 8 MB
+    assert data["remote"]["bytes"] < sum(p.stat().st_size for p in files.rglob("*") if p.is_file())
+
+
+# -- writing from a URL ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["big.pt", "big_legacy.pt", "big.safetensors"])
+def test_remote_convert_and_to_safetensors_equal_local(
+    http: Any, files: Path, tmp_path: Path, name: str
+) -> None:
+    for cmd, ext in (("convert", ".pt"), ("to-safetensors", ".safetensors")):
+        extra = ["--all"] if cmd == "to-safetensors" and name == "big.pt" else []
+        remote = ckpttool(cmd, f"{http.url}/{name}", str(tmp_path / f"r{ext}"), *extra)
+        assert remote.returncode == 0, remote.stderr
+        assert "remote: " in remote.stderr
+        local = ckpttool(cmd, str(files / name), str(tmp_path / f"l{ext}"), *extra)
+        assert local.returncode == 0, local.stderr
+        assert filecmp.cmp(tmp_path / f"r{ext}", tmp_path / f"l{ext}", shallow=False)
+
+
+def test_remote_diff_and_check(http: Any, files: Path) -> None:
+    r = ckpttool("diff", f"{http.url}/big.pt", str(files / "big.pt"), "--values", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["equal"]
+    assert json.loads(r.stdout)["remote"]["bytes"] > 12_000_000  # diff reads every tensor
+    r = ckpttool("diff", f"{http.url}/big.pt", f"{http.url}/big_legacy.pt")
+    assert r.returncode == 4 and "state dict" in r.stdout  # the entry 'step' differs
+    r = ckpttool("check", f"{http.url}/big.pt", "--against", f"{http.url}/big.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "would load" in r.stdout
+
+
+# -- failures: one line, exit 1, nothing written -------------------------------------------------
+def _one_line_failure(r: subprocess.CompletedProcess[str], words: str, out: Path) -> None:
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_server_without_ranges_is_refused_before_the_download(http: Any, tmp_path: Path) -> None:
+    http.behaviour.ignore_range = True
+    out = tmp_path / "o.pt"
+    r = ckpttool("convert", f"{http.url}/big.pt", str(out))
+    _one_line_failure(r, "ignores HTTP range requests", out)
+    assert "download it" in r.stderr
+
+
+@pytest.mark.parametrize(("status", "words"), [(404, "no such file"), (403, "access denied"),
+                                               (401, "needs credentials")])  # fmt: skip
+def test_http_errors_are_one_line(http: Any, tmp_path: Path, status: int, words: str) -> None:
+    http.behaviour.status = status
+    out = tmp_path / "o.safetensors"
+    r = ckpttool("to-safetensors", f"{http.url}/big.pt", str(out), env={"HF_TOKEN": TOKEN})
+    _one_line_failure(r, words, out)
+    assert TOKEN not in r.stderr + r.stdout
+
+
+def test_a_file_that_changes_mid_read_writes_nothing(http: Any, tmp_path: Path) -> None:
+    http.behaviour.change_etag_after = 3  # the metadata reads pass, the copy meets a new ETag
+    out = tmp_path / "o.pt"
+    r = ckpttool("convert", f"{http.url}/big.pt", str(out))
+    _one_line_failure(r, "changed on the server while it was read", out)
+
+
+def test_a_server_dying_mid_read_writes_nothing(http: Any, tmp_path: Path) -> None:
+    http.behaviour.die_after = 3
+    out = tmp_path / "o.safetensors"
+    r = ckpttool("to-safetensors", f"{http.url}/big.safetensors", str(out))
+    _one_line_failure(r, "", out)
+
+
+def test_nothing_listening_is_one_line(tmp_path: Path) -> None:
+    from tests.remote_servers import free_port
+
+    r = ckpttool("inspect", f"http://127.0.0.1:{free_port()}/x.pt")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "connection" in r.stderr
+
+
+# -- the base install ------------------------------------------------------------------------------
+def test_importing_ckpttool_imports_no_remote_library() -> None:
+    code = (
+        "import sys, ckpttool, ckpttool.cli, ckpttool.readers, ckpttool.source; "
+        "ckpttool.open_checkpoint(sys.argv[1]); "
+        "bad = [m for m in ('fsspec', 'aiohttp', 's3fs', 'huggingface_hub') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "ddp_rank0_checkpoint.pt")])
+    assert r.returncode == 0
+
+
+def test_without_the_extra_a_url_says_how_to_get_it() -> None:
+    code = (
+        "import sys; sys.modules['fsspec'] = None; "
+        "from ckpttool.cli import main; sys.argv = ['ckpttool', 'inspect', sys.argv[1]]; main()"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, "https://127.0.0.1:9/x.pt"], capture_output=True, text=True
+    )
+    assert r.returncode == 1
+    assert "pip install 'ckpttool[remote]'" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+# -- the Hub, through HF_ENDPOINT -----------------------------------------------------------------
+def test_hf_repo_files_revisions_and_whole_repos(http: Any, files: Path, tmp_path: Path) -> None:
+    pytest.importorskip("huggingface_hub")
+    env = {"HF_ENDPOINT": http.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    _same_report(_report(str(files / "big.pt")), _report("hf://org/tiny/big.pt", env))
+    rev = _report("hf://org/tiny@main/sharded", env)
+    assert rev["format"] == "hf-sharded" and rev["tensor_count"] == 4
+    r = ckpttool("scan", "hf://org/tiny", "--json", env=env)
+    got = {f["path"][len("hf://org/tiny/") :]: f["verdict"] for f in json.loads(r.stdout)["files"]}
+    assert got == _local_verdicts(files)
+    out = tmp_path / "hf.safetensors"
+    r = ckpttool("to-safetensors", "hf://org/tiny/big_legacy.pt", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    ckpttool("to-safetensors", str(files / "big_legacy.pt"), str(tmp_path / "l.safetensors"))
+    assert filecmp.cmp(out, tmp_path / "l.safetensors", shallow=False)
+    assert TOKEN not in r.stderr + r.stdout
+    assert any("/resolve/" + "0123456789abcdef" in q[1] for q in http.behaviour.requests)
+
+
+# -- S3, on moto's server ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3(files: Path) -> Any:
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    from tests.remote_servers import MotoServer
+
+    srv = MotoServer()
+    client = boto3.client("s3", endpoint_url=srv.url, **_creds(srv.env()))
+    client.create_bucket(Bucket="ckpts")
+    for p in sorted(files.rglob("*")):
+        if p.is_file():
+            client.upload_file(str(p), "ckpts", "run1/" + p.relative_to(files).as_posix())
+    yield srv
+    srv.stop()
+
+
+def _creds(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def test_s3_scan_inspect_and_convert(s3: Any, files: Path, tmp_path: Path) -> None:
+    env = s3.env()
+    r = ckpttool("scan", "s3://ckpts/run1/", "--json", env=env)
+    assert r.returncode == 3, r.stderr
+    data = json.loads(r.stdout)
+    got = {f["path"][len("s3://ckpts/run1/") :]: f["verdict"] for f in data["files"]}
+    assert got == _local_verdicts(files)
+    assert data["remote"]["bytes"] > 0
+    _same_report(_report(str(files / "big.pt")), _report("s3://ckpts/run1/big.pt", env))
+    out = tmp_path / "s3.pt"
+    r = ckpttool("convert", "s3://ckpts/run1/big_legacy.pt", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    ckpttool("convert", str(files / "big_legacy.pt"), str(tmp_path / "l.pt"))
+    assert filecmp.cmp(out, tmp_path / "l.pt", shallow=False)
+    r = ckpttool("inspect", "s3://ckpts/run1/nothing.pt", env=env)
+    assert r.returncode == 1 and "no such file" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert env["AWS_SECRET_ACCESS_KEY"] not in r.stderr
+
+
+def test_a_zip_rewritten_by_another_tool_is_refused_when_copied(
+    http: Any, files: Path, tmp_path: Path
+) -> None:
+    """A URL's record offsets are where torch's writer puts them, checked against each local
+    header when the record is first read: a zip rewritten without torch's padding still
+    inspects, and a writer refuses it in one line (one request per record is not paid)."""
+    import zipfile
+
+    src = files / "ddp_rank0_checkpoint.pt"
+    repacked = files / "repacked.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(repacked, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    try:
+        assert _report(f"{http.url}/repacked.pt")["tensor_count"] == 16
+        out = tmp_path / "o.pt"
+        r = ckpttool("convert", f"{http.url}/repacked.pt", str(out))
+        _one_line_failure(r, "does not lie where torch's writer puts it", out)
+        assert ckpttool("convert", str(repacked), str(out)).returncode == 0
+    finally:
+        repacked.unlink()
