@@ -159,9 +159,7 @@ def consolidate(
         max_shard_size: bytes (or ``"5GB"``) per safetensors shard.
         output_format: ``"pt"`` or ``"safetensors"`` (default: from ``dst``'s suffix).
         verify: read every tensor back and re-open the output before it replaces ``dst``.
-        force: replace an existing output.
-        allow_user_classes: write objects of unvetted classes that non-tensor items hold
-            (a ``.pt`` output only; loading it imports their modules).
+        force: replace an existing output; ``allow_user_classes``: write unvetted objects.
         progress: called with the total bytes; returns a callback fed bytes written.
 
     Returns:
@@ -179,10 +177,7 @@ def consolidate(
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
     chosen, renamed = _rename_model(chosen, ops, src)
-    if fmt == "pt":  # non-tensor items are written as they are pickled: only with consent
-        check_writable(
-            src, ckpt.verdict, _object_globals(chosen), allow_user_classes=allow_user_classes
-        )
+    _refuse_objects(src, ckpt, chosen if fmt == "pt" else None, allow_user_classes)
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
@@ -195,12 +190,15 @@ def consolidate(
     return result
 
 
-def _object_globals(node: Any) -> list[str]:
-    """The globals of the objects a ``.pt`` output of ``node`` would pickle."""
+def _refuse_objects(src: str, ckpt: Checkpoint, node: Any, allow_user_classes: bool) -> None:
+    """A ``.pt`` output of ``node`` pickles its non-tensor items as they are: objects of
+    unvetted classes only with consent (``node`` None: a safetensors output, tensors only)."""
     from ..nodes import Opaque
     from ..tree import walk
 
-    return [n.global_name for _, n in walk(node) if isinstance(n, Opaque)]
+    if node is not None:
+        names = [n.global_name for _, n in walk(node) if isinstance(n, Opaque)]
+        check_writable(src, ckpt.verdict, names, allow_user_classes=allow_user_classes)
 
 
 def _output_format(

@@ -19,8 +19,7 @@ from ..analysis.describe import numpy_scalar_value
 from ..analysis.state_dicts import default_state_dict
 from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
-from ..readers.hf_folder import SAFE_WEIGHTS, choose
-from ..readers.hf_folder import note as folder_note
+from ..readers.hf_folder import output_notes
 from ..readers.safetensors import ALIASES_KEY  # __metadata__: JSON {alias: stored name}
 from ..tree import children, get_path, iter_tensors
 from ..writers import copy as bytecopy
@@ -241,23 +240,8 @@ def to_safetensors(
         shards = assign_shards(items, groups if duplicate_shared else [], shard_limit)
     result.files = _write(dst, items, shards, meta, cb, verify, total)
     result.verified = verify
-    result.notes = folder_notes(ckpt, dst, shard_limit is not None)
+    result.notes += output_notes(ckpt.facts, dst, shard_limit is not None)
     return result
-
-
-def folder_notes(ckpt: Checkpoint, dst: str, sharded: bool) -> list[str]:
-    """The input's folder, and the output's once written, if either holds two weight sets
-    (a ``pytorch_model.bin`` beside the new ``model.safetensors``, say)."""
-    notes = [folder_note(ckpt.facts.get("folder"))]
-    if sharded or os.path.basename(dst) == SAFE_WEIGHTS:
-        folder = dst if sharded else os.path.dirname(dst) or "."
-        try:
-            chosen = choose(folder)
-        except CheckpointError as exc:  # a config.json naming weights that are not there
-            notes.append(exc.message)
-        else:
-            notes.append(folder_note(chosen.fact() if chosen else None))
-    return list(dict.fromkeys(n for n in notes if n))
 
 
 def _write(

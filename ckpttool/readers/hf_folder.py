@@ -112,3 +112,19 @@ def note(fact: dict[str, Any] | None) -> str | None:
         f"{others} {verb} ignored; if they differ, remove the stale set so that every tool "
         "reads the same weights"
     )
+
+
+def output_notes(facts: dict[str, Any], dst: str, sharded: bool) -> list[str]:
+    """The input's folder (``facts`` of the checkpoint read), and the output's once written,
+    if either holds two weight sets (a ``pytorch_model.bin`` beside a new
+    ``model.safetensors``, say)."""
+    notes = [note(facts.get("folder"))]
+    if sharded or os.path.basename(dst) == SAFE_WEIGHTS:
+        folder = dst if sharded else os.path.dirname(dst) or "."
+        try:
+            chosen = choose(folder)
+        except CheckpointError as exc:  # a config.json naming weights that are not there
+            notes.append(exc.message)
+        else:
+            notes.append(note(chosen.fact() if chosen else None))
+    return list(dict.fromkeys(n for n in notes if n))
