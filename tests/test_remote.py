@@ -89,6 +89,8 @@ def _same_report(local: dict[str, Any], remote: dict[str, Any]) -> None:
     assert usage["requests"] > 0
     for rep in (local, remote):
         rep.pop("path")
+        if rep.get("folder"):  # the same weights chosen, in a local folder and at a URL
+            rep["folder"].pop("path")
         for t in rep["tensors"]:
             t.pop("storage", None)
     assert local == remote

@@ -15,6 +15,7 @@ from ..source import is_url, read_head
 
 if TYPE_CHECKING:
     from ..unpickling.policy import Verdict
+    from .hf_folder import FolderWeights
 
 # The first bytes torch's legacy format writes: PROTO 2, LONG1 of the magic number.
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -100,9 +101,11 @@ def open_checkpoint(
     written itself.)
     """
     path = os.fspath(path)
+    chosen = None
     if is_url(path):
         if _allow_index:
-            path = _remote_target(path)
+            chosen = _remote_target(path)
+            path = chosen.path if chosen is not None else path
     elif _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
         return _open_distributed(path)
     elif _allow_index and os.path.isdir(path):
@@ -111,7 +114,6 @@ def open_checkpoint(
         if deepspeed.is_deepspeed_folder(path):
             # only the files of the tag being read decide the verdict, not older tags beside it
             return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
-    chosen = None
     if _allow_index and not is_url(path) and os.path.isdir(path):
         from .hf_folder import choose
 
@@ -148,13 +150,15 @@ def open_checkpoint(
     return ckpt
 
 
-def _remote_target(url: str) -> str:
-    """The file a URL opens as: itself, or for a folder (a Hub repo, a prefix) its one
-    ``*.index.json`` or its Hugging Face weights, as for a local folder."""
+def _remote_target(url: str) -> FolderWeights | None:
+    """For a folder URL (a Hub repo, a prefix), the weights it opens as: its Hugging Face
+    weights in transformers' order, else its one ``*.index.json``, as for a local folder;
+    None for a file URL."""
     from .. import remote
+    from .hf_folder import HF_WEIGHTS, FolderWeights
 
     if not remote.is_folder(url):
-        return url
+        return None
     root = url.rstrip("/")
     names = {f[len(root) + 1 :] for f in remote.list_files(url) if f.startswith(root + "/")}
     top = {n for n in names if "/" not in n}
@@ -162,15 +166,13 @@ def _remote_target(url: str) -> str:
         raise CheckpointError(
             url, "is a distributed checkpoint folder (DCP or DeepSpeed): download it first"
         )
-    from .hf_folder import HF_WEIGHTS  # transformers' order, as for a local folder
-
     indexes = sorted(n for n in top if n.endswith(".index.json"))
-    found = next((n for n in HF_WEIGHTS if n in top), None)
-    if found is None and len(indexes) == 1:
-        found = indexes[0]
-    if found is None:
-        raise CheckpointError(url, "is a folder without model weights ckpttool recognises")
-    return root + "/" + found
+    present = [n for n in HF_WEIGHTS if n in top]
+    if present:
+        return FolderWeights(root, present[0], "transformers", tuple(present[1:]))
+    if len(indexes) == 1:
+        return FolderWeights(root, indexes[0], "index")
+    raise CheckpointError(url, "is a folder without model weights ckpttool recognises")
 
 
 def _no_verdict() -> Verdict:

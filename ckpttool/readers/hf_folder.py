@@ -37,6 +37,8 @@ class FolderWeights:
 
     @property
     def path(self) -> str:
+        if "://" in self.folder:  # a folder URL
+            return self.folder.rstrip("/") + "/" + self.weights
         return os.path.join(self.folder, self.weights)
 
     def fact(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .opscan import PickleWalk, walk_all
+from .parsed import remember_parsed
 from .zipmodel import local_entries, member, read_zip
 
 DANGEROUS, UNVETTED, UNREADABLE = "dangerous", "unvetted code", "unreadable"
@@ -111,7 +112,9 @@ def _member_walk(buf: Any, e: Any, what: str, found: Found, mode: str, *, requir
             found.problem(UNREADABLE, f"{what} cannot be read to scan it")
         return
     if required:
-        found.walk(data, 0, len(data), what, mode)
+        w = found.walk(data, 0, len(data), what, mode)
+        if w.end == len(data) and w.error is None and not w.straddle:
+            remember_parsed(data)
     else:  # only its globals count: torch does not read it as a pickle of its own
         found.walks.extend(walk_all(data, 0, len(data), mode))
 

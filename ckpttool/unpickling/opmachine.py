@@ -76,7 +76,14 @@ def _put(m: Machine, code: int, at: int) -> None:
     idx = m.take(1)[0] if code == 0x71 else len(m.memo)
     if code == 0x72:
         idx = _LEN4.unpack(m.take(4))[0]
+        _memo_bomb(m, idx, at)
     m.memo[idx] = m.top()
+
+
+def _memo_bomb(m: Machine, idx: int, at: int) -> None:
+    """CPython sizes its memo array by the index: one larger than the pickle is a bomb."""
+    if idx > m.end - m.res.start:
+        raise Stop(f"memo index {idx:,} at offset {at}, more than the pickle has bytes")
 
 
 @_on(0x68, 0x6A)  # BINGET, LONG_BINGET
@@ -250,6 +257,7 @@ def _text_memo(m: Machine, code: int, at: int) -> None:
     elif idx < 0:
         raise Stop(f"negative PUT argument at offset {at}")
     else:
+        _memo_bomb(m, idx, at)
         m.memo[idx] = m.top()
 
 

@@ -12,6 +12,7 @@ from typing import IO, Any, cast
 
 from ..errors import CheckpointError
 from ..model import Opaque, StorageInfo, TensorRef
+from .parsed import was_parsed
 from .unpickler import SafeUnpickler, StorageType, UnpickleRefused
 
 MAX_DEPTH = 1000  # real checkpoints nest a few dozen levels; deeper is an attack on walkers
@@ -97,6 +98,8 @@ def unpickle(
     ``seen`` collects every global named, also when loading fails, so that a hostile file is
     reported as dangerous even when it is broken too.
     """
+    if scan and isinstance(file, io.BytesIO) and file.tell() == 0:
+        scan = not was_parsed(file.getbuffer())  # the verdict's walk parsed it already
     if scan and (isinstance(file, io.BytesIO) or end is not None):
         start = file.tell()
         limit = len(file.getbuffer()) if isinstance(file, io.BytesIO) else end
