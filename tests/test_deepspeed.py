@@ -276,6 +276,22 @@ def test_inspect_describes_a_zero_folder(zero_root: Path, run_cli: Any) -> None:
     assert dist["consolidates_into"]["model"]["path"] == "module"
 
 
+def test_a_zero_folder_gets_advice_true_for_a_folder(
+    zero_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    import json
+
+    res = run_cli("inspect", zero_root / "zero2_bf16", "--json")
+    warnings = json.loads(res.stdout)["warnings"]
+    assert not [w for w in warnings if "--plain-objects" in w or "refuses this file" in w]
+    (advice,) = [w for w in warnings if "folder of shards" in w]
+    assert "weights_only=False" in advice and "`ckpttool consolidate FOLDER OUT`" in advice
+    for args in ([], ["--all"]):  # what it advises: files torch.load(weights_only=True) opens
+        out = tmp_path / f"out{len(args)}.pt"
+        assert run_cli("consolidate", zero_root / "zero2_bf16", out, *args).exit_code == 0
+        assert torch.load(out, weights_only=True)
+
+
 def test_cli_consolidates_a_zero_folder(zero_root: Path, run_cli: Any, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     res = run_cli("consolidate", zero_root / "zero2_fp32", out)

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from ..analysis.fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX
+from ..analysis.fixes import CONSOLIDATE, PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX
 
 # a warning's fix: the command, and what it does (joined after the warning's text)
 _WARNING_FIXES = {
@@ -15,6 +15,11 @@ _WARNING_FIXES = {
     STRIP_PREFIX: ("", "removes it"),  # the command names the prefix (warning_text)
     PLAIN_OBJECTS: ("`ckpttool convert --plain-objects`", "writes plain equivalents it accepts"),
     REWRITE_ZIP: ("`ckpttool convert`", "rewrites it in the zip format"),
+    CONSOLIDATE: (
+        "`ckpttool consolidate FOLDER OUT`",
+        "writes its model weights as one file that torch.load(weights_only=True) opens "
+        "(--all: everything)",
+    ),
 }
 
 
