@@ -254,6 +254,8 @@ def _consolidate_folder(
         click.echo(f"cast {result.cast} tensors to {kwargs['dtype']}", err=True)
     for item in result.left_out:
         click.echo(f"left out: {escape(left_out_text(item))}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {escape(note)}", err=True)
     check = "verified" if result.verified else "not verified"
     files = f" in {len(result.files) - 1} shards" if shard else ""
     click.echo(

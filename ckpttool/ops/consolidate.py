@@ -46,6 +46,7 @@ class ConsolidateResult:
     renamed: int = 0
     cast: int = 0
     verified: bool = False
+    notes: list[str] = field(default_factory=list)  # what the user should know about it
 
 
 def _select(ckpt: Checkpoint, select: str) -> tuple[Any, str]:
@@ -176,6 +177,7 @@ def consolidate(
     chosen, label = _select(ckpt, select)
     chosen, renamed = _rename_model(chosen, ops, src)
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
+    result.notes = _notes(dc, select)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
     with contextlib.closing(bytecopy.Sources()) as sources:
@@ -185,6 +187,19 @@ def consolidate(
             _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
     result.verified = verify
     return result
+
+
+def _notes(dc: Any, select: str) -> list[str]:
+    """What the user should know about the output (frozen params DeepSpeed would drop)."""
+    unlisted = dc.facts.get("frozen_unlisted") or []
+    if not unlisted or select not in ("model", "all"):
+        return []
+    shown = ", ".join(unlisted[:3]) + (" and more" if len(unlisted) > 3 else "")
+    many, it = ("s", "them") if len(unlisted) > 1 else ("", "it")
+    return [
+        f"kept the frozen parameter{many} {shown}: a ZeRO-1 save does not list {it}, and "
+        f"DeepSpeed's zero_to_fp32 drops {it}"
+    ]
 
 
 def _output_format(
