@@ -67,3 +67,53 @@ def test_a_dcp_folder_gets_advice_true_for_a_folder(
     out = tmp_path / "model.pt"
     assert run_cli("consolidate", dcp_w2, out).exit_code == 0
     assert torch.load(out, weights_only=True)
+
+
+# -- DCP: a torch.Generator kept as a non-tensor value -------------------------------------------
+DCP_GENERATOR = """
+    import sys, torch, torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    folder, ref = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    rng = torch.Generator().manual_seed(123)
+    rng.get_state()  # its state is a uint8 tensor, saved as a torch.save blob
+    state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": 7, "rng": rng}
+    dcp.save(state, checkpoint_id=folder)
+    dcp_to_torch_save(folder, ref)
+"""
+
+
+@pytest.fixture(scope="session")
+def dcp_generator(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dcp_generator")
+    _run_script(DCP_GENERATOR, out / "ckpt", out / "torch.pt")
+    return out / "ckpt", out / "torch.pt"
+
+
+def _load_with_generator(path: Path) -> Any:
+    with torch.serialization.safe_globals([torch._C.Generator]):
+        return torch.load(path, weights_only=True)
+
+
+def test_consolidate_all_keeps_a_generator_as_dcp_to_torch_save_does(
+    dcp_generator: tuple[Path, Path], run_cli: Any, tmp_path: Path
+) -> None:
+    folder, ref_path = dcp_generator
+    out = tmp_path / "full.pt"
+    res = run_cli("consolidate", folder, out, "--all")
+    assert res.exit_code == 0, res.stderr
+    ours, ref = _load_with_generator(out), _load_with_generator(ref_path)
+    assert list(ours) == list(ref) == ["model", "optim", "step", "rng"]
+    assert isinstance(ours["rng"], torch.Generator)
+    assert torch.equal(ours["rng"].get_state(), ref["rng"].get_state())
+    assert torch.equal(torch.rand(5, generator=ours["rng"]), torch.rand(5, generator=ref["rng"]))
+    flat_ours, _ = torch.utils._pytree.tree_flatten({k: ours[k] for k in ("model", "optim")})
+    flat_ref, _ = torch.utils._pytree.tree_flatten({k: ref[k] for k in ("model", "optim")})
+    assert len(flat_ours) == len(flat_ref) > 0
+    for a, b in zip(flat_ours, flat_ref, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert ours["step"] == 7

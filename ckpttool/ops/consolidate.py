@@ -113,6 +113,9 @@ def _safetensors_items(src: str, chosen: Any, dtype: str | None) -> tuple[list[I
     seen: set[str] = set()
     for name, ref in iter_tensors(chosen):
         t = logical(ref)
+        if ref.storage_offset or ref.numel != t.numel or not ref.is_contiguous():
+            raise CheckpointError(src, f"tensor {name!r} is a view of a larger storage, which "
+                                  "safetensors cannot store: write a .pt file")
         want = out_dtype(t, dtype)
         if dtypes.get(want).safetensors is None:
             raise CheckpointError(src, f"tensor {name!r} is {want}, which safetensors cannot store")

@@ -123,14 +123,18 @@ def write_pt(
     storage_of: dict[int, OutStorage] = {}
     dtype_of: dict[int, str] = {}
     outs: list[OutStorage] = []
+    by_storage: dict[int, OutStorage] = {}  # views of one storage share its output record
     for _name, ref in named:
         if id(ref) in storage_of:
             continue
         t = logical(ref)
-        out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
+        out = by_storage.get(id(ref.storage))
+        if out is None:
+            out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
+            by_storage[id(ref.storage)] = out
+            outs.append(out)
         storage_of[id(ref)] = out
         dtype_of[id(ref)] = out.dtype
-        outs.append(out)
     pkl = dumps(root, storage_of, dtype_of)
     archive = "archive"
     fd = os.open(tmp, os.O_RDWR)

@@ -28,6 +28,7 @@ from .distributed import (
     DistributedCheckpoint,
     LogicalTensor,
     Segment,
+    as_logical,
     check_segments,
     merge_segments,
 )
@@ -298,7 +299,7 @@ def _read_keys(
             st = index.get((fqn, None))
             if st is None:
                 raise CheckpointError(meta, f"value {fqn!r} is not stored")
-            entries[fqn] = read_item(st, fqn, seen)
+            entries[fqn] = as_logical(read_item(st, fqn, seen), fqn, folder)
         else:
             raise CheckpointError(meta, f"{fqn!r} is a {kind}, which ckpttool does not read")
     return tensors, entries
