@@ -117,3 +117,145 @@ def test_consolidate_all_keeps_a_generator_as_dcp_to_torch_save_does(
     for a, b in zip(flat_ours, flat_ref, strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     assert ours["step"] == 7
+
+
+# -- Lightning: FSDP's meta.pt, and hyper-parameters that hold a class ---------------------------
+LIGHTNING = """
+    import os, sys, torch
+    import lightning as L
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import FSDPStrategy
+    from pathlib import Path
+    from ckpttool.testing import saved_as
+
+    out = Path(sys.argv[1])
+
+    class Net(L.LightningModule):
+        def __init__(self, lr=0.1, opt_cls=torch.optim.Adam, width=8, keep_class=True):
+            super().__init__()
+            self.save_hyperparameters(ignore=None if keep_class else ["opt_cls"])
+            self.opt_cls = opt_cls
+            self.l1 = torch.nn.Linear(width, 4)
+            self.l2 = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, i):
+            loss = self.l2(self.l1(batch[0])).pow(2).mean()
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return self.opt_cls(self.parameters(), lr=self.hparams.lr)
+
+    def fit(model):
+        torch.manual_seed(0)
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(8, 8)), batch_size=4
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=out,
+            callbacks=[ModelCheckpoint(dirpath=out / "cb", monitor="loss", save_top_k=1)],
+        )
+        trainer.fit(model, data)
+        return trainer
+
+    trainer = fit(Net())
+    with saved_as("cuda:0"):  # as a file trained on a GPU is tagged
+        trainer.save_checkpoint(out / "gpu.ckpt")
+    # Lightning's FSDP strategy needs CUDA to train; its sharded save runs on any machine
+    # (dcp.save of the model and optimizer, meta.pt with the rest of the checkpoint)
+    FSDPStrategy(state_dict_type="sharded").save_checkpoint(
+        trainer._checkpoint_connector.dump_checkpoint(), out / "adam.ckpt"
+    )
+    with torch.serialization.safe_globals([torch.optim.Adam]):
+        torch.save(_load_distributed_checkpoint(out / "adam.ckpt"), out / "adam.lightning.pt")
+    trainer = fit(Net(keep_class=False))  # hyper-parameters without the class
+    FSDPStrategy(state_dict_type="sharded").save_checkpoint(
+        trainer._checkpoint_connector.dump_checkpoint(), out / "sharded.ckpt"
+    )
+    # what Lightning's consolidate_checkpoint writes
+    torch.save(_load_distributed_checkpoint(out / "sharded.ckpt"), out / "sharded.lightning.pt")
+"""
+
+
+@pytest.fixture(scope="session")
+def lightning_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need("lightning")
+    out = tmp_path_factory.mktemp("lightning")
+    _run_script(LIGHTNING, out)
+    return out
+
+
+def _flat(obj: Any) -> list[Any]:
+    leaves, spec = torch.utils._pytree.tree_flatten(obj)
+    return [spec, *leaves]
+
+
+def _same(a: Any, b: Any) -> None:
+    fa, fb = _flat(a), _flat(b)
+    assert fa[0] == fb[0]  # the same nesting and keys
+    assert len(fa) == len(fb) > 1
+    for x, y in zip(fa[1:], fb[1:], strict=True):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        else:
+            assert x == y
+
+
+def test_consolidate_all_keeps_lightning_meta_as_lightning_does(
+    lightning_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    folder = lightning_root / "sharded.ckpt"
+    res = run_cli("inspect", folder, "--json")
+    report = json.loads(res.stdout)
+    entries = {e["path"]: e["value"] for e in report["entries"]}
+    assert entries["global_step"] == "2" and entries["epoch"] == "1"
+    assert "'lr': 0.1" in entries["hyper_parameters"]
+    assert report["distributed"]["facts"]["lightning_meta"] == "meta.pt"
+    assert report["distributed"]["groups"]["optimizer"]["tensors"] > 0  # optimizer_0
+    out = tmp_path / "full.pt"
+    res = run_cli("consolidate", folder, out, "--all")
+    assert res.exit_code == 0, res.stderr
+    ours = torch.load(out, weights_only=True)
+    ref = torch.load(lightning_root / "sharded.lightning.pt", weights_only=True)
+    assert list(ours) == list(ref)
+    _same(ours, ref)  # the callback's best_model_score tensor in meta.pt included
+
+
+def test_lightning_hparams_holding_a_class_need_consent(
+    lightning_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    folder, out = lightning_root / "adam.ckpt", tmp_path / "full.pt"
+    res = run_cli("consolidate", folder, out, "--all")
+    assert res.exit_code == 1 and "torch.optim.adam.Adam" in res.stderr
+    assert "--allow-user-classes" in res.stderr and not out.exists()
+    res = run_cli("consolidate", folder, out, "--all", "--allow-user-classes")
+    assert res.exit_code == 0, res.stderr
+    with torch.serialization.safe_globals([torch.optim.Adam]):
+        ours = torch.load(out, weights_only=True)
+        ref = torch.load(lightning_root / "adam.lightning.pt", weights_only=True)
+    assert ours["hyper_parameters"]["opt_cls"] is torch.optim.Adam
+    _same(ours, ref)
+
+
+def test_a_lightning_file_whose_hparams_hold_a_class_is_resaved_for_cpu(
+    lightning_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    src, out = lightning_root / "gpu.ckpt", tmp_path / "cpu.ckpt"
+    res = run_cli("convert", src, out)  # without consent: refused, with the remedy
+    assert res.exit_code == 1 and not out.exists()
+    assert "references to classes (torch.optim.adam.Adam)" in res.stderr
+    assert res.stderr.rstrip().endswith("pass --allow-user-classes to write them")
+    res = run_cli("convert", src, out, "--allow-user-classes")
+    assert res.exit_code == 0, res.stderr
+    with torch.serialization.safe_globals([torch.optim.Adam]):
+        ours = torch.load(out, weights_only=True)  # every storage on the CPU: no map_location
+        ref = torch.load(src, weights_only=True, map_location="cpu")
+    assert ours["hyper_parameters"]["opt_cls"] is torch.optim.Adam
+    _same(ours, ref)
+    # the input needed a GPU
+    with pytest.raises(RuntimeError, match="CUDA"), torch.serialization.safe_globals(
+        [torch.optim.Adam]
+    ):
+        torch.load(src, weights_only=True)

@@ -39,6 +39,7 @@ REMEDIES = {
     "all_tensors": ": use --all to write its tensors",
     "consolidate": ": `ckpttool consolidate FOLDER OUTPUT` merges its shards into one file",
     "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
+    "allow_class_references": "; pass --allow-user-classes to write them",
     "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
     "replace them",
 }

@@ -103,7 +103,8 @@ ALLOW_USER_CLASSES = click.option(
     "--allow-user-classes",
     is_flag=True,
     help="Also accept objects of classes from other modules (whole pickled models, configs, "
-    "enums): loading the output imports those modules. Code is never written.",
+    "enums) and references to classes (an optimizer class in Lightning's hparams): loading the "
+    "output imports those modules. Code is never written.",
 )
 
 

@@ -233,7 +233,7 @@ def _consolidate_folder(
     from ..ops.consolidate import consolidate as do_consolidate
     from ..render import escape
 
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("key", "allow_user_classes")}
+    kwargs = {k: v for k, v in kwargs.items() if k != "key"}
     result = run_writer(
         quiet,
         lambda progress: do_consolidate(
@@ -269,6 +269,7 @@ def _consolidate_folder(
 @click.argument("input_path", metavar="FOLDER", type=str)
 @click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
+@ALLOW_USER_CLASSES
 @click.option("--all", "all_entries", is_flag=True, help="Write everything (optimizer, step...).")
 @click.option(
     "--max-shard-size",

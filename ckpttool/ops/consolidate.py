@@ -21,6 +21,7 @@ from ..model import Checkpoint, TensorRef
 from ..readers.distributed import model_state_dict
 from ..tree import KEEP as _KEEP_NODE
 from ..tree import get_path, iter_tensors, transform
+from ..unpickling.policy import check_writable
 from ..writers import copy as bytecopy
 from ..writers.atomic import atomic_file
 from ..writers.pt import verify_pt
@@ -28,7 +29,7 @@ from ..writers.safetensors import Item, assign_shards, verify_file
 from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .logical_write import Progress, logical, out_dtype, write_pt, write_st
-from .prepare import check_cast, key_ops, open_source
+from .prepare import check_cast, key_ops, open_source, remaining_globals
 
 
 @dataclass
@@ -114,8 +115,9 @@ def _safetensors_items(src: str, chosen: Any, dtype: str | None) -> tuple[list[I
     for name, ref in iter_tensors(chosen):
         t = logical(ref)
         if ref.storage_offset or ref.numel != t.numel or not ref.is_contiguous():
-            raise CheckpointError(src, f"tensor {name!r} is a view of a larger storage, which "
-                                  "safetensors cannot store: write a .pt file")
+            raise CheckpointError(
+                src, f"tensor {name!r} is a view of a larger storage: write it to a .pt file"
+            )
         want = out_dtype(t, dtype)
         if dtypes.get(want).safetensors is None:
             raise CheckpointError(src, f"tensor {name!r} is {want}, which safetensors cannot store")
@@ -144,13 +146,13 @@ def consolidate(
     output_format: str | None = None,
     verify: bool = True,
     force: bool = False,
+    allow_user_classes: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
 ) -> ConsolidateResult:
-    """Write one ``.pt`` or safetensors file from a distributed checkpoint folder.
+    """Write one ``.pt`` or safetensors file from a folder of shards (a ConsolidateResult).
 
     Args:
-        src: a DCP folder (``.metadata`` + ``*.distcp``) or another sharded folder
-            ``open_checkpoint`` presents as logical tensors.
+        src: a DCP or DeepSpeed folder (a folder ``open_checkpoint`` reads as shards).
         dst: the output file (``.safetensors`` suffix: safetensors; else a torch zip), or with
             ``max_shard_size`` a folder of Hugging Face safetensors shards.
         select: ``"model"`` (the model state dict, loadable by ``load_state_dict``), ``"all"``
@@ -158,14 +160,12 @@ def consolidate(
             path such as ``"optim"``.
         dtype: cast the model's floating-point weights (optimizer state keeps its dtypes).
         strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict.
-        max_shard_size: bytes (or ``"5GB"``) per safetensors shard.
-        output_format: ``"pt"`` or ``"safetensors"`` (default: from ``dst``'s suffix).
+        max_shard_size, output_format: bytes (or ``"5GB"``) per safetensors shard; ``"pt"``
+            or ``"safetensors"`` (default: from ``dst``'s suffix).
         verify: read every tensor back and re-open the output before it replaces ``dst``.
         force: replace an existing output.
+        allow_user_classes: write user classes that entries hold (as ``convert``).
         progress: called with the total bytes; returns a callback fed bytes written.
-
-    Returns:
-        A :class:`ConsolidateResult`.
 
     Example:
         >>> consolidate("ckpt/step-100", "model.safetensors")  # doctest: +SKIP
@@ -176,10 +176,14 @@ def consolidate(
     shards = limit is not None
     ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shards, distributed=True)
     dc = _distributed(ckpt, src)
-    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
-    chosen, renamed = _rename_model(chosen, ops, src)
-    result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
+    chosen, renamed = _rename_model(chosen, key_ops(strip_prefix, add_prefix, replace_prefix), src)
+    if fmt == "pt":  # objects go into a .pt only: user classes need consent, as in convert
+        unsafe, consent = remaining_globals(chosen), allow_user_classes
+        check_writable(src, ckpt.verdict, unsafe, allow_user_classes=consent)
+    result = ConsolidateResult(
+        src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed, verified=verify
+    )
     result.notes = _notes(dc, select)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
@@ -188,7 +192,6 @@ def consolidate(
             result.files = _consolidate_pt(dst, chosen, dtype, verify, sources, cb)
         else:
             _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
-    result.verified = verify
     return result
 
 

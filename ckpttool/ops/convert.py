@@ -18,14 +18,14 @@ from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from ..tree import KEEP, get_path, transform, walk
-from ..unpickling.policy import TORCH_ALLOWED, check_writable
+from ..unpickling.policy import check_writable
 from ..unpickling.unpickler import StorageValue
 from ..writers.atomic import atomic_file
 from ..writers.pt import StoragePlan, verify_pt, write_pt
 from ..writers.pt_pickle import OutStorage
 from .keys import KeyCollisionError, KeyOps
 from .plain import MemoryStorage, NotPlain, needs_plain, plain_equivalent
-from .prepare import cast_targets, check_cast, key_ops, open_source
+from .prepare import cast_targets, check_cast, key_ops, open_source, remaining_globals
 
 Progress = Callable[[int], None]
 
@@ -129,16 +129,6 @@ def _make_plain(path: str, root: Any, result: ConvertResult, made: dict[str, Mem
     return new_root
 
 
-def _remaining_globals(root: Any) -> list[str]:
-    names: dict[str, None] = {}
-    for _, node in walk(root):
-        if isinstance(node, Opaque) and node.global_name not in TORCH_ALLOWED:
-            names[node.global_name] = None
-        elif isinstance(node, type) and issubclass(node, Opaque):
-            names[node.__ck_global__] = None
-    return list(names)
-
-
 def plan_storages(
     root: Any, cast: str | None, memory: dict[str, MemoryStorage] | None = None
 ) -> StoragePlan:
@@ -235,7 +225,7 @@ def convert(
     memory: dict[str, MemoryStorage] = {}
     if plain_objects:
         root = _make_plain(src, root, result, memory)
-    result.unsafe_globals = _remaining_globals(root)
+    result.unsafe_globals = remaining_globals(root)
     check_writable(src, ckpt.verdict, result.unsafe_globals, allow_user_classes=allow_user_classes)
     plan = plan_storages(root, dtype, memory)
     result.tensors = len(plan.named)
