@@ -332,6 +332,34 @@ def test_a_zero_folder_gets_advice_true_for_a_folder(
         assert torch.load(out, weights_only=True)
 
 
+def test_a_latest_that_names_a_missing_tag_says_what_to_pass(
+    zero_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "ds"
+    shutil.copytree(zero_root / "zero2_fp32", folder)
+    (folder / "latest").write_text("global_step9")  # a save that was interrupted or removed
+    res = run_cli("consolidate", folder, tmp_path / "m.pt")
+    assert res.exit_code == 1 and not (tmp_path / "m.pt").exists()
+    assert res.stderr == (
+        f"Error: {folder}: is a DeepSpeed folder, but its `latest` names 'global_step9', which "
+        f"is not there (it holds global_step2): pass the tag folder {folder / 'global_step2'}, "
+        "or fix `latest`\n"
+    )
+    assert run_cli("consolidate", folder / "global_step2", tmp_path / "m.pt").exit_code == 0
+    _assert_model(torch.load(tmp_path / "m.pt", weights_only=True), zero_root, "zero2_fp32")
+
+
+def test_load_of_a_zero_folder_is_what_consolidate_all_writes(zero_root: Path) -> None:
+    import ckpttool
+
+    got = ckpttool.load(zero_root / "zero3_bf16")
+    _assert_model(got["module"], zero_root, "zero3_bf16")
+    assert got["epoch"] == 3 and got["global_steps"] == 2
+    assert sorted(got["optimizer"]["state"]) == sorted(_oracle(zero_root, "zero3_bf16", "moments"))
+
+
 def test_cli_consolidates_a_zero_folder(zero_root: Path, run_cli: Any, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     res = run_cli("consolidate", zero_root / "zero2_fp32", out)

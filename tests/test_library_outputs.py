@@ -259,3 +259,78 @@ def test_a_lightning_file_whose_hparams_hold_a_class_is_resaved_for_cpu(
         [torch.optim.Adam]
     ):
         torch.load(src, weights_only=True)
+
+
+# -- folders people actually have ----------------------------------------------------------------
+HF_TRAINER = """
+    import os, sys, torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16)
+    ids = torch.randint(0, 32, (8, 6))
+    args = TrainingArguments(
+        out, max_steps=4, save_steps=2, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, logging_strategy="no", disable_tqdm=True,
+    )
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=data).train()
+"""
+
+ACCELERATE = """
+    import sys, torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    torch.manual_seed(0)
+    config = ProjectConfiguration(project_dir=sys.argv[1], automatic_checkpoint_naming=True)
+    accelerator = Accelerator(cpu=True, project_config=config)
+    model = torch.nn.Linear(4, 3)
+    model, opt = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    for _ in range(2):
+        accelerator.save_state()  # checkpoints/checkpoint_0, checkpoints/checkpoint_1
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "script", "holds", "last"),
+    [
+        ("transformers", HF_TRAINER, "2 checkpoints (checkpoint-2, checkpoint-4)", "checkpoint-4"),
+        (
+            "accelerate",
+            ACCELERATE,
+            "2 checkpoints (checkpoints/checkpoint_0, checkpoints/checkpoint_1)",
+            "checkpoints/checkpoint_1",
+        ),
+    ],
+)
+def test_a_training_output_folder_names_what_to_pass(
+    module: str, script: str, holds: str, last: str, run_cli: Any, tmp_path: Path
+) -> None:
+    _need(module)
+    out = tmp_path / "out"
+    _run_script(script, out)
+    for command in (["inspect", out], ["convert", out, tmp_path / "x.pt"]):
+        res = run_cli(*command)
+        assert res.exit_code == 1 and not (tmp_path / "x.pt").exists()
+        assert res.stderr == (
+            f"Error: {out}: is a folder of {holds}, not one checkpoint: pass one of them, "
+            f"e.g. {out / last}\n"
+        )
+    res = run_cli("inspect", out / last)  # what it says to pass opens
+    assert res.exit_code == 0, res.stderr
+    assert "model.safetensors" in res.stdout
+
+
+def test_load_of_a_dcp_folder_is_dcp_to_torch_save(
+    dcp_w2: Path, dcp_generator: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import ckpttool
+    from tests.test_dcp import torch_consolidated
+
+    ours = ckpttool.load(dcp_w2)
+    _same(ours, torch_consolidated(dcp_w2, tmp_path))
+    folder, ref = dcp_generator
+    with pytest.raises(ckpttool.CheckpointError, match=r"torch\._C\.Generator.*weights_only=False"):
+        ckpttool.load(folder)  # torch's weights_only loader refuses a Generator
+    got = ckpttool.load(folder, weights_only=False)
+    assert torch.equal(got["rng"].get_state(), _load_with_generator(ref)["rng"].get_state())

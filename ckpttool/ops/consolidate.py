@@ -241,6 +241,12 @@ def _distributed(ckpt: Checkpoint, src: str) -> Any:
     """The checkpoint's :class:`DistributedCheckpoint` (refused when it is an ordinary file)."""
     dc = ckpt.facts.get("distributed")
     if dc is None:
+        from ..readers.folders import enclosing_folder
+
+        folder = enclosing_folder(src)
+        if folder is not None:  # a file of one: a DeepSpeed states file, a .distcp
+            said = f"is one file of a folder of shards: pass the folder, {folder}"
+            raise CheckpointError(src, said)
         raise CheckpointError(src, "is not a distributed checkpoint folder (DCP or DeepSpeed)")
     return dc
 
