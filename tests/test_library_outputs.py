@@ -334,3 +334,63 @@ def test_load_of_a_dcp_folder_is_dcp_to_torch_save(
         ckpttool.load(folder)  # torch's weights_only loader refuses a Generator
     got = ckpttool.load(folder, weights_only=False)
     assert torch.equal(got["rng"].get_state(), _load_with_generator(ref)["rng"].get_state())
+
+
+# -- options that do nothing: warned, on a file saved from a real DistributedDataParallel --------
+DDP = """
+    import sys, tempfile, torch, torch.distributed as dist
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
+    )
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    torch.save({"model": ddp.state_dict(), "epoch": 3}, sys.argv[1])
+    dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="session")
+def ddp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ddp") / "ddp.pt"
+    _run_script(DDP, path)
+    return path
+
+
+def test_key_options_that_rename_nothing_are_warned(
+    ddp_file: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.pt"
+    # --key names nothing: an error, as with a rename option (it used to write, exit 0)
+    res = run_cli("convert", ddp_file, out, "--key", "nosuch")
+    assert res.exit_code == 1 and not out.exists()
+    assert res.stderr == f"Error: {ddp_file}: no entry 'nosuch' (--key)\n"
+    # --key without a rename option: written, with a warning
+    res = run_cli("convert", ddp_file, out, "--key", "model")
+    assert res.exit_code == 0 and res.err_lines[0].startswith("warning: --key names the state")
+    # a prefix no key carries: written unchanged, with a warning instead of "renamed 0 keys"
+    res = run_cli("convert", ddp_file, out, "--strip-prefix", "zzz.", "--force")
+    assert res.exit_code == 0
+    assert res.err_lines[0] == (
+        "warning: --strip-prefix zzz. renamed no key of state dict 'model': "
+        "no key starts with 'zzz.'"
+    )
+    assert list(torch.load(out)["model"]) == ["module.weight", "module.bias"]
+
+
+def test_to_safetensors_warns_when_module_prefix_stays(
+    ddp_file: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    res = run_cli("to-safetensors", ddp_file, out)
+    assert res.exit_code == 0
+    assert res.err_lines[0] == (
+        "warning: every key starts with 'module.' (saved from a DataParallel/DDP wrapper): "
+        "load_state_dict on an unwrapped model fails; --strip-module removes it"
+    )
+    with pytest.raises(RuntimeError, match="Missing key"):  # what it warns of
+        torch.nn.Linear(4, 3).load_state_dict(load_file(out))
+    res = run_cli("to-safetensors", ddp_file, out, "--strip-module", "--force")
+    assert res.exit_code == 0 and "warning" not in res.stderr  # what it advises
+    torch.nn.Linear(4, 3).load_state_dict(load_file(out))

@@ -30,6 +30,28 @@ def prefix_args(action: str, prefix: str) -> list[str]:
     return ["--add-module"] if prefix == "module." else ["--add-prefix", prefix]
 
 
+def idle_text(action: str, arg: str, sd_path: str | None = None) -> str:
+    """A key option that renamed no key, and why (a writer's ``idle`` entry), as a warning."""
+    if action == "replace":
+        flag, why = ["--replace-prefix", arg], f"no key starts with {arg.split('=', 1)[0]!r}"
+    elif action == "add":
+        flag, why = prefix_args("add", arg), f"every key already starts with {arg!r}"
+    else:
+        flag, why = prefix_args("strip", arg), f"no key starts with {arg!r}"
+    where = f" of state dict {sd_path!r}" if sd_path else ""
+    return f"warning: {' '.join(flag)} renamed no key{where}: {why}"
+
+
+def kept_prefix_text(prefix: str) -> str:
+    """to-safetensors kept a wrapper prefix on every key: what fails, and the fix."""
+    why = "DataParallel/DDP" if prefix.startswith("module.") else "torch.compile"
+    strip = prefix_args("strip", "module." if why == "DataParallel/DDP" else "_orig_mod.")
+    return (
+        f"warning: every key starts with {prefix!r} (saved from a {why} wrapper): "
+        f"load_state_dict on an unwrapped model fails; {' '.join(strip)} removes it"
+    )
+
+
 def warning_text(warning: str) -> str:
     """A report warning as inspect prints it: its text, then the command that fixes it."""
     fix = getattr(warning, "fix", None)

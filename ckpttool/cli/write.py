@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .app import EPILOG, cli, writes
-from .fixes import left_out_text
+from .fixes import idle_text, kept_prefix_text, left_out_text
 from .options import (
     ALLOW_USER_CLASSES,
     is_shard_folder,
@@ -84,9 +84,19 @@ def _report_convert(result: Any, output_path: str) -> None:
     """What convert did, on stderr: renames, replacements, notes, what it wrote."""
     from ..render import escape
 
+    idle_in = {sd_path for sd_path, _, _ in result.idle}
     for sd_path, n in result.renamed:
         where = f"'{escape(sd_path)}'" if sd_path else "(root)"
-        click.echo(f"renamed {n} keys in state dict {where}", err=True)
+        if n or sd_path not in idle_in:  # else the warning below says why
+            click.echo(f"renamed {n} {_keys(n)} in state dict {where}", err=True)
+    for sd_path, action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg, sd_path)), err=True)
+    if result.key_unused:
+        click.echo(
+            "warning: --key names the state dict to rename, and no rename option was given: it "
+            "changed nothing (--only writes just one entry)",
+            err=True,
+        )
     for r in result.replaced:
         click.echo(f"replaced {r}", err=True)
     left = result.unsafe_globals
@@ -186,6 +196,10 @@ def to_safetensors(
         _report_to_safetensors(result, output_path, sharded=bool(max_shard_size))
 
 
+def _keys(n: int) -> str:
+    return "key" if n == 1 else "keys"
+
+
 def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
     """The --metadata KEY=VALUE options as a dict (a key ckpttool sets itself is refused)."""
     from ..ops.to_safetensors import RESERVED_METADATA
@@ -208,7 +222,11 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
     from ..render import escape
 
     if result.renamed:
-        click.echo(f"renamed {result.renamed} keys", err=True)
+        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
+    for action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg)), err=True)
+    if result.kept_prefix:
+        click.echo(escape(kept_prefix_text(result.kept_prefix)), err=True)
     for alias, kept in result.aliases.items():
         click.echo(f"shared: {escape(alias)} is stored once as {escape(kept)}", err=True)
     for item in result.left_out:
@@ -249,7 +267,9 @@ def _consolidate_folder(
     if quiet:
         return
     if result.renamed:
-        click.echo(f"renamed {result.renamed} keys", err=True)
+        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
+    for action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg)), err=True)
     if result.cast:
         click.echo(f"cast {result.cast} tensors to {kwargs['dtype']}", err=True)
     for item in result.left_out:

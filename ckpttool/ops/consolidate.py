@@ -48,6 +48,7 @@ class ConsolidateResult:
     cast: int = 0
     verified: bool = False
     notes: list[str] = field(default_factory=list)  # what the user should know about it
+    idle: list[tuple[str, str]] = field(default_factory=list)  # renames that did nothing
 
 
 def _select(ckpt: Checkpoint, select: str) -> tuple[Any, str]:
@@ -82,21 +83,25 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def _rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
-    """Apply the key operations to the model state dict inside ``chosen``."""
+def _rename_model(
+    chosen: Any, ops: KeyOps, src: str
+) -> tuple[Any, int, list[tuple[str, str]]]:
+    """Apply the key operations to the model state dict inside ``chosen``: (the result, the
+    keys renamed, the operations that renamed nothing)."""
     if not ops:
-        return chosen, 0
+        return chosen, 0, []
     found = model_state_dict(chosen) if isinstance(chosen, dict) else None
     if found is None:
         raise CheckpointError(src, "holds no model state dict to rename keys in")
     old = found[0]
     new, renamed = _rename(old, ops, src)
+    idle = ops.idle(old)
     if old is chosen:
-        return new, renamed
+        return new, renamed, idle
     if found[1] == "":  # weights at the top level beside other entries
         rest = {k: v for k, v in chosen.items() if k not in old}
-        return {**new, **rest}, renamed
-    return transform(chosen, lambda n: new if n is old else _KEEP_NODE), renamed
+        return {**new, **rest}, renamed, idle
+    return transform(chosen, lambda n: new if n is old else _KEEP_NODE), renamed, idle
 
 
 def _scalars(root: Any) -> dict[str, str]:
@@ -171,20 +176,20 @@ def consolidate(
         >>> consolidate("ckpt/step-100", "model.safetensors")  # doctest: +SKIP
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    fmt, limit = _output_format(dst, output_format, max_shard_size)
-    check_cast(dtype)
+    fmt, limit = _output_format(dst, output_format, max_shard_size, dtype)
     shards = limit is not None
     ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shards, distributed=True)
     dc = _distributed(ckpt, src)
     chosen, label = _select(ckpt, select)
-    chosen, renamed = _rename_model(chosen, key_ops(strip_prefix, add_prefix, replace_prefix), src)
+    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
+    chosen, renamed, idle = _rename_model(chosen, ops, src)
     if fmt == "pt":  # objects go into a .pt only: user classes need consent, as in convert
         unsafe, consent = remaining_globals(chosen), allow_user_classes
         check_writable(src, ckpt.verdict, unsafe, allow_user_classes=consent)
     result = ConsolidateResult(
-        src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed, verified=verify
-    )
-    result.notes = _notes(dc, select)
+        src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed, verified=verify,
+        notes=_notes(dc, select), idle=idle,
+    )  # fmt: skip
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
     with contextlib.closing(bytecopy.Sources()) as sources:
@@ -209,9 +214,11 @@ def _notes(dc: Any, select: str) -> list[str]:
 
 
 def _output_format(
-    dst: str, output_format: str | None, max_shard_size: int | str | None
+    dst: str, output_format: str | None, max_shard_size: int | str | None, dtype: str | None
 ) -> tuple[str, int | None]:
-    """("pt" or "safetensors", the shard size in bytes or None) from what was asked."""
+    """("pt" or "safetensors", the shard size in bytes or None) from what was asked; the
+    cast asked for is checked too."""
+    check_cast(dtype)
     limit = max_shard_size
     if isinstance(limit, str):
         from .prepare import parse_size

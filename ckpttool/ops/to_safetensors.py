@@ -54,6 +54,10 @@ class SafetensorsResult:
     left_out: list[LeftOut] = field(default_factory=list)
     renamed: int = 0
     verified: bool = False
+    idle: list[tuple[str, str]] = field(default_factory=list)  # renames that did nothing
+    # a wrapper prefix every written key still carries (module., _orig_mod.): a bare model's
+    # load_state_dict fails on it
+    kept_prefix: str | None = None
 
 
 # -- choosing the tensors -----------------------------------------------------------------
@@ -228,6 +232,8 @@ def to_safetensors(
     result = SafetensorsResult(
         src, dst, len(items), total, [], aliases, meta, left_out + left, renamed
     )
+    result.idle = ops.idle(tensors) if ops else []
+    result.kept_prefix = _wrapper_prefix(renamed_sd) if not (all_tensors or ops) else None
     cb = progress(total) if progress else None
     shards = None
     if shard_limit is not None:
@@ -235,6 +241,14 @@ def to_safetensors(
     result.files = _write(dst, items, shards, meta, cb, verify, total)
     result.verified = verify
     return result
+
+
+def _wrapper_prefix(names: Any) -> str | None:
+    """The DataParallel/DDP or torch.compile prefix that every name carries, if any."""
+    from ..analysis.state_dicts import detect_prefix
+
+    prefix = detect_prefix(names)
+    return prefix if prefix and prefix.startswith(("module.", "_orig_mod.")) else None
 
 
 def _write(
