@@ -394,3 +394,65 @@ def test_to_safetensors_warns_when_module_prefix_stays(
     res = run_cli("to-safetensors", ddp_file, out, "--strip-module", "--force")
     assert res.exit_code == 0 and "warning" not in res.stderr  # what it advises
     torch.nn.Linear(4, 3).load_state_dict(load_file(out))
+
+
+# -- progress: the verifying phase is shown, not "writing 100%" ----------------------------------
+class Phases:
+    """A writer's progress factory that records its phases and the bytes fed in each."""
+
+    def __init__(self) -> None:
+        self.phases: list[list[Any]] = []  # [label, total, bytes fed]
+
+    def __call__(self, total: int) -> Any:
+        self.phases.append(["writing", total, 0])
+
+        def feed(n: int) -> None:
+            self.phases[-1][2] += n
+
+        def phase(label: str, total: int | None = None) -> None:
+            if total is None:  # back to the job's own count
+                main = next(p for p in self.phases if p[0] == "writing")
+                self.phases.append([label, main[1], 0])
+            else:
+                self.phases.append([label, total, 0])
+
+        feed.phase = phase  # type: ignore[attr-defined]
+        return feed
+
+
+@pytest.mark.parametrize(
+    "writer", ["convert", "to-safetensors", "consolidate-pt", "consolidate-st"]
+)
+def test_writers_report_the_verifying_phase(
+    writer: str, ddp_file: Path, dcp_generator: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import ckpttool
+    from ckpttool.ops.consolidate import consolidate
+
+    rec = Phases()
+    if writer == "convert":
+        ckpttool.convert(ddp_file, tmp_path / "o.pt", progress=rec, dtype="float16")
+    elif writer == "to-safetensors":
+        ckpttool.to_safetensors(ddp_file, tmp_path / "o.safetensors", progress=rec)
+    else:
+        out = tmp_path / ("o.pt" if writer.endswith("pt") else "o.safetensors")
+        consolidate(dcp_generator[0], out, progress=rec, dtype="bfloat16")
+    labels = [p[0] for p in rec.phases if p[2] or p[0] == "verifying"]
+    assert labels == ["writing", "verifying"], rec.phases
+    for label, total, fed in rec.phases:
+        if fed:
+            assert fed == total, (label, rec.phases)  # each phase ends at 100%, not before
+
+
+def test_sharded_writes_alternate_writing_and_verifying(ddp_file: Path, tmp_path: Path) -> None:
+    import ckpttool
+
+    rec = Phases()
+    result = ckpttool.to_safetensors(
+        ddp_file, tmp_path / "shards", progress=rec, max_shard_size=50, strip_prefix="module."
+    )
+    assert len(result.files) == 3  # two shards and the index
+    fed = [(p[0], p[2]) for p in rec.phases if p[2]]
+    assert [label for label, _ in fed] == ["writing", "verifying", "writing", "verifying"]
+    writing = [n for label, n in fed if label == "writing"]
+    assert sum(writing) == rec.phases[0][1]  # the job's count resumes where it was

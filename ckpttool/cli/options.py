@@ -55,6 +55,7 @@ def _progress_factory(quiet: bool) -> Callable[[int], Callable[[int], None] | No
             signals.check()
             bar.update(n)
 
+        update.phase = bar.phase  # type: ignore[attr-defined]  # see progress.phase
         return update
 
     make.bars = bars  # type: ignore[attr-defined]

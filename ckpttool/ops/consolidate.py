@@ -267,9 +267,9 @@ def _consolidate_pt(
     cb: Progress | None,
 ) -> list[str]:
     with atomic_file(dst) as tmp:
-        plan = write_pt(tmp, chosen, dtype, sources, cb)
+        plan = write_pt(tmp, chosen, dtype, sources, cb, verify)
         if verify:
-            verify_pt(tmp, plan)
+            verify_pt(tmp, plan, cb)
     return [dst]
 
 
@@ -289,15 +289,15 @@ def _consolidate_st(
     meta = {**_scalars(root), "format": "pt"}
     if limit is None:
         with atomic_file(dst) as tmp:
-            write_st(tmp, items, meta, sources, cb)
+            write_st(tmp, items, meta, sources, cb, verify)
             if verify:
-                verify_file(tmp, items, meta, sources)
+                verify_file(tmp, items, meta, sources, cb)
         result.files = [dst]
         return
     def write_one(path: str, shard: list[Item]) -> None:
-        write_st(path, shard, meta, sources, cb)
+        write_st(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources)
+            verify_file(path, shard, meta, sources, cb)
 
     total = sum(it.nbytes for it in items)
     result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)

@@ -243,7 +243,7 @@ def convert(
     with atomic_file(dst) as tmp:
         write_pt(tmp, root, plan, cb, check_copies=verify)
         if verify:
-            verify_pt(tmp, plan)
+            verify_pt(tmp, plan, cb)
             result.verified = True
             result.verification = VERIFICATION
     return result

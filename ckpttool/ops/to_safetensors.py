@@ -267,7 +267,7 @@ def _write(
             with atomic_file(dst) as tmp:
                 write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
-                    verify_file(tmp, items, meta, sources)
+                    verify_file(tmp, items, meta, sources, cb)
             return [dst]
         return _write_shards(dst, shards, meta, sources, cb, verify, total)
     finally:
@@ -382,6 +382,6 @@ def _write_shards(
     def write_one(path: str, shard: list[Item]) -> None:
         write_file(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources)
+            verify_file(path, shard, meta, sources, cb)
 
     return write_shards(dst, shards, total, write_one)
