@@ -456,3 +456,68 @@ def test_sharded_writes_alternate_writing_and_verifying(ddp_file: Path, tmp_path
     assert [label for label, _ in fed] == ["writing", "verifying", "writing", "verifying"]
     writing = [n for label, n in fed if label == "writing"]
     assert sum(writing) == rec.phases[0][1]  # the job's count resumes where it was
+
+
+# -- what the command line says ------------------------------------------------------------------
+def test_root_help_lists_every_exit_code_and_whole_summaries(run_cli: Any) -> None:
+    import re
+
+    from ckpttool.cli import cli
+
+    res = run_cli("--help")
+    codes = re.findall(r"^\s+(\d+)\s{2,}\S", res.stdout.split("Exit codes:")[1], flags=re.M)
+    assert codes == ["0", "1", "2", "3", "4", "5", "6", "130"]
+    commands = res.stdout.split("Commands:")[1].split("Exit codes:")[0]
+    assert "..." not in commands
+    flat = " ".join(commands.split())
+    for name, cmd in cli.commands.items():  # each summary whole: its help's first sentence
+        first = " ".join((cmd.help or "").split("\n\n")[0].split())
+        assert f"{name} {first}" in flat, name
+
+
+def test_a_file_of_a_dcp_folder_names_the_folder(
+    dcp_generator: tuple[Path, Path], run_cli: Any, tmp_path: Path
+) -> None:
+    folder = dcp_generator[0]
+    for name in (".metadata", "__0_0.distcp"):
+        res = run_cli("consolidate", folder / name, tmp_path / "o.pt")
+        assert res.exit_code == 1
+        assert res.stderr == (
+            f"Error: {folder / name}: is one file of a folder of shards: pass the folder, "
+            f"{folder}\n"
+        )
+
+
+def test_counts_are_pluralised(
+    dcp_generator: tuple[Path, Path], ddp_file: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    res = run_cli("consolidate", dcp_generator[0], tmp_path / "m.pt")
+    assert "from 1 rank, 2 tensors (verified)" in res.stderr  # one rank saved it
+    res = run_cli("to-safetensors", ddp_file, tmp_path / "out", "--max-shard-size", "1GB")
+    assert res.err_lines[-1] == f"wrote {tmp_path / 'out'}: 2 tensors in 1 shard (verified)"
+
+
+def test_a_read_only_filesystem_is_said_as_such(ddp_file: Path, tmp_path: Path) -> None:
+    """Before: "permission denied" (os.access fails on a read-only mount as on a locked folder)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a read-only filesystem")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (
+        f"mount -t tmpfs -o ro tmpfs {ro} && "
+        f"exec {sys.executable} -m ckpttool convert {ddp_file} {ro / 'out.pt'}"
+    )
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "mount" in proc.stderr and "ckpttool" not in proc.stderr:
+        pytest.skip(f"cannot mount a read-only filesystem here: {proc.stderr.strip()}")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"Error: {ro / 'out.pt'}: read-only filesystem: cannot write in {ro}\n"
+    )

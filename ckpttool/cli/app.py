@@ -24,6 +24,9 @@ Exit codes:
   1    bad input (unreadable, corrupt or unsupported file) or a failed write
   2    usage error
   3    the pickle names dangerous globals (inspect reports, writers refuse)
+  4    diff: the inputs differ; check: the state dict would not load
+  5    scan: loading would run unvetted code (classes, TorchScript)
+  6    cannot prove what torch would load (unreadable, or ambiguous)
   130  interrupted (SIGINT, SIGTERM or SIGHUP); nothing was written
 """
 
@@ -77,7 +80,18 @@ def run_library(fn: Callable[[], Any]) -> Any:
 
 class _Group(click.Group):
     """The root group: a reader that closes stdout early (``| head``) ends the command quietly,
-    with exit 0: what it read was printed in full."""
+    with exit 0: what it read was printed in full. Its command list shows each command's
+    first sentence whole (wrapped), where Click would cut it with "..."."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -112,7 +112,8 @@ def _report_convert(result: Any, output_path: str) -> None:
         click.echo(f"note: {note}", err=True)
     check = f"verified: {result.verification}" if result.verified else "not verified"
     click.echo(
-        f"wrote {escape(output_path)}: {result.tensors} tensors in {result.storages} storages, "
+        f"wrote {escape(output_path)}: {_count(result.tensors, 'tensor')} in "
+        f"{_count(result.storages, 'storage')}, "
         f"all on cpu ({check})",
         err=True,
     )
@@ -200,6 +201,11 @@ def _keys(n: int) -> str:
     return "key" if n == 1 else "keys"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
     """The --metadata KEY=VALUE options as a dict (a key ckpttool sets itself is refused)."""
     from ..ops.to_safetensors import RESERVED_METADATA
@@ -233,8 +239,8 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
         click.echo(f"left out: {escape(left_out_text(item))}", err=True)
     check = "verified" if result.verified else "not verified"
     where = escape(output_path)
-    files = f" in {len(result.files) - 1} shards" if sharded else ""
-    click.echo(f"wrote {where}: {result.tensors} tensors{files} ({check})", err=True)
+    files = f" in {_count(len(result.files) - 1, 'shard')}" if sharded else ""
+    click.echo(f"wrote {where}: {_count(result.tensors, 'tensor')}{files} ({check})", err=True)
 
 
 def _consolidate_folder(
@@ -277,10 +283,11 @@ def _consolidate_folder(
     for note in result.notes:
         click.echo(f"note: {escape(note)}", err=True)
     check = "verified" if result.verified else "not verified"
-    files = f" in {len(result.files) - 1} shards" if shard else ""
+    files = f" in {_count(len(result.files) - 1, 'shard')}" if shard else ""
     click.echo(
         f"wrote {escape(output_path)}: {escape(result.selected)} of a {result.kind} checkpoint "
-        f"from {result.world_size} ranks, {result.tensors} tensors{files} ({check})",
+        f"from {_count(result.world_size, 'rank')}, {_count(result.tensors, 'tensor')}{files} "
+        f"({check})",
         err=True,
     )
 
