@@ -182,15 +182,26 @@ class Bar:
             _active.remove(self)
 
 
-def phase(progress: Callable[[int], None] | None, label: str, total: int | None = None) -> None:
-    """Tell a writer's progress callback that the job enters another phase (``verifying``).
+def phase(
+    progress: Callable[[int], None] | None, label: str, total: int | None = None
+) -> Callable[[int], None] | None:
+    """Tell a writer's progress callback that the job enters another phase (``verifying``);
+    return the callback that counts that phase's units.
 
     A callback may have a ``phase(label, total)`` method (the command line's bars do, see
-    :meth:`Bar.phase`); a plain function is left alone.
+    :meth:`Bar.phase`): it is told, and returned. A plain function is left alone and None is
+    returned, so that it is only ever fed the bytes of the total it was created with.
     """
     method = getattr(progress, "phase", None)
-    if method is not None:
-        method(label, total)
+    if method is None or total == 0:  # nothing to count (a write that is not verified)
+        return None
+    method(label, total)
+    return progress
+
+
+def phased(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """``progress`` if it follows phases (has a ``phase`` method), else None."""
+    return progress if getattr(progress, "phase", None) is not None else None
 
 
 def clear_line() -> None:

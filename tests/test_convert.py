@@ -130,7 +130,8 @@ def leftovers(folder: Path) -> list[str]:
 
 def wrote_line(dst: Path, tensors: int, storages: int, verified: bool = True) -> str:
     check = "verified: structure and storage bytes re-read" if verified else "not verified"
-    return f"wrote {dst}: {tensors} tensors in {storages} storages, all on cpu ({check})"
+    t, s = "tensor" + "s" * (tensors != 1), "storage" + "s" * (storages != 1)
+    return f"wrote {dst}: {tensors} {t} in {storages} {s}, all on cpu ({check})"
 
 
 def _mlp() -> nn.Module:

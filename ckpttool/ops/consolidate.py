@@ -18,6 +18,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, TensorRef
+from ..progress import phased
 from ..readers.distributed import model_state_dict
 from ..tree import KEEP as _KEEP_NODE
 from ..tree import get_path, iter_tensors, transform
@@ -269,7 +270,7 @@ def _consolidate_pt(
     with atomic_file(dst) as tmp:
         plan = write_pt(tmp, chosen, dtype, sources, cb, verify)
         if verify:
-            verify_pt(tmp, plan, cb)
+            verify_pt(tmp, plan, phased(cb))
     return [dst]
 
 
@@ -291,13 +292,13 @@ def _consolidate_st(
         with atomic_file(dst) as tmp:
             write_st(tmp, items, meta, sources, cb, verify)
             if verify:
-                verify_file(tmp, items, meta, sources, cb)
+                verify_file(tmp, items, meta, sources, phased(cb))
         result.files = [dst]
         return
     def write_one(path: str, shard: list[Item]) -> None:
         write_st(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources, cb)
+            verify_file(path, shard, meta, sources, phased(cb))
 
     total = sum(it.nbytes for it in items)
     result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)

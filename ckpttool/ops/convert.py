@@ -17,6 +17,7 @@ from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..progress import phased
 from ..tree import KEEP, get_path, transform, walk
 from ..unpickling.policy import check_writable
 from ..unpickling.unpickler import StorageValue
@@ -243,7 +244,7 @@ def convert(
     with atomic_file(dst) as tmp:
         write_pt(tmp, root, plan, cb, check_copies=verify)
         if verify:
-            verify_pt(tmp, plan, cb)
+            verify_pt(tmp, plan, phased(cb))
             result.verified = True
             result.verification = VERIFICATION
     return result

@@ -163,8 +163,8 @@ def write_pt(
         zw.add_bytes(f"{archive}/version", b"3")
         serial = f"{crc32(pkl):08x}{len(outs):08x}".encode()
         zw.add_bytes(f"{archive}/.data/serialization_id", serial)
-        progress_phase(cb, "verifying", verify_bytes(outs, verify))
-        _set_crcs(zw, pending, tmp, cb)
+        verifying = progress_phase(cb, "verifying", verify_bytes(outs, verify))
+        _set_crcs(zw, pending, tmp, verifying)
         zw.finish()
     finally:
         background.close()
@@ -213,13 +213,14 @@ def write_st(
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
-        progress_phase(cb, "verifying", sum(it.nbytes for it in items if it.job or verify))
+        left = sum(it.nbytes for it in items if it.job or verify)
+        verifying = progress_phase(cb, "verifying", left)
         for it in items:
             if it.job is not None:
                 it.crc = _result_of(it.job, path, it.name)
                 it.read_back = True
-                if cb:
-                    cb(it.nbytes)
+                if verifying:
+                    verifying(it.nbytes)
     finally:
         background.close()
         os.close(fd)

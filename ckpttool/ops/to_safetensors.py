@@ -19,6 +19,7 @@ from ..analysis.describe import numpy_scalar_value
 from ..analysis.state_dicts import default_state_dict
 from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..progress import phased
 from ..tree import children, get_path, iter_tensors
 from ..writers import copy as bytecopy
 from ..writers import numeric
@@ -267,7 +268,7 @@ def _write(
             with atomic_file(dst) as tmp:
                 write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
-                    verify_file(tmp, items, meta, sources, cb)
+                    verify_file(tmp, items, meta, sources, phased(cb))
             return [dst]
         return _write_shards(dst, shards, meta, sources, cb, verify, total)
     finally:
@@ -382,6 +383,6 @@ def _write_shards(
     def write_one(path: str, shard: list[Item]) -> None:
         write_file(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources, cb)
+            verify_file(path, shard, meta, sources, phased(cb))
 
     return write_shards(dst, shards, total, write_one)

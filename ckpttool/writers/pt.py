@@ -125,8 +125,8 @@ def write_pt(
         zw.add_bytes(f"{archive}/version", b"3")
         zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
         # what is left: the read-backs still running, then verify_pt's re-read of the rest
-        progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
-        _set_crcs(zw, pending, progress)
+        verifying = progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
+        _set_crcs(zw, pending, verifying)
         zw.finish()
     finally:
         background.close()

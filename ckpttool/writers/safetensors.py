@@ -134,7 +134,7 @@ def wait_read_backs(path: str, items: list[Item], progress: Progress | None, ver
     """Enter the verifying phase: wait for the read-backs still running (their bytes count),
     then ``verify_file`` re-reads the rest (with ``verify``)."""
     left = sum(it.nbytes for it in items if it.job is not None or verify)
-    progress_phase(progress, "verifying", left)
+    progress = progress_phase(progress, "verifying", left)
     for it in items:
         if it.job is not None:
             try:
