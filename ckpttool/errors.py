@@ -28,6 +28,7 @@ REMEDIES = {
     "allow_user_classes": (
         "; pass allow_user_classes=True to write them, or plain_objects=True to replace them"
     ),
+    "allow_class_references": "; pass allow_user_classes=True to write them",
     "consolidate": ": ckpttool.consolidate(folder, output) merges its shards into one file",
     "extract_torchscript": (
         "; use ckpttool.to_safetensors(..., all_tensors=True) to extract its tensors"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 _MIN_REDRAW = 0.1  # seconds between redraws
@@ -106,6 +107,7 @@ class Bar:
         self._sample = (0.0, 0)  # (time, done) at the start of the current rate window
         self._drawn_at = 0.0
         self._drawn = False
+        self._main: tuple[int, int, float | None, float | None, tuple[float, int]] | None = None
         if self.enabled:
             _active.append(self)
 
@@ -127,6 +129,24 @@ class Bar:
             self._sample = (now, self.done)
         if now - self._drawn_at >= _MIN_REDRAW or self.done >= self.total:
             self._draw(now)
+
+    def phase(self, label: str, total: int | None = None) -> None:
+        """Show another phase of the job (``verifying`` after ``writing``).
+
+        With ``total``, the phase counts its own units from 0 (the bytes read back); without,
+        the bar goes back to the job's own count, where it was (the next shard's writing).
+        """
+        if total is None:
+            if self._main is not None:
+                self.total, self.done, self.rate, self._start, self._sample = self._main
+                self._main = None
+        else:
+            if self._main is None:
+                self._main = (self.total, self.done, self.rate, self._start, self._sample)
+            self.total, self.done, self.rate, self._start = total, 0, None, None
+        self.label = label
+        if self.enabled:
+            self._draw(time.monotonic())
 
     def eta(self, now: float) -> float | None:
         if not self.rate or self._start is None or now - self._start < _ETA_AFTER:
@@ -160,6 +180,28 @@ class Bar:
         self.enabled = False
         if self in _active:
             _active.remove(self)
+
+
+def phase(
+    progress: Callable[[int], None] | None, label: str, total: int | None = None
+) -> Callable[[int], None] | None:
+    """Tell a writer's progress callback that the job enters another phase (``verifying``);
+    return the callback that counts that phase's units.
+
+    A callback may have a ``phase(label, total)`` method (the command line's bars do, see
+    :meth:`Bar.phase`): it is told, and returned. A plain function is left alone and None is
+    returned, so that it is only ever fed the bytes of the total it was created with.
+    """
+    method = getattr(progress, "phase", None)
+    if method is None or total == 0:  # nothing to count (a write that is not verified)
+        return None
+    method(label, total)
+    return progress
+
+
+def phased(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """``progress`` if it follows phases (has a ``phase`` method), else None."""
+    return progress if getattr(progress, "phase", None) is not None else None
 
 
 def clear_line() -> None:

@@ -145,12 +145,17 @@ def _tables(report: dict[str, Any], table: Any) -> None:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
     """The layout of a folder of shards: kind, ranks, groups, what consolidation makes."""
     files = dist["files"]
     lines.append(
-        f"layout:   {dist['kind_name']}, {dist['world_size']} ranks, {len(files)} files, "
-        f"{dist['logical_tensors']:,} logical tensors"
+        f"layout:   {dist['kind_name']}, {_count(dist['world_size'], 'rank')}, "
+        f"{_count(len(files), 'file')}, {_count(dist['logical_tensors'], 'logical tensor')}"
+        + (", Lightning's meta.pt" if dist["facts"].get("lightning_meta") else "")
     )
     table(
         "tensor groups",
@@ -171,7 +176,9 @@ def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
             " (the default)"
         )
     e = into["everything"]
-    lines.append(f"- everything: {e['tensors']:,} tensors, {human_bytes(e['bytes'])}")
+    lightning = dist["facts"].get("lightning_meta")
+    meta = " (with the entries of Lightning's meta.pt)" if lightning else ""
+    lines.append(f"- everything: {e['tensors']:,} tensors, {human_bytes(e['bytes'])}{meta}")
 
 
 def _tensor_size(row: dict[str, Any]) -> str:

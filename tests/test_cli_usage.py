@@ -290,6 +290,31 @@ def test_progress_past_the_total_stays_at_100_percent(monkeypatch: pytest.Monkey
     assert "100%" in term.getvalue() and "160%" not in term.getvalue()
 
 
+def test_progress_shows_the_verifying_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the bar sat at "writing 100% ETA 0:00" while the output was read back."""
+    from ckpttool.cli.options import _progress_factory
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "terminal_width", lambda stream, default=80: stream.columns)
+    term = FakeTerminal(70)
+    monkeypatch.setattr(sys, "stderr", term)
+    make = _progress_factory(quiet=False)
+    update = make(400 << 20)  # the command line's callback for a 400 MB job
+    clock[0] += 0.2
+    update(400 << 20)
+    assert term.getvalue().split("\r")[-2].startswith("writing 100%")
+    progress.phase(update, "verifying", 200 << 20)  # what the writers call
+    clock[0] += 0.2
+    assert term.getvalue().split("\r")[-2].startswith("verifying   0%")
+    update(100 << 20)
+    assert term.getvalue().split("\r")[-2].startswith("verifying  50%")
+    progress.phase(update, "writing")  # the next shard: the job's count where it was
+    assert term.getvalue().split("\r")[-2].startswith("writing 100%")
+    for bar in make.bars:  # type: ignore[attr-defined]
+        bar.close()
+
+
 def test_no_progress_bar_off_a_terminal() -> None:
     stream = io.StringIO()
     bar = Bar(1 << 30, "writing", stream)

@@ -32,13 +32,9 @@ torch = pytest.importorskip("torch")
 
 CONFIGS = [f"zero{stage}_{dtype}" for stage in (1, 2, 3) for dtype in ("fp32", "bf16")]
 
-WORKER = textwrap.dedent(
+NET = textwrap.dedent(
     """
-    import contextlib, io, os, sys
-    from datetime import timedelta
     import torch
-    import deepspeed
-    from deepspeed.utils import zero_to_fp32 as z
     from torch import nn
 
     class Net(nn.Module):
@@ -58,6 +54,15 @@ WORKER = textwrap.dedent(
             self.seen += 1
             e = self.embed(x)
             return self.head(self.norm(self.frozen(e) * self.scale.to(e.dtype)))
+    """
+)
+
+WORKER = NET + textwrap.dedent(
+    """
+    import contextlib, io, os, sys
+    from datetime import timedelta
+    import deepspeed
+    from deepspeed.utils import zero_to_fp32 as z
 
     def moments_oracle(folder, stage, world):
         # DeepSpeed's own merge, fed with the optimizer's moments instead of the fp32 groups
@@ -118,6 +123,12 @@ WORKER = textwrap.dedent(
                         sd = z.get_fp32_state_dict_from_zero_checkpoint(folder)
                         moments = moments_oracle(folder, stage, 2)
                     torch.save(sd, os.path.join(out, name + ".oracle.pt"))
+                    # what the zero_to_fp32.py script beside the checkpoint writes
+                    with contextlib.redirect_stdout(io.StringIO()), \
+                            contextlib.redirect_stderr(io.StringIO()):
+                        z.convert_zero_checkpoint_to_fp32_state_dict(
+                            folder, os.path.join(out, name + ".script"), max_shard_size=None
+                        )
                     torch.save(moments, os.path.join(out, name + ".moments.pt"))
                 torch.distributed.barrier()
 
@@ -183,6 +194,33 @@ def _assert_same(ours: dict[str, Any], ref: dict[str, Any]) -> None:
         assert torch.equal(ours[k], v), k
 
 
+def _script(root: Path, name: str) -> Any:
+    """What DeepSpeed's zero_to_fp32.py script writes: every floating tensor in float32."""
+    return torch.load(root / f"{name}.script" / "pytorch_model.bin", weights_only=True)
+
+
+def _net() -> Any:
+    """The worker's model, initialised as the worker initialised it."""
+    ns: dict[str, Any] = {}
+    exec(NET, ns)
+    torch.manual_seed(0)
+    return ns["Net"]()
+
+
+def _assert_model(ours: dict[str, Any], root: Path, name: str) -> None:
+    """``ours`` holds what zero_to_fp32.py writes, plus the frozen parameter that DeepSpeed's
+    converters drop from a ZeRO-1 save (which lists no frozen params): ckpttool keeps it."""
+    ref = _script(root, name)
+    kept = ["frozen.weight"] if name.startswith("zero1") else []
+    assert sorted(ours) == sorted([*ref, *kept])
+    _assert_same({k: ours[k] for k in ours if k in ref}, ref)
+    if kept:  # frozen: the value it was initialised with, in the dtype training used
+        want = _net().frozen.weight.detach()
+        want = want.bfloat16().float() if name.endswith("bf16") else want
+        assert ours["frozen.weight"].dtype == torch.float32
+        assert torch.equal(ours["frozen.weight"], want)
+
+
 # -- real DeepSpeed folders, DeepSpeed's zero_to_fp32 as the oracle -------------------------------
 @pytest.mark.parametrize("name", CONFIGS)
 def test_consolidated_pt_equals_zero_to_fp32(zero_root: Path, name: str, tmp_path: Path) -> None:
@@ -190,9 +228,12 @@ def test_consolidated_pt_equals_zero_to_fp32(zero_root: Path, name: str, tmp_pat
     result = consolidate(zero_root / name, out)
     assert result.kind == f"zero-{name[4]}" and result.world_size == 2 and result.verified
     ours = torch.load(out, weights_only=True)
-    ref = _oracle(zero_root, name)
-    _assert_same(ours, ref)
-    assert ours["mask"].dtype == torch.float32  # zero_to_fp32 widens 16-bit float buffers
+    _assert_model({k: ours[k] for k in ours}, zero_root, name)
+    ref = _oracle(zero_root, name)  # get_fp32_state_dict_from_zero_checkpoint: the same values
+    for k, v in ref.items():
+        assert torch.equal(ours[k], v.float() if v.is_floating_point() else v), k
+    # zero_to_fp32 widens 16-bit float buffers; its script also bf16 frozen weights: so do we
+    assert ours["mask"].dtype == ours["frozen.weight"].dtype == torch.float32
     # the tied weight is one tensor under two names, as in the oracle
     assert ours["head.weight"].untyped_storage().data_ptr() == (
         ours["embed.weight"].untyped_storage().data_ptr()
@@ -208,9 +249,8 @@ def test_consolidated_safetensors_equals_zero_to_fp32(
     out = tmp_path / "model.safetensors"
     consolidate(zero_root / name, out)
     ours = load_file(out)
-    ref = _oracle(zero_root, name)
-    assert sorted(ours) == sorted(ref)
-    _assert_same({k: ours[k] for k in ref}, ref)
+    ref = _script(zero_root, name)
+    _assert_model({k: ours[k] for k in [*ref, *sorted(set(ours) - set(ref))]}, zero_root, name)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -233,7 +273,7 @@ def test_everything_holds_the_optimizer_moments(zero_root: Path, name: str, tmp_
     out = tmp_path / "all.pt"
     consolidate(zero_root / name, out, select="all")
     obj = torch.load(out, weights_only=True)  # DeepSpeed's records are written as plain data
-    _assert_same(obj["module"], _oracle(zero_root, name))
+    _assert_model(obj["module"], zero_root, name)
     moments = _oracle(zero_root, name, "moments")
     state = obj["optimizer"]["state"]
     assert sorted(state) == sorted(moments)
@@ -254,7 +294,7 @@ def test_read_names_the_layout(zero_root: Path, name: str) -> None:
     assert dc.facts["zero_stage"] == int(name[4]) and dc.world_size == 2
     assert dc.facts["training_dtype"] == name[-4:] and dc.facts["ds_version"]
     assert dc.facts["aliases"] == {"module.head.weight": "module.embed.weight"}
-    assert dc.facts["cast_to_float32"] == ["mask"]
+    assert dc.facts["cast_to_float32"] == ["mask"] + (["frozen.weight"] * name.endswith("bf16"))
     assert sum(n for _, n in dc.files) == sum(
         os.path.getsize(os.path.join(tag, f)) for f in os.listdir(tag)
     )
@@ -276,12 +316,75 @@ def test_inspect_describes_a_zero_folder(zero_root: Path, run_cli: Any) -> None:
     assert dist["consolidates_into"]["model"]["path"] == "module"
 
 
+def test_a_zero_folder_gets_advice_true_for_a_folder(
+    zero_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    import json
+
+    res = run_cli("inspect", zero_root / "zero2_bf16", "--json")
+    warnings = json.loads(res.stdout)["warnings"]
+    assert not [w for w in warnings if "--plain-objects" in w or "refuses this file" in w]
+    (advice,) = [w for w in warnings if "folder of shards" in w]
+    assert "weights_only=False" in advice and "`ckpttool consolidate FOLDER OUT`" in advice
+    for args in ([], ["--all"]):  # what it advises: files torch.load(weights_only=True) opens
+        out = tmp_path / f"out{len(args)}.pt"
+        assert run_cli("consolidate", zero_root / "zero2_bf16", out, *args).exit_code == 0
+        assert torch.load(out, weights_only=True)
+
+
+def test_a_latest_that_names_a_missing_tag_says_what_to_pass(
+    zero_root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "ds"
+    shutil.copytree(zero_root / "zero2_fp32", folder)
+    (folder / "latest").write_text("global_step9")  # a save that was interrupted or removed
+    res = run_cli("consolidate", folder, tmp_path / "m.pt")
+    assert res.exit_code == 1 and not (tmp_path / "m.pt").exists()
+    assert res.stderr == (
+        f"Error: {folder}: is a DeepSpeed folder, but its `latest` names 'global_step9', which "
+        f"is not there (it holds global_step2): pass the tag folder {folder / 'global_step2'}, "
+        "or fix `latest`\n"
+    )
+    assert run_cli("consolidate", folder / "global_step2", tmp_path / "m.pt").exit_code == 0
+    _assert_model(torch.load(tmp_path / "m.pt", weights_only=True), zero_root, "zero2_fp32")
+
+
+def test_load_of_a_zero_folder_is_what_consolidate_all_writes(zero_root: Path) -> None:
+    import ckpttool
+
+    got = ckpttool.load(zero_root / "zero3_bf16")
+    _assert_model(got["module"], zero_root, "zero3_bf16")
+    assert got["epoch"] == 3 and got["global_steps"] == 2
+    assert sorted(got["optimizer"]["state"]) == sorted(_oracle(zero_root, "zero3_bf16", "moments"))
+
+
 def test_cli_consolidates_a_zero_folder(zero_root: Path, run_cli: Any, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     res = run_cli("consolidate", zero_root / "zero2_fp32", out)
     assert res.exit_code == 0, res.stderr
     assert "zero-2" in res.stderr and "verified" in res.stderr
-    _assert_same(torch.load(out, weights_only=True), _oracle(zero_root, "zero2_fp32"))
+    _assert_model(torch.load(out, weights_only=True), zero_root, "zero2_fp32")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_output_loads_strictly(zero_root: Path, name: str, tmp_path: Path) -> None:
+    """DeepSpeed's converters drop the frozen parameter of a ZeRO-1 save (it lists no frozen
+    params; its module holds the whole tensor): a strict load of their output fails."""
+    out = tmp_path / "model.pt"
+    result = consolidate(zero_root / name, out)
+    if name.startswith("zero1"):
+        assert result.notes == [
+            "kept the frozen parameter frozen.weight: a ZeRO-1 save does not list it, and "
+            "DeepSpeed's zero_to_fp32 drops it"
+        ]
+    model = _net()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    missing = model.load_state_dict(_script(zero_root, name), strict=False).missing_keys
+    assert missing == (["frozen.weight"] if name.startswith("zero1") else [])
+    facts = ds_reader.read(str(zero_root / name)).facts
+    assert facts["frozen_unlisted"] == (["frozen.weight"] if name.startswith("zero1") else [])
 
 
 # -- synthetic folders: known tensors partitioned as ZeRO does, saved with torch.save ------------
@@ -399,8 +502,10 @@ def test_synthetic_partitions_reassemble(stage: int, tmp_path: Path) -> None:
     full = _make(tmp_path / "ck", stage)
     ours = _read_model(tmp_path / "ck", tmp_path)
     assert list(ours) == ["buf", "f", "a", "b", "c", "tied"]  # zero_to_fp32's order
-    for name in ("buf", "f", "a", "b", "c"):
+    for name in ("buf", "a", "b", "c"):
         assert ours[name].dtype == full[name].dtype and torch.equal(ours[name], full[name]), name
+    # the bf16 frozen param widened to float32, as zero_to_fp32.py writes it
+    assert ours["f"].dtype == torch.float32 and torch.equal(ours["f"], full["f"].float())
     assert ours["tied"] is ours["a"] or torch.equal(ours["tied"], ours["a"])
 
 

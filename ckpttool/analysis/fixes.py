@@ -18,7 +18,8 @@ RESAVE_CPU = "resave_cpu"  # re-save every storage tagged cpu
 STRIP_PREFIX = "strip_prefix"  # remove the key prefix ``arg``
 PLAIN_OBJECTS = "plain_objects"  # replace objects weights_only loading refuses by plain ones
 REWRITE_ZIP = "rewrite_zip"  # rewrite a legacy file in the zip format
-ACTIONS = (RESAVE_CPU, STRIP_PREFIX, PLAIN_OBJECTS, REWRITE_ZIP)
+CONSOLIDATE = "consolidate"  # merge a folder of shards into one file
+ACTIONS = (RESAVE_CPU, STRIP_PREFIX, PLAIN_OBJECTS, REWRITE_ZIP, CONSOLIDATE)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from ..readers.hf_folder import note as folder_note
 from ..tree import alias_names, aliases, children
 from ..unpickling.policy import classify
 from .describe import describe
-from .fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
+from .fixes import CONSOLIDATE, PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
 from .meta_tensors import meta_tensors
 from .state_dicts import find_state_dicts
 
@@ -325,12 +325,16 @@ def _global_warnings(report: dict[str, Any]) -> list[Finding]:
     if user and not dangerous and report["format"] != "torchscript":
         out.append(
             Finding(
-                "unvetted code: loading this file imports "
+                "unvetted code: loading "
+                + ("these files" if "distributed" in report else "this file")
+                + " imports "
                 + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
                 + " and runs their classes' code; load it only if you trust them"
             )
         )
-    if opaque and report["format"] != "torchscript":
+    if opaque and "distributed" in report:
+        out.append(_folder_warning(report["distributed"]["kind"], opaque))
+    elif opaque and report["format"] != "torchscript":
         shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")
         text = f"torch.load(weights_only=True) refuses this file: it pickles {shown}"
         out.append(Finding(text, Fix(PLAIN_OBJECTS)))
@@ -345,6 +349,22 @@ def _verdict(ckpt: Checkpoint) -> dict[str, Any]:
         return {"kind": "unknown", "reasons": []}
     kind = "safe" if v.safe else v.kind
     return {"kind": kind, "reasons": [] if v.safe else v.reasons(kind)}
+
+
+def _folder_warning(kind: str, opaque: list[str]) -> Finding:
+    """A folder of shards is never opened by torch.load: what its own loader does with the
+    classes its pickles name, and the command that makes one file of it (weights_only advice
+    and ``convert --plain-objects`` do not apply to a folder)."""
+    if kind == "dcp":  # FileSystemReader and DefaultLoadPlanner, torch 2.1 to 2.13
+        how = (
+            "torch.distributed.checkpoint reads its .metadata with pickle.load and its "
+            "non-tensor values with torch.load(weights_only=False)"
+        )
+    else:  # DeepSpeed's load_checkpoint and zero_to_fp32
+        how = "DeepSpeed loads its files with torch.load(weights_only=False)"
+    shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")
+    text = f"a folder of shards: torch.load cannot open it; {how} (they pickle {shown})"
+    return Finding(text, Fix(CONSOLIDATE))
 
 
 def _global_rows(ckpt: Checkpoint) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ REMEDIES = {
     "all_tensors": ": use --all to write its tensors",
     "consolidate": ": `ckpttool consolidate FOLDER OUTPUT` merges its shards into one file",
     "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
+    "allow_class_references": "; pass --allow-user-classes to write them",
     "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
     "replace them",
 }
@@ -80,7 +81,18 @@ def run_library(fn: Callable[[], Any]) -> Any:
 
 class _Group(click.Group):
     """The root group: a reader that closes stdout early (``| head``) ends the command quietly,
-    with exit 0: what it read was printed in full."""
+    with exit 0: what it read was printed in full. Its command list shows each command's
+    first sentence whole (wrapped), where Click would cut it with "..."."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from ..analysis.fixes import PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX
+from ..analysis.fixes import CONSOLIDATE, PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX
 
 # a warning's fix: the command, and what it does (joined after the warning's text)
 _WARNING_FIXES = {
@@ -15,6 +15,11 @@ _WARNING_FIXES = {
     STRIP_PREFIX: ("", "removes it"),  # the command names the prefix (warning_text)
     PLAIN_OBJECTS: ("`ckpttool convert --plain-objects`", "writes plain equivalents it accepts"),
     REWRITE_ZIP: ("`ckpttool convert`", "rewrites it in the zip format"),
+    CONSOLIDATE: (
+        "`ckpttool consolidate FOLDER OUT`",
+        "writes its model weights as one file that torch.load(weights_only=True) opens "
+        "(--all: everything)",
+    ),
 }
 
 
@@ -23,6 +28,28 @@ def prefix_args(action: str, prefix: str) -> list[str]:
     if action == "strip":
         return ["--strip-module"] if prefix == "module." else ["--strip-prefix", prefix]
     return ["--add-module"] if prefix == "module." else ["--add-prefix", prefix]
+
+
+def idle_text(action: str, arg: str, sd_path: str | None = None) -> str:
+    """A key option that renamed no key, and why (a writer's ``idle`` entry), as a warning."""
+    if action == "replace":
+        flag, why = ["--replace-prefix", arg], f"no key starts with {arg.split('=', 1)[0]!r}"
+    elif action == "add":
+        flag, why = prefix_args("add", arg), f"every key already starts with {arg!r}"
+    else:
+        flag, why = prefix_args("strip", arg), f"no key starts with {arg!r}"
+    where = f" of state dict {sd_path!r}" if sd_path else ""
+    return f"warning: {' '.join(flag)} renamed no key{where}: {why}"
+
+
+def kept_prefix_text(prefix: str) -> str:
+    """to-safetensors kept a wrapper prefix on every key: what fails, and the fix."""
+    why = "DataParallel/DDP" if prefix.startswith("module.") else "torch.compile"
+    strip = prefix_args("strip", "module." if why == "DataParallel/DDP" else "_orig_mod.")
+    return (
+        f"warning: every key starts with {prefix!r} (saved from a {why} wrapper): "
+        f"load_state_dict on an unwrapped model fails; {' '.join(strip)} removes it"
+    )
 
 
 def warning_text(warning: str) -> str:

@@ -55,6 +55,7 @@ def _progress_factory(quiet: bool) -> Callable[[int], Callable[[int], None] | No
             signals.check()
             bar.update(n)
 
+        update.phase = bar.phase  # type: ignore[attr-defined]  # see progress.phase
         return update
 
     make.bars = bars  # type: ignore[attr-defined]
@@ -103,7 +104,8 @@ ALLOW_USER_CLASSES = click.option(
     "--allow-user-classes",
     is_flag=True,
     help="Also accept objects of classes from other modules (whole pickled models, configs, "
-    "enums): loading the output imports those modules. Code is never written.",
+    "enums) and references to classes (an optimizer class in Lightning's hparams): loading the "
+    "output imports those modules. Code is never written.",
 )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .app import EPILOG, cli, writes
-from .fixes import left_out_text
+from .fixes import idle_text, kept_prefix_text, left_out_text
 from .options import (
     ALLOW_USER_CLASSES,
     echo_remote_usage,
@@ -85,9 +85,19 @@ def _report_convert(result: Any, output_path: str) -> None:
     """What convert did, on stderr: renames, replacements, notes, what it wrote."""
     from ..render import escape
 
+    idle_in = {sd_path for sd_path, _, _ in result.idle}
     for sd_path, n in result.renamed:
         where = f"'{escape(sd_path)}'" if sd_path else "(root)"
-        click.echo(f"renamed {n} keys in state dict {where}", err=True)
+        if n or sd_path not in idle_in:  # else the warning below says why
+            click.echo(f"renamed {n} {_keys(n)} in state dict {where}", err=True)
+    for sd_path, action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg, sd_path)), err=True)
+    if result.key_unused:
+        click.echo(
+            "warning: --key names the state dict to rename, and no rename option was given: it "
+            "changed nothing (--only writes just one entry)",
+            err=True,
+        )
     for r in result.replaced:
         click.echo(f"replaced {r}", err=True)
     left = result.unsafe_globals
@@ -103,7 +113,8 @@ def _report_convert(result: Any, output_path: str) -> None:
         click.echo(f"note: {note}", err=True)
     check = f"verified: {result.verification}" if result.verified else "not verified"
     click.echo(
-        f"wrote {escape(output_path)}: {result.tensors} tensors in {result.storages} storages, "
+        f"wrote {escape(output_path)}: {_count(result.tensors, 'tensor')} in "
+        f"{_count(result.storages, 'storage')}, "
         f"all on cpu ({check})",
         err=True,
     )
@@ -188,6 +199,15 @@ def to_safetensors(
         _report_to_safetensors(result, output_path, sharded=bool(max_shard_size))
 
 
+def _keys(n: int) -> str:
+    return "key" if n == 1 else "keys"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
     """The --metadata KEY=VALUE options as a dict (a key ckpttool sets itself is refused)."""
     from ..ops.to_safetensors import RESERVED_METADATA
@@ -210,7 +230,11 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
     from ..render import escape
 
     if result.renamed:
-        click.echo(f"renamed {result.renamed} keys", err=True)
+        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
+    for action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg)), err=True)
+    if result.kept_prefix:
+        click.echo(escape(kept_prefix_text(result.kept_prefix)), err=True)
     for alias, kept in result.aliases.items():
         click.echo(f"shared: {escape(alias)} is stored once as {escape(kept)}", err=True)
     for item in result.left_out:
@@ -219,8 +243,8 @@ def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None
         click.echo(f"note: {escape(note)}", err=True)
     check = "verified" if result.verified else "not verified"
     where = escape(output_path)
-    files = f" in {len(result.files) - 1} shards" if sharded else ""
-    click.echo(f"wrote {where}: {result.tensors} tensors{files} ({check})", err=True)
+    files = f" in {_count(len(result.files) - 1, 'shard')}" if sharded else ""
+    click.echo(f"wrote {where}: {_count(result.tensors, 'tensor')}{files} ({check})", err=True)
     echo_remote_usage(always=True)
 
 
@@ -254,16 +278,21 @@ def _consolidate_folder(
     if quiet:
         return
     if result.renamed:
-        click.echo(f"renamed {result.renamed} keys", err=True)
+        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
+    for action, arg in result.idle:
+        click.echo(escape(idle_text(action, arg)), err=True)
     if result.cast:
         click.echo(f"cast {result.cast} tensors to {kwargs['dtype']}", err=True)
     for item in result.left_out:
         click.echo(f"left out: {escape(left_out_text(item))}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {escape(note)}", err=True)
     check = "verified" if result.verified else "not verified"
-    files = f" in {len(result.files) - 1} shards" if shard else ""
+    files = f" in {_count(len(result.files) - 1, 'shard')}" if shard else ""
     click.echo(
         f"wrote {escape(output_path)}: {escape(result.selected)} of a {result.kind} checkpoint "
-        f"from {result.world_size} ranks, {result.tensors} tensors{files} ({check})",
+        f"from {_count(result.world_size, 'rank')}, {_count(result.tensors, 'tensor')}{files} "
+        f"({check})",
         err=True,
     )
 

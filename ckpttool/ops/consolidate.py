@@ -18,6 +18,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, TensorRef
+from ..progress import phased
 from ..readers.distributed import model_state_dict
 from ..tree import KEEP as _KEEP_NODE
 from ..tree import get_path, iter_tensors, transform
@@ -29,7 +30,7 @@ from ..writers.safetensors import Item, assign_shards, verify_file
 from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .logical_write import Progress, logical, out_dtype, write_pt, write_st
-from .prepare import check_cast, key_ops, open_source
+from .prepare import check_cast, key_ops, open_source, remaining_globals
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ConsolidateResult:
     renamed: int = 0
     cast: int = 0
     verified: bool = False
+    notes: list[str] = field(default_factory=list)  # what the user should know about it
+    idle: list[tuple[str, str]] = field(default_factory=list)  # renames that did nothing
 
 
 def _select(ckpt: Checkpoint, select: str) -> tuple[Any, str]:
@@ -81,21 +84,25 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def _rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
-    """Apply the key operations to the model state dict inside ``chosen``."""
+def _rename_model(
+    chosen: Any, ops: KeyOps, src: str
+) -> tuple[Any, int, list[tuple[str, str]]]:
+    """Apply the key operations to the model state dict inside ``chosen``: (the result, the
+    keys renamed, the operations that renamed nothing)."""
     if not ops:
-        return chosen, 0
+        return chosen, 0, []
     found = model_state_dict(chosen) if isinstance(chosen, dict) else None
     if found is None:
         raise CheckpointError(src, "holds no model state dict to rename keys in")
     old = found[0]
     new, renamed = _rename(old, ops, src)
+    idle = ops.idle(old)
     if old is chosen:
-        return new, renamed
+        return new, renamed, idle
     if found[1] == "":  # weights at the top level beside other entries
         rest = {k: v for k, v in chosen.items() if k not in old}
-        return {**new, **rest}, renamed
-    return transform(chosen, lambda n: new if n is old else _KEEP_NODE), renamed
+        return {**new, **rest}, renamed, idle
+    return transform(chosen, lambda n: new if n is old else _KEEP_NODE), renamed, idle
 
 
 def _scalars(root: Any) -> dict[str, str]:
@@ -113,6 +120,10 @@ def _safetensors_items(src: str, chosen: Any, dtype: str | None) -> tuple[list[I
     seen: set[str] = set()
     for name, ref in iter_tensors(chosen):
         t = logical(ref)
+        if ref.storage_offset or ref.numel != t.numel or not ref.is_contiguous():
+            raise CheckpointError(
+                src, f"tensor {name!r} is a view of a larger storage: write it to a .pt file"
+            )
         want = out_dtype(t, dtype)
         if dtypes.get(want).safetensors is None:
             raise CheckpointError(src, f"tensor {name!r} is {want}, which safetensors cannot store")
@@ -144,11 +155,10 @@ def consolidate(
     allow_user_classes: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
 ) -> ConsolidateResult:
-    """Write one ``.pt`` or safetensors file from a distributed checkpoint folder.
+    """Write one ``.pt`` or safetensors file from a folder of shards (a ConsolidateResult).
 
     Args:
-        src: a DCP folder (``.metadata`` + ``*.distcp``) or another sharded folder
-            ``open_checkpoint`` presents as logical tensors.
+        src: a DCP or DeepSpeed folder (a folder ``open_checkpoint`` reads as shards).
         dst: the output file (``.safetensors`` suffix: safetensors; else a torch zip), or with
             ``max_shard_size`` a folder of Hugging Face safetensors shards.
         select: ``"model"`` (the model state dict, loadable by ``load_state_dict``), ``"all"``
@@ -156,29 +166,31 @@ def consolidate(
             path such as ``"optim"``.
         dtype: cast the model's floating-point weights (optimizer state keeps its dtypes).
         strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict.
-        max_shard_size: bytes (or ``"5GB"``) per safetensors shard.
-        output_format: ``"pt"`` or ``"safetensors"`` (default: from ``dst``'s suffix).
+        max_shard_size, output_format: bytes (or ``"5GB"``) per safetensors shard; ``"pt"``
+            or ``"safetensors"`` (default: from ``dst``'s suffix).
         verify: read every tensor back and re-open the output before it replaces ``dst``.
-        force: replace an existing output; ``allow_user_classes``: write unvetted objects.
+        force: replace an existing output.
+        allow_user_classes: write user classes that entries hold (as ``convert``).
         progress: called with the total bytes; returns a callback fed bytes written.
-
-    Returns:
-        A :class:`ConsolidateResult`.
 
     Example:
         >>> consolidate("ckpt/step-100", "model.safetensors")  # doctest: +SKIP
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    fmt, limit = _output_format(dst, output_format, max_shard_size)
-    check_cast(dtype)
+    fmt, limit = _output_format(dst, output_format, max_shard_size, dtype)
     shards = limit is not None
     ckpt = open_source(src, dst, force=force, in_place=None, is_dir=shards, distributed=True)
     dc = _distributed(ckpt, src)
-    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
-    chosen, renamed = _rename_model(chosen, ops, src)
-    _refuse_objects(src, ckpt, chosen if fmt == "pt" else None, allow_user_classes)
-    result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
+    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
+    chosen, renamed, idle = _rename_model(chosen, ops, src)
+    if fmt == "pt":  # objects go into a .pt only: user classes need consent, as in convert
+        unsafe, consent = remaining_globals(chosen), allow_user_classes
+        check_writable(src, ckpt.verdict, unsafe, allow_user_classes=consent)
+    result = ConsolidateResult(
+        src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed, verified=verify,
+        notes=_notes(dc, select), idle=idle,
+    )  # fmt: skip
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None
     with contextlib.closing(bytecopy.Sources()) as sources:
@@ -186,25 +198,28 @@ def consolidate(
             result.files = _consolidate_pt(dst, chosen, dtype, verify, sources, cb)
         else:
             _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
-    result.verified = verify
     return result
 
 
-def _refuse_objects(src: str, ckpt: Checkpoint, node: Any, allow_user_classes: bool) -> None:
-    """A ``.pt`` output of ``node`` pickles its non-tensor items as they are: objects of
-    unvetted classes only with consent (``node`` None: a safetensors output, tensors only)."""
-    from ..nodes import Opaque
-    from ..tree import walk
-
-    if node is not None:
-        names = [n.global_name for _, n in walk(node) if isinstance(n, Opaque)]
-        check_writable(src, ckpt.verdict, names, allow_user_classes=allow_user_classes)
+def _notes(dc: Any, select: str) -> list[str]:
+    """What the user should know about the output (frozen params DeepSpeed would drop)."""
+    unlisted = dc.facts.get("frozen_unlisted") or []
+    if not unlisted or select not in ("model", "all"):
+        return []
+    shown = ", ".join(unlisted[:3]) + (" and more" if len(unlisted) > 3 else "")
+    many, it = ("s", "them") if len(unlisted) > 1 else ("", "it")
+    return [
+        f"kept the frozen parameter{many} {shown}: a ZeRO-1 save does not list {it}, and "
+        f"DeepSpeed's zero_to_fp32 drops {it}"
+    ]
 
 
 def _output_format(
-    dst: str, output_format: str | None, max_shard_size: int | str | None
+    dst: str, output_format: str | None, max_shard_size: int | str | None, dtype: str | None
 ) -> tuple[str, int | None]:
-    """("pt" or "safetensors", the shard size in bytes or None) from what was asked."""
+    """("pt" or "safetensors", the shard size in bytes or None) from what was asked; the
+    cast asked for is checked too."""
+    check_cast(dtype)
     limit = max_shard_size
     if isinstance(limit, str):
         from .prepare import parse_size
@@ -234,6 +249,12 @@ def _distributed(ckpt: Checkpoint, src: str) -> Any:
     """The checkpoint's :class:`DistributedCheckpoint` (refused when it is an ordinary file)."""
     dc = ckpt.facts.get("distributed")
     if dc is None:
+        from ..readers.folders import enclosing_folder
+
+        folder = enclosing_folder(src)
+        if folder is not None:  # a file of one: a DeepSpeed states file, a .distcp
+            said = f"is one file of a folder of shards: pass the folder, {folder}"
+            raise CheckpointError(src, said)
         raise CheckpointError(src, "is not a distributed checkpoint folder (DCP or DeepSpeed)")
     return dc
 
@@ -247,9 +268,9 @@ def _consolidate_pt(
     cb: Progress | None,
 ) -> list[str]:
     with atomic_file(dst) as tmp:
-        plan = write_pt(tmp, chosen, dtype, sources, cb)
+        plan = write_pt(tmp, chosen, dtype, sources, cb, verify)
         if verify:
-            verify_pt(tmp, plan)
+            verify_pt(tmp, plan, phased(cb))
     return [dst]
 
 
@@ -269,15 +290,15 @@ def _consolidate_st(
     meta = {**_scalars(root), "format": "pt"}
     if limit is None:
         with atomic_file(dst, weight_set=True) as tmp:
-            write_st(tmp, items, meta, sources, cb)
+            write_st(tmp, items, meta, sources, cb, verify)
             if verify:
-                verify_file(tmp, items, meta, sources)
+                verify_file(tmp, items, meta, sources, phased(cb))
         result.files = [dst]
         return
     def write_one(path: str, shard: list[Item]) -> None:
-        write_st(path, shard, meta, sources, cb)
+        write_st(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources)
+            verify_file(path, shard, meta, sources, phased(cb))
 
     total = sum(it.nbytes for it in items)
     result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)

@@ -17,6 +17,7 @@ from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..progress import phased
 from ..readers.hf_folder import note as folder_note
 from ..tree import KEEP, get_path, transform, walk
 from ..unpickling.policy import check_writable
@@ -46,6 +47,9 @@ class ConvertResult:
     storages: int
     bytes: int
     renamed: list[tuple[str, int]] = field(default_factory=list)  # (state dict path, keys)
+    # key operations that renamed nothing: (state dict path, action, argument), see KeyOps.idle
+    idle: list[tuple[str, str, str]] = field(default_factory=list)
+    key_unused: bool = False  # ``key`` named a state dict, but no key operation was asked for
     replaced: list[str] = field(default_factory=list)  # plain-object replacements
     cast: int = 0  # storages cast to another dtype
     notes: list[str] = field(default_factory=list)
@@ -75,7 +79,7 @@ def _select(ckpt: Checkpoint, only: str | None) -> Any:
 
 
 def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertResult) -> Any:
-    if not ops:
+    if not ops and key is None:
         return root
     if key is not None:
         try:
@@ -85,6 +89,9 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
         if not isinstance(target, dict) or isinstance(target, Opaque):
             raise CheckpointError(path, f"{key!r} is not a state dict", remedy="key")
         targets = [(key, target)]
+        if not ops:  # it names a state dict, but nothing renames it
+            result.key_unused = True
+            return root
     else:
         found = find_state_dicts(root)
         sds = [s for s in found if s.source == "dict"]
@@ -108,6 +115,7 @@ def _rename(path: str, root: Any, ops: KeyOps, key: str | None, result: ConvertR
             ) from None
         changed = sum(1 for a, b in zip(sd, new, strict=True) if a != b)
         result.renamed.append((sd_path, changed))
+        result.idle += [(sd_path, action, arg) for action, arg in ops.idle(sd)]
         replacements[id(sd)] = new
     return transform(root, lambda n: replacements.get(id(n), KEEP))
 
@@ -243,7 +251,7 @@ def convert(
     with atomic_file(dst) as tmp:
         write_pt(tmp, pickled.data, plan, cb, check_copies=verify)
         if verify:
-            verify_pt(tmp, plan)
+            verify_pt(tmp, plan, phased(cb))
             result.verified = True
             result.verification = VERIFICATION
     return result

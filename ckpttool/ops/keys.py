@@ -80,6 +80,30 @@ class KeyOps:
     def __bool__(self) -> bool:
         return bool(self.strip or self.replace or self.add)
 
+    def idle(self, keys: Any) -> list[tuple[str, str]]:
+        """The operations that rename no key, applied in order to ``keys``: ``("strip", P)``
+        when no key carries P, ``("replace", "OLD=NEW")``, ``("add", P)`` when every key
+        already carries P.
+
+        Example:
+            >>> KeyOps(strip=("zzz.",)).idle(["fc.weight"])
+            [('strip', 'zzz.')]
+        """
+        names = [k for k in keys if isinstance(k, str)]
+        out: list[tuple[str, str]] = []
+        steps = [("strip", p, p, "") for p in self.strip]
+        steps += [("replace", f"{old}={new}", old, new) for old, new in self.replace]
+        for action, arg, old, new in steps:
+            renamed = [new + k[len(old) :] if k.startswith(old) else k for k in names]
+            if not any(k.startswith(old) for k in names) or renamed == names:
+                out.append((action, arg))
+            names = renamed
+        for p in self.add:
+            if all(k.startswith(p) for k in names):
+                out.append(("add", p))
+            names = [k if k.startswith(p) else p + k for k in names]
+        return out
+
     def apply(self, sd: Any) -> Any:
         for p in self.strip:
             sd = strip_prefix(sd, p)

@@ -14,11 +14,12 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import StorageInfo, TensorRef
+from ..progress import phase as progress_phase
 from ..readers.distributed import LogicalStorage, LogicalTensor, copy_logical, iter_logical_chunks
 from ..tree import iter_tensors
 from ..writers import copy as bytecopy
 from ..writers.crc import crc32
-from ..writers.pt import StoragePlan
+from ..writers.pt import StoragePlan, verify_bytes
 from ..writers.pt_pickle import OutStorage, dumps
 from ..writers.safetensors import Item, header_bytes
 from ..writers.zipwriter import ZipWriter, add_torch_header
@@ -113,24 +114,34 @@ def _result_of(job: Any, path: str, name: str) -> int:
 
 # -- the .pt writer ------------------------------------------------------------------------
 def write_pt(
-    tmp: str, root: Any, dtype: str | None, sources: bytecopy.Sources, cb: Progress | None
+    tmp: str,
+    root: Any,
+    dtype: str | None,
+    sources: bytecopy.Sources,
+    cb: Progress | None,
+    verify: bool = True,
 ) -> StoragePlan:
     """Write ``root`` as a torch zip at ``tmp``: the pickle first, then every tensor's record.
 
-    Returns the plan it wrote, for :func:`~ckpttool.writers.pt.verify_pt`.
+    Returns the plan it wrote, for :func:`~ckpttool.writers.pt.verify_pt` (``verify``: it
+    will be called, which the progress of the verifying phase counts).
     """
     named = list(iter_tensors(root))
     storage_of: dict[int, OutStorage] = {}
     dtype_of: dict[int, str] = {}
     outs: list[OutStorage] = []
+    by_storage: dict[int, OutStorage] = {}  # views of one storage share its output record
     for _name, ref in named:
         if id(ref) in storage_of:
             continue
         t = logical(ref)
-        out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
+        out = by_storage.get(id(ref.storage))
+        if out is None:
+            out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
+            by_storage[id(ref.storage)] = out
+            outs.append(out)
         storage_of[id(ref)] = out
         dtype_of[id(ref)] = out.dtype
-        outs.append(out)
     pkl = dumps(root, storage_of, dtype_of)
     archive = "archive"
     fd = os.open(tmp, os.O_RDWR)
@@ -152,17 +163,27 @@ def write_pt(
         zw.add_bytes(f"{archive}/version", b"3")
         serial = f"{crc32(pkl):08x}{len(outs):08x}".encode()
         zw.add_bytes(f"{archive}/.data/serialization_id", serial)
-        for index, out, job in pending:
-            if job is not None:
-                assert isinstance(out.source, LogicalStorage) and out.source.tensor is not None
-                out.crc = _result_of(job, tmp, out.source.tensor.name)
-            assert out.crc is not None
-            zw.set_crc(index, out.crc)
+        verifying = progress_phase(cb, "verifying", verify_bytes(outs, verify))
+        _set_crcs(zw, pending, tmp, verifying)
         zw.finish()
     finally:
         background.close()
         os.close(fd)
     return StoragePlan(outs, storage_of, dtype_of, named)
+
+
+def _set_crcs(
+    zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]], tmp: str, cb: Progress | None
+) -> None:
+    """Record each record's CRC-32, waiting for its read-back (whose bytes ``cb`` counts)."""
+    for index, out, job in pending:
+        if job is not None:
+            assert isinstance(out.source, LogicalStorage) and out.source.tensor is not None
+            out.crc = _result_of(job, tmp, out.source.tensor.name)
+            if cb:
+                cb(out.nbytes)
+        assert out.crc is not None
+        zw.set_crc(index, out.crc)
 
 
 # -- the safetensors writer ----------------------------------------------------------------
@@ -172,6 +193,7 @@ def write_st(
     meta: dict[str, str],
     sources: bytecopy.Sources,
     cb: Progress | None,
+    verify: bool = True,
 ) -> None:
     pos = 0
     for it in items:
@@ -180,6 +202,7 @@ def write_st(
     header = header_bytes(items, meta)
     fd = os.open(path, os.O_RDWR)
     background = bytecopy.Background()
+    progress_phase(cb, "writing")  # the next shard, after the last one's verifying
     try:
         bytecopy.write_all(fd, header)
         for it in items:
@@ -190,10 +213,14 @@ def write_st(
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
+        left = sum(it.nbytes for it in items if it.job or verify)
+        verifying = progress_phase(cb, "verifying", left)
         for it in items:
             if it.job is not None:
                 it.crc = _result_of(it.job, path, it.name)
                 it.read_back = True
+                if verifying:
+                    verifying(it.nbytes)
     finally:
         background.close()
         os.close(fd)

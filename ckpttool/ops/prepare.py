@@ -15,10 +15,10 @@ from typing import Any, cast
 from .. import dtypes
 from ..analysis.state_dicts import find_state_dicts
 from ..errors import CheckpointError
-from ..model import Checkpoint, TensorRef
+from ..model import Checkpoint, Opaque, TensorRef
 from ..readers import open_checkpoint
 from ..tree import is_composite, iter_tensors, walk
-from ..unpickling.policy import refuse_dangerous
+from ..unpickling.policy import TORCH_ALLOWED, refuse_dangerous
 from ..writers.atomic import check_target
 from .keys import CAST_DTYPES, KeyOps
 from .left_out import COMPOSITE_TENSOR
@@ -75,6 +75,17 @@ def open_source(
     check_target(input_files(ckpt), dst, force=force, in_place=in_place, is_dir=is_dir)
     refuse_dangerous(src, ckpt.verdict)
     return ckpt
+
+
+def remaining_globals(root: Any) -> list[str]:
+    """The globals an output of ``root`` would pickle beyond torch's ``weights_only`` list."""
+    names: dict[str, None] = {}
+    for _, node in walk(root):
+        if isinstance(node, Opaque) and node.global_name not in TORCH_ALLOWED:
+            names[node.global_name] = None
+        elif isinstance(node, type) and issubclass(node, Opaque):
+            names[node.__ck_global__] = None
+    return list(names)
 
 
 def cast_targets(chosen: Any) -> set[int]:

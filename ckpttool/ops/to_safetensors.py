@@ -19,6 +19,7 @@ from ..analysis.describe import numpy_scalar_value
 from ..analysis.state_dicts import default_state_dict
 from ..errors import ArgumentError, CheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..progress import phased
 from ..readers.hf_folder import output_notes
 from ..readers.safetensors import ALIASES_KEY  # __metadata__: JSON {alias: stored name}
 from ..tree import children, get_path, iter_tensors
@@ -59,6 +60,10 @@ class SafetensorsResult:
     # safetensors releases read (an older one refuses the whole file), a folder holding two
     # weight sets
     notes: list[str] = field(default_factory=list)
+    idle: list[tuple[str, str]] = field(default_factory=list)  # renames that did nothing
+    # a wrapper prefix every written key still carries (module., _orig_mod.): a bare model's
+    # load_state_dict fails on it
+    kept_prefix: str | None = None
 
 
 # -- choosing the tensors -----------------------------------------------------------------
@@ -234,6 +239,8 @@ def to_safetensors(
         src, dst, len(items), total, [], aliases, meta, left_out + left, renamed
     )
     result.notes = reader_notes(items)
+    result.idle = ops.idle(tensors) if ops else []
+    result.kept_prefix = _wrapper_prefix(renamed_sd) if not (all_tensors or ops) else None
     cb = progress(total) if progress else None
     shards = None
     if shard_limit is not None:
@@ -242,6 +249,14 @@ def to_safetensors(
     result.verified = verify
     result.notes += output_notes(ckpt.facts, dst, shard_limit is not None)
     return result
+
+
+def _wrapper_prefix(names: Any) -> str | None:
+    """The DataParallel/DDP or torch.compile prefix that every name carries, if any."""
+    from ..analysis.state_dicts import detect_prefix
+
+    prefix = detect_prefix(names)
+    return prefix if prefix and prefix.startswith(("module.", "_orig_mod.")) else None
 
 
 def _write(
@@ -260,7 +275,7 @@ def _write(
             with atomic_file(dst, weight_set=True) as tmp:
                 write_file(tmp, items, meta, sources, cb, verify)
                 if verify:
-                    verify_file(tmp, items, meta, sources)
+                    verify_file(tmp, items, meta, sources, phased(cb))
             return [dst]
         return _write_shards(dst, shards, meta, sources, cb, verify, total)
     finally:
@@ -382,6 +397,6 @@ def _write_shards(
     def write_one(path: str, shard: list[Item]) -> None:
         write_file(path, shard, meta, sources, cb, verify)
         if verify:
-            verify_file(path, shard, meta, sources)
+            verify_file(path, shard, meta, sources, phased(cb))
 
     return write_shards(dst, shards, total, write_one)

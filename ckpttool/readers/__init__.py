@@ -81,8 +81,10 @@ def _check_file(path: str) -> int:
         if exc.errno == errno.ELOOP:
             raise CheckpointError(path, "is a symbolic link loop") from None
         raise CheckpointError(path, exc.strerror or str(exc)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(path, "is a directory, not a checkpoint file")
+    if stat.S_ISDIR(st.st_mode):  # none of the folder layouts ckpttool reads
+        from .folders import describe
+
+        raise CheckpointError(path, describe(path))
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(path, "is not a regular file (a FIFO, socket or device?)")
     return st.st_size
@@ -286,6 +288,11 @@ def _read(
             return hf_sharded.read(path, size)
     except OSError as exc:
         raise CheckpointError(path, f"read failed: {exc.strerror or exc}") from None
+    from .folders import enclosing_folder
+
+    folder = enclosing_folder(path)
+    if folder is not None and kind in ("pickle", "unknown"):  # .metadata, a bare .distcp...
+        raise CheckpointError(path, f"is one file of a folder of shards: pass the folder, {folder}")
     if kind == "pickle":  # torch.load unpickles it before it looks for a magic number
         raise CheckpointError(path, "is a plain pickle, not a torch checkpoint (no magic number)")
     raise CheckpointError(path, _describe_unknown(head))

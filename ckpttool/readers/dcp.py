@@ -28,6 +28,7 @@ from .distributed import (
     DistributedCheckpoint,
     LogicalTensor,
     Segment,
+    as_logical,
     check_segments,
     merge_segments,
 )
@@ -67,6 +68,10 @@ ALLOWED_GLOBALS = frozenset(
 )
 _OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optim_state", "optimizer_state"})
 _MODEL_KEYS = frozenset({"model", "models", "module", "state_dict", "model_state_dict"})
+_LIGHTNING_OPTIMIZER = re.compile(r"optimizer_\d+")  # Lightning's FSDP strategy saves these
+# Lightning's FSDP strategy saves the rest of its checkpoint (epoch, global_step, hparams...)
+# beside the shards with torch.save; its consolidate_checkpoint merges it in at the top level.
+LIGHTNING_META = "meta.pt"
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 _ITEM_FILE = re.compile(r"__\d+_\d+\.distcp|[^/\\]+\.distcp")
 
@@ -227,7 +232,7 @@ def _group(path: tuple[Any, ...]) -> str:
         top = top.split(".", 1)[0]
         if top not in _OPTIMIZER_KEYS:
             return "model"  # a flat state dict saved as it is
-    if top in _OPTIMIZER_KEYS:
+    if top in _OPTIMIZER_KEYS or (isinstance(top, str) and _LIGHTNING_OPTIMIZER.fullmatch(top)):
         return "optimizer"
     if top in _MODEL_KEYS:
         return "model"
@@ -298,10 +303,29 @@ def _read_keys(
             st = index.get((fqn, None))
             if st is None:
                 raise CheckpointError(meta, f"value {fqn!r} is not stored")
-            entries[fqn] = read_item(st, fqn, seen)
+            entries[fqn] = as_logical(read_item(st, fqn, seen), fqn, folder)
         else:
             raise CheckpointError(meta, f"{fqn!r} is a {kind}, which ckpttool does not read")
     return tensors, entries
+
+
+def _lightning_meta(folder: str, sizes: dict[str, int], seen: dict[str, str]) -> dict[str, Any]:
+    """The entries of Lightning's ``meta.pt`` beside the shards, if there is one (a torch zip)."""
+    from . import torch_zip
+
+    path = os.path.join(folder, LIGHTNING_META)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return {}
+        size = os.path.getsize(path)
+    except OSError:
+        return {}
+    root = torch_zip.read(path, size, seen).root
+    if not isinstance(root, dict) or not all(isinstance(k, str) for k in root):
+        raise CheckpointError(path, "does not hold a dict of named entries (Lightning's meta.pt)")
+    sizes[path] = size
+    return {k: as_logical(v, k, folder) for k, v in root.items()}
 
 
 def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint:
@@ -326,18 +350,29 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     sizes: dict[str, int] = {meta: os.path.getsize(meta)}
     index = _storage_index(folder, fields.get("storage_data"), sizes)
     tensors, entries = _read_keys(folder, sdm, planner, index, seen)
+    order = [fqn for fqn in sdm if isinstance(fqn, str)]
+    extra = _lightning_meta(folder, sizes, seen)
+    clash = [k for k in extra if k in order or any(t.path[:1] == (k,) for t in tensors)]
+    if clash:
+        raise CheckpointError(
+            os.path.join(folder, LIGHTNING_META), f"holds {clash[0]!r}, which the shards hold too"
+        )
+    entries.update(extra)
+    order += list(extra)
     tensor_dtypes: dict[str, int] = {}
     for t in tensors:
         tensor_dtypes[t.dtype] = tensor_dtypes.get(t.dtype, 0) + 1
     files = [(p, sizes[p]) for p in sorted(sizes)]
     ranks = {m.group(1) for p in sizes if (m := _RANK_FILE.fullmatch(os.path.basename(p)))}
     facts: dict[str, Any] = {
-        "order": [fqn for fqn in sdm if isinstance(fqn, str)],
+        "order": order,
         "dcp_version": fields.get("version"),
         "flattened": bool(planner),
         "dtypes": tensor_dtypes,
         "paths": {fqn: tuple(p) for fqn, p in planner.items() if isinstance(p, (tuple, list))},
     }
+    if extra:
+        facts["lightning_meta"] = LIGHTNING_META
     return DistributedCheckpoint(
         path=folder,
         kind="dcp",

@@ -22,13 +22,13 @@ from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
 from . import zero_layout as zl
 from .distributed import DistributedCheckpoint, LogicalTensor, check_segments, merge_segments
+from .zero_files import LATEST, ZERO3_MODEL_STATES, is_deepspeed_folder, is_zip, tag_folder
 from .zero_layout import FlatGroups, Place
 
-LATEST = "latest"
+__all__ = ["LATEST", "is_deepspeed_folder", "read", "tag_folder"]
+
 MODEL_KEY = "module"  # the consolidated object keeps the fp32 state dict here, the rest beside
 OPTIMIZER_KEY = "optimizer"
-_MODEL = re.compile(r"mp_rank_(\d+)_model_states\.pt")
-_ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 _OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 # pipeline-parallel layer files and MoE expert files: zero_to_fp32 cannot rebuild those either
 _LAYER = re.compile(r"layer_\d+-model_\d+-model_states\.pt|(layer_\d+_)?expert_\d+_mp_rank_\d+_.*")
@@ -36,60 +36,6 @@ _LAYER = re.compile(r"layer_\d+-model_\d+-model_states\.pt|(layer_\d+_)?expert_\
 _LAYOUT_KEYS = frozenset(("module", "buffer_names", "param_shapes", "frozen_param_shapes",
                           "frozen_param_fragments", "shared_params", "optimizer"))
 _FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
-
-
-# -- finding the files ---------------------------------------------------------------------------
-def _is_zip(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
-
-
-def _tag_of(folder: str) -> str | None:
-    """The tag named by ``folder/latest``, if that is a short text file naming a sub-folder."""
-    latest = os.path.join(folder, LATEST)
-    try:
-        if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
-            return None
-        with open(latest, "rb") as f:
-            tag = f.read().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0\n"):
-        return None
-    return tag
-
-
-def _holds_states(folder: str) -> bool:
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    return any(
-        (_MODEL.fullmatch(n) or _ZERO3_MODEL.fullmatch(n)) and _is_zip(os.path.join(folder, n))
-        for n in names
-    )
-
-
-def tag_folder(path: str) -> str | None:
-    """The folder holding a DeepSpeed save's files: ``path/<latest tag>`` or ``path`` itself.
-
-    Returns None when ``path`` is not a DeepSpeed checkpoint folder (decided from ``latest`` and
-    the model states files' zip signature, not from names alone).
-    """
-    if not os.path.isdir(path):
-        return None
-    tag = _tag_of(path)
-    if tag is not None and _holds_states(os.path.join(path, tag)):
-        return os.path.join(path, tag)
-    return path if _holds_states(path) else None
-
-
-def is_deepspeed_folder(path: str) -> bool:
-    """Whether ``path`` is a DeepSpeed checkpoint folder (the top folder or one tag folder)."""
-    return tag_folder(path) is not None
 
 
 def _by_rank(folder: str, names: list[str], pattern: re.Pattern[str]) -> dict[int, str]:
@@ -112,7 +58,7 @@ def _by_rank(folder: str, names: list[str], pattern: re.Pattern[str]) -> dict[in
 def _load(path: str, seen: dict[str, str]) -> dict[str, Any]:
     from . import torch_zip
 
-    if not _is_zip(path):
+    if not is_zip(path):
         raise CheckpointError(path, "is not a torch zip checkpoint (DeepSpeed saves torch zips)")
     local: dict[str, str] = {}
     try:
@@ -191,7 +137,7 @@ class _Folder:
         if self.stage <= 2:
             self.model_paths = [os.path.join(folder, "mp_rank_00_model_states.pt")]
         else:
-            by_rank = _by_rank(folder, names, _ZERO3_MODEL)
+            by_rank = _by_rank(folder, names, ZERO3_MODEL_STATES)
             self.model_paths = [by_rank[r] for r in sorted(by_rank)] if 0 in by_rank else []
         if not self.model_paths or not os.path.isfile(self.model_paths[0]):
             raise CheckpointError(folder, f"has no model states file for ZeRO-{self.stage}")
@@ -307,10 +253,28 @@ def _entries(ds: _Folder) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
     return entries, paths
 
 
+def _unlisted_frozen(
+    ds: _Folder, module: dict[str, Any], layout: dict[str, Place], known: dict[str, Any]
+) -> list[LogicalTensor]:
+    """Frozen params that only ``module`` holds: ZeRO-1 saves no ``frozen_param_shapes``, so
+    DeepSpeed's own converters drop them, while its ``module`` keeps the whole tensor."""
+    if ds.stage > 2:  # ZeRO-3's module holds empty placeholders; its frozen params are listed
+        return []
+    listed = set(known) | set(layout) | {str(n) for n in ds.model0.get("frozen_param_shapes") or {}}
+    shared = ds.model0.get("shared_params") or {}
+    aliases = set(shared) if isinstance(shared, dict) else set()
+    return [
+        _whole(str(name), ref, ds.model_paths[0])
+        for name, ref in module.items()
+        if str(name) not in listed and name not in aliases
+    ]
+
+
 def _model_tensors(
     ds: _Folder, flats: list[list[TensorRef]], layout: dict[str, Place]
-) -> tuple[dict[str, LogicalTensor], dict[str, str], list[str]]:
-    """Buffers, frozen params, trainable params (zero_to_fp32's order); aliases; casts."""
+) -> tuple[dict[str, LogicalTensor], dict[str, str], list[str], list[str]]:
+    """Buffers, frozen params, trainable params (zero_to_fp32's order); aliases; casts; the
+    frozen params only ``module`` holds."""
     mpath = ds.model_paths[0]
     module = _need(ds.model0, "module", dict, mpath)
     buffer_names = {n for n in _need(ds.model0, "buffer_names", list, mpath) if isinstance(n, str)}
@@ -323,7 +287,11 @@ def _model_tensors(
                 t = dataclasses.replace(t, out_dtype="float32")
                 cast.append(str(name))
             tensors[str(name)] = t
-    for t in _frozen(ds, mpath):
+    unlisted = _unlisted_frozen(ds, module, layout, tensors)
+    for t in _frozen(ds, mpath) + unlisted:
+        if t.dtype in _FLOATS and t.dtype != "float32":  # as zero_to_fp32.py writes them
+            t = dataclasses.replace(t, out_dtype="float32")
+            cast.append(t.path[1])
         tensors[t.path[1]] = t
     flat = FlatGroups(flats)
     for name, place in layout.items():
@@ -336,7 +304,7 @@ def _model_tensors(
             if alias in tensors:  # a name that holds its own tensor keeps it
                 continue
             aliases[f"{MODEL_KEY}.{alias}"] = f"{MODEL_KEY}.{source}"
-    return tensors, aliases, cast
+    return tensors, aliases, cast, [t.path[1] for t in unlisted]
 
 
 def read(path: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint:
@@ -367,7 +335,7 @@ def read(path: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint
         raise CheckpointError(ds.folder, "the ranks' fp32 groups do not match each other")
     paddings = ds.osd0.get("param_alignment_paddings")
     layout = zl.param_layout(ds.stage, shapes, sizes, paddings, ds.world, mpath)
-    model, aliases, cast = _model_tensors(ds, flats, layout)
+    model, aliases, cast, unlisted = _model_tensors(ds, flats, layout)
     tensors = list(model.values()) + _moment_tensors(ds, layout, sizes)
     for t in tensors:
         check_segments(ds.folder, t)
@@ -381,6 +349,8 @@ def read(path: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint
         "tag": os.path.basename(ds.folder),
         "aliases": aliases,
         "frozen": [str(n) for n in (ds.model0.get("frozen_param_shapes") or {})],
+        # frozen params DeepSpeed's converters drop (ZeRO-1 does not list them), kept here
+        "frozen_unlisted": unlisted,
         "buffers": [t.path[1] for t in model.values() if t.path[1] in ds.model0["buffer_names"]],
         "cast_to_float32": cast,
         "paths": paths,

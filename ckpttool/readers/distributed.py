@@ -185,6 +185,51 @@ class LogicalStorage(StorageInfo):
     tensor: LogicalTensor | None = None
 
 
+def as_logical(value: Any, name: str, folder: str) -> Any:
+    """``value`` (an unpickled non-tensor item) with each tensor it holds over a logical storage.
+
+    DCP keeps values that are not tensors (a ``torch.Generator``, whose state is a uint8
+    tensor; Lightning's ``meta.pt``) as torch.save blobs: their tensors' storages are records
+    of those blobs, which writers copy like any other segment. Views keep their offset, shape
+    and stride; tensors that share a storage keep sharing it.
+    """
+    from ..tree import KEEP, transform
+
+    logical: dict[int, LogicalStorage] = {}
+
+    def replace(node: Any) -> Any:
+        if not isinstance(node, TensorRef) or node.storage is None:
+            return KEEP
+        st = node.storage
+        if isinstance(st, LogicalStorage):
+            return KEEP
+        if st.compressed or st.big_endian or st.dtype not in dtypes.DTYPES:
+            raise CheckpointError(st.file, f"a tensor of {name!r} is not stored as plain bytes")
+        out = logical.get(id(st))
+        if out is None:
+            segments = (Segment(st.file, st.offset, st.nbytes, 0, st.crc),) if st.nbytes else ()
+            key = f"{name}#{st.key}"
+            tensor = LogicalTensor(key, st.dtype, (st.numel,), segments, "other")
+            check_segments(folder, tensor)
+            out = logical[id(st)] = LogicalStorage(
+                key, st.dtype, st.numel, "cpu", folder, 0, segments=segments, tensor=tensor
+            )
+        ref = TensorRef(
+            out,
+            node.storage_offset,
+            node.shape,
+            node.stride,
+            dtype=node.dtype,
+            requires_grad=node.requires_grad,
+            kind=node.kind,
+        )
+        for slot in ("attributes", "metadata", "parameter", "quantizer", "subclass"):
+            setattr(ref, slot, getattr(node, slot))
+        return ref
+
+    return transform(value, replace)
+
+
 def set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
     """Place ``value`` at ``path`` the way DCP's ``set_element`` does (int keys make lists)."""
     node: Any = root

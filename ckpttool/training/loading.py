@@ -92,10 +92,11 @@ def load(
 
     Args:
         path: a torch file (zip or legacy ``.pt``/``.pth``/``.bin``/``.ckpt``), a ``.safetensors``
-            file, a sharded checkpoint's ``*.index.json``, the folder holding that index, or a
+            file, a sharded checkpoint's ``*.index.json``, the folder holding that index, a
             Hugging Face model folder (the weights transformers loads from it: its
             ``model.safetensors`` first; a :class:`~ckpttool.errors.CheckpointWarning` when
-            the folder holds a second weight set, which is ignored).
+            the folder holds a second weight set, which is ignored), or a DCP or DeepSpeed
+            folder (what ``ckpttool consolidate FOLDER OUT --all`` writes).
         map_location: ``"cpu"``, ``"cuda:N"`` or a :class:`torch.device`; ``None`` is refused.
         weights_only: passed to :func:`torch.load` (torch files only). Keep ``True`` for files
             you did not write yourself: then no pickled code runs.
@@ -120,9 +121,40 @@ def load(
     kind, real = _format(path)
     if kind == "hf-sharded":
         return _load_sharded(real, device, weights_only=weights_only, mmap=mmap)
+    if kind == "dcp" or kind.startswith("zero-"):
+        return _load_distributed(real, device, weights_only=weights_only, mmap=mmap)
     if kind == "safetensors":
         return _load_safetensors(real, device)
     return _load_torch(real, kind, device, weights_only=weights_only, mmap=mmap)
+
+
+def _load_distributed(
+    folder: str, device: torch.device, *, weights_only: bool, mmap: bool | None
+) -> Any:
+    """A DCP or DeepSpeed folder: what ``consolidate(folder, out, select="all")`` writes, loaded.
+
+    The folder is consolidated once into a temporary file (in ``TMPDIR``), which is loaded
+    (mapped, by default, on the CPU) and removed; the tensors stay valid.
+    """
+    import tempfile
+
+    from ..ops.consolidate import consolidate
+
+    user_classes = ("allow_user_classes", "allow_class_references")
+    with tempfile.TemporaryDirectory(prefix="ckpttool-load-") as tmp:
+        out = os.path.join(tmp, "consolidated.pt")
+        try:
+            consolidate(folder, out, select="all", allow_user_classes=not weights_only)
+            return _load_torch(out, "zip", device, weights_only=weights_only, mmap=mmap)
+        except CheckpointError as exc:
+            if isinstance(exc, DangerousCheckpointError):
+                raise
+            message, trust = exc.message, "pass weights_only=False if you trust the files"
+            if "weights_only loader refuses" in message:  # a Generator that DCP kept
+                message = f"{message.split(';')[0]}; {trust}"
+            elif exc.remedy in user_classes:
+                message = f"{message}: torch's weights_only loader refuses them; {trust}"
+            raise CheckpointError(folder, message) from None
 
 
 def _load_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:

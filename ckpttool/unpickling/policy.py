@@ -262,13 +262,15 @@ def check_writable(
 
     ``remaining`` names the globals the output would still pickle. ``torch`` and ``data`` are
     fine; ``unvetted code`` that the pickle instantiates (objects of user classes, enum members)
-    only with ``allow_user_classes``; a bare reference to a global (a function or class
-    stored as a value) never, since the output would hand a callable to whoever loads it.
+    or only refers to as a class (``torch.optim.Adam`` in Lightning's hyper-parameters) only
+    with ``allow_user_classes``; a bare reference to anything else (a function stored as a
+    value) never, since the output would hand a callable to whoever loads it.
     """
     from ..errors import CheckpointError
 
     refuse_dangerous(path, verdict)
     classes: list[str] = []
+    referenced: list[str] = []  # classes stored as values, not instantiated
     for name in dict.fromkeys(remaining):
         g = verdict.get(name) if verdict is not None else None
         kind = g.kind if g is not None else classify(name)
@@ -279,6 +281,9 @@ def check_writable(
 
             raise DangerousCheckpointError(path, [name])
         uses = set(g.uses) if g is not None else {"referenced"}
+        if uses <= {"referenced"} and _classlike(name.rpartition(".")[2]):
+            referenced.append(name)
+            continue
         if uses <= {"referenced"} or any(u.startswith("passed to") for u in uses):
             raise CheckpointError(
                 path,
@@ -291,6 +296,13 @@ def check_writable(
             path,
             f"holds objects of user classes ({_shown(classes)}): {_USER_WHY}",
             remedy="allow_user_classes",
+        )
+    if referenced and not allow_user_classes:  # --plain-objects keeps references as they are
+        raise CheckpointError(
+            path,
+            f"holds references to classes ({_shown(referenced)}): loading it imports their "
+            "modules",
+            remedy="allow_class_references",
         )
 
 

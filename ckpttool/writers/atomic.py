@@ -100,6 +100,8 @@ def check_target(
     if not os.path.isdir(parent):
         raise CheckpointError(shown, f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
+        if _read_only(parent):  # EROFS: no permission would help
+            raise CheckpointError(shown, f"read-only filesystem: cannot write in {parent}")
         raise CheckpointError(shown, f"permission denied: cannot write in {parent}")
 
 
@@ -130,6 +132,14 @@ def _check_set(
     raise CheckpointError(
         shown, f"the folder holds {what}: {new} a second weight set", remedy="force_set"
     )
+
+
+def _read_only(folder: str) -> bool:
+    """Whether ``folder`` lies on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..model import TensorRef
 from ..ops.plain import MemoryStorage
+from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .crc import crc32
@@ -128,7 +129,9 @@ def write_pt(
             pending.append((len(zw.entries) - 1, out, job))
         zw.add_bytes(f"{archive}/version", b"3")
         zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
-        _set_crcs(zw, pending)
+        # what is left: the read-backs still running, then verify_pt's re-read of the rest
+        verifying = progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
+        _set_crcs(zw, pending, verifying)
         zw.finish()
     finally:
         background.close()
@@ -165,7 +168,15 @@ def _copy_verbatim(
     return job
 
 
-def _set_crcs(zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]]) -> None:
+def verify_bytes(outs: list[OutStorage], verify: bool) -> int:
+    """The bytes a write still reads after its last byte is written: the records read back in
+    the background, and with ``verify`` the others, which ``verify_pt`` re-reads."""
+    return sum(o.nbytes for o in outs if o.read_back or verify)
+
+
+def _set_crcs(
+    zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]], progress: Progress | None = None
+) -> None:
     """Record each storage's CRC-32 in the zip, waiting for its read-back where there is one."""
     for index, out, job in pending:
         if job is not None:
@@ -178,13 +189,16 @@ def _set_crcs(zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]]) -> None
                     f"storage record {src.record if src else out.key} {exc}: "
                     "the input is corrupt or changed while it was copied",
                 ) from None
+            if progress:
+                progress(out.nbytes)
         assert out.crc is not None
         zw.set_crc(index, out.crc)
 
 
 # -- verification --------------------------------------------------------------------------
-def verify_pt(path: str, plan: StoragePlan) -> None:
-    """Re-open the written file and compare it with what was intended, bytes streamed."""
+def verify_pt(path: str, plan: StoragePlan, progress: Progress | None = None) -> None:
+    """Re-open the written file and compare it with what was intended, bytes streamed
+    (``progress`` is fed the bytes of the records re-read here: those not read back)."""
 
     def fail(what: str) -> CheckpointError:
         return CheckpointError(path, f"verification failed: {what}; nothing was written")
@@ -217,7 +231,10 @@ def verify_pt(path: str, plan: StoragePlan) -> None:
             s = back.storages.get(out.key)
             if s is None or s.nbytes != out.nbytes or s.crc != out.crc:
                 raise fail(f"storage {out.key} reads back differently")
-            if not out.read_back and bytecopy.crc_range(fd, s.offset, s.nbytes) != out.crc:
-                raise fail(f"storage {out.key}'s bytes differ from what was written")
+            if not out.read_back:
+                if bytecopy.crc_range(fd, s.offset, s.nbytes) != out.crc:
+                    raise fail(f"storage {out.key}'s bytes differ from what was written")
+                if progress:
+                    progress(s.nbytes)
     finally:
         os.close(fd)

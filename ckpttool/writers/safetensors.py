@@ -18,6 +18,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import TensorRef
+from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
@@ -129,6 +130,7 @@ def write_file(
     header = header_bytes(items, metadata)
     fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
     background = bytecopy.Background()
+    progress_phase(progress, "writing")  # the next shard, after the last one's verifying
     try:
         bytecopy.write_all(fd, header)
         for it in items:
@@ -136,18 +138,28 @@ def write_file(
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
-        for it in items:
-            if it.job is not None:
-                try:
-                    it.crc = it.job.result()
-                    it.read_back = True
-                except bytecopy.CopyMismatch as exc:
-                    raise CheckpointError(
-                        path, f"verification failed: tensor {it.name!r} {exc}"
-                    ) from None
+        wait_read_backs(path, items, progress, check)
     finally:
         background.close()
         os.close(fd)
+
+
+def wait_read_backs(path: str, items: list[Item], progress: Progress | None, verify: bool) -> None:
+    """Enter the verifying phase: wait for the read-backs still running (their bytes count),
+    then ``verify_file`` re-reads the rest (with ``verify``)."""
+    left = sum(it.nbytes for it in items if it.job is not None or verify)
+    progress = progress_phase(progress, "verifying", left)
+    for it in items:
+        if it.job is not None:
+            try:
+                it.crc = it.job.result()
+                it.read_back = True
+            except bytecopy.CopyMismatch as exc:
+                raise CheckpointError(
+                    path, f"verification failed: tensor {it.name!r} {exc}"
+                ) from None
+            if progress:
+                progress(it.nbytes)
 
 
 # Opening with numpy avoids importing torch (a second or more) just to read the header back.
@@ -155,9 +167,14 @@ _FRAMEWORK = "numpy" if importlib.util.find_spec("numpy") else "pt"
 
 
 def verify_file(
-    path: str, items: list[Item], metadata: dict[str, str], sources: bytecopy.Sources
+    path: str,
+    items: list[Item],
+    metadata: dict[str, str],
+    sources: bytecopy.Sources,
+    progress: Progress | None = None,
 ) -> None:
-    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed."""
+    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed
+    (``progress`` is fed the bytes re-read here: those not read back while writing)."""
     from safetensors import safe_open
 
     def fail(what: str) -> CheckpointError:
@@ -192,11 +209,14 @@ def verify_file(
             if it.crc is not None:
                 if bytecopy.crc_range(fd, s.offset, s.nbytes) != it.crc:
                     raise fail(f"tensor {it.name!r}'s bytes differ from what was written")
-                continue
-            start = src.offset + ref.storage_offset * ref.itemsize
-            diff = bytecopy.compare_ranges(sources.fd(src.file), start, fd, s.offset, s.nbytes)
-            if diff is not None:
-                raise fail(f"tensor {it.name!r} differs from the input at byte {diff}")
+            else:
+                start = src.offset + ref.storage_offset * ref.itemsize
+                src_fd = sources.fd(src.file)
+                diff = bytecopy.compare_ranges(src_fd, start, fd, s.offset, s.nbytes)
+                if diff is not None:
+                    raise fail(f"tensor {it.name!r} differs from the input at byte {diff}")
+            if progress:
+                progress(s.nbytes)
     finally:
         os.close(fd)
 
