@@ -1,0 +1,152 @@
+"""Every file we have, as ``(source, id)`` -> a path: the committed fixtures, the fidelity zoo's
+``torch.save`` outputs, the hostile corpora (round 1, round 2, round 3 once it lands), two DCP
+folders and the real-world checkpoints (read in place, never copied; absent: none).
+
+``ids()`` lists the units without building anything (for test parametrization); ``build_all``
+writes the generated ones under a folder (each corpus case in a folder of its own, since a
+payload's marker is written next to the file it came from).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..conftest import (
+    EXPECTED_FIXTURES,
+    FIXTURES,
+    REAL_WORLD,
+    REAL_WORLD_REASON,  # noqa: F401  (re-exported for the tests)
+    REAL_WORLD_RECORDS,
+)
+
+Unit = tuple[str, str]  # (source, id)
+
+
+def _corpus(name: str) -> list[Any]:
+    """The cases of ``tests.hostile.<name>`` (``[]`` when that module does not exist yet)."""
+    try:
+        mod = importlib.import_module(f"tests.hostile.{name}")
+    except ImportError as exc:
+        if exc.name and exc.name.endswith(name):
+            return []
+        raise
+    for attr in ("CASES3", "CASES2", "CASES"):
+        cases = getattr(mod, attr, None)
+        if cases:
+            return list(cases)
+    return []
+
+
+CORPORA = ("corpus", "corpus2", "corpus3")
+
+
+def _zoo_cases() -> dict[str, Any]:
+    try:
+        from ..fidelity import zoo
+    except ImportError:  # torch missing: no zoo
+        return {}
+    return zoo.CASES
+
+
+DCP_CASES = ("plain", "extra-objects", "payload-extra")
+
+
+def ids() -> list[Unit]:
+    out: list[Unit] = [("fixtures", n) for n in sorted(EXPECTED_FIXTURES)]
+    out += [("zoo", n) for n in _zoo_cases()]
+    for c in CORPORA:
+        out += [(c, case.id) for case in _corpus(c)]
+    out += [("dcp", n) for n in DCP_CASES]
+    out += [("real-world", r["file"]) for r in REAL_WORLD_RECORDS]
+    return out
+
+
+class _Payload:
+    """Pickled by ``__reduce__`` as a call that writes ``path`` (pickling it runs nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({self.path!r}, 'w').close()",))
+
+
+def _dcp(case: str, folder: Path) -> Path:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    out = folder / f"dcp-{case}"
+    sd: dict[str, Any] = {"w": torch.arange(6.0).reshape(2, 3), "step": 7}
+    if case == "extra-objects":
+        sd["extra"] = {"names": ["a", "b"], "lr": 0.5, "t": torch.ones(2)}
+    elif case == "payload-extra":
+        sd["extra"] = _Payload(folder / "PWNED")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=str(out))
+    return out
+
+
+def _builders(
+    folder: Path, source: str | None = None
+) -> Iterator[tuple[Unit, Callable[[], Path | None]]]:
+    for unit, make in _all_builders(folder):
+        if source is None or unit[0] == source:
+            yield unit, make
+
+
+def _all_builders(folder: Path) -> Iterator[tuple[Unit, Callable[[], Path | None]]]:
+    for n in sorted(EXPECTED_FIXTURES):
+        yield ("fixtures", n), lambda n=n: FIXTURES / n
+    zoo_cases = _zoo_cases()
+    if zoo_cases:
+        from ..fidelity import zoo
+
+        zdir = folder / "zoo"
+        for name, case in zoo_cases.items():
+
+            def make(case: Any = case, name: str = name) -> Path:
+                d = zdir / name
+                d.mkdir(parents=True, exist_ok=True)
+                return Path(zoo.write(case, str(d)))
+
+            yield ("zoo", name), make
+    for c in CORPORA:
+        for case in _corpus(c):
+
+            def build(case: Any = case, c: str = c) -> Path:
+                d = folder / c / case.id
+                if d.exists():
+                    shutil.rmtree(d)
+                d.mkdir(parents=True)
+                return Path(case.build(d))
+
+            yield (c, case.id), build
+    for n in DCP_CASES:
+        yield ("dcp", n), lambda n=n: _dcp(n, folder / "dcp")
+    for r in REAL_WORLD_RECORDS:
+        yield ("real-world", r["file"]), lambda f=r["file"]: REAL_WORLD / f
+
+
+def build_all(folder: Path, source: str | None = None) -> dict[Unit, Path | str]:
+    """Build every unit (of ``source``) under ``folder``: its path, or its builder's error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[Unit, Path | str] = {}
+    cwd = os.getcwd()
+    for unit, make in _builders(folder, source):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = make()
+            out[unit] = p if p is not None else "no path"
+        except Exception as exc:  # a broken builder is reported by its test, not here
+            out[unit] = f"build failed: {type(exc).__name__}: {exc}"
+        finally:
+            os.chdir(cwd)
+    return out
