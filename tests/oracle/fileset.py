@@ -14,6 +14,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,26 @@ def _dcp(case: str, folder: Path) -> Path:
     return out
 
 
-def _builders(
-    folder: Path, source: str | None = None
-) -> Iterator[tuple[Unit, Callable[[], Path | None]]]:
+@dataclass(frozen=True)
+class Built:
+    """A unit on disk: its path, the loader the victim uses (None: the usual one for the
+    input) and folders of modules the victim has installed."""
+
+    path: Path
+    kind: str | None = None
+    sys_path: tuple[str, ...] = ()
+
+
+Builder = Callable[[], "Path | Built | None"]
+
+
+def _builders(folder: Path, source: str | None = None) -> Iterator[tuple[Unit, Builder]]:
     for unit, make in _all_builders(folder):
         if source is None or unit[0] == source:
             yield unit, make
 
 
-def _all_builders(folder: Path) -> Iterator[tuple[Unit, Callable[[], Path | None]]]:
+def _all_builders(folder: Path) -> Iterator[tuple[Unit, Builder]]:
     for n in sorted(EXPECTED_FIXTURES):
         yield ("fixtures", n), lambda n=n: FIXTURES / n
     zoo_cases = _zoo_cases()
@@ -120,12 +132,16 @@ def _all_builders(folder: Path) -> Iterator[tuple[Unit, Callable[[], Path | None
     for c in CORPORA:
         for case in _corpus(c):
 
-            def build(case: Any = case, c: str = c) -> Path:
+            def build(case: Any = case, c: str = c) -> Built:
                 d = folder / c / case.id
                 if d.exists():
                     shutil.rmtree(d)
                 d.mkdir(parents=True)
-                return Path(case.build(d))
+                p = Path(case.build(d))
+                # round 3 says how the victim loads a case, and which modules it has installed
+                loader = getattr(case, "loader", None)
+                site = (str(d / "site"),) if getattr(case, "site", False) else ()
+                return Built(p, loader if loader in ("jit", "dcp", "numpy") else None, site)
 
             yield (c, case.id), build
     for n in DCP_CASES:
@@ -134,17 +150,17 @@ def _all_builders(folder: Path) -> Iterator[tuple[Unit, Callable[[], Path | None
         yield ("real-world", r["file"]), lambda f=r["file"]: REAL_WORLD / f
 
 
-def build_all(folder: Path, source: str | None = None) -> dict[Unit, Path | str]:
-    """Build every unit (of ``source``) under ``folder``: its path, or its builder's error."""
+def build_all(folder: Path, source: str | None = None) -> dict[Unit, Built | str]:
+    """Build every unit (of ``source``) under ``folder``: what was built, or the builder's error."""
     folder.mkdir(parents=True, exist_ok=True)
-    out: dict[Unit, Path | str] = {}
+    out: dict[Unit, Built | str] = {}
     cwd = os.getcwd()
     for unit, make in _builders(folder, source):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 p = make()
-            out[unit] = p if p is not None else "no path"
+            out[unit] = p if isinstance(p, Built) else Built(Path(p)) if p else "no path"
         except Exception as exc:  # a broken builder is reported by its test, not here
             out[unit] = f"build failed: {type(exc).__name__}: {exc}"
         finally:

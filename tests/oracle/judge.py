@@ -50,11 +50,14 @@ def _worst(verdicts: list[str]) -> str:
     return max(verdicts, key=lambda v: 3 if v == DANGEROUS else _WORST.get(v, 1), default="error")
 
 
-def ckpttool_units(path: str | os.PathLike[str]) -> list[Unit]:
-    """ckpttool's verdicts for ``path``, grouped by what torch would load."""
+def ckpttool_units(path: str | os.PathLike[str], kind: str | None = None) -> list[Unit]:
+    """ckpttool's verdicts for ``path``, grouped by what torch would load (``kind``: the
+    loader the victim uses, when it is not the usual one for the input: ``jit``, ``dcp``)."""
     from ckpttool.ops.scan import scan
 
     p = Path(path)
+    if kind == "dcp" and p.is_file():  # DCP loads the folder of its .metadata
+        p = p.parent
     files = scan([p]).files
     if p.is_dir() and (p / ".metadata").is_file():
         deciding = [g.name for f in files for g in f.deciding]
@@ -64,7 +67,8 @@ def ckpttool_units(path: str | os.PathLike[str]) -> list[Unit]:
     for f in files:
         if not os.path.isfile(f.path):  # fifos, dangling links, missing files: nothing to load
             continue
-        out.append(Unit(f.path, None, f.verdict, [g.name for g in f.deciding], [f.path], f.error))
+        k = kind if kind == "jit" and os.path.samefile(f.path, p) else None
+        out.append(Unit(f.path, k, f.verdict, [g.name for g in f.deciding], [f.path], f.error))
     return out
 
 

@@ -47,6 +47,11 @@ import traceback
 from typing import Any
 
 HERE = os.path.abspath(__file__)
+_TORCH_SERIALIZATION = os.path.join("torch", "serialization.py")
+# the unpickler reads its file through these methods; file objects of these stdlib modules
+# (tar and zip members) are Python code
+_READS = frozenset(["read", "readline", "readinto", "peek", "read1", "readinto1"])
+_FILE_MODULES = frozenset(["tarfile.py", "zipfile.py", "_pyio.py", "gzip.py", "bz2.py"])
 _MAX_LIST = 400  # entries kept per record list
 _BLOCK_PREFIXES = (
     "os.system",
@@ -114,6 +119,8 @@ class _State:
         self.allowed_objects: dict[int, str] = {}  # id(obj) -> allowlisted name
         self.allowed_codes: dict[int, str] = {}  # id(code) -> allowlisted name
         self.keep: list[Any] = []  # keeps allowlisted objects alive (their ids stay valid)
+        self.scratch: list[str] = []  # folders torch's own loader made (mkdtemp)
+        self.files: set[int] = set()  # ids of the file objects the unpicklers read
 
 
 State = _State()
@@ -146,6 +153,9 @@ def _owner_of_object(obj: Any, name: Any) -> str | None:
 class RecordingUnpickler(_pickle.Unpickler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if args:  # the unpickler calls its file's read/readline/readinto/peek
+            State.files.add(id(args[0]))
+            State.keep.append(args[0])
         inner = self.find_class  # the most derived class's (torch's UnpicklerWrapper)
 
         def find_class(module: Any, name: Any) -> Any:
@@ -181,13 +191,18 @@ def _call_owner(frame: Any) -> str | None:
     name = State.allowed_codes.get(id(code))
     if name is not None:
         return name
-    if code.co_filename.endswith(os.path.join("torch", "serialization.py")) and code.co_name in (
+    if code.co_filename.endswith(_TORCH_SERIALIZATION) and code.co_name in (
         "persistent_load",
         "find_class",
     ):
         return f"torch.serialization.{code.co_name}"
-    if code.co_argcount or code.co_posonlyargcount:  # a metaclass's method on an allowed class
+    if code.co_argcount or code.co_posonlyargcount:
         first = frame.f_locals.get(code.co_varnames[0])
+        if code.co_name in _READS and (
+            id(first) in State.files or os.path.basename(code.co_filename) in _FILE_MODULES
+        ):
+            return "reading the input"
+        # a metaclass's method (EnumType.__call__) on an allowed class
         owner = State.allowed_objects.get(id(first))
         if owner is not None and isinstance(first, type) and _method_of(code, type(first)):
             return owner
@@ -256,9 +271,79 @@ def _open_event(args: tuple[Any, ...]) -> str | None:
     return f"open: {p} ({'write' if writes else 'read'})"
 
 
+_HELPER_FILES = frozenset(
+    ["tempfile.py", "shutil.py", "contextlib.py", "os.py", "tarfile.py", "posixpath.py"]
+)
+# file-system events torch's tar loader makes: (index of the path, index of its dir_fd)
+_FS_EVENTS: dict[str, tuple[int, int | None]] = {
+    "tempfile.mkdtemp": (0, None),
+    "os.mkdir": (0, 2),
+    "open": (0, None),
+    "os.chmod": (0, 2),
+    "os.utime": (0, 3),
+    "os.chown": (0, 3),
+    "os.symlink": (1, 2),
+    "os.link": (1, 3),
+    "os.scandir": (0, None),
+    "os.listdir": (0, None),
+    "os.remove": (0, 1),
+    "os.rmdir": (0, 1),
+    "shutil.rmtree": (0, 1),
+}
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _event_path(x: Any, dir_fd: Any = None) -> str | None:
+    """The absolute path an event acts on (``x`` a path, a descriptor, or a name in dir_fd)."""
+    if isinstance(x, int):
+        return _fd_path(x) if x >= 0 else None
+    if not isinstance(x, (str, bytes, os.PathLike)):
+        return None
+    p = os.fsdecode(x)
+    if not os.path.isabs(p) and isinstance(dir_fd, int) and dir_fd >= 0:
+        p = os.path.join(_fd_path(dir_fd), p)
+    return os.path.realpath(p)
+
+
+def _by_torch() -> bool:
+    """The running event comes from torch.serialization's own code, through stdlib helpers."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename == HERE:
+        f = f.f_back
+    while f is not None and os.path.basename(f.f_code.co_filename) in _HELPER_FILES:
+        f = f.f_back
+    return f is not None and f.f_code.co_filename.endswith(
+        os.path.join("torch", "serialization.py")
+    )
+
+
+def _torch_scratch(event: str, args: tuple[Any, ...]) -> bool:
+    """torch's pre-1.0 tar loader extracts members into a ``mkdtemp`` folder, reads them and
+    removes the folder: those events are torch's own (a link member pointing outside is not)."""
+    where = _FS_EVENTS.get(event)
+    if where is None or len(args) <= where[0] or not _by_torch():
+        return False
+    i, fd = where
+    p = _event_path(args[i], args[fd] if fd is not None and fd < len(args) else None)
+    if p is None:
+        return False
+    if event == "tempfile.mkdtemp":
+        State.scratch.append(p)
+        return True
+    if event == "os.mkdir" and os.path.dirname(p) == os.path.realpath(tempfile.gettempdir()):
+        return True  # the mkdir of that mkdtemp (raised before its own event)
+    ok = tuple(State.scratch)
+    if event == "os.link" and not _path_ok(_event_path(args[0], args[2]) or "", ok):
+        return False  # a hard link to a file outside the folder
+    return _path_ok(p, ok)
+
+
 def _judge_event(event: str, args: tuple[Any, ...]) -> str | None:
     """The record for one audit event, or None when it says nothing about the input."""
-    if event in _NOISE:
+    if event in _NOISE or _torch_scratch(event, args):
         return None
     if event == "import":
         mod = args[0] if args else None
@@ -273,12 +358,15 @@ def _judge_event(event: str, args: tuple[Any, ...]) -> str | None:
         return f"{event}: {_short(args[0] if args else None, 120)}"
     if event in ("os.listdir", "os.scandir", "os.walk", "glob.glob") and (
         _in_import_machinery()
-        or (args and _path_ok(os.path.realpath(os.fsdecode(args[0] or ".")), State.read_ok))
+        or (
+            args
+            and _path_ok(_event_path(args[0] if args[0] is not None else ".") or "", State.read_ok)
+        )
     ):
         return None
-    if event in ("os.mkdir", "os.makedirs") and args and isinstance(args[0], (str, bytes)):
-        p = os.path.realpath(os.fsdecode(args[0]))
-        if _path_ok(p, State.write_ok) or _in_import_machinery():
+    if event in ("os.mkdir", "os.makedirs") and args:
+        p = _event_path(args[0])
+        if (p and _path_ok(p, State.write_ok)) or _in_import_machinery():
             return None
     if event == "object.__setattr__" and _in_import_machinery():
         return None
@@ -291,6 +379,9 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     State.in_hook = True
     try:
         rec = _judge_event(event, args)
+    except Exception as exc:  # a bug of the oracle's: visible, never silent
+        rec = f"oracle hook error on {event}: {type(exc).__name__}: {exc}"
+    try:
         if rec is not None:
             _add(State.events, rec)
     finally:
@@ -308,10 +399,17 @@ def _load_torch(path: str, out_dir: str) -> Any:
     return torch.load(path, weights_only=False, map_location="cpu")
 
 
+def _load_jit(path: str, out_dir: str) -> Any:
+    import torch
+
+    return torch.jit.load(path, map_location="cpu")
+
+
 def _load_dcp(path: str, out_dir: str) -> Any:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    dcp_to_torch_save(path, os.path.join(out_dir, "dcp_to_torch_save.pt"))
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    dcp_to_torch_save(folder, os.path.join(out_dir, "dcp_to_torch_save.pt"))
     return None
 
 
@@ -332,7 +430,13 @@ def _load_pickle(path: str, out_dir: str) -> Any:
         return pickle.load(f)
 
 
-LOADERS = {"torch": _load_torch, "dcp": _load_dcp, "numpy": _load_numpy, "pickle": _load_pickle}
+LOADERS = {
+    "torch": _load_torch,
+    "jit": _load_jit,
+    "dcp": _load_dcp,
+    "numpy": _load_numpy,
+    "pickle": _load_pickle,
+}
 
 
 def kind_of(path: str) -> str:
@@ -387,7 +491,10 @@ def _run_in_grandchild(req: dict[str, Any], wfd: int, cwd: str, out_dir: str) ->
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, 1 << 30))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         real = os.path.realpath(path)
-        State.read_ok = (real, os.path.dirname(real) if kind == "dcp" else real, *_LIB_ROOTS)
+        sys_path = [os.path.realpath(p) for p in req.get("sys_path", ())]
+        sys.path[:0] = sys_path  # the victim has these modules installed
+        folder = os.path.dirname(real) if kind == "dcp" else real
+        State.read_ok = (real, folder, *sys_path, *_LIB_ROOTS)
         State.write_ok = (cwd, out_dir, *req.get("watch", ()))
         import warnings
 
@@ -551,8 +658,11 @@ def _warm_up() -> None:
         return real_jit_load(*args, **kwargs)
 
     torch.jit.load = jit_load
-    with contextlib.suppress(ImportError):
-        import safetensors.torch  # noqa: F401  (torch.load hands *.safetensors to it)
+    # safetensors: torch.load hands *.safetensors to it; sympy and fsspec: slow to import,
+    # and a pickle reaches them only through globals, which are recorded whether imported or not
+    for mod in ("safetensors.torch", "sympy", "fsspec"):
+        with contextlib.suppress(Exception):
+            __import__(mod)
     tmp = tempfile.mkdtemp(prefix="oracle-warm-")
     try:
         sd = {"w": torch.arange(4.0), "p": torch.nn.Parameter(torch.ones(2)), "n": np.arange(2)}
@@ -563,6 +673,9 @@ def _warm_up() -> None:
         p = os.path.join(tmp, "a.npy")
         np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
         np.load(p, allow_pickle=True)
+        p = os.path.join(tmp, "a.npz")
+        np.savez(p, a=np.array([{"a": 1}], dtype=object), b=np.arange(3))
+        _load_numpy(p, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -54,18 +54,25 @@ class Comparison:
     def _run(self, source: str) -> None:
         built = fileset.build_all(self.root / source, source)
         pending: list[tuple[fileset.Unit, judge.Unit]] = []
-        for unit, path in built.items():
-            if isinstance(path, str):
-                self.results[unit] = path
+        sys_paths: list[tuple[str, ...]] = []
+        for unit, b in built.items():
+            if isinstance(b, str):
+                self.results[unit] = b
                 continue
             try:
-                scanned = judge.ckpttool_units(path)
+                scanned = judge.ckpttool_units(b.path, b.kind)
             except Exception as exc:  # scan must not raise: that is a failure of its own
                 self.results[unit] = f"scan raised {type(exc).__name__}: {exc}"
                 continue
             self.results[unit] = []
             pending += [(unit, u) for u in scanned]
-        obs = self.oracle.observe_many([u.path for _, u in pending], timeout=TIMEOUT)
+            sys_paths += [b.sys_path] * len(scanned)
+        obs = self.oracle.observe_many(
+            [u.path for _, u in pending],
+            timeout=TIMEOUT,
+            kinds=[u.kind for _, u in pending],
+            sys_paths=sys_paths,
+        )
         for (unit, u), ob in zip(pending, obs, strict=True):
             entry = self.results[unit]
             assert isinstance(entry, list)

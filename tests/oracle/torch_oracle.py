@@ -261,9 +261,13 @@ class Oracle:
         timeout: float = DEFAULT_TIMEOUT,
         watch: Sequence[str | os.PathLike[str]] | None = None,
         mem_extra: int = DEFAULT_MEM_EXTRA,
+        kinds: Sequence[str | None] | None = None,
+        sys_paths: Sequence[Sequence[str]] | None = None,
     ) -> list[Observation]:
-        """One observation per path, in order (``watch``: folders to list for markers besides
-        each input's own folder and a fresh working directory)."""
+        """One observation per path, in order. ``watch``: folders to list for markers besides
+        each input's own folder and a fresh working directory; ``kinds``: a loader per path
+        (overrides ``kind``); ``sys_paths``: folders of modules the victim has installed, per
+        path (prepended to ``sys.path`` for that load)."""
         reqs = []
         for i, p in enumerate(paths):
             p = Path(p)
@@ -274,10 +278,11 @@ class Oracle:
                 {
                     "id": i,
                     "path": str(p),
-                    "kind": kind,
+                    "kind": kinds[i] if kinds and kinds[i] else kind,
                     "timeout": timeout,
                     "watch": sorted(dirs),
                     "mem_extra": mem_extra,
+                    "sys_path": [str(x) for x in (sys_paths[i] if sys_paths else ())],
                 }
             )
         records = self._cached(reqs)
@@ -288,8 +293,9 @@ class Oracle:
             return None
         root = self.cache_root.encode() if self.cache_root else None
         path = self._placeholder(req["path"])
-        digest = _digest(Path(req["path"]), root)
+        digest = [_digest(Path(p), root) for p in [req["path"], *req["sys_path"]]]
         key = f"{self._salt}:{req['kind']}:{req['timeout']}:{path}:{digest}"
+        key += self._placeholder(str(req["sys_path"]))
         return hashlib.sha256(key.encode()).hexdigest()
 
     def _placeholder(self, text: str, back: bool = False) -> str:
