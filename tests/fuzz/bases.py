@@ -63,3 +63,59 @@ def make_bases(folder: Path) -> list[bytes]:
 
 def marker_paths(folder: Path) -> list[Path]:
     return [corpus.marker_path(Path(folder) / f".base-{cid}") for cid in CORPUS_BASES]
+
+
+# -- bases for the structure-aware oracle fuzzer (tests/fuzz/oracle_fuzz.py) -------------------
+FIXTURE_BASES = (
+    "ddp_rank0_checkpoint.pt",
+    "tied_weights.pt",
+    "fp16_bf16.pt",
+    "lightning_style.ckpt",
+    "noncontiguous_view.pt",
+    "legacy_format.pt",
+)
+
+
+def structured_bases(folder: Path) -> list[tuple[str, str, bytes]]:
+    """(name, format, bytes): committed fixtures, ``torch.save`` outputs (zip protocols 2 and 4,
+    legacy), a pre-1.0 tar checkpoint, a plain pickle and a numpy object array. Formats: zip,
+    legacy, tar, pickle, npy."""
+    import argparse
+    import io
+    import pickle
+
+    from .stream_mut import tar_checkpoint
+
+    repo = Path(__file__).resolve().parents[2]
+    out: list[tuple[str, str, bytes]] = []
+    for name in FIXTURE_BASES:
+        data = (repo / "fixtures" / name).read_bytes()
+        out.append((name, "zip" if data.startswith(b"PK") else "legacy", data))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import numpy as np
+        import torch
+    except ImportError:  # pragma: no cover - torch and numpy are test dependencies
+        return out
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd = {"w": t, "view": t[1:, ::2], "h": torch.ones(2, dtype=torch.float16), "step": 3}
+    sd["ns"] = argparse.Namespace(lr=0.5)
+    for label, kw in (
+        ("torch-p2.pt", {}),
+        ("torch-p4.pt", {"pickle_protocol": 4}),
+        ("torch-legacy.pt", {"_use_new_zipfile_serialization": False}),
+    ):
+        tmp = folder / label
+        torch.save(sd, tmp, **kw)
+        data = tmp.read_bytes()
+        tmp.unlink()
+        out.append((label, "zip" if data.startswith(b"PK") else "legacy", data))
+    out.append(("tar-pre-1.0.pt", "tar", tar_checkpoint()))
+    plain = {"a": [1, 2], "ns": argparse.Namespace(x=1), "t": (1.5, "s")}
+    out.append(("plain-p2.pkl", "pickle", pickle.dumps(plain, 2)))
+    out.append(("plain-p4.pkl", "pickle", pickle.dumps(plain, 4)))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    out.append(("objects.npy", "npy", buf.getvalue()))
+    return out

@@ -13,25 +13,14 @@ a rule; the others are reported.
 
 from __future__ import annotations
 
-import _compat_pickle
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .torch_oracle import Observation
+from .torch_oracle import Observation, canonical
 
 SAFE, DANGEROUS = "safe", "dangerous"
 _WORST = {"safe": 0, "error": 1, "unreadable": 1, "user code": 2, "unvetted code": 2}
-
-
-def canonical(name: str) -> str:
-    """A global as the loader resolves it: Python 2 names mapped, torch's ``torch.tensor``."""
-    mod, _, attr = name.rpartition(".")
-    if (mod, attr) in _compat_pickle.NAME_MAPPING:
-        mod, attr = _compat_pickle.NAME_MAPPING[(mod, attr)]
-    mod = _compat_pickle.IMPORT_MAPPING.get(mod, mod)
-    mod = {"torch.tensor": "torch._tensor"}.get(mod, mod)
-    return f"{mod}.{attr}"
 
 
 @dataclass
