@@ -160,7 +160,9 @@ def run_batch(
     paths = []
     for x in inputs:
         d = work / str(x.index)
-        d.mkdir(parents=True, exist_ok=True)
+        if d.exists():  # left by an interrupted run: its marker must not count here
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
         (d / x.name).write_bytes(x.data)
         paths.append(d / x.name)
     verdicts = list(pool.map(scan_one, [str(p) for p in paths], chunksize=8))

@@ -12,6 +12,7 @@ is ``tests/fuzz/run_oracle_fuzz.py``.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,13 @@ def test_every_mutation_kind_applies(bases: list[tuple[str, str, bytes]]) -> Non
 
 @pytest.mark.slow
 def test_fuzzed_inputs_are_safe_only_when_torch_agrees(tmp_path: Path, pytestconfig: Any) -> None:
-    cache = pytestconfig.cache.mkdir("torch-oracle-fuzz") if pytestconfig.cache else None
-    s = run(SEED, N, tmp_path, batch=N, workers=2, cache_dir=cache)
+    # a work folder that stays put gives the same inputs (their payloads embed its path) to
+    # every session, so the oracle's records, cached by content, serve the next one too
+    work, cache = tmp_path, None
+    if pytestconfig.cache is not None and not os.environ.get("CKPTTOOL_ORACLE_NO_CACHE"):
+        work = pytestconfig.cache.mkdir("oracle-fuzz-work")
+        cache = pytestconfig.cache.mkdir("torch-oracle-fuzz")
+    s = run(SEED, N, work, batch=N, workers=2, cache_dir=cache)
     assert s.inputs == N
     assert s.observed >= N // 10, s.lines()  # enough inputs reach torch to mean something
     problems = [

@@ -16,6 +16,7 @@ child, one fork per input, records cached by content in pytest's cache folder).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,14 @@ class Comparison:
 
 @pytest.fixture(scope="session")
 def comparison(tmp_path_factory: pytest.TempPathFactory, pytestconfig: Any) -> Iterator[Comparison]:
-    root = tmp_path_factory.mktemp("oracle-files")
-    cache = pytestconfig.cache.mkdir("torch-oracle") if pytestconfig.cache else None
+    # files built in a folder that stays put (their bytes embed their markers' paths), so
+    # that the oracle's records, cached by content, serve the next session too
+    cached = pytestconfig.cache is not None and not os.environ.get("CKPTTOOL_ORACLE_NO_CACHE")
+    if cached:
+        root = pytestconfig.cache.mkdir("torch-oracle-files")
+        cache = pytestconfig.cache.mkdir("torch-oracle")
+    else:
+        root, cache = tmp_path_factory.mktemp("oracle-files"), None
     c = Comparison(root, cache)
     yield c
     c.oracle.close()

@@ -318,7 +318,7 @@ class Oracle:
         root = self.cache_root.encode() if self.cache_root else None
         path = self._placeholder(req["path"])
         digest = [_digest(Path(p), root) for p in [req["path"], *req["sys_path"]]]
-        key = f"{self._salt}:{req['kind']}:{req['timeout']}:{path}:{digest}"
+        key = f"{self._salt}:{req['kind']}:{float(req['timeout'])}:{path}:{digest}"
         key += self._placeholder(str(req["sys_path"]))
         return hashlib.sha256(key.encode()).hexdigest()
 
