@@ -16,6 +16,7 @@ import collections
 import concurrent.futures as cf
 import multiprocessing
 import random
+import re
 import resource
 import shutil
 import signal
@@ -190,6 +191,11 @@ def run_batch(
     return outs
 
 
+def family(label: str) -> str:
+    """A mutation label without the member or pickle it hit: ``tar.inner.insert``."""
+    return re.sub(r"\[[^\]]*\]", "", label)
+
+
 @dataclass
 class Summary:
     inputs: int = 0
@@ -198,6 +204,8 @@ class Summary:
     observed: int = 0
     by_mutation: collections.Counter[str] = field(default_factory=collections.Counter)
     divergent_by_mutation: collections.Counter[str] = field(default_factory=collections.Counter)
+    by_snippet: collections.Counter[str] = field(default_factory=collections.Counter)
+    divergent_by_snippet: collections.Counter[str] = field(default_factory=collections.Counter)
     divergences: list[Outcome] = field(default_factory=list)
     ran_in_scan: list[Outcome] = field(default_factory=list)
     notes: list[Outcome] = field(default_factory=list)
@@ -207,10 +215,14 @@ class Summary:
             self.inputs += 1
             self.verdicts[o.verdict] += 1
             self.observed += o.observed
-            for m in set(o.input.mutations):
+            for m in {family(x) for x in o.input.mutations}:
                 self.by_mutation[m] += 1
                 if o.divergence:
                     self.divergent_by_mutation[m] += 1
+            for k in set(o.input.snippets):
+                self.by_snippet[k] += 1
+                if o.divergence:
+                    self.divergent_by_snippet[k] += 1
             if o.divergence:
                 self.divergences.append(o)
             if o.ran_in_scan:
@@ -228,6 +240,9 @@ class Summary:
         ]
         for m, n in sorted(self.by_mutation.items(), key=lambda kv: (-kv[1], kv[0])):
             out.append(f"  {m:32s} {n:6d} / {self.divergent_by_mutation.get(m, 0)}")
+        out.append("by inserted snippet (inputs / divergent):")
+        for m, n in sorted(self.by_snippet.items(), key=lambda kv: (-kv[1], kv[0])):
+            out.append(f"  {m:32s} {n:6d} / {self.divergent_by_snippet.get(m, 0)}")
         seen: set[str] = set()
         for o in self.divergences + self.ran_in_scan:
             sig = f"{'+'.join(sorted(set(o.input.mutations)))}|{o.divergence or ''}"[:160]

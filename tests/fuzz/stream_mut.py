@@ -168,7 +168,7 @@ def _tar_inner(members: list[TMember], rng: random.Random, snip: Snippets) -> st
     if new is None:
         return None
     m.data = m.data[:a] + new + m.data[b:]
-    return f"inner.{m.name}.{kind}"
+    return f"inner[{m.name}].{kind}"
 
 
 def _by_name(members: list[TMember], name: str) -> TMember | None:
@@ -291,7 +291,7 @@ def mutate_legacy(
         if new is None:
             return None
         parts[i] = new
-        label = f"inner.{i}.{pkind}"
+        label = f"inner[{i}].{pkind}"
     elif kind == "extra":
         parts.insert(rng.choice([0, 3, 4, 5]), snip.pickle())
         label = "extra"
