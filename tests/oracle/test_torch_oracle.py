@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPORT  # noqa: F401  (the oracle's conftest: its markers and report)
 from .torch_oracle import Oracle
 
 torch = pytest.importorskip("torch")
