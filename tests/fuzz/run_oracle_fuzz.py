@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, help="stop starting batches after this long")
     ap.add_argument("--observe-all", action="store_true", help="load every input with torch")
     args = ap.parse_args(argv)
+    # stop cleanly (scan workers and torch children closed) on Ctrl-C, even when started in
+    # the background (which ignores SIGINT), and on SIGTERM
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     work = Path(tempfile.mkdtemp(prefix="oracle-fuzz-work-"))
     t0 = time.monotonic()

@@ -59,6 +59,11 @@ def _allowed() -> frozenset[str]:
     return allowlist()
 
 
+@functools.lru_cache(maxsize=1)
+def _allowed_packages() -> frozenset[str]:
+    return frozenset(n.split(".")[0] for n in _allowed())
+
+
 def canonical(name: str) -> str:
     """A global as the loader resolves it: Python 2 names mapped, torch's ``torch.tensor``."""
     mod, _, attr = name.rpartition(".")
@@ -136,14 +141,27 @@ class Observation:
         return [c for c, owner in self.call_owners.items() if owner is None]
 
     def unexplained_imports(self) -> list[str]:
-        """Modules imported that are not a package of a global the pickle names."""
+        """Modules imported that neither a global the pickle names nor the allowlist's own
+        packages explain (torch and numpy import their internals lazily)."""
         mods = {g.rsplit(".", 1)[0] for g in self.resolved_globals}
-        return [m for m in self.imports if not any(x == m or x.startswith(m + ".") for x in mods)]
+        tops = _allowed_packages()
+        return [
+            m
+            for m in self.imports
+            if m.split(".")[0] not in tops
+            and not any(x == m or x.startswith(m + ".") for x in mods)
+        ]
 
     def unvetted(self) -> list[str]:
-        """Everything torch did beyond the allowlist; empty: only allowlisted code ran."""
+        """What torch did beyond the allowlist (the rules' evidence); empty: only allowlisted
+        globals were resolved, nothing was dispatched to TorchScript, no module outside the
+        allowlist's packages was imported, no suspicious audit event, no marker.
+
+        Calls are not evidence of their own: every Python function the unpickler can reach
+        comes from a global (judged above), a method of an allowlisted class, or C code of an
+        allowlisted callable calling its own helpers (``numpy.dtype`` calls
+        ``numpy._core._internal.npy_ctypes_check``); they are shown by :meth:`describe`."""
         out = [f"global {g}" for g in self.unvetted_globals()]
-        out += [f"call {c}" for c in self.unvetted_calls()]
         out += [f"dispatch {d}" for d in self.dispatched]
         out += [f"import {m}" for m in self.unexplained_imports()]
         out += [f"audit {e}" for e in self.audit_events]
@@ -158,9 +176,11 @@ class Observation:
     def describe(self) -> str:
         head = "loaded" if self.loaded_ok else f"failed ({self.error})"
         bad = self.unvetted()
-        return f"torch {self.kind}: {head}; " + (
+        out = f"torch {self.kind}: {head}; " + (
             "beyond the allowlist: " + "; ".join(bad[:8]) if bad else "only allowlisted code"
         )
+        calls = self.unvetted_calls()
+        return out + (f" (calls outside the allowlist: {', '.join(calls[:6])})" if calls else "")
 
 
 # -- the warm children ------------------------------------------------------------------------
