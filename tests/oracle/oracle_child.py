@@ -296,8 +296,9 @@ def _fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def _event_path(x: Any, dir_fd: Any = None) -> str | None:
-    """The absolute path an event acts on (``x`` a path, a descriptor, or a name in dir_fd)."""
+def _event_path(x: Any, dir_fd: Any = None, follow: bool = True) -> str | None:
+    """The absolute path an event acts on (``x`` a path, a descriptor, or a name in dir_fd);
+    ``follow=False``: the last component stays a link (removing a link is not its target)."""
     if isinstance(x, int):
         return _fd_path(x) if x >= 0 else None
     if not isinstance(x, (str, bytes, os.PathLike)):
@@ -305,7 +306,9 @@ def _event_path(x: Any, dir_fd: Any = None) -> str | None:
     p = os.fsdecode(x)
     if not os.path.isabs(p) and isinstance(dir_fd, int) and dir_fd >= 0:
         p = os.path.join(_fd_path(dir_fd), p)
-    return os.path.realpath(p)
+    if follow:
+        return os.path.realpath(p)
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p))
 
 
 def _by_torch() -> bool:
@@ -327,7 +330,8 @@ def _torch_scratch(event: str, args: tuple[Any, ...]) -> bool:
     if where is None or len(args) <= where[0] or not _by_torch():
         return False
     i, fd = where
-    p = _event_path(args[i], args[fd] if fd is not None and fd < len(args) else None)
+    follow = event in ("open", "os.scandir", "os.listdir")  # reading goes through links
+    p = _event_path(args[i], args[fd] if fd is not None and fd < len(args) else None, follow)
     if p is None:
         return False
     if event == "tempfile.mkdtemp":
