@@ -56,10 +56,7 @@ class SafetensorsResult:
     left_out: list[LeftOut] = field(default_factory=list)
     renamed: int = 0
     verified: bool = False
-    # what a reader of the output should know: dtypes whose safetensors code only newer
-    # safetensors releases read (an older one refuses the whole file), a folder holding two
-    # weight sets
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # dtypes new readers only; two weight sets
     idle: list[tuple[str, str]] = field(default_factory=list)  # renames that did nothing
     # a wrapper prefix every written key still carries (module., _orig_mod.): a bare model's
     # load_state_dict fails on it

@@ -385,8 +385,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
 
 
 def item_ranges(folder: str) -> list[tuple[str, int, int, bool]]:
-    """Every item ``.metadata`` names: (file, offset, length, whether DCP reads it with
-    ``torch.load(weights_only=False)``: non-tensor values are; tensors use ``weights_only``)."""
+    """Every item ``.metadata`` names: (file, offset, length, read with weights_only=False)."""
     meta = os.path.join(folder, METADATA)
     fields = _fields(_unpickle_metadata(folder, {}), "Metadata", meta)
     sdm = fields.get("state_dict_metadata")

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # --- the contract ----------------------------------------------------------------------------
 EXIT_OK, EXIT_ERROR, EXIT_DANGEROUS = 0, 1, 3
+EXIT_UNPROVEN = 6  # "cannot prove what torch would load": an ambiguous or torch-unreadable file
 ERROR_PREFIX = "Error: "  # the single stderr line for exit 1 starts with this
 DANGEROUS_PREFIX = "Danger: "  # ... and for exit 3 (what ckpttool inspect prints)
 RLIMIT_AS_BYTES = 1 << 30  # address-space cap for the tool (1 GiB)
@@ -130,8 +131,8 @@ def check_generic(res: Result, *, marker: Path | None = None) -> list[str]:
     problems = []
     if res.rc is None:
         problems.append(f"killed after {TIMEOUT_S}s timeout")
-    elif res.rc not in (EXIT_OK, EXIT_ERROR, EXIT_DANGEROUS):
-        problems.append(f"exit code {res.rc} not in (0, 1, 3)")
+    elif res.rc not in (EXIT_OK, EXIT_ERROR, EXIT_DANGEROUS, EXIT_UNPROVEN):
+        problems.append(f"exit code {res.rc} not in (0, 1, 3, 6)")
     if res.seconds > MAX_SECONDS:
         problems.append(f"took {res.seconds:.1f}s > {MAX_SECONDS}s")
     if b"Traceback" in res.stderr or b"Traceback" in res.stdout:

@@ -63,7 +63,7 @@ def test_contract(case: Case, tmp_path: Path) -> None:
         got = RC_TO_EXPECT.get(res.rc, res.rc)
         problems.append(f"exit {res.rc} ({got}), want {sorted(allowed)} ({'/'.join(case.allowed)})")
 
-    if res.rc in (C.EXIT_ERROR, C.EXIT_DANGEROUS):
+    if res.rc in (C.EXIT_ERROR, C.EXIT_DANGEROUS, C.EXIT_UNPROVEN):
         line = res.err.rstrip("\n")
         prefix = C.DANGEROUS_PREFIX if res.rc == C.EXIT_DANGEROUS else C.ERROR_PREFIX
         if not line.startswith(prefix):
