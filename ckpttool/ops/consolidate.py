@@ -80,7 +80,7 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def _rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
+def rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     """Apply the key operations to the model state dict inside ``chosen``."""
     if not ops:
         return chosen, 0
@@ -174,7 +174,7 @@ def consolidate(
     dc = _distributed(ckpt, src)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, label = _select(ckpt, select)
-    chosen, renamed = _rename_model(chosen, ops, src)
+    chosen, renamed = rename_model(chosen, ops, src)
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
     total = _count(chosen, dtype, result)
     cb = progress(total) if progress else None

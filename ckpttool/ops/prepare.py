@@ -108,7 +108,7 @@ _COMPOSITE = frozenset(
 )
 
 
-def _composite(value: Any) -> bool:
+def is_composite(value: Any) -> bool:
     return isinstance(value, Opaque) and value.global_name in _COMPOSITE
 
 
@@ -116,9 +116,9 @@ def dense_entries(node: Any) -> list[tuple[str, Any]]:
     """``(name, tensor)`` for every plain tensor under ``node``, and ``(name, COMPOSITE_TENSOR)``
     for each sparse, nested or subclass tensor, whose parts are not written."""
     return [
-        (path, COMPOSITE_TENSOR if _composite(value) else value)
-        for path, value in walk(node, enter=lambda v: not _composite(v))
-        if isinstance(value, TensorRef) or _composite(value)
+        (path, COMPOSITE_TENSOR if is_composite(value) else value)
+        for path, value in walk(node, enter=lambda v: not is_composite(v))
+        if isinstance(value, TensorRef) or is_composite(value)
     ]
 
 

@@ -1,0 +1,242 @@
+"""``to-dcp``: write a ``torch.distributed.checkpoint`` folder from any checkpoint ckpttool reads.
+
+The folder is what ``dcp.save`` writes (``.metadata`` + ``__0_0.distcp``), so an FSDP/FSDP2 job
+at any world size resumes from a ``.pt``, a safetensors file or folder, a Hugging Face folder,
+a DeepSpeed ZeRO folder or another DCP folder with ``dcp.load``. Each tensor is one chunk (the
+whole tensor; ``dcp.load`` reshards it to the loading job's layout), copied from the input
+with ``copy_file_range`` (a cast streams through memory one chunk at a time), read back and
+checked; the folder is written beside its destination and renamed into place. torch is not
+imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CheckpointError
+from ..model import TensorRef
+from ..readers import open_checkpoint
+from ..readers.distributed import LogicalStorage, model_state_dict
+from ..tree import get_path
+from ..unpickling.policy import refuse_dangerous
+from ..writers import copy as bytecopy
+from ..writers import dcp as dcp_writer
+from ..writers import numeric
+from ..writers.atomic import atomic_folder
+from ..writers.safetensors import Item, write_tensor
+from .consolidate import rename_model
+from .dcp_plan import Flat, flatten, name_optimizers
+from .left_out import LeftOut
+from .logical_write import write_logical
+from .prepare import cast_targets, check_cast, input_files, key_ops
+
+Progress = Callable[[int], None]
+RANK_FILE = "__0_0.distcp"
+
+
+@dataclass
+class DcpResult:
+    src: str
+    dst: str
+    kind: str  # the input's format
+    selected: str  # "everything", "model weights", or the entry chosen
+    tensors: int  # keys holding tensors
+    items: int  # tensor items stored (tied keys share one)
+    values: int  # keys holding pickled values
+    bytes: int
+    files: list[str] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=list)  # optimizers named by parameter keys
+    left_out: list[LeftOut] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # objects written as plain values
+    renamed: int = 0
+    cast: int = 0
+    verified: bool = False
+
+
+def _select(root: Any, src: str, key: str | None, model_only: bool) -> tuple[Any, str]:
+    if model_only:
+        found = model_state_dict(root)
+        if found is None:
+            raise CheckpointError(src, "holds no model state dict", remedy="key")
+        node, path = found
+        return node, f"model weights ({path})" if path else "model weights"
+    if key is not None:
+        try:
+            return get_path(root, key), key
+        except (KeyError, TypeError):
+            raise CheckpointError(src, f"no entry {key!r}", remedy="key") from None
+    return root, "everything"
+
+
+def _choose(
+    root: Any, src: str, key: str | None, model_only: bool, under: str | None, ops: Any
+) -> tuple[dict[Any, Any], str, list[str], int]:
+    """(what is written, how it is described, the optimizers named, keys renamed)."""
+    root, renamed = rename_model(root, ops, src)
+    model = model_state_dict(root) if isinstance(root, dict) else None
+    chosen, label = _select(root, src, key, model_only)
+    chosen, optimizers = name_optimizers(chosen, model[0] if model else None, src)
+    if under:
+        chosen = {under: chosen}
+    if not isinstance(chosen, dict) or isinstance(chosen, TensorRef):
+        raise CheckpointError(src, f"{label} is not a dict of entries: DCP saves a dict")
+    return chosen, label, optimizers, renamed
+
+
+def _plan(
+    flat: Flat, chosen: Any, dtype: str | None, src: str
+) -> tuple[list[dcp_writer.TensorItem], int]:
+    """One item per distinct tensor (tied keys share it), with its output dtype; the casts."""
+    castable = cast_targets(chosen) if dtype else set()
+    items: dict[Any, dcp_writer.TensorItem] = {}
+    cast = 0
+    for fqn, path, ref in flat.tensors:
+        storage = ref.storage
+        logical = storage.tensor if isinstance(storage, LogicalStorage) else None
+        out = (logical.out_dtype if logical is not None else None) or ref.dtype
+        if dtype and id(ref) in castable and numeric.can_cast(ref.dtype, dtype):
+            out = dtype
+        if out != ref.dtype and logical is None and not numeric.can_cast(ref.dtype, out):
+            raise CheckpointError(src, f"tensor {fqn!r} cannot be cast to {out}")
+        assert storage is not None
+        ident = (
+            id(ref)
+            if logical is not None
+            else (
+                storage.file,
+                storage.key,
+                ref.storage_offset,
+                ref.shape,
+                ref.stride,
+                repr(ref.metadata),
+            )
+        )
+        key = (ident, out)
+        item = items.get(key)
+        if item is None:
+            item = items[key] = dcp_writer.TensorItem([], [], ref, out, _phase(ref, out))
+            cast += out != ref.dtype
+        item.fqns.append(fqn)
+        item.paths.append(path)
+    return list(items.values()), cast
+
+
+def _phase(ref: TensorRef, out: str) -> int | None:
+    """The source offset modulo 4096 of a tensor copied verbatim (None: it passes memory)."""
+    storage = ref.storage
+    if out != ref.dtype or storage is None:
+        return None
+    if isinstance(storage, LogicalStorage) and storage.tensor is not None:
+        segs = storage.tensor.segments
+        return segs[0].offset % 4096 if segs else None
+    if not ref.is_contiguous() or storage.compressed or storage.big_endian:
+        return None
+    return (storage.offset + ref.storage_offset * ref.itemsize) % 4096
+
+
+def _data_writer(
+    sources: bytecopy.Sources, background: bytecopy.Background, cb: Progress | None
+) -> dcp_writer.WriteData:
+    def write(item: dcp_writer.TensorItem, fd: int) -> None:
+        storage = item.ref.storage
+        if isinstance(storage, LogicalStorage):
+            assert storage.tensor is not None
+            item.crc, item.job = write_logical(
+                storage.tensor, item.dtype, fd, item.start, sources, background, cb
+            )
+            return
+        it = Item(item.fqns[0], item.ref, item.dtype)
+        write_tensor(it, sources, fd, cb, background, True)
+        item.crc, item.job = it.crc, it.job
+
+    return write
+
+
+def to_dcp(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    model_only: bool = False,
+    under: str | None = None,
+    dtype: str | None = None,
+    strip_prefix: str | tuple[str, ...] = (),
+    add_prefix: str | tuple[str, ...] = (),
+    replace_prefix: tuple[tuple[str, str], ...] = (),
+    verify: bool = True,
+    force: bool = False,
+    progress: Callable[[int], Progress | None] | None = None,
+) -> DcpResult:
+    """Write ``src`` as a DCP folder ``dst`` that ``torch.distributed.checkpoint.load`` reads.
+
+    Args:
+        src: any checkpoint ckpttool reads (a file, a Hugging Face or safetensors folder, a DCP
+            or DeepSpeed folder).
+        dst: the output folder (created; an existing DCP folder is replaced only with ``force``).
+        key: write only this entry (a dotted path such as ``"model"``), its keys at the top.
+        model_only: write only the model state dict, its keys at the top.
+        under: nest what is written under this key (``"model"``: keys ``model.<name>``, as
+            ``dcp.load({"model": model.state_dict()})`` asks for them).
+        dtype: cast the model's floating-point weights (optimizer state keeps its dtypes).
+        strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict; an
+            optimizer named by parameter keys follows it.
+        verify: read the folder back (every key, dtype, shape, value, and the tensor bytes).
+        force: replace an existing DCP folder at ``dst``.
+        progress: called with the total bytes; returns a callback fed bytes written.
+
+    Optimizers that number their parameters are keyed by name (:mod:`.optim_names`), objects
+    written as plain values (:mod:`.dcp_plan`).
+
+    Example:
+        >>> to_dcp("best.pt", "ckpt/step-0")  # doctest: +SKIP
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    check_cast(dtype)
+    ckpt = open_checkpoint(src)
+    dcp_writer.check_folder_target(input_files(ckpt), dst, force=force)
+    refuse_dangerous(src, ckpt.verdict)
+    ops = key_ops(strip_prefix, add_prefix, replace_prefix)
+    chosen, label, optimizers, renamed = _choose(ckpt.root, src, key, model_only, under, ops)
+    flat = flatten(chosen, src, label)
+    tensors, cast = _plan(flat, chosen, dtype, src)
+    total = sum(t.nbytes for t in tensors)
+    result = DcpResult(
+        src, dst, ckpt.format, label, len(flat.tensors), len(tensors), len(flat.values), total,
+        optimizers=optimizers, left_out=flat.left_out, replaced=flat.replaced, renamed=renamed,
+        cast=cast,
+    )  # fmt: skip
+    values = [dcp_writer.ValueItem(f, p, v) for f, p, v in flat.values]
+    cb = progress(total) if progress else None
+    _write(dst, values, tensors, flat.order, verify, cb)
+    result.files = [os.path.join(dst, dcp_writer.METADATA), os.path.join(dst, RANK_FILE)]
+    result.verified = verify
+    return result
+
+
+def _write(
+    dst: str,
+    values: list[dcp_writer.ValueItem],
+    tensors: list[dcp_writer.TensorItem],
+    order: list[str],
+    verify: bool,
+    cb: Progress | None,
+) -> None:
+    with (
+        contextlib.closing(bytecopy.Sources()) as sources,
+        atomic_folder(dst) as tmp,
+    ):
+        background = bytecopy.Background()
+        try:
+            write = _data_writer(sources, background, cb)
+            path = os.path.join(tmp, RANK_FILE)
+            dcp_writer.write_rank_file(path, RANK_FILE, values, tensors, write)
+        finally:
+            background.close()
+        entries = dcp_writer.entries_of(values, tensors, order)
+        dcp_writer.write_metadata(tmp, entries, os.path.basename(os.path.abspath(dst)))
+        if verify:
+            dcp_writer.verify_folder(tmp, values, tensors, order)
