@@ -41,6 +41,8 @@ REMEDIES = {
     "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
     "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
     "replace them",
+    "not_parameters": "; name the model's keys the optimizer does not hold (frozen layers, "
+    "buffers) with --not-param PATTERN, or write the weights alone with --model-only",
 }
 
 

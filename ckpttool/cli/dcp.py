@@ -23,11 +23,19 @@ from .options import key_options, run_writer, writer_kwargs
     metavar="KEY",
     help="Nest what is written under KEY (e.g. model: keys model.<name>).",
 )
+@click.option(
+    "--not-param",
+    "not_parameters",
+    multiple=True,
+    metavar="PATTERN",
+    help="Model keys a numbered optimizer does not hold (e.g. 'frozen.*'), to name it.",
+)
 def to_dcp(
     input_path: str,
     output_path: str,
     model_only: bool,
     under: str | None,
+    not_parameters: tuple[str, ...],
     **opts: Any,
 ) -> None:
     """Write a torch.distributed.checkpoint (DCP) folder that FSDP jobs dcp.load.
@@ -59,6 +67,7 @@ def to_dcp(
             output_path,
             model_only=model_only,
             under=under,
+            not_parameters=not_parameters,
             progress=progress,
             **kwargs,
         ),

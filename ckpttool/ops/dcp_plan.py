@@ -126,7 +126,9 @@ def _plain(value: Any, flat: Flat, fqn: str, depth: int = 0) -> Any:
 
 
 # -- optimizers by parameter number -------------------------------------------------------------
-def name_optimizers(root: Any, model: dict[str, Any] | None, where: str) -> tuple[Any, list[str]]:
+def name_optimizers(
+    root: Any, model: dict[str, Any] | None, where: str, skip: tuple[str, ...] = ()
+) -> tuple[Any, list[str]]:
     """``root`` with every optimizer state dict that numbers its parameters keyed by the model's
     names instead (``get_optimizer_state_dict``'s layout); the paths of those renamed."""
     from ..tree import walk
@@ -142,7 +144,7 @@ def name_optimizers(root: Any, model: dict[str, Any] | None, where: str) -> tupl
         )
     renamed: dict[int, Any] = {}
     for path, node in found:
-        names = parameter_names(node, model, f"{where}: optimizer {path or '(root)'}")
+        names = parameter_names(node, model, f"{where}: optimizer {path or '(root)'}", skip)
         renamed[id(node)] = named(node, names)
     new = transform(root, lambda n: renamed.get(id(n), KEEP))
     return new, [p for p, _ in found]

@@ -10,7 +10,9 @@ tensors statically, under what ``model.parameters()`` guarantees:
   and filters of ``named_parameters()`` do);
 - a tied weight is one parameter, named by its first key;
 - only floating-point (or complex) tensors can be parameters, and a parameter's per-element
-  state (``exp_avg``, ``momentum_buffer``...) has its shape.
+  state (``exp_avg``, ``momentum_buffer``...) has its shape;
+- torch's own buffers (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``)
+  are not parameters, nor are the keys the caller names (``not_parameters`` patterns).
 
 Every assignment that satisfies these is counted; exactly one is used, otherwise the optimizer
 is refused as ambiguous, saying which parameters could not be told apart.
@@ -26,6 +28,7 @@ from ..errors import CheckpointError
 from ..model import Opaque, TensorRef
 
 MAX_STEPS = 2_000_000  # work bound of the matching (far above any real model's)
+TORCH_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
 def is_numbered(node: Any) -> bool:
@@ -35,16 +38,22 @@ def is_numbered(node: Any) -> bool:
     state, groups = node.get("state"), node.get("param_groups")
     if not isinstance(state, dict) or not isinstance(groups, list) or not groups:
         return False
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in state):
+        return False  # keyed by name already (DCP, DeepSpeed's consolidated moments)
     ids = [p for g in groups if isinstance(g, dict) for p in g.get("params", ())]
     return bool(ids) and all(isinstance(p, int) and not isinstance(p, bool) for p in ids)
 
 
-def _candidates(model: dict[str, Any]) -> list[tuple[str, TensorRef]]:
+def _candidates(model: dict[str, Any], skip: tuple[str, ...]) -> list[tuple[str, TensorRef]]:
     """The tensors that can be parameters, by first key (tied aliases dropped)."""
+    from fnmatch import fnmatchcase
+
     seen: set[tuple[Any, ...]] = set()
     out = []
     for name, ref in model.items():
         if not isinstance(name, str) or not isinstance(ref, TensorRef):
+            continue
+        if name.rsplit(".", 1)[-1] in TORCH_BUFFERS or any(fnmatchcase(name, p) for p in skip):
             continue
         s = ref.storage
         ident = (
@@ -115,15 +124,18 @@ class _TooMany(Exception):
     pass
 
 
-def parameter_names(osd: dict[str, Any], model: dict[str, Any], where: str) -> dict[int, str]:
-    """{parameter number: model key} for an optimizer state dict, or refuse (see the module)."""
+def parameter_names(
+    osd: dict[str, Any], model: dict[str, Any], where: str, skip: tuple[str, ...] = ()
+) -> dict[int, str]:
+    """{parameter number: model key} for an optimizer state dict, or refuse (see the module);
+    ``skip``: patterns of model keys that are not parameters."""
     groups_ids = [list(g.get("params", ())) for g in osd["param_groups"]]
     all_ids = [p for ids in groups_ids for p in ids]
     if len(set(all_ids)) != len(all_ids):
         raise CheckpointError(where, "lists a parameter number twice in its param groups")
     state = osd["state"]
     wanted = [[_shape_of_state(state.get(p)) for p in ids] for ids in groups_ids]
-    cands = _candidates(model)
+    cands = _candidates(model, skip)
     try:
         count, picks = _count(wanted, [ref.shape for _, ref in cands])
     except _TooMany:
@@ -133,6 +145,7 @@ def parameter_names(osd: dict[str, Any], model: dict[str, Any], where: str) -> d
             where,
             f"numbers {len(all_ids)} parameters that cannot be matched to the model's "
             f"{len(cands)} floating-point tensors in order (shapes of their state differ)",
+            remedy="not_parameters",
         )
     if count > 1:
         unknown = sum(1 for ids in wanted for w in ids if w is None)
@@ -141,6 +154,7 @@ def parameter_names(osd: dict[str, Any], model: dict[str, Any], where: str) -> d
             where,
             f"numbers {len(all_ids)} parameters that match the model's {len(cands)} "
             f"floating-point tensors in more than one way{why}: cannot name them",
+            remedy="not_parameters",
         )
     names: dict[int, str] = {}
     done = [0] * len(groups_ids)

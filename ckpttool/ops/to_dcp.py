@@ -73,13 +73,15 @@ def _select(root: Any, src: str, key: str | None, model_only: bool) -> tuple[Any
 
 
 def _choose(
-    root: Any, src: str, key: str | None, model_only: bool, under: str | None, ops: Any
+    root: Any, src: str, how: tuple[str | None, bool, str | None, tuple[str, ...]], ops: Any
 ) -> tuple[dict[Any, Any], str, list[str], int]:
-    """(what is written, how it is described, the optimizers named, keys renamed)."""
+    """(what is written, how it is described, the optimizers named, keys renamed); ``how``:
+    (key, model_only, under, not_parameters)."""
+    key, model_only, under, skip = how
     root, renamed = rename_model(root, ops, src)
     model = model_state_dict(root) if isinstance(root, dict) else None
     chosen, label = _select(root, src, key, model_only)
-    chosen, optimizers = name_optimizers(chosen, model[0] if model else None, src)
+    chosen, optimizers = name_optimizers(chosen, model[0] if model else None, src, skip)
     if under:
         chosen = {under: chosen}
     if not isinstance(chosen, dict) or isinstance(chosen, TensorRef):
@@ -163,6 +165,7 @@ def to_dcp(
     key: str | None = None,
     model_only: bool = False,
     under: str | None = None,
+    not_parameters: tuple[str, ...] = (),
     dtype: str | None = None,
     strip_prefix: str | tuple[str, ...] = (),
     add_prefix: str | tuple[str, ...] = (),
@@ -174,18 +177,16 @@ def to_dcp(
     """Write ``src`` as a DCP folder ``dst`` that ``torch.distributed.checkpoint.load`` reads.
 
     Args:
-        src: any checkpoint ckpttool reads (a file, a Hugging Face or safetensors folder, a DCP
-            or DeepSpeed folder).
-        dst: the output folder (created; an existing DCP folder is replaced only with ``force``).
-        key: write only this entry (a dotted path such as ``"model"``), its keys at the top.
-        model_only: write only the model state dict, its keys at the top.
-        under: nest what is written under this key (``"model"``: keys ``model.<name>``, as
-            ``dcp.load({"model": model.state_dict()})`` asks for them).
+        src: a file, a Hugging Face or safetensors folder, a DCP or DeepSpeed folder.
+        dst: the output folder (an existing DCP folder is replaced only with ``force``).
+        key: write only this entry (``"model"``), its keys at the top; ``model_only``: write
+            only the model state dict, its keys at the top.
+        under: nest what is written under this key (``"model"``: keys ``model.<name>``).
+        not_parameters: patterns (``frozen.*``) of model keys that an optimizer numbering its
+            parameters does not hold, when its naming is otherwise ambiguous.
         dtype: cast the model's floating-point weights (optimizer state keeps its dtypes).
-        strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict; an
-            optimizer named by parameter keys follows it.
-        verify: read the folder back (every key, dtype, shape, value, and the tensor bytes).
-        force: replace an existing DCP folder at ``dst``.
+        strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict.
+        verify: read the folder back; force: replace an existing DCP folder at ``dst``.
         progress: called with the total bytes; returns a callback fed bytes written.
 
     Optimizers that number their parameters are keyed by name (:mod:`.optim_names`), objects
@@ -200,7 +201,9 @@ def to_dcp(
     dcp_writer.check_folder_target(input_files(ckpt), dst, force=force)
     refuse_dangerous(src, ckpt.verdict)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
-    chosen, label, optimizers, renamed = _choose(ckpt.root, src, key, model_only, under, ops)
+    chosen, label, optimizers, renamed = _choose(
+        ckpt.root, src, (key, model_only, under, tuple(not_parameters)), ops
+    )
     flat = flatten(chosen, src, label)
     tensors, cast = _plan(flat, chosen, dtype, src)
     total = sum(t.nbytes for t in tensors)
@@ -210,8 +213,7 @@ def to_dcp(
         cast=cast,
     )  # fmt: skip
     values = [dcp_writer.ValueItem(f, p, v) for f, p, v in flat.values]
-    cb = progress(total) if progress else None
-    _write(dst, values, tensors, flat.order, verify, cb)
+    _write(dst, values, tensors, flat.order, verify, progress(total) if progress else None)
     result.files = [os.path.join(dst, dcp_writer.METADATA), os.path.join(dst, RANK_FILE)]
     result.verified = verify
     return result
