@@ -2,10 +2,11 @@
 
 Three sources: a ``.pt`` saved by an unsharded job (model, AdamW state numbered by parameter,
 epoch), a sharded Hugging Face safetensors folder, and a DeepSpeed ZeRO-3 folder saved by 2
-ranks. Each is converted without torch; then, in every rank, one FSDP2 job starts from the
-original (the full state dict set with ``set_state_dict``; the optimizer named by torch's own
-``get_optimizer_state_dict``) and one ``dcp.load``-s the folder, and both train a few steps:
-their losses and final weights must be equal, step for step, at both world sizes.
+ranks (fp32 weights and Adam moments). Each is converted without torch; then, in every rank,
+one FSDP2 job starts from the original (the full state dict set with ``set_state_dict``: the
+optimizer named by torch's own ``get_optimizer_state_dict``, DeepSpeed's weights and moments as
+its own ``zero_to_fp32`` merges them) and one ``dcp.load``-s the folder, and both train a few
+steps: their losses and final weights must be equal, step for step, on 4 and on 2 ranks.
 """
 
 from __future__ import annotations
@@ -109,7 +110,13 @@ WORKER = MODELS + textwrap.dedent(
             for b in model.blocks:
                 fully_shard(b, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+        if kind == "gpt":
+            return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+        groups = [  # as tests/test_deepspeed.py gives them to DeepSpeed
+            {"params": [model.embed.weight, model.frozen.bias], "weight_decay": 0.0},
+            {"params": [model.norm.weight, model.norm.bias]},
+        ]
+        return model, torch.optim.AdamW(groups, lr=0.01)
 
     def train(model, opt, kind, steps=3):
         losses = []
@@ -129,6 +136,12 @@ WORKER = MODELS + textwrap.dedent(
     def original(case):
         model, opt = build(case["kind"])
         ref = torch.load(case["ref"], weights_only=True)
+        if case.get("moments"):  # DeepSpeed's own merge of the moments, at its step count
+            moments = torch.load(case["moments"], weights_only=True)
+            groups = get_state_dict(model, opt, options=FULL)[1]["param_groups"]
+            step = torch.tensor(float(case["step"]))
+            state = {name: {"step": step.clone(), **m} for name, m in moments.items()}
+            ref["optim"] = {"state": state, "param_groups": groups}
         if ref.get("optim") is not None:
             set_state_dict(model, opt, model_state_dict=ref["model"],
                            optim_state_dict=ref["optim"], options=FULL)
@@ -274,18 +287,18 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         from tests.test_deepspeed import zero_folders
 
-        zero = zero_folders(tmp_path_factory) / "zero3_fp32"  # saved by 2 ranks
+        zero = zero_folders(tmp_path_factory) / "zero3_fp32"  # saved by 2 ranks, at step 2
         torch.save({"model": torch.load(f"{zero}.oracle.pt", weights_only=True)}, tmp / "z.ref.pt")
-        sources["zero3"] = {"src": zero, "ref": tmp / "z.ref.pt", "kind": "net", "optim": False,
-                            "under": ""}  # fmt: skip
+        sources["zero3"] = {
+            "src": zero, "ref": tmp / "z.ref.pt", "kind": "net", "optim": True, "under": "module",
+            "moments": f"{zero}.moments.pt", "step": 2,
+        }  # fmt: skip
     except pytest.skip.Exception:
         pass  # DeepSpeed not installed: the other sources still run
     spec = []
     for name, case in sources.items():
         out = tmp / f"{name}.dcp"
-        if name == "zero3":
-            to_dcp(case["src"], out, model_only=True)
-        elif case["optim"]:
+        if case["optim"]:
             to_dcp(case["src"], out)
         else:
             to_dcp(case["src"], out, under="model")
