@@ -280,14 +280,15 @@ def consolidate(
     max_shard_size: str | None,
     **opts: Any,
 ) -> None:
-    """Merge a distributed checkpoint folder (DCP/FSDP, DeepSpeed ZeRO) into one file.
+    """Merge a distributed checkpoint folder (DCP/FSDP, DeepSpeed ZeRO, per-rank) into one file.
 
     Writes the model state dict (what load_state_dict accepts) by default, as a torch zip
     (.pt) or, for an OUTPUT ending in .safetensors, as safetensors: for DCP the model's
     tensors as saved, for ZeRO-1/2/3 the fp32 master weights rebuilt from the partitions (as
-    DeepSpeed's zero_to_fp32 does). --all writes the whole nested object (as torch's
-    dcp_to_torch_save does), --key one entry (e.g. optim). Each tensor is copied range by range
-    from its shards: memory stays flat, torch and DeepSpeed are not needed.
+    DeepSpeed's zero_to_fp32 does), for per-rank DTensor saves (model_world_size_W_rank_R.pt)
+    the local shards placed as their placements say. --all writes the whole nested object (as
+    torch's dcp_to_torch_save does), --key one entry (e.g. optim). Each tensor is copied range
+    by range from its shards: memory stays flat, torch and DeepSpeed are not needed.
 
     \b
     Example:

@@ -128,6 +128,14 @@ def open_checkpoint(
         index = _find_index(path)
         if index is not None:
             path = index
+        else:
+            from . import per_rank
+
+            why = per_rank.incomplete(path)
+            if why:
+                raise CheckpointError(path, why)
+            if per_rank.is_per_rank_folder(path):  # torch.save(state_dict) in every rank
+                return _open_distributed(path, per_rank.read)
     size = _check_file(path)
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
@@ -185,15 +193,18 @@ def _refuse_dangerous(path: str, exc: CheckpointError, verdict: Verdict) -> None
 
 
 def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed)."""
+    """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed,
+    per-rank DTensor saves)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return False
     if os.path.isfile(os.path.join(path, ".metadata")):
         return True
-    from . import deepspeed
+    from . import deepspeed, per_rank
 
-    return bool(deepspeed.is_deepspeed_folder(path))
+    if deepspeed.is_deepspeed_folder(path):
+        return True
+    return _find_index(path) is None and per_rank.is_per_rank_folder(path)
 
 
 def _open_distributed(
@@ -218,7 +229,7 @@ def _open_distributed(
     except CheckpointError as exc:
         _refuse_dangerous(path, exc, verdict)
         raise
-    ckpt = as_checkpoint(dc, list(seen))
+    ckpt = dc if isinstance(dc, Checkpoint) else as_checkpoint(dc, list(seen))
     ckpt.verdict = verdict
     return ckpt
 
