@@ -79,10 +79,15 @@ class Entry:
     stored: Stored | None = None  # a value's item
 
 
-def _properties(dtype: str) -> Opaque:
-    layout = _call("torch.serialization", "_get_layout", "torch.strided")
-    contiguous = _call(_META, "_MEM_FORMAT_ENCODING", 0)
-    return _new(_META, "TensorProperties", (DTypeRef(dtype), layout, False, contiguous, False))
+def _properties(dtype: str, shared: dict[str, Any]) -> Opaque:
+    """``TensorProperties`` as its ``__getstate__`` tuple; the layout, the memory format and
+    the dtype are one object each, pickled once and then referenced, as torch's pickle does."""
+    if not shared:
+        shared["layout"] = _call("torch.serialization", "_get_layout", "torch.strided")
+        shared["format"] = _call(_META, "_MEM_FORMAT_ENCODING", 0)
+    ref = shared.setdefault(dtype, DTypeRef(dtype))
+    state = (ref, shared["layout"], False, shared["format"], False)
+    return _new(_META, "TensorProperties", state)
 
 
 def _storage_info(st: Stored) -> Opaque:
@@ -90,7 +95,7 @@ def _storage_info(st: Stored) -> Opaque:
     return _new(_FS, "_StorageInfo", state)
 
 
-def _describe(entry: Entry, storage: dict[Any, Any]) -> Opaque:
+def _describe(entry: Entry, storage: dict[Any, Any], shared: dict[str, Any]) -> Opaque:
     """The entry's ``TensorStorageMetadata`` or ``BytesStorageMetadata``; its items go into
     ``storage`` keyed by ``MetadataIndex``."""
     if entry.dtype is None:
@@ -105,7 +110,8 @@ def _describe(entry: Entry, storage: dict[Any, Any]) -> Opaque:
         state = {"fqn": entry.fqn, "index": i, "offset": size(offsets)}
         index = _new(_META, "MetadataIndex", state)
         storage[index] = _storage_info(st)
-    state = {"properties": _properties(entry.dtype), "size": size(entry.shape), "chunks": chunks}
+    props = _properties(entry.dtype, shared)
+    state = {"properties": props, "size": size(entry.shape), "chunks": chunks}
     return _new(_META, "TensorStorageMetadata", state)
 
 
@@ -117,25 +123,23 @@ def metadata_bytes(entries: list[Entry], checkpoint_id: str) -> bytes:
     sdm: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
     planner = {}
+    shared: dict[str, Any] = {}
     for entry in entries:
-        sdm[entry.fqn] = _describe(entry, storage)
+        sdm[entry.fqn] = _describe(entry, storage, shared)
         planner[entry.fqn] = tuple(entry.path)
 
-    def build(save_id: str) -> bytes:
-        meta: dict[str, Any] = {
-            "checkpoint_id": checkpoint_id,
-            "save_id": save_id,
-            "load_id": None,
-            "modules": [],
-        }
-        state = {
-            "state_dict_metadata": sdm,
-            "planner_data": planner,
-            "storage_data": storage,
-            "storage_meta": _new(_META, "StorageMeta", meta),
-            "version": DCP_VERSION,
-        }
-        return dumps(_new(_META, "Metadata", state), {}, {})
-
-    draft = build("")
-    return build(str(uuid.UUID(int=(crc32(draft) << 96) | len(draft), version=4)))
+    digest = crc32("\n".join(repr(e) for e in entries).encode())
+    meta: dict[str, Any] = {
+        "checkpoint_id": checkpoint_id,
+        "save_id": str(uuid.UUID(int=(digest << 96) | len(entries), version=4)),
+        "load_id": None,
+        "modules": [],
+    }
+    state = {
+        "state_dict_metadata": sdm,
+        "planner_data": planner,
+        "storage_data": storage,
+        "storage_meta": _new(_META, "StorageMeta", meta),
+        "version": DCP_VERSION,
+    }
+    return dumps(_new(_META, "Metadata", state), {}, {})
