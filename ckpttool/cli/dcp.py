@@ -55,23 +55,31 @@ def to_dcp(
       ckpttool to-dcp ds_ckpt/ ckpt/step-0 --model-only --dtype bfloat16
     """
     writes(output_path)
+    from ..ops.ranks import Ranks
     from ..ops.to_dcp import to_dcp as do_to_dcp
 
     quiet, kwargs = writer_kwargs(opts)
     if model_only and kwargs.get("key") is not None:
         raise click.UsageError("--model-only writes the model, --key one entry: give one")
-    result = run_writer(
-        quiet,
-        lambda progress: do_to_dcp(
-            input_path,
-            output_path,
-            model_only=model_only,
-            under=under,
-            not_parameters=not_parameters,
-            progress=progress,
-            **kwargs,
-        ),
-    )
+    ranks = Ranks.from_environment()  # under torchrun: each rank writes its own file
+    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    try:
+        result = run_writer(
+            quiet,
+            lambda progress: do_to_dcp(
+                input_path,
+                output_path,
+                model_only=model_only,
+                under=under,
+                not_parameters=not_parameters,
+                progress=progress,
+                ranks=ranks,
+                **kwargs,
+            ),
+        )
+    finally:
+        if ranks is not None:
+            ranks.close()
     if not quiet:
         _report(result, output_path, kwargs.get("dtype"))
 

@@ -231,21 +231,29 @@ def _consolidate_folder(
     """Consolidate a folder of shards and report it (consolidate, and convert/to-safetensors
     given a folder)."""
     from ..ops.consolidate import consolidate as do_consolidate
+    from ..ops.ranks import Ranks
     from ..render import escape
 
     kwargs = {k: v for k, v in kwargs.items() if k not in ("key", "allow_user_classes")}
-    result = run_writer(
-        quiet,
-        lambda progress: do_consolidate(
-            input_path,
-            output_path,
-            select=select,
-            max_shard_size=shard,
-            output_format=fmt,
-            progress=progress,
-            **kwargs,
-        ),
-    )
+    ranks = Ranks.from_environment()  # under torchrun: the ranks write together
+    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    try:
+        result = run_writer(
+            quiet,
+            lambda progress: do_consolidate(
+                input_path,
+                output_path,
+                select=select,
+                max_shard_size=shard,
+                output_format=fmt,
+                progress=progress,
+                ranks=ranks,
+                **kwargs,
+            ),
+        )
+    finally:
+        if ranks is not None:
+            ranks.close()
     if quiet:
         return
     if result.renamed:

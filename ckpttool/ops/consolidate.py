@@ -29,6 +29,7 @@ from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .logical_write import Progress, logical, out_dtype, write_pt, write_st
 from .prepare import check_cast, key_ops, open_source
+from .ranks import Ranks, rank0_writes, write_shards_together
 
 
 @dataclass
@@ -141,6 +142,7 @@ def consolidate(
     verify: bool = True,
     force: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
+    ranks: Ranks | None = None,
 ) -> ConsolidateResult:
     """Write one ``.pt`` or safetensors file from a distributed checkpoint folder.
 
@@ -159,6 +161,8 @@ def consolidate(
         verify: read every tensor back and re-open the output before it replaces ``dst``.
         force: replace an existing output.
         progress: called with the total bytes; returns a callback fed bytes written.
+        ranks: the processes writing together (``Ranks.from_environment()`` under torchrun):
+            each writes its share of the shards, rank 0 the index; one file: rank 0 writes it.
 
     Returns:
         A :class:`ConsolidateResult`.
@@ -177,14 +181,34 @@ def consolidate(
     chosen, renamed = rename_model(chosen, ops, src)
     result = ConsolidateResult(src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed)
     total = _count(chosen, dtype, result)
-    cb = progress(total) if progress else None
+    args = (chosen, ckpt.root, dtype, limit, verify, progress and progress(total), result, ranks)
+    if ranks is not None and ranks.world > 1 and limit is None:
+        rank0_writes(lambda: _write(src, dst, fmt, *args), ranks)  # one file: rank 0 writes it
+    else:
+        _write(src, dst, fmt, *args)
+    result.verified = verify
+    return result
+
+
+def _write(
+    src: str,
+    dst: str,
+    fmt: str,
+    chosen: Any,
+    root: Any,
+    dtype: str | None,
+    limit: int | None,
+    verify: bool,
+    cb: Progress | None,
+    result: ConsolidateResult,
+    ranks: Ranks | None,
+) -> None:
     with contextlib.closing(bytecopy.Sources()) as sources:
         if fmt == "pt":
             result.files = _consolidate_pt(dst, chosen, dtype, verify, sources, cb)
         else:
-            _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
-    result.verified = verify
-    return result
+            args = (chosen, root, dtype, limit, verify, sources, cb, result, ranks)
+            _consolidate_st(src, dst, *args)
 
 
 def _output_format(
@@ -250,6 +274,7 @@ def _consolidate_st(
     sources: bytecopy.Sources,
     cb: Progress | None,
     result: ConsolidateResult,
+    ranks: Ranks | None = None,
 ) -> None:
     items, result.left_out = _safetensors_items(src, chosen, dtype)
     meta = {**_scalars(root), "format": "pt"}
@@ -260,10 +285,15 @@ def _consolidate_st(
                 verify_file(tmp, items, meta, sources)
         result.files = [dst]
         return
+
     def write_one(path: str, shard: list[Item]) -> None:
         write_st(path, shard, meta, sources, cb)
         if verify:
             verify_file(path, shard, meta, sources)
 
     total = sum(it.nbytes for it in items)
-    result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)
+    shards = assign_shards(items, [], limit)
+    if ranks is not None and ranks.world > 1:
+        result.files = write_shards_together(dst, shards, total, write_one, ranks)
+    else:
+        result.files = write_shards(dst, shards, total, write_one)

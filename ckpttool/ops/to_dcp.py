@@ -11,7 +11,6 @@ imported.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,19 +22,16 @@ from ..readers import open_checkpoint
 from ..readers.distributed import LogicalStorage, model_state_dict
 from ..tree import get_path
 from ..unpickling.policy import refuse_dangerous
-from ..writers import copy as bytecopy
 from ..writers import dcp as dcp_writer
 from ..writers import numeric
-from ..writers.atomic import atomic_folder
-from ..writers.safetensors import Item, write_tensor
 from .consolidate import rename_model
+from .dcp_files import write_folder
 from .dcp_plan import Flat, flatten, name_optimizers
 from .left_out import LeftOut
-from .logical_write import write_logical
 from .prepare import cast_targets, check_cast, input_files, key_ops
+from .ranks import Ranks
 
 Progress = Callable[[int], None]
-RANK_FILE = "__0_0.distcp"
 
 
 @dataclass
@@ -140,24 +136,6 @@ def _phase(ref: TensorRef, out: str) -> int | None:
     return (storage.offset + ref.storage_offset * ref.itemsize) % 4096
 
 
-def _data_writer(
-    sources: bytecopy.Sources, background: bytecopy.Background, cb: Progress | None
-) -> dcp_writer.WriteData:
-    def write(item: dcp_writer.TensorItem, fd: int) -> None:
-        storage = item.ref.storage
-        if isinstance(storage, LogicalStorage):
-            assert storage.tensor is not None
-            item.crc, item.job = write_logical(
-                storage.tensor, item.dtype, fd, item.start, sources, background, cb
-            )
-            return
-        it = Item(item.fqns[0], item.ref, item.dtype)
-        write_tensor(it, sources, fd, cb, background, True)
-        item.crc, item.job = it.crc, it.job
-
-    return write
-
-
 def to_dcp(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -173,72 +151,46 @@ def to_dcp(
     verify: bool = True,
     force: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
+    files: int = 1,
+    ranks: Ranks | None = None,
 ) -> DcpResult:
     """Write ``src`` as a DCP folder ``dst`` that ``torch.distributed.checkpoint.load`` reads.
 
     Args:
         src: a file, a Hugging Face or safetensors folder, a DCP or DeepSpeed folder.
         dst: the output folder (an existing DCP folder is replaced only with ``force``).
-        key: write only this entry (``"model"``), its keys at the top; ``model_only``: write
-            only the model state dict, its keys at the top.
-        under: nest what is written under this key (``"model"``: keys ``model.<name>``).
+        key, model_only: write only this entry (``"model"``) / the model state dict, its keys
+            at the top; under: nest what is written under this key (keys ``model.<name>``).
         not_parameters: patterns (``frozen.*``) of model keys that an optimizer numbering its
             parameters does not hold, when its naming is otherwise ambiguous.
         dtype: cast the model's floating-point weights (optimizer state keeps its dtypes).
         strip_prefix, add_prefix, replace_prefix: key surgery on the model state dict.
-        verify: read the folder back; force: replace an existing DCP folder at ``dst``.
-        progress: called with the total bytes; returns a callback fed bytes written.
+        verify: read the folder back; force: replace an existing DCP folder at ``dst``;
+        progress: called with the total bytes, returns a callback fed bytes written.
+        files, ranks: spread the tensors over ``files`` rank files (``__R_0.distcp``), or
+            write them with the processes ``ranks`` (each its own file; rank 0 ``.metadata``).
 
-    Optimizers that number their parameters are keyed by name (:mod:`.optim_names`), objects
-    written as plain values (:mod:`.dcp_plan`).
-
-    Example:
-        >>> to_dcp("best.pt", "ckpt/step-0")  # doctest: +SKIP
+    Numbered optimizers are keyed by name (:mod:`.optim_names`), objects made plain
+    (:mod:`.dcp_plan`). Example: ``to_dcp("best.pt", "ckpt/step-0")``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     check_cast(dtype)
     ckpt = open_checkpoint(src)
     dcp_writer.check_folder_target(input_files(ckpt), dst, force=force)
     refuse_dangerous(src, ckpt.verdict)
+    how = (key, model_only, under, tuple(not_parameters))
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
-    chosen, label, optimizers, renamed = _choose(
-        ckpt.root, src, (key, model_only, under, tuple(not_parameters)), ops
-    )
+    chosen, label, optimizers, renamed = _choose(ckpt.root, src, how, ops)
     flat = flatten(chosen, src, label)
     tensors, cast = _plan(flat, chosen, dtype, src)
     total = sum(t.nbytes for t in tensors)
     result = DcpResult(
         src, dst, ckpt.format, label, len(flat.tensors), len(tensors), len(flat.values), total,
         optimizers=optimizers, left_out=flat.left_out, replaced=flat.replaced, renamed=renamed,
-        cast=cast,
+        cast=cast, verified=verify,
     )  # fmt: skip
     values = [dcp_writer.ValueItem(f, p, v) for f, p, v in flat.values]
-    _write(dst, values, tensors, flat.order, verify, progress(total) if progress else None)
-    result.files = [os.path.join(dst, dcp_writer.METADATA), os.path.join(dst, RANK_FILE)]
-    result.verified = verify
+    cb = progress and progress(total)
+    names = write_folder(dst, values, tensors, flat.order, (verify, files, ranks), cb)
+    result.files = [os.path.join(dst, n) for n in [dcp_writer.METADATA, *names]]
     return result
-
-
-def _write(
-    dst: str,
-    values: list[dcp_writer.ValueItem],
-    tensors: list[dcp_writer.TensorItem],
-    order: list[str],
-    verify: bool,
-    cb: Progress | None,
-) -> None:
-    with (
-        contextlib.closing(bytecopy.Sources()) as sources,
-        atomic_folder(dst) as tmp,
-    ):
-        background = bytecopy.Background()
-        try:
-            write = _data_writer(sources, background, cb)
-            path = os.path.join(tmp, RANK_FILE)
-            dcp_writer.write_rank_file(path, RANK_FILE, values, tensors, write)
-        finally:
-            background.close()
-        entries = dcp_writer.entries_of(values, tensors, order)
-        dcp_writer.write_metadata(tmp, entries, os.path.basename(os.path.abspath(dst)))
-        if verify:
-            dcp_writer.verify_folder(tmp, values, tensors, order)

@@ -280,6 +280,7 @@ def atomic_folder(dst: str) -> Iterator[str]:
                     tmp = tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=parent)
                     _live[tmp] = "dir"
                     made.append(tmp)
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
                 yield tmp
                 for name in sorted(os.listdir(tmp)):
                     _fsync(os.path.join(tmp, name))

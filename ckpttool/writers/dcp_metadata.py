@@ -12,6 +12,7 @@ from its ``__getstate__`` tuple, ``torch.Size`` and the layout by a call.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,10 @@ def _properties(dtype: str, shared: dict[str, Any]) -> Opaque:
 
 
 def _storage_info(st: Stored) -> Opaque:
-    state = {"relative_path": st.relative_path, "offset": st.offset, "length": st.length}
+    # one string object per file name (the pickle memoises by identity: the same bytes
+    # whichever process built the record)
+    rel = sys.intern(st.relative_path)
+    state = {"relative_path": rel, "offset": st.offset, "length": st.length}
     return _new(_FS, "_StorageInfo", state)
 
 
@@ -125,6 +129,8 @@ def metadata_bytes(entries: list[Entry], checkpoint_id: str) -> bytes:
     planner = {}
     shared: dict[str, Any] = {}
     for entry in entries:
+        entry = Entry(sys.intern(entry.fqn), entry.path, entry.dtype, entry.shape,
+                      entry.chunks, entry.stored)  # fmt: skip
         sdm[entry.fqn] = _describe(entry, storage, shared)
         planner[entry.fqn] = tuple(entry.path)
 
