@@ -203,7 +203,7 @@ def verify_folder(
         raise fail("the keys differ from those written")
     by = dc.by_name()
     for v in values:
-        if dc.entries.get(v.fqn, _MISSING) != v.value:
+        if not _same(dc.entries.get(v.fqn, _MISSING), v.value):
             raise fail(f"value {v.fqn!r} reads back differently")
     for t in tensors:
         for fqn in t.fqns:
@@ -227,6 +227,18 @@ def verify_folder(
 
 
 _MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal plain values, a NaN equal to a NaN (a run's ``best_loss`` may be one)."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        same_kind = type(a) is type(b)
+        return same_kind and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and bool(a == b)
 
 
 def _dcp_file(name: str) -> bool:
