@@ -265,6 +265,20 @@ def test_an_optimizer_in_another_order_is_refused(tmp_path: Path) -> None:
         to_dcp(src, tmp_path / "out")
 
 
+def test_thousands_of_parameters_are_named(tmp_path: Path) -> None:
+    """No recursion: a model with 3,000 parameters and float buffers between some of them."""
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(1500)))
+    for i in range(0, 1500, 100):
+        model[i].register_buffer("scale", torch.ones(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, src)
+    to_dcp(src, tmp_path / "out", key="optimizer")
+    _equal(_back(tmp_path / "out"), _named_by_torch(model, opt))
+
+
 def test_an_optimizer_without_a_model_is_refused(tmp_path: Path) -> None:
     _, opt = _trained()
     src = tmp_path / "opt.pt"

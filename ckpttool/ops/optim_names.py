@@ -20,7 +20,6 @@ is refused as ambiguous, saying which parameters could not be told apart.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 from .. import dtypes
@@ -81,43 +80,42 @@ def _shape_of_state(state: Any) -> tuple[int, ...] | None:
 
 
 def _count(groups: list[list[tuple[int, ...] | None]], cands: list[tuple[int, ...]]) -> Any:
-    """(number of assignments capped at 2, one assignment) of the groups' parameters to
-    candidate positions: every group an order-preserving subsequence, no position used twice."""
-    n_groups = len(groups)
-    steps = [0]
+    """(number of assignments capped at 2, one assignment as (group, position) picks) of the
+    groups' parameters to candidate positions: every group an order-preserving subsequence,
+    no position used twice. A forward pass over the positions, one layer of states (how far
+    each group got) at a time, so that models with thousands of tensors need no recursion."""
+    n_groups, needed = len(groups), sum(len(g) for g in groups)
+    layer: dict[tuple[int, ...], tuple[int, Any]] = {(0,) * n_groups: (1, None)}
+    steps = 0
 
-    def fits(want: tuple[int, ...] | None, have: tuple[int, ...]) -> bool:
-        return want is None or want == have
+    def add(
+        into: dict[tuple[int, ...], tuple[int, Any]], key: tuple[int, ...], n: int, path: Any
+    ) -> None:
+        old = into.get(key)
+        into[key] = (n, path) if old is None else (min(2, old[0] + n), old[1])
 
-    @cache
-    def walk(j: int, progress: tuple[int, ...]) -> tuple[int, tuple[tuple[int, int], ...]]:
-        steps[0] += 1
-        if steps[0] > MAX_STEPS:
+    for j, have in enumerate(cands):
+        left = len(cands) - j - 1  # positions after this one
+        nxt: dict[tuple[int, ...], tuple[int, Any]] = {}
+        for progress, (n, path) in layer.items():
+            if needed - sum(progress) <= left:
+                add(nxt, progress, n, path)  # position j is not a parameter of the optimizer
+            for g in range(n_groups):
+                k = progress[g]
+                if k < len(groups[g]) and (groups[g][k] is None or groups[g][k] == have):
+                    key = (*progress[:g], k + 1, *progress[g + 1 :])
+                    if needed - sum(key) <= left:
+                        add(nxt, key, n, ((g, j), path))
+        layer = nxt
+        steps += len(layer)
+        if steps > MAX_STEPS:
             raise _TooMany
-        if all(progress[g] == len(groups[g]) for g in range(n_groups)):
-            return 1, ()
-        if j == len(cands):
-            return 0, ()
-        left = sum(len(groups[g]) - progress[g] for g in range(n_groups))
-        if left > len(cands) - j:
-            return 0, ()
-        total, best = walk(j + 1, progress)  # position j is not a parameter of the optimizer
-        for g in range(n_groups):
-            k = progress[g]
-            if k < len(groups[g]) and fits(groups[g][k], cands[j]):
-                nxt = (*progress[:g], k + 1, *progress[g + 1 :])
-                n, rest = walk(j + 1, nxt)
-                if n and not total:
-                    best = ((g, j), *rest)
-                total = min(2, total + n)
-            if total >= 2:
-                break
-        return total, best
-
-    try:
-        return walk(0, (0,) * n_groups)
-    finally:
-        walk.cache_clear()
+    count, path = layer.get(tuple(len(g) for g in groups), (0, None))
+    picks = []
+    while path is not None:
+        pick, path = path
+        picks.append(pick)
+    return count, tuple(reversed(picks))
 
 
 class _TooMany(Exception):
