@@ -322,6 +322,13 @@ class CaseResult:
         return sizes[-1] if sizes else None
 
 
+def _size(path: Path) -> int:
+    """A file's size, or the sum of a folder's files (an output folder: DCP, shards)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def remove_outputs(paths: Sequence[Path]) -> None:
     for p in paths:
         try:
@@ -408,7 +415,7 @@ def run_cases(
         stats = run_once(case.argv, env=case.env, capture_stdout=case.capture_stdout, tree=tree)
         if stats.returncode == 0 and case.outputs:
             try:
-                stats.output_bytes = sum(p.stat().st_size for p in case.outputs)
+                stats.output_bytes = sum(_size(p) for p in case.outputs)
             except OSError:
                 stats.output_bytes = None
         if stats.returncode != 0:

@@ -335,6 +335,23 @@ INPUT_KINDS: dict[str, tuple[Callable[[Spec, Path], None], Callable[[Path, Path]
 }
 
 
+def writer_cases(folder: Path, workdir: Path, writers: list[int], shard: str) -> list[Case]:
+    """``consolidate --max-shard-size`` by 1 process and under ``torchrun`` with N ranks (each
+    rank writes its share of the shards; the outputs are byte-identical)."""
+    env = {**python_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    rows = []
+    for n in writers:
+        out = workdir / f"shards-{n}"
+        args = ("consolidate", "-q", str(folder), str(out), "--max-shard-size", shard)
+        argv = ckpttool_argv(*args)
+        if n > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
+            argv = [*launch, "--master-port", "29533", "-m", "ckpttool", *args]
+        label = f"ckpttool consolidate IN OUT/ --max-shard-size {shard} ({n} writer(s))"
+        rows.append(Case(label, argv, [out], env=env))
+    return rows
+
+
 def copy_case(folder: Path, workdir: Path) -> Case:
     out = workdir / "copy-of-input"
     return Case(
@@ -374,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ranks", type=int, default=4, help="ranks (shard files), default 4")
     ap.add_argument("--no-adam", action="store_true", help="no AdamW state")
+    ap.add_argument(
+        "--writers",
+        default="",
+        help="also time sharded output by 1 and N torchrun ranks, e.g. 1,2 (model weights)",
+    )
+    ap.add_argument("--writer-shard-size", default="200MB", help="shard size for --writers")
     add_common_args(ap)
     args = ap.parse_args(argv)
     kinds = list(dict.fromkeys(args.kind or ["dcp"]))
@@ -388,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             if new:
                 made += [folder, args.workdir / f"{spec.name}.json"]
             cases = [copy_case(folder, args.workdir), *INPUT_KINDS[kind][1](folder, args.workdir)]
+            if args.writers:
+                writers = [int(n) for n in args.writers.split(",")]
+                shard = args.writer_shard_size
+                cases = [cases[0], *writer_cases(folder, args.workdir, writers, shard)]
             results = run_with_args(cases, args)
             failed |= any(r.failed for r in results)
             size = folder_bytes(folder)

@@ -33,6 +33,10 @@ REMEDIES = {
     "extract_torchscript": (
         "; use ckpttool.to_safetensors(..., all_tensors=True) to extract its tensors"
     ),
+    "not_parameters": (
+        "; name the model's keys the optimizer does not hold (frozen layers, buffers) with "
+        "not_parameters=('PATTERN',), or write the weights alone with model_only=True"
+    ),
 }
 
 

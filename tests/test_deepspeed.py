@@ -143,11 +143,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_CACHE: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def zero_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six DeepSpeed folders and their oracles (about 15-30 s on 2 cores, mostly imports)."""
+    return zero_folders(tmp_path_factory)
+
+
+def zero_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's DeepSpeed folders (made once, shared by test_deepspeed and test_to_dcp)."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install deepspeed to run the oracle tests)")
+    if "root" not in _CACHE:
+        _CACHE["root"] = _make_zero_folders(tmp_path_factory)
+    return _CACHE["root"]
+
+
+def _make_zero_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("zero")
     port = _free_port()
     procs = []

@@ -3,7 +3,8 @@
 Only this package imports click or names a flag. ``app``: the root group, error lines and
 exit codes, ``main`` and interruption; ``options``: options and helpers the commands share;
 ``fixes``: the library's fixes spelled as commands; ``inspect``: inspect and scan;
-``compare``: diff and check; ``write``: convert, to-safetensors and consolidate.
+``compare``: diff and check; ``write``: convert, to-safetensors and consolidate; ``dcp``:
+to-dcp.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if signals.running_as("ckpttool"):
     # their own handlers.
     signals.install(defer=True)
 
-from . import compare, inspect, write  # the command modules register their commands on cli
+from . import compare, dcp, inspect, write  # the command modules register their commands on cli
 from .app import EPILOG, REMEDIES, cli, error_line, main
 
-__all__ = ["EPILOG", "REMEDIES", "cli", "compare", "error_line", "inspect", "main", "write"]
+__all__ = ["EPILOG", "REMEDIES", "cli", "compare", "dcp", "error_line", "inspect", "main", "write"]

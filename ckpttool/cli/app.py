@@ -46,6 +46,8 @@ REMEDIES = {
     "allow_class_references": "; pass --allow-user-classes to write them",
     "allow_user_classes": "; pass --allow-user-classes to write them, or --plain-objects to "
     "replace them",
+    "not_parameters": "; name the model's keys the optimizer does not hold (frozen layers, "
+    "buffers) with --not-param PATTERN, or write the weights alone with --model-only",
 }
 
 

@@ -260,21 +260,29 @@ def _consolidate_folder(
     """Consolidate a folder of shards and report it (consolidate, and convert/to-safetensors
     given a folder)."""
     from ..ops.consolidate import consolidate as do_consolidate
+    from ..ops.ranks import Ranks
     from ..render import escape
 
     kwargs = {k: v for k, v in kwargs.items() if k != "key"}
-    result = run_writer(
-        quiet,
-        lambda progress: do_consolidate(
-            input_path,
-            output_path,
-            select=select,
-            max_shard_size=shard,
-            output_format=fmt,
-            progress=progress,
-            **kwargs,
-        ),
-    )
+    ranks = Ranks.from_environment()  # under torchrun: the ranks write together
+    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    try:
+        result = run_writer(
+            quiet,
+            lambda progress: do_consolidate(
+                input_path,
+                output_path,
+                select=select,
+                max_shard_size=shard,
+                output_format=fmt,
+                progress=progress,
+                ranks=ranks,
+                **kwargs,
+            ),
+        )
+    finally:
+        if ranks is not None:
+            ranks.close()
     if quiet:
         return
     if result.renamed:
@@ -315,14 +323,15 @@ def consolidate(
     max_shard_size: str | None,
     **opts: Any,
 ) -> None:
-    """Merge a distributed checkpoint folder (DCP/FSDP, DeepSpeed ZeRO) into one file.
+    """Merge a distributed checkpoint folder (DCP/FSDP, DeepSpeed ZeRO, per-rank) into one file.
 
     Writes the model state dict (what load_state_dict accepts) by default, as a torch zip
     (.pt) or, for an OUTPUT ending in .safetensors, as safetensors: for DCP the model's
     tensors as saved, for ZeRO-1/2/3 the fp32 master weights rebuilt from the partitions (as
-    DeepSpeed's zero_to_fp32 does). --all writes the whole nested object (as torch's
-    dcp_to_torch_save does), --key one entry (e.g. optim). Each tensor is copied range by range
-    from its shards: memory stays flat, torch and DeepSpeed are not needed.
+    DeepSpeed's zero_to_fp32 does), for per-rank DTensor saves (model_world_size_W_rank_R.pt)
+    the local shards placed as their placements say. --all writes the whole nested object (as
+    torch's dcp_to_torch_save does), --key one entry (e.g. optim). Each tensor is copied range
+    by range from its shards: memory stays flat, torch and DeepSpeed are not needed.
 
     \b
     Example:

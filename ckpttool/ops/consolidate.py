@@ -31,6 +31,7 @@ from ..writers.shards import write_shards
 from .keys import KeyCollisionError, KeyOps
 from .logical_write import Progress, logical, out_dtype, write_pt, write_st
 from .prepare import check_cast, key_ops, open_source, remaining_globals
+from .ranks import Ranks, rank0_writes, write_shards_together
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def _rename_model(
+def rename_model(
     chosen: Any, ops: KeyOps, src: str
 ) -> tuple[Any, int, list[tuple[str, str]]]:
     """Apply the key operations to the model state dict inside ``chosen``: (the result, the
@@ -154,6 +155,7 @@ def consolidate(
     force: bool = False,
     allow_user_classes: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
+    ranks: Ranks | None = None,
 ) -> ConsolidateResult:
     """Write one ``.pt`` or safetensors file from a folder of shards (a ConsolidateResult).
 
@@ -172,6 +174,8 @@ def consolidate(
         force: replace an existing output.
         allow_user_classes: write user classes that entries hold (as ``convert``).
         progress: called with the total bytes; returns a callback fed bytes written.
+        ranks: the processes writing together (``Ranks.from_environment()`` under torchrun):
+            each writes its share of the shards, rank 0 the index; one file: rank 0 writes it.
 
     Example:
         >>> consolidate("ckpt/step-100", "model.safetensors")  # doctest: +SKIP
@@ -183,7 +187,7 @@ def consolidate(
     dc = _distributed(ckpt, src)
     chosen, label = _select(ckpt, select)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
-    chosen, renamed, idle = _rename_model(chosen, ops, src)
+    chosen, renamed, idle = rename_model(chosen, ops, src)
     if fmt == "pt":  # objects go into a .pt only: user classes need consent, as in convert
         unsafe, consent = remaining_globals(chosen), allow_user_classes
         check_writable(src, ckpt.verdict, unsafe, allow_user_classes=consent)
@@ -192,13 +196,34 @@ def consolidate(
         notes=_notes(dc, select), idle=idle,
     )  # fmt: skip
     total = _count(chosen, dtype, result)
-    cb = progress(total) if progress else None
+    args = (chosen, ckpt.root, dtype, limit, verify, progress and progress(total), result, ranks)
+    if ranks is not None and ranks.world > 1 and limit is None:
+        rank0_writes(lambda: _write(src, dst, fmt, *args), ranks)  # one file: rank 0 writes it
+    else:
+        _write(src, dst, fmt, *args)
+    result.verified = verify
+    return result
+
+
+def _write(
+    src: str,
+    dst: str,
+    fmt: str,
+    chosen: Any,
+    root: Any,
+    dtype: str | None,
+    limit: int | None,
+    verify: bool,
+    cb: Progress | None,
+    result: ConsolidateResult,
+    ranks: Ranks | None,
+) -> None:
     with contextlib.closing(bytecopy.Sources()) as sources:
         if fmt == "pt":
             result.files = _consolidate_pt(dst, chosen, dtype, verify, sources, cb)
         else:
-            _consolidate_st(src, dst, chosen, ckpt.root, dtype, limit, verify, sources, cb, result)
-    return result
+            args = (chosen, root, dtype, limit, verify, sources, cb, result, ranks)
+            _consolidate_st(src, dst, *args)
 
 
 def _notes(dc: Any, select: str) -> list[str]:
@@ -285,6 +310,7 @@ def _consolidate_st(
     sources: bytecopy.Sources,
     cb: Progress | None,
     result: ConsolidateResult,
+    ranks: Ranks | None = None,
 ) -> None:
     items, result.left_out = _safetensors_items(src, chosen, dtype)
     meta = {**_scalars(root), "format": "pt"}
@@ -295,10 +321,15 @@ def _consolidate_st(
                 verify_file(tmp, items, meta, sources, phased(cb))
         result.files = [dst]
         return
+
     def write_one(path: str, shard: list[Item]) -> None:
         write_st(path, shard, meta, sources, cb, verify)
         if verify:
             verify_file(path, shard, meta, sources, phased(cb))
 
     total = sum(it.nbytes for it in items)
-    result.files = write_shards(dst, assign_shards(items, [], limit), total, write_one)
+    shards = assign_shards(items, [], limit)
+    if ranks is not None and ranks.world > 1:
+        result.files = write_shards_together(dst, shards, total, write_one, ranks)
+    else:
+        result.files = write_shards(dst, shards, total, write_one)

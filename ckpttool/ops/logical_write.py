@@ -85,7 +85,7 @@ def _write_cast(
     return crc
 
 
-def _write_tensor(
+def write_logical(
     tensor: LogicalTensor,
     dtype: str,
     fd: int,
@@ -153,7 +153,7 @@ def write_pt(
         for out in outs:
             assert isinstance(out.source, LogicalStorage) and out.source.tensor is not None
             start = zw.begin(f"{archive}/data/{out.key}", out.nbytes)
-            crc, job = _write_tensor(
+            crc, job = write_logical(
                 out.source.tensor, out.dtype, fd, start, sources, background, cb
             )
             out.crc = crc
@@ -207,7 +207,7 @@ def write_st(
         bytecopy.write_all(fd, header)
         for it in items:
             start = len(header) + it.begin
-            it.crc, it.job = _write_tensor(
+            it.crc, it.job = write_logical(
                 logical(it.ref), it.dtype, fd, start, sources, background, cb
             )
         end = os.lseek(fd, 0, os.SEEK_CUR)

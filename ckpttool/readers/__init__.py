@@ -122,6 +122,14 @@ def open_checkpoint(
         chosen = choose(path)  # the weights transformers loads, or the folder's one index
         if chosen is not None:
             path = chosen.path
+        else:
+            from . import per_rank
+
+            why = per_rank.incomplete(path)
+            if why:
+                raise CheckpointError(path, why)
+            if per_rank.is_per_rank_folder(path):  # torch.save(state_dict) in every rank
+                return _open_distributed(path, per_rank.read)
     size = _check_file(path)
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
@@ -215,15 +223,23 @@ def _refuse_unproven(path: str, verdict: Verdict) -> None:
 
 
 def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed)."""
+    """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed,
+    per-rank DTensor saves)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return False
     if os.path.isfile(os.path.join(path, ".metadata")):
         return True
-    from . import deepspeed
+    from . import deepspeed, per_rank
+    from .hf_folder import choose
 
-    return bool(deepspeed.is_deepspeed_folder(path))
+    if deepspeed.is_deepspeed_folder(path):
+        return True
+    try:
+        model_folder = choose(path) is not None
+    except CheckpointError:  # a config.json naming weights that are missing: not per-rank
+        return False
+    return not model_folder and per_rank.is_per_rank_folder(path)
 
 
 def _open_distributed(
@@ -249,7 +265,7 @@ def _open_distributed(
         _refuse_dangerous(path, exc, verdict)
         raise
     _refuse_unproven(path, verdict)
-    ckpt = as_checkpoint(dc, list(seen))
+    ckpt = dc if isinstance(dc, Checkpoint) else as_checkpoint(dc, list(seen))
     ckpt.verdict = verdict
     return ckpt
 

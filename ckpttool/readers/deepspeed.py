@@ -246,7 +246,7 @@ def _entries(ds: _Folder) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
     }
     base = ds.osd0.get("base_optimizer_state" if ds.stage <= 2 else "optimizer_state_dict")
     if isinstance(base, dict) and isinstance(base.get("param_groups"), list):
-        extra["param_groups"] = base["param_groups"]
+        extra["param_groups"] = zl.named_groups(base["param_groups"], ds.model0.get("param_shapes"))
     for key, value in extra.items():
         entries[f"{OPTIMIZER_KEY}.{key}"] = _plain(value)
         paths[f"{OPTIMIZER_KEY}.{key}"] = (OPTIMIZER_KEY, key)

@@ -70,7 +70,7 @@ class DistributedCheckpoint:
     """What a distributed-checkpoint reader found in a folder, without reading tensor bytes."""
 
     path: str  # the folder
-    kind: str  # "dcp", "zero-1", "zero-2", "zero-3"
+    kind: str  # "dcp", "zero-1", "zero-2", "zero-3", "per-rank"
     world_size: int
     files: list[tuple[str, int]]  # every file read, with its size
     tensors: list[LogicalTensor]
@@ -349,6 +349,7 @@ KIND_NAMES = {
     "zero-1": "DeepSpeed ZeRO-1",
     "zero-2": "DeepSpeed ZeRO-2",
     "zero-3": "DeepSpeed ZeRO-3",
+    "per-rank": "per-rank DTensor saves (torch.save in every rank)",
 }
 
 

@@ -248,3 +248,21 @@ def group_states(osd: dict[str, Any], stage: int) -> list[dict[str, Any]]:
         return []
     found = sorted((k, s) for k, s in state.items() if isinstance(k, int) and isinstance(s, dict))
     return [s for _, s in found]
+
+
+def named_groups(groups: list[Any], shapes: Any) -> list[Any]:
+    """The base optimizer's param groups with ``params`` naming the parameters, as torch's
+    ``get_optimizer_state_dict`` names them: DeepSpeed numbers its flat groups (ZeRO-3: several
+    sub-groups per param group), and ``param_shapes[i]`` lists flat group ``i``'s parameters.
+    Groups whose numbers do not fit ``param_shapes`` keep their numbers."""
+    if not isinstance(shapes, list) or not all(isinstance(d, dict) for d in shapes):
+        return groups
+    out = []
+    for group in groups:
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)) or any(
+            not 0 <= i < len(shapes) for i in ids
+        ):
+            return groups
+        out.append({**group, "params": [str(n) for i in ids for n in shapes[i]]})
+    return out

@@ -345,6 +345,57 @@ def atomic_shards(dst: str) -> Iterator[str]:
                 _forget(path)
 
 
+@contextlib.contextmanager
+def atomic_folder(dst: str) -> Iterator[str]:
+    """Yield a temp folder beside ``dst``; on success its files are synced and it replaces
+    ``dst`` as a whole (a previous ``dst`` is moved aside, then deleted).
+
+    Used for outputs that are a folder of their own (a DCP checkpoint). The caller has checked
+    that replacing an existing ``dst`` is wanted. On failure ``dst`` is as it was.
+    """
+    dst = os.path.abspath(resolve_output(dst))
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise CheckpointError(dst, f"output folder {parent} does not exist")
+    made: list[str] = []
+    try:
+        with interrupts_as_errors(dst):
+            try:
+                with signals.held():
+                    prefix = "." + os.path.basename(dst) + "."
+                    tmp = tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=parent)
+                    _live[tmp] = "dir"
+                    made.append(tmp)
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+                yield tmp
+                for name in sorted(os.listdir(tmp)):
+                    _fsync(os.path.join(tmp, name))
+                _fsync_dir(tmp)
+                with signals.held():
+                    signals.check()  # one swallowed on its way still stops the commit
+                    if os.path.lexists(dst):
+                        old = tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=parent)
+                        _live[old] = "dir"
+                        made.append(old)
+                        os.rename(dst, os.path.join(old, "old"))
+                        try:
+                            os.rename(tmp, dst)
+                        except OSError:
+                            os.rename(os.path.join(old, "old"), dst)
+                            raise
+                    else:
+                        os.rename(tmp, dst)
+                    _live.pop(tmp, None)
+                    _written.append(dst)
+            except OSError as exc:
+                raise CheckpointError(dst, describe_os_error(exc)) from None
+        _fsync_dir(parent)
+    finally:
+        with signals.held():
+            for path in reversed(made):
+                _forget(path)
+
+
 def _replace_shards(dst: str, tmp: str, old: str, new: list[str]) -> None:
     """Move the shards in ``dst`` into ``old``, then ``new`` from ``tmp`` into ``dst``; on an
     OS error put everything back as it was."""

@@ -33,12 +33,19 @@ class _Entry:
 
 
 class ZipWriter:
-    """Writes entries sequentially to an open file descriptor."""
+    """Writes entries sequentially to an open file descriptor.
 
-    def __init__(self, fd: int) -> None:
+    ``base`` is where the archive begins in the file (a DCP item is a zip inside a larger
+    file): the offsets the archive records are relative to it, and ``align`` pads data to
+    offsets relative to it too.
+    """
+
+    def __init__(self, fd: int, base: int | None = None) -> None:
         self.fd = fd
         self.pos = os.lseek(fd, 0, os.SEEK_CUR)
+        self.base = self.pos if base is None else base
         self.entries: list[_Entry] = []
+        self.central: list[int] = []  # absolute offset of each entry's central record
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -56,7 +63,7 @@ class ZipWriter:
         raw = name.encode("utf-8")
         zip64 = size >= _U32
         extra = struct.pack("<2H2Q", 1, 16, size, size) if zip64 else b""
-        base = self.pos + _LOCAL.size + len(raw) + len(extra)
+        base = self.pos - self.base + _LOCAL.size + len(raw) + len(extra)
         pad = (phase - base) % align
         if pad:
             while pad < 4:
@@ -75,11 +82,11 @@ class ZipWriter:
             len(raw),
             len(extra),
         )
-        entry = _Entry(raw, self.pos, 0, size, crc, zip64)
+        entry = _Entry(raw, self.pos - self.base, 0, size, crc, zip64)
         self._write(header + raw + extra)
         entry.data_offset = self.pos
         self.entries.append(entry)
-        return entry.data_offset
+        return entry.data_offset  # absolute
 
     def end(self) -> None:
         """Check that the last entry's data was written in full (callers write to ``fd``)."""
@@ -96,11 +103,15 @@ class ZipWriter:
         """Patch an entry's CRC-32 in its local header (computed after its data was copied)."""
         entry = self.entries[index]
         entry.crc = crc
-        os.pwrite(self.fd, struct.pack("<I", crc), entry.header_offset + 14)
+        os.pwrite(self.fd, struct.pack("<I", crc), self.base + entry.header_offset + 14)
+        if index < len(self.central):  # already finished: its central record too
+            os.pwrite(self.fd, struct.pack("<I", crc), self.central[index] + 16)
 
     def finish(self) -> None:
-        cd_start = self.pos
+        cd_start = self.pos - self.base
         chunks = []
+        self.central = []
+        at = self.pos
         for e in self.entries:
             fields64 = []
             usize = csize = e.size
@@ -140,11 +151,13 @@ class ZipWriter:
                 + e.name
                 + extra
             )
+            self.central.append(at)
+            at += len(chunks[-1])
         self._write(b"".join(chunks))
-        cd_size = self.pos - cd_start
+        cd_size = self.pos - self.base - cd_start
         n = len(self.entries)
         if n >= 0xFFFF or cd_start >= _U32 or cd_size >= _U32:
-            eocd64 = self.pos
+            eocd64 = self.pos - self.base
             self._write(_EOCD64.pack(b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
             self._write(_LOCATOR64.pack(b"PK\x06\x07", 0, eocd64, 1))
             self._write(

@@ -1,0 +1,114 @@
+"""``to-dcp``: a torch.distributed.checkpoint folder from any checkpoint, for FSDP to resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .app import EPILOG, cli, writes
+from .fixes import left_out_text
+from .options import key_options, run_writer, writer_kwargs
+
+
+@cli.command(name="to-dcp", epilog=EPILOG)
+@click.argument("input_path", metavar="INPUT", type=str)
+@click.argument("output_path", metavar="FOLDER", type=str)
+@key_options
+@click.option(
+    "--model-only", is_flag=True, help="Write only the model state dict, its keys at the top."
+)
+@click.option(
+    "--under",
+    metavar="KEY",
+    help="Nest what is written under KEY (e.g. model: keys model.<name>).",
+)
+@click.option(
+    "--not-param",
+    "not_parameters",
+    multiple=True,
+    metavar="PATTERN",
+    help="Model keys a numbered optimizer does not hold (e.g. 'frozen.*'), to name it.",
+)
+def to_dcp(
+    input_path: str,
+    output_path: str,
+    model_only: bool,
+    under: str | None,
+    not_parameters: tuple[str, ...],
+    **opts: Any,
+) -> None:
+    """Write a torch.distributed.checkpoint (DCP) folder that FSDP jobs dcp.load.
+
+    INPUT is any checkpoint ckpttool reads: a .pt, a safetensors file or folder, a Hugging
+    Face folder, a DeepSpeed ZeRO folder or a DCP folder. FOLDER gets .metadata and
+    __0_0.distcp as dcp.save writes them; dcp.load reshards each tensor to the loading job's
+    world size. By default everything is written with its nesting (as torch_save_to_dcp
+    does); an optimizer state dict that numbers its parameters is keyed by the model's
+    parameter names, as get_state_dict keys it (refused if they cannot be told apart).
+    Tensors are copied, not loaded: memory stays flat, torch is not needed.
+
+    \b
+    Example:
+      ckpttool to-dcp best.pt ckpt/step-0
+      ckpttool to-dcp hf-model/ ckpt/step-0 --under model
+      ckpttool to-dcp ds_ckpt/ ckpt/step-0 --model-only --dtype bfloat16
+    """
+    writes(output_path)
+    from ..ops.ranks import Ranks
+    from ..ops.to_dcp import to_dcp as do_to_dcp
+
+    quiet, kwargs = writer_kwargs(opts)
+    if model_only and kwargs.get("key") is not None:
+        raise click.UsageError("--model-only writes the model, --key one entry: give one")
+    ranks = Ranks.from_environment()  # under torchrun: each rank writes its own file
+    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    try:
+        result = run_writer(
+            quiet,
+            lambda progress: do_to_dcp(
+                input_path,
+                output_path,
+                model_only=model_only,
+                under=under,
+                not_parameters=not_parameters,
+                progress=progress,
+                ranks=ranks,
+                **kwargs,
+            ),
+        )
+    finally:
+        if ranks is not None:
+            ranks.close()
+    if not quiet:
+        _report(result, output_path, kwargs.get("dtype"))
+
+
+def _report(result: Any, output_path: str, dtype: str | None) -> None:
+    from ..render import escape
+
+    if result.renamed:
+        click.echo(f"renamed {result.renamed} keys", err=True)
+    for path in result.optimizers:
+        where = f"'{escape(path)}'" if path else "(root)"
+        click.echo(f"named the parameters of optimizer {where} by their model keys", err=True)
+    for r in result.replaced:
+        click.echo(f"replaced {escape(r)} by a plain value", err=True)
+    if result.cast:
+        click.echo(f"cast {result.cast} tensors to {dtype}", err=True)
+    for item in result.left_out:
+        click.echo(f"left out: {escape(left_out_text(item))}", err=True)
+    check = "verified" if result.verified else "not verified"
+    shared = f" ({result.items} stored)" if result.items != result.tensors else ""
+    click.echo(
+        f"wrote {escape(output_path)}: {escape(result.selected)}, {result.tensors} tensors"
+        f"{shared} and {result.values} values ({check})",
+        err=True,
+    )
+
+
+for _param in to_dcp.params:
+    if _param.name == "key":
+        _param.help = "Write only this entry (e.g. model), its keys at the top."
+    elif _param.name == "dtype":
+        _param.help = "Cast the model's floating-point weights (optimizer state is kept)."
