@@ -171,8 +171,7 @@ def consolidate(
         max_shard_size, output_format: bytes (or ``"5GB"``) per safetensors shard; ``"pt"``
             or ``"safetensors"`` (default: from ``dst``'s suffix).
         verify: read every tensor back and re-open the output before it replaces ``dst``.
-        force: replace an existing output.
-        allow_user_classes: write user classes that entries hold (as ``convert``).
+        force, allow_user_classes: replace an existing output; write user classes (convert).
         progress: called with the total bytes; returns a callback fed bytes written.
         ranks: the processes writing together (``Ranks.from_environment()`` under torchrun):
             each writes its share of the shards, rank 0 the index; one file: rank 0 writes it.
@@ -188,9 +187,7 @@ def consolidate(
     chosen, label = _select(ckpt, select)
     ops = key_ops(strip_prefix, add_prefix, replace_prefix)
     chosen, renamed, idle = rename_model(chosen, ops, src)
-    if fmt == "pt":  # objects go into a .pt only: user classes need consent, as in convert
-        unsafe, consent = remaining_globals(chosen), allow_user_classes
-        check_writable(src, ckpt.verdict, unsafe, allow_user_classes=consent)
+    _consent(src, ckpt, chosen if fmt == "pt" else None, allow_user_classes)
     result = ConsolidateResult(
         src, dst, dc.kind, dc.world_size, fmt, label, 0, 0, renamed=renamed, verified=verify,
         notes=_notes(dc, select), idle=idle,
@@ -203,6 +200,14 @@ def consolidate(
         _write(src, dst, fmt, *args)
     result.verified = verify
     return result
+
+
+def _consent(src: str, ckpt: Checkpoint, chosen: Any, allow_user_classes: bool) -> None:
+    """Objects go into a ``.pt`` only (``chosen`` None: safetensors, tensors only): user
+    classes need consent, as in ``convert``."""
+    if chosen is not None:
+        unsafe = remaining_globals(chosen)
+        check_writable(src, ckpt.verdict, unsafe, allow_user_classes=allow_user_classes)
 
 
 def _write(

@@ -163,7 +163,8 @@ def scan_one(path: str) -> FileScan:
     worst = verdict.kind
     label = worst if worst in (DANGEROUS, USER, UNREADABLE) else SAFE
     deciding = tuple(g for g in verdict.globals if g.kind == worst) if label != SAFE else ()
-    reasons = tuple(verdict.reasons(label)) if label != SAFE else ()
+    others = [r for k, r in verdict.problems if k != label]
+    reasons = tuple(verdict.reasons(label) + others) if label != SAFE else ()
     error = reasons[0] if label == UNREADABLE and reasons else None
     return FileScan(
         path, label, kind, deciding, verdict.globals, verdict.notes, error, reasons

@@ -104,32 +104,12 @@ def open_checkpoint(
     """
     path = os.fspath(path)
     chosen = None
-    if is_url(path):
-        if _allow_index:
-            chosen = _remote_target(path)
-            path = chosen.path if chosen is not None else path
-    elif _allow_index and os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
-        return _open_distributed(path)
-    elif _allow_index and os.path.isdir(path):
-        from . import deepspeed
-
-        if deepspeed.is_deepspeed_folder(path):
-            # only the files of the tag being read decide the verdict, not older tags beside it
-            return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
-    if _allow_index and not is_url(path) and os.path.isdir(path):
-        from .hf_folder import choose
-
-        chosen = choose(path)  # the weights transformers loads, or the folder's one index
-        if chosen is not None:
-            path = chosen.path
-        else:
-            from . import per_rank
-
-            why = per_rank.incomplete(path)
-            if why:
-                raise CheckpointError(path, why)
-            if per_rank.is_per_rank_folder(path):  # torch.save(state_dict) in every rank
-                return _open_distributed(path, per_rank.read)
+    if _allow_index:
+        found = _layout(path)
+        if isinstance(found, Checkpoint):  # a folder of shards, read as one checkpoint
+            return found
+        if found is not None:  # a model folder (or URL): the weights it serves
+            chosen, path = found, found.path
     size = _check_file(path)
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
@@ -158,6 +138,32 @@ def open_checkpoint(
     if chosen is not None:  # opened from a folder: which file, and the weight sets ignored
         ckpt.facts["folder"] = chosen.fact()
     return ckpt
+
+
+def _layout(path: str) -> Checkpoint | FolderWeights | None:
+    """What a folder (or folder URL) opens as: a folder of shards (DCP, DeepSpeed, per-rank
+    saves) read as one checkpoint, or the weights file a model folder serves; None for a file."""
+    if is_url(path):
+        return _remote_target(path)
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return _open_distributed(path)
+    from . import deepspeed, per_rank
+    from .hf_folder import choose
+
+    if deepspeed.is_deepspeed_folder(path):
+        # only the files of the tag being read decide the verdict, not older tags beside it
+        return _open_distributed(path, deepspeed.read, deepspeed.tag_folder(path) or path)
+    chosen = choose(path)  # the weights transformers loads, or the folder's one index
+    if chosen is not None:
+        return chosen
+    why = per_rank.incomplete(path)
+    if why:
+        raise CheckpointError(path, why)
+    if per_rank.is_per_rank_folder(path):  # torch.save(state_dict) in every rank
+        return _open_distributed(path, per_rank.read)
+    return None
 
 
 def _remote_target(url: str) -> FolderWeights | None:

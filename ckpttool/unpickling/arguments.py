@@ -184,3 +184,9 @@ _RULES: dict[str, _Rule] = {
     "_codecs.encode": _encode,
 }
 VETTED_ARGUMENTS = TENSOR_TYPES | ARRAY_TYPES | BIT_GENERATORS | TORCH_ON_IMPORT
+
+
+def builds_given_class(name: str) -> bool:
+    """Whether the allowlisted callable ``name`` calls or instantiates what it is given (its
+    result may then be an object of any class)."""
+    return name in _RULES and name not in ("_codecs.encode", "collections.defaultdict")

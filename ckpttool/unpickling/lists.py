@@ -61,7 +61,10 @@ TORCH_ON_IMPORT: frozenset[str] = frozenset(
         "torch.distributed.tensor._dtensor_spec.TensorMeta torch.distributed.tensor.DTensor "
         "torch.distributed.tensor.placement_types.Partial "
         "torch.distributed.tensor.placement_types.Replicate "
-        "torch.distributed.tensor.placement_types.Shard"
+        "torch.distributed.tensor.placement_types.Shard "
+        "torch.distributed.tensor.placement_types._StridedShard "
+        "torch.distributed.tensor._dtensor_spec.ShardOrderEntry "
+        "torch.distributed._mesh_layout._FlatLayout torch.distributed._mesh_layout._MeshLayout"
     )
 )
 # torch constants that protocol 4 pickles through an attribute path of a torch module

@@ -39,6 +39,7 @@ from .lists import (
     TORCH_ALLOWED,
     TORCH_CONSTANTS,
     TORCH_ON_IMPORT,
+    VETTED,
 )
 from .opscan import SCALARS, GlobalRef, PickleWalk, Value
 
@@ -150,6 +151,13 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
     for target, _state in w.built:
         if target.kind == "global" and target.gref is not None:
             target.gref.uses.add("mutated")
+    for g in w.globals:  # what a vetted callable returns is never callable: the load stops
+        # (those that build a class they are given may return a callable object: not these)
+        vetted = g.full in VETTED and not arguments.builds_given_class(g.full)
+        if "result called" in g.uses and vetted and g.opcode != "EXT":
+            g.uses.discard("result called")
+            g.uses.add("its result called (not callable: the load stops)")
+            problems.append((UNREADABLE, f"calls what {g.full} returns, which is not callable"))
     return [(g, *_kind(g, shapes.get(id(g), set()), extra.get(id(g)))) for g in w.globals]
 
 

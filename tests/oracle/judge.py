@@ -33,6 +33,8 @@ class Unit:
     deciding: list[str] = field(default_factory=list)
     scanned: list[str] = field(default_factory=list)
     scan_error: str | None = None
+    ambiguous: bool = False  # ckpttool found readers that would read the file differently
+    mutates: bool = False  # a deciding global is a class the pickle changes
 
 
 def _worst(verdicts: list[str]) -> str:
@@ -57,7 +59,10 @@ def ckpttool_units(path: str | os.PathLike[str], kind: str | None = None) -> lis
         if not os.path.isfile(f.path):  # fifos, dangling links, missing files: nothing to load
             continue
         k = kind if kind == "jit" and os.path.samefile(f.path, p) else None
-        out.append(Unit(f.path, k, f.verdict, [g.name for g in f.deciding], [f.path], f.error))
+        unit = Unit(f.path, k, f.verdict, [g.name for g in f.deciding], [f.path], f.error)
+        unit.ambiguous = any("ambiguous" in r for r in f.reasons)
+        unit.mutates = any("mutated" in g.uses for g in f.deciding)
+        out.append(unit)
     return out
 
 
@@ -73,6 +78,10 @@ def check(unit: Unit, obs: Observation) -> tuple[str | None, str | None]:
             where = "before any global" if obs.reached_no_global else "before"
             note = f"dangerous {unreached}: torch stopped {where} ({obs.error})"
             return None, note
+        if unit.ambiguous:  # the dangerous pickle is what another reading of the zip runs
+            return None, f"dangerous {unit.deciding} in a reading of an ambiguous archive"
+        if unit.mutates and not obs.loaded_ok:  # a C type refused the change; a class would not
+            return None, f"dangerous: changes {unit.deciding} ({obs.error})"
         return (
             f"ckpttool: dangerous {unit.deciding}; torch ran only allowlisted code "
             f"(globals {sorted(set(obs.resolved_globals))}) [{_status(obs)}]",
