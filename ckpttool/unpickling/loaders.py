@@ -240,23 +240,24 @@ def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> byt
     return None
 
 
-def _count(w: PickleWalk, what: str, found: Found) -> int | None:
+def _count(data: bytes, what: str, found: Found) -> tuple[int, int] | None:
+    """The count pickled first in a tar member (storages, tensors), and where it ends."""
+    w = found.walk(data, 0, len(data), what, "none")
     v = w.value
     if w.end is None:
         return None
     if v is None or v.kind != "int" or v.num is None or not 0 <= v.num <= MAX_COUNT:
         found.problem(UNREADABLE, f"{what}: a count the walk cannot read")
         return None
-    return v.num
+    return v.num, w.end
 
 
 def _tar_storages(data: bytes, what: str, found: Found) -> bool:
     what = f"{what}: tar 'storages'"
-    w = found.walk(data, 0, len(data), what, "none")
-    num = _count(w, what, found)
-    if num is None or w.end is None:
+    counted = _count(data, what, found)
+    if counted is None:
         return False
-    pos = w.end
+    num, pos = counted
     for i in range(num):
         w = found.walk(data, pos, len(data), f"{what} (storage {i})", "none")
         args = w.value.items if w.end is not None and w.value is not None else None
@@ -282,11 +283,10 @@ def _storage_size(name: str) -> int | None:
 
 def _tar_tensors(data: bytes, what: str, found: Found) -> bool:
     what = f"{what}: tar 'tensors'"
-    w = found.walk(data, 0, len(data), what, "none")
-    num = _count(w, what, found)
-    if num is None or w.end is None:
+    counted = _count(data, what, found)
+    if counted is None:
         return False
-    pos = w.end
+    num, pos = counted
     for i in range(num):
         w = found.walk(data, pos, len(data), f"{what} (tensor {i})", "none")
         if w.end is None or w.end + 8 > len(data):
