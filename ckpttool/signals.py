@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
@@ -95,10 +97,27 @@ def install(*, defer: bool = False) -> None:
             handle(sig)
     except ValueError:  # not the main thread
         return
+    if not _installed:
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
     _installed = True
     if defer and not _deferred:
         _deferred = True
         _hold += 1
+
+
+def _unraisable(previous: Any) -> Any:
+    """A signal that lands in a callback Python cannot raise from (a weakref callback of the
+    import machinery, a finalizer) is swallowed there: say nothing, and let the next
+    :func:`check` raise it again."""
+
+    def hook(args: Any) -> None:
+        global _raised
+        if isinstance(args.exc_value, Interrupted):
+            _raised = False
+            return
+        previous(args)
+
+    return hook
 
 
 def release() -> None:
