@@ -157,7 +157,8 @@ DENY_NAMES = frozenset(
             )
         ),
         *_w(
-            "torch.load torch.storage._load_from_bytes torch.serialization.load torch._C._jit_load "
+            "torch.load torch.save torch.serialization.save torch.storage._load_from_bytes "
+            "torch.serialization.load torch._C._jit_load "
             "torch.hub.load torch.hub.load_state_dict_from_url torch.jit.load "
             "torch._utils._rebuild_xla_tensor torch.utils.collect_env.run "
             "torch.fx.graph_module._exec_with_source numpy.load numpy.loadtxt numpy.fromfile "

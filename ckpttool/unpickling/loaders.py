@@ -202,16 +202,17 @@ def tar_file(f: Any, what: str, found: Found) -> bool:
         tar = tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError, ValueError):
         return False
-    with tar:
-        data = {}
-        for name in ("storages", "tensors", "pickle"):
+    with tar:  # in torch's order: what ran before a failure counts
+        steps = (("storages", _tar_storages), ("tensors", _tar_tensors), ("pickle", _tar_pickle))
+        for name, step in steps:
             blob = _tar_member(tar, name, what, found)
-            if blob is None:
-                return True  # torch stops here (KeyError, or a link it cannot follow)
-            data[name] = blob
-    if _tar_storages(data["storages"], what, found) and _tar_tensors(data["tensors"], what, found):
-        found.walk(data["pickle"], 0, len(data["pickle"]), f"{what}: tar 'pickle'", "tar")
+            if blob is None or not step(blob, what, found):
+                break  # torch stops here (KeyError, a link, a pickle it cannot finish)
     return True
+
+
+def _tar_pickle(data: bytes, what: str, found: Found) -> bool:
+    return found.walk(data, 0, len(data), f"{what}: tar 'pickle'", "tar").end is not None
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> bytes | None:
@@ -232,7 +233,10 @@ def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> byt
             found.problem(UNREADABLE, f"{what}: tar member {name!r} is too large to scan")
             return None
         fh = tar.extractfile(info)
-        return fh.read() if fh is not None else None
+        if fh is None:  # a fifo, a device, a folder: torch fails on it
+            found.problem(UNREADABLE, f"{what}: tar member {name!r} is not a file")
+            return None
+        return fh.read()
     except KeyError:
         found.problem(UNREADABLE, f"{what}: no tar member {name!r} (torch cannot load it)")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
