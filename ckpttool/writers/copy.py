@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import dtypes
 from ..errors import CheckpointError
@@ -16,8 +16,55 @@ CHUNK = 8 << 20
 Progress = Callable[[int], None]
 
 
-def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progress | None) -> None:
-    """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position."""
+class Clone(NamedTuple):
+    """The part of a copied range that shares the input's blocks: ``start`` bytes into the
+    range, ``nbytes`` long (0: nothing was shared)."""
+
+    start: int
+    nbytes: int
+
+
+NOT_CLONED = Clone(0, 0)
+
+
+def copy_range(
+    src_fd: int,
+    src_off: int,
+    n: int,
+    dst_fd: int,
+    progress: Progress | None,
+    block: int = 0,
+) -> Clone:
+    """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position.
+
+    With a ``block`` size (:func:`.clone.clone_block`) and both offsets equal modulo it, the
+    block-aligned middle is cloned (shares the input's blocks) and only the head and the tail
+    are copied. Returns the cloned part, relative to the range (empty when all was copied).
+    """
+    dst_off = os.lseek(dst_fd, 0, os.SEEK_CUR) if block else 0
+    if not block or n < block or (src_off - dst_off) % block:
+        _copy(src_fd, src_off, n, dst_fd, progress)
+        return NOT_CLONED
+    head = -src_off % block
+    middle = (n - head) // block * block
+    from .clone import clone_range
+
+    if middle < block:
+        _copy(src_fd, src_off, n, dst_fd, progress)
+        return NOT_CLONED
+    _copy(src_fd, src_off, head, dst_fd, progress)
+    if not clone_range(src_fd, src_off + head, middle, dst_fd, dst_off + head):
+        _copy(src_fd, src_off + head, n - head, dst_fd, progress)
+        return NOT_CLONED
+    os.lseek(dst_fd, dst_off + head + middle, os.SEEK_SET)
+    if progress:
+        progress(middle)
+    _copy(src_fd, src_off + head + middle, n - head - middle, dst_fd, progress)
+    return Clone(head, middle)
+
+
+def _copy(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progress | None) -> None:
+    """Append ``n`` bytes of ``src_fd`` from ``src_off`` (kernel copies where possible)."""
     left = n
     off = src_off
     use_kernel = hasattr(os, "copy_file_range")
@@ -43,19 +90,19 @@ def copy_range(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progres
             progress(done)
 
 
-def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> int:
-    """CRC-32 of ``n`` bytes at ``off`` of a file this process wrote (an output).
+def crc_range(fd: int, off: int, n: int, progress: Progress | None = None, value: int = 0) -> int:
+    """CRC-32 of ``n`` bytes at ``off`` of a file (continuing from ``value``).
 
     Read through a read-only mapping (half the time of copying into a buffer, measured); a
     file that cannot be mapped is read in chunks into one reused buffer.
     """
     try:
-        return _crc_mapped(fd, off, n, progress)
+        return _crc_mapped(fd, off, n, progress, value)
     except (OSError, ValueError):
         pass
     buf = bytearray(min(CHUNK, max(n, 1)))
     view = memoryview(buf)
-    crc = 0
+    crc = value
     left = n
     while left > 0:
         want = min(left, len(buf))
@@ -70,18 +117,18 @@ def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> in
     return crc
 
 
-def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None) -> int:
+def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None, value: int) -> int:
     import mmap
 
     if n == 0:
-        return 0
+        return value
     start = off - off % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, off - start + n, prot=mmap.PROT_READ, offset=start) as mapped:
         if hasattr(mapped, "madvise"):  # not on Windows
             mapped.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(mapped)
         try:
-            crc = 0
+            crc = value
             for pos in range(off - start, off - start + n, CHUNK):
                 piece = view[pos : min(pos + CHUNK, off - start + n)]
                 crc = crc32(piece, crc)
@@ -183,13 +230,36 @@ class CopyMismatch(Exception):
 
 
 def read_back(
-    dst_fd: int, dst_off: int, n: int, src_fd: int, src_off: int, src_crc: int | None
-) -> int:
+    dst_fd: int,
+    dst_off: int,
+    n: int,
+    src_fd: int,
+    src_off: int,
+    src_crc: int | None,
+    cloned: Clone = NOT_CLONED,
+    want_crc: bool = True,
+) -> int | None:
     """The CRC-32 of a range just copied, checked against its source.
 
     With the source's recorded CRC (a zip record) only the output is read; without one the
-    input range is read too and compared byte for byte.
+    input range is read too and compared byte for byte. A ``cloned`` part is checked by
+    comparing extents instead (:func:`.clone.same_blocks`: no bytes read); the CRC is then the
+    recorded one, or computed from the input (whose pages are more likely cached than the
+    clone's, which has none), or None if not ``want_crc``. Where the extents cannot show it,
+    the clone is read back.
     """
+    if cloned.nbytes:
+        from .clone import same_blocks
+
+        start, size = cloned
+        if same_blocks(src_fd, src_off + start, dst_fd, dst_off + start, size):
+            for a, b in ((0, start), (start + size, n)):
+                diff = compare_ranges(src_fd, src_off + a, dst_fd, dst_off + a, b - a)
+                if diff is not None:
+                    raise CopyMismatch(f"differs from the input at byte {a + diff}")
+            if src_crc is not None or not want_crc:
+                return src_crc
+            return crc_range(src_fd, src_off, n)
     crc = crc_range(dst_fd, dst_off, n)
     if src_crc is not None:
         if crc != src_crc:

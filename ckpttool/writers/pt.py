@@ -18,6 +18,7 @@ from ..model import TensorRef
 from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
+from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, dumps
 from .zipwriter import ZipWriter, add_torch_header
@@ -102,19 +103,22 @@ def write_pt(
         zw = ZipWriter(fd)
         add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
+        folder = os.path.dirname(os.path.abspath(dst_tmp))
+        blocks: dict[str, int] = {}  # source file -> clone block size (0: no cloning)
         for out in plan.outs:
             src = out.source
             assert src is not None
             mem = plan.memory.get(src.key) if not src.file else None
             verbatim = out.copies_verbatim and mem is None
-            phase = src.offset % 4096 if verbatim and src.offset % 64 == 0 else 0
-            start = zw.begin(
-                f"{archive}/data/{out.key}", out.nbytes, 0, 4096 if phase else 64, phase
-            )
+            block = _block(src.file, sources, folder, blocks) if verbatim else 0
+            align, phase = record_alignment(src.offset if verbatim else None, block)
+            start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, 0, align, phase)
             offsets[out.key] = start
             job = None
             if verbatim:
-                job = _copy_verbatim(out, fd, start, sources, background, progress, check_copies)
+                job = _copy_verbatim(
+                    out, fd, start, sources, background, progress, check_copies, block
+                )
             else:
                 out.crc = _write_transformed(
                     out, sources.fd(src.file) if src.file else -1, fd, mem, progress
@@ -132,6 +136,15 @@ def write_pt(
     return offsets
 
 
+def _block(file: str, sources: bytecopy.Sources, folder: str, blocks: dict[str, int]) -> int:
+    """The clone block size of ``file`` into ``folder`` (0: no cloning), found once per file."""
+    if not file:
+        return 0
+    if file not in blocks:
+        blocks[file] = clone_block(sources.fd(file), folder)
+    return blocks[file]
+
+
 def _copy_verbatim(
     out: OutStorage,
     fd: int,
@@ -140,25 +153,44 @@ def _copy_verbatim(
     background: bytecopy.Background,
     progress: Progress | None,
     check_copies: bool,
+    block: int,
 ) -> Any:
-    """Copy a storage record byte for byte; return its read-back job (None: CRC from input)."""
+    """Copy (or clone) a storage record byte for byte; return its read-back job (None: CRC
+    from the input)."""
     src = out.source
     assert src is not None
     src_fd = sources.fd(src.file)
     try:
-        bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
+        cloned = bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress, block)
     except EOFError:
         raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
     job = None
     if check_copies or src.crc is None:  # read back (in the background)
         job = background.submit(
-            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, src.crc
+            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, src.crc, cloned
         )
         out.read_back = True
     else:
         out.crc = src.crc
-    background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
+    if cloned.nbytes < src.nbytes:  # a clone has nothing to write back
+        background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
     return job
+
+
+def record_alignment(src_offset: int | None, block: int) -> tuple[int, int]:
+    """(alignment, phase) of a storage record's data offset in the output.
+
+    Torch aligns records to 64 bytes. A record copied verbatim from a 64-byte aligned input
+    record keeps the input offset's phase within a page (kernel copies between equal page
+    phases are faster), or within a clone ``block`` where the filesystem shares blocks
+    (:mod:`.clone`), so that its aligned middle can be cloned.
+    """
+    if src_offset is None or src_offset % 64:
+        return 64, 0
+    if block:
+        return max(block, 4096), src_offset % max(block, 4096)
+    phase = src_offset % 4096
+    return (4096, phase) if phase else (64, 0)  # a page-aligned input record: 64, as always
 
 
 def _set_crcs(zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]]) -> None:
