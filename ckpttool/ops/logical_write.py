@@ -8,7 +8,7 @@ passes through memory one chunk at a time. :mod:`.consolidate` chooses what to w
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import dtypes
@@ -17,6 +17,7 @@ from ..model import StorageInfo, TensorRef
 from ..readers.distributed import LogicalStorage, LogicalTensor, Segment, iter_logical_chunks
 from ..tree import iter_tensors
 from ..writers import copy as bytecopy
+from ..writers.cast_kernels import ahead
 from ..writers.clone import clone_block, same_blocks
 from ..writers.crc import crc32
 from ..writers.pt import StoragePlan
@@ -139,12 +140,17 @@ def _write_cast(
     """Write the tensor cast to ``dtype`` chunk by chunk; return the CRC-32 written."""
     src = StorageInfo("cast", tensor.dtype, 0, "cpu", "", 0)
     crc = 0
-    for piece in iter_logical_chunks(tensor, sources):
-        data = bytecopy.recode(bytearray(piece), src, dtype)
+    pieces: Iterator[tuple[int, bytearray]] = (
+        (len(p), bytecopy.recode(bytearray(p), src, dtype))
+        for p in iter_logical_chunks(tensor, sources)
+    )
+    if tensor.nbytes > bytecopy.CHUNK:  # read and cast the next piece while this is written
+        pieces = ahead(pieces)
+    for read, data in pieces:
         bytecopy.write_all(fd, data)
         crc = crc32(data, crc)
         if cb:
-            cb(len(piece))
+            cb(read)
     return crc
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..model import StorageInfo, TensorRef
+from .cast_kernels import KERNELS, cast_into
+from .cast_kernels import fix_nan as _fix_nan
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,30 +127,6 @@ def _table(src: str, dst: str) -> np.ndarray:
     return out
 
 
-def _fix_nan(
-    out: np.ndarray, src: np.ndarray, sw: int, se: int, sm: int, dw: int, de: int, dm: int
-) -> None:
-    """Give every NaN of ``src`` (IEEE layout: width, exponent, mantissa bits) the NaN that
-    keeps its sign and top payload bits, quiet, in ``out``'s layout. In place."""
-    import numpy as np
-
-    st = src.dtype.type
-    if sw in (32, 64):  # numpy's isnan is vectorised for these
-        mask = np.isnan(src.view(np.float32 if sw == 32 else np.float64))
-    else:
-        mask = (src & st((1 << (sw - 1)) - 1)) > st(((1 << se) - 1) << sm)
-    if not mask.any():
-        return
-    dt = out.dtype.type
-    s = src[mask].astype(np.uint64)
-    sign = (s >> np.uint64(sw - 1)) << np.uint64(dw - 1)
-    mant = s & np.uint64((1 << sm) - 1)
-    mant = mant << np.uint64(dm - sm) if dm >= sm else mant >> np.uint64(sm - dm)
-    quiet = np.uint64(1 << (dm - 1))
-    exp = np.uint64(((1 << de) - 1) << dm)
-    out[mask] = (sign | exp | quiet | mant).astype(dt)
-
-
 def _f32_to_f16(u: np.ndarray) -> np.ndarray:
     """float32 bits rounded to float16 bits, nearest even (F. Giesen's branch-free method)."""
     import numpy as np
@@ -235,13 +213,13 @@ def cast_bits(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
         return np.ascontiguousarray(bits)
     if not can_cast(src, dst):
         raise ValueError(f"cannot cast {src} to {dst}")
+
     bits = np.ascontiguousarray(native(bits)).reshape(-1)
     with np.errstate(all="ignore"):  # overflow to inf and signalling NaNs are expected
-        if bits.size <= _BLOCK:
+        if bits.size <= _BLOCK and (src, dst) not in KERNELS:
             return np.ascontiguousarray(_cast_block(bits, src, dst))
         out = np.empty(bits.size, dtype=bits_dtype(dst))
-        for i in range(0, bits.size, _BLOCK):
-            out[i : i + _BLOCK] = _cast_block(bits[i : i + _BLOCK], src, dst)
+        cast_into(bits, out, src, dst, _cast_block)
     return out
 
 

@@ -18,6 +18,7 @@ from ..model import TensorRef
 from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
+from .cast_kernels import ahead
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, dumps
@@ -46,8 +47,12 @@ def _write_transformed(
         return crc32(memory.data)
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
-    for chunk in bytecopy.iter_storage_chunks(src, src_fd):
-        data = chunk if simple else bytecopy.recode(chunk, src, out.dtype)
+    chunks = bytecopy.iter_storage_chunks(src, src_fd)
+    if not simple:
+        chunks = (bytecopy.recode(c, src, out.dtype) for c in chunks)
+        if src.nbytes > bytecopy.CHUNK:  # read and cast the next chunk while this is written
+            chunks = ahead(chunks)
+    for data in chunks:
         bytecopy.write_all(dst_fd, data)
         crc = crc32(data, crc)
         if progress:

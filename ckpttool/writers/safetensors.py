@@ -21,6 +21,7 @@ from ..model import TensorRef
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
+from .cast_kernels import ahead
 from .clone import clone_block
 from .crc import crc32
 
@@ -88,7 +89,8 @@ def _write_gathered(
     assert src is not None
     map_fd = sources.fd(src.file) if src.file and not src.compressed else None
     crc = 0
-    for piece in numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd):
+    pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd)
+    for piece in ahead(pieces) if it.nbytes > numeric.CHUNK else pieces:  # gather while writing
         bytecopy.write_all(fd, piece)
         crc = crc32(piece, crc)
         if progress:
