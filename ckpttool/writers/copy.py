@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -96,16 +97,16 @@ def crc_range(fd: int, off: int, n: int, progress: Progress | None = None, value
     Read through a read-only mapping (half the time of copying into a buffer, measured); a
     file that cannot be mapped is read in chunks into one reused buffer.
     """
-    try:
-        return _crc_mapped(fd, off, n, progress, value)
-    except (OSError, ValueError):
-        pass
-    buf = bytearray(min(CHUNK, max(n, 1)))
-    view = memoryview(buf)
+    if n >= _MAP_MIN:
+        try:
+            return _crc_mapped(fd, off, n, progress, value)
+        except (OSError, ValueError):
+            pass
+    view = _buffer(0, min(CHUNK, max(n, 1)))
     crc = value
     left = n
     while left > 0:
-        want = min(left, len(buf))
+        want = min(left, len(view))
         got = os.preadv(fd, [view[:want]], off)
         if got <= 0:
             raise EOFError("the file ended early")
@@ -140,11 +141,26 @@ def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None, value: int
             view.release()
 
 
+_MAP_MIN = 1 << 20  # smaller ranges are read into a buffer: a mapping costs more syscalls
+_buffers = threading.local()
+
+
+def _buffer(which: int, size: int) -> memoryview:
+    """A reused read buffer of this thread (``which`` of two), at least ``size`` bytes long,
+    cut to ``size`` (fresh 8 MB buffers cost their zeroing on every call)."""
+    bufs = getattr(_buffers, "bufs", None)
+    if bufs is None:
+        bufs = _buffers.bufs = [bytearray(), bytearray()]
+    if len(bufs[which]) < size:
+        bufs[which] = bytearray(max(size, min(CHUNK, 1 << 20)))
+    return memoryview(bufs[which])[:size]
+
+
 def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
     """The first differing byte offset (relative), or None if the ranges are equal."""
     size = min(CHUNK, max(n, 1))
-    a, b = bytearray(size), bytearray(size)
-    va, vb = memoryview(a), memoryview(b)
+    va, vb = _buffer(0, size), _buffer(1, size)
+    a, b = _buffers.bufs  # the bytearrays under the views
     pos = 0
     while pos < n:
         want = min(n - pos, size)
@@ -153,8 +169,9 @@ def compare_ranges(fd_a: int, off_a: int, fd_b: int, off_b: int, n: int) -> int 
         if ga != want or gb != want:
             return pos
         # bytearray == bytearray is memcmp (~9 GB/s); memoryview == memoryview compares item by
-        # item (~0.2 GB/s), so only the short last piece is compared through copies
-        same = a == b if want == size else va[:want].tobytes() == vb[:want].tobytes()
+        # item (~0.2 GB/s), so only a piece shorter than the buffers is compared through copies
+        full = want == len(a) == len(b)
+        same = a == b if full else va[:want].tobytes() == vb[:want].tobytes()
         if not same:
             for i in range(want):
                 if a[i] != b[i]:

@@ -117,7 +117,10 @@ def write_pt(
             verbatim = out.copies_verbatim and mem is None
             block = _block(src.file, sources, folder, blocks) if verbatim else 0
             align, phase = record_alignment(src.offset if verbatim else None, block)
-            start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, 0, align, phase)
+            # a verbatim copy's CRC-32 is the input record's (its read-back checks that): known
+            # now, it needs no patching afterwards (a write into a page already written back)
+            known = (src.crc or 0) if verbatim else 0
+            start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, known, align, phase)
             offsets[out.key] = start
             job = None
             if verbatim:
@@ -212,7 +215,8 @@ def _set_crcs(zw: ZipWriter, pending: list[tuple[int, OutStorage, Any]]) -> None
                     "the input is corrupt or changed while it was copied",
                 ) from None
         assert out.crc is not None
-        zw.set_crc(index, out.crc)
+        if zw.entries[index].crc != out.crc:
+            zw.set_crc(index, out.crc)
 
 
 # -- verification --------------------------------------------------------------------------
