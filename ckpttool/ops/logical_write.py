@@ -80,8 +80,9 @@ def _check_copy(
 def _read_segment(
     fd: int, pos: int, seg: Segment, sources: bytecopy.Sources, buf: bytearray, total: int
 ) -> int:
-    """Read a copied segment back at ``pos``, check it against its source, and return the
-    record's CRC-32 continued over it."""
+    """Read a copied segment back at ``pos``, check it against its source (its recorded
+    CRC-32, else the CRC-32 of its bytes in the shard), and return the record's CRC-32
+    continued over it."""
     view = memoryview(buf)
     crc, left, off = 0, seg.nbytes, pos
     while left:
@@ -96,10 +97,9 @@ def _read_segment(
     if seg.crc is not None:
         if crc != seg.crc:
             raise bytecopy.CopyMismatch(f"does not match the CRC-32 recorded in {seg.file}")
-    else:
+    elif crc != bytecopy.crc_range(sources.fd(seg.file), seg.offset, seg.nbytes):
         diff = bytecopy.compare_ranges(sources.fd(seg.file), seg.offset, fd, pos, seg.nbytes)
-        if diff is not None:
-            raise bytecopy.CopyMismatch(f"differs from {seg.file} at byte {diff}")
+        raise bytecopy.CopyMismatch(f"differs from {seg.file} at byte {diff}")
     return total
 
 
@@ -183,7 +183,7 @@ def _write_tensor(
         except EOFError:
             raise CheckpointError(seg.file, f"is truncated: {tensor.name!r} is cut short") from None
     job = background.submit(_check_copy, fd, start, tensor, sources, clones, want_crc)
-    if sum(c.nbytes for c in clones) < tensor.nbytes:  # a clone has nothing to write back
+    if not any(c.nbytes for c in clones):  # a clone has nothing to write back
         background.submit(bytecopy.start_writeback, fd, start, tensor.nbytes)
     return None, job
 

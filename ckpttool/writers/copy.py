@@ -259,7 +259,8 @@ def read_back(
     """The CRC-32 of a range just copied, checked against its source.
 
     With the source's recorded CRC (a zip record) only the output is read; without one the
-    input range is read too and compared byte for byte. A ``cloned`` part is checked by
+    input range is read too: compared byte for byte when small, else by CRC-32s of both
+    (a mismatch is then located byte for byte). A ``cloned`` part is checked by
     comparing extents instead (:func:`.clone.same_blocks`: no bytes read); the CRC is then the
     recorded one, or computed from the input (whose pages are more likely cached than the
     clone's, which has none), or None if not ``want_crc``. Where the extents cannot show it,
@@ -281,7 +282,8 @@ def read_back(
     if src_crc is not None:
         if crc != src_crc:
             raise CopyMismatch("does not match the CRC-32 recorded in the input")
-    else:
+    elif n < _MAP_MIN or crc != crc_range(src_fd, src_off, n):
+        # big ranges: the two CRC-32s over mappings (no copies), bytes only to say where
         diff = compare_ranges(src_fd, src_off, dst_fd, dst_off, n)
         if diff is not None:
             raise CopyMismatch(f"differs from the input at byte {diff}")

@@ -180,7 +180,7 @@ def _copy_verbatim(
         out.read_back = True
     else:
         out.crc = src.crc
-    if cloned.nbytes < src.nbytes:  # a clone has nothing to write back
+    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
         background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
     return job
 

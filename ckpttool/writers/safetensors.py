@@ -124,7 +124,7 @@ def _write_run(
         )
         for it in run:
             it.job = job
-    if cloned.nbytes < nbytes:  # a clone has nothing to write back
+    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
         background.submit(bytecopy.start_writeback, fd, dst_off, nbytes)
 
 
