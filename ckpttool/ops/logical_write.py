@@ -17,7 +17,7 @@ from ..model import StorageInfo, TensorRef
 from ..readers.distributed import LogicalStorage, LogicalTensor, Segment, iter_logical_chunks
 from ..tree import iter_tensors
 from ..writers import copy as bytecopy
-from ..writers.cast_kernels import ahead
+from ..writers.cast_kernels import Ring, ahead
 from ..writers.clone import clone_block, same_blocks
 from ..writers.crc import crc32
 from ..writers.pt import StoragePlan
@@ -135,14 +135,19 @@ def clone_blocks(
 
 
 def _write_cast(
-    tensor: LogicalTensor, dtype: str, fd: int, sources: bytecopy.Sources, cb: Progress | None
+    tensor: LogicalTensor,
+    dtype: str,
+    fd: int,
+    sources: bytecopy.Sources,
+    cb: Progress | None,
+    ring: Ring,
 ) -> int:
-    """Write the tensor cast to ``dtype`` chunk by chunk; return the CRC-32 written."""
+    """Write the tensor cast to ``dtype`` chunk by chunk (into ``ring``'s buffers); return the
+    CRC-32 written."""
     src = StorageInfo("cast", tensor.dtype, 0, "cpu", "", 0)
     crc = 0
-    pieces: Iterator[tuple[int, bytearray]] = (
-        (len(p), bytecopy.recode(bytearray(p), src, dtype))
-        for p in iter_logical_chunks(tensor, sources)
+    pieces: Iterator[tuple[int, bytearray | memoryview]] = (
+        (len(p), bytecopy.recode(p, src, dtype, ring)) for p in iter_logical_chunks(tensor, sources)
     )
     if tensor.nbytes > bytecopy.CHUNK:  # read and cast the next piece while this is written
         pieces = ahead(pieces)
@@ -163,6 +168,7 @@ def _write_tensor(
     background: bytecopy.Background,
     cb: Progress | None,
     blocks: dict[str, int],
+    ring: Ring,
     want_crc: bool = True,
 ) -> tuple[int | None, Any]:
     """Write one tensor at ``fd``'s position: (its CRC-32 if already known, a read-back job).
@@ -171,7 +177,7 @@ def _write_tensor(
     block are cloned where the filesystem can (``blocks``), copied otherwise.
     """
     if dtype != tensor.dtype:
-        return _write_cast(tensor, dtype, fd, sources, cb), None
+        return _write_cast(tensor, dtype, fd, sources, cb, ring), None
     clones = []
     for seg in tensor.segments:
         try:
@@ -225,6 +231,7 @@ def write_pt(
     )
     fd = os.open(tmp, os.O_RDWR)
     background = bytecopy.Background()
+    ring = Ring(3)  # casts: the piece written, the one queued, the one being made
     try:
         zw = ZipWriter(fd)
         add_torch_header(zw, archive, pkl)
@@ -234,7 +241,7 @@ def write_pt(
             t = out.source.tensor
             align, phase = record_phase(t, blocks, True) if out.dtype == t.dtype else (64, 0)
             start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, 0, align, phase)
-            crc, job = _write_tensor(t, out.dtype, fd, start, sources, background, cb, blocks)
+            crc, job = _write_tensor(t, out.dtype, fd, start, sources, background, cb, blocks, ring)
             out.crc = crc
             out.read_back = job is not None
             zw.end()
@@ -285,12 +292,13 @@ def write_st(
         header = header_bytes(items, meta, header_pad(order, len(header), _span, blocks))
     fd = os.open(path, os.O_RDWR)
     background = bytecopy.Background()
+    ring = Ring(3)  # casts: the piece written, the one queued, the one being made
     try:
         bytecopy.write_all(fd, header)
         for it in order:
             start = len(header) + it.begin
             it.crc, it.job = _write_tensor(
-                logical(it.ref), it.dtype, fd, start, sources, background, cb, blocks, False
+                logical(it.ref), it.dtype, fd, start, sources, background, cb, blocks, ring, False
             )
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:

@@ -196,18 +196,23 @@ class Sources:
             os.close(fd)
 
 
-def recode(chunk: bytes | bytearray, src: StorageInfo, dtype: str) -> bytearray:
-    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only).
+def recode(
+    chunk: bytes | bytearray | memoryview, src: StorageInfo, dtype: str, ring: Any = None
+) -> bytearray | memoryview:
+    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only); with a
+    ``ring`` (:class:`.cast_kernels.Ring`) the result is a view of one of its buffers.
 
     No torch: see :mod:`.numeric` (rounds as torch does; swaps as torch's loader does).
     """
     from . import numeric
 
-    return numeric.recode(chunk, src, dtype)
+    return numeric.recode(chunk, src, dtype, ring)
 
 
-def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
-    """The storage's bytes in chunks that hold whole elements."""
+def iter_storage_chunks(src: StorageInfo, fd: int, ring: Any = None) -> Iterator[Any]:
+    """The storage's bytes in chunks that hold whole elements; with a ``ring``
+    (:class:`.cast_kernels.Ring`) every chunk is read into its one input buffer (each is valid
+    until the next is asked for)."""
     n = src.nbytes
     item = dtypes.get(src.dtype).itemsize
     step = max(item, (CHUNK // item) * item)
@@ -227,7 +232,7 @@ def iter_storage_chunks(src: StorageInfo, fd: int) -> Iterator[bytearray]:
     left = n
     while left:
         want = min(step, left)
-        chunk = bytearray(want)
+        chunk = bytearray(want) if ring is None else ring.reading(want)
         got = os.preadv(fd, [chunk], off)
         if got != want:
             raise CheckpointError(src.file, "is truncated: a storage is cut short")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..model import TensorRef
 from ..ops.plain import MemoryStorage
 from ..readers import open_checkpoint
 from . import copy as bytecopy
-from .cast_kernels import ahead
+from .cast_kernels import Ring, ahead
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, dumps
@@ -33,8 +33,10 @@ def _write_transformed(
     dst_fd: int,
     memory: MemoryStorage | None,
     progress: Progress | None,
+    ring: Ring,
 ) -> int:
-    """Write a storage that must pass through memory (cast, byte swap, deflated, in-memory).
+    """Write a storage that must pass through memory (cast, byte swap, deflated, in-memory),
+    reading and casting into ``ring``'s buffers.
 
     Returns the CRC-32 of the bytes written.
     """
@@ -47,9 +49,9 @@ def _write_transformed(
         return crc32(memory.data)
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
-    chunks = bytecopy.iter_storage_chunks(src, src_fd)
-    if not simple:
-        chunks = (bytecopy.recode(c, src, out.dtype) for c in chunks)
+    chunks: Iterator[Any] = bytecopy.iter_storage_chunks(src, src_fd, ring)
+    if not simple:  # read into the ring's input buffer, cast into one of its three
+        chunks = (bytecopy.recode(c, src, out.dtype, ring) for c in chunks)
         if src.nbytes > bytecopy.CHUNK:  # read and cast the next chunk while this is written
             chunks = ahead(chunks)
     for data in chunks:
@@ -100,16 +102,16 @@ def write_pt(
         pkl = dumps(root, plan.storage_of, plan.dtype_of)
     except RecursionError:
         raise CheckpointError(None, "the checkpoint is nested too deeply to re-save") from None
-    sources = bytecopy.Sources()
-    background = bytecopy.Background()
+    sources, background = bytecopy.Sources(), bytecopy.Background()
+    ring = Ring(3)  # casts: the chunk written, the one queued, the one being made
     fd = os.open(dst_tmp, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
     offsets: dict[str, int] = {}
     try:
         zw = ZipWriter(fd)
         add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
+        blocks: dict[str, int] = {}  # source file -> its clone block (0: no cloning)
         folder = os.path.dirname(os.path.abspath(dst_tmp))
-        blocks: dict[str, int] = {}  # source file -> clone block size (0: no cloning)
         for out in plan.outs:
             src = out.source
             assert src is not None
@@ -117,9 +119,9 @@ def write_pt(
             verbatim = out.copies_verbatim and mem is None
             block = _block(src.file, sources, folder, blocks) if verbatim else 0
             align, phase = record_alignment(src.offset if verbatim else None, block)
-            # a verbatim copy's CRC-32 is the input record's (its read-back checks that): known
-            # now, it needs no patching afterwards (a write into a page already written back)
-            known = (src.crc or 0) if verbatim else 0
+            # a verbatim copy's CRC-32 is the input record's (its read-back checks it): known
+            # now, it needs no patching (a write into a page already being written back)
+            known = (src.crc or 0) * verbatim
             start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, known, align, phase)
             offsets[out.key] = start
             job = None
@@ -129,7 +131,7 @@ def write_pt(
                 )
             else:
                 out.crc = _write_transformed(
-                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress
+                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress, ring
                 )
             zw.end()
             pending.append((len(zw.entries) - 1, out, job))
@@ -172,6 +174,7 @@ def _copy_verbatim(
         cloned = bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress, block)
     except EOFError:
         raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
+    out.cloned = cloned.nbytes
     job = None
     if check_copies or src.crc is None:  # read back (in the background)
         job = background.submit(

@@ -21,7 +21,7 @@ from ..model import TensorRef
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
-from .cast_kernels import ahead
+from .cast_kernels import Ring, ahead
 from .clone import clone_block
 from .crc import crc32
 
@@ -82,14 +82,14 @@ Span = Callable[[Item], "tuple[str, int] | None"]
 
 
 def _write_gathered(
-    it: Item, sources: bytecopy.Sources, fd: int, progress: Progress | None
+    it: Item, sources: bytecopy.Sources, fd: int, progress: Progress | None, ring: Ring
 ) -> None:
     """Strided, cast, big-endian or deflated: gathered and converted in bounded pieces."""
     src = it.ref.storage
     assert src is not None
     map_fd = sources.fd(src.file) if src.file and not src.compressed else None
     crc = 0
-    pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd)
+    pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd, ring=ring)
     for piece in ahead(pieces) if it.nbytes > numeric.CHUNK else pieces:  # gather while writing
         bytecopy.write_all(fd, piece)
         crc = crc32(piece, crc)
@@ -198,6 +198,7 @@ def write_file(
         header = header_bytes(items, metadata, header_pad(order, len(header), direct_span, blocks))
     fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
     background = bytecopy.Background()
+    ring = Ring(3)  # gathered pieces: the one written, the one queued, the one being made
     try:
         bytecopy.write_all(fd, header)
         for run in _runs(order, blocks):
@@ -205,7 +206,7 @@ def write_file(
             if where is not None:
                 _write_run(run, sources, fd, progress, background, check, blocks.get(where[0], 0))
             else:
-                _write_gathered(run[0], sources, fd, progress)
+                _write_gathered(run[0], sources, fd, progress, ring)
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")
