@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckpttool.ops.diff import _release, diff
+from ckpttool.ops.diff import diff
+from ckpttool.ops.mapped import release as _release
 
 
 def _rss_file_kb() -> int:

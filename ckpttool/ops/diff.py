@@ -8,7 +8,6 @@ Non-tensor entries (epoch, args, optimizer settings) are compared by their descr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import sides
+from .mapped import release as _release
 from .sides import Files, Operand, Side, open_side
 
 Progress = Callable[[int], None]
@@ -241,28 +241,6 @@ class _Accumulator:
             rel = math.sqrt(self.sum_sq) / math.sqrt(self.ref_sq) if self.ref_sq else math.inf
         mean = self.sum_abs / self.numel if self.numel else 0.0
         return ValueStats(self.max_abs, mean, rel, self.differing, self.numel)
-
-
-def _release(piece: Any) -> None:
-    """Unmap the pages of a compared piece that views a file mapping (they stay in the page
-    cache): the process's resident memory then stays flat instead of growing to the size of
-    the biggest tensor pair, as it would while its mapping lives."""
-    import mmap
-
-    base = piece
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    if base is None or not piece.flags.c_contiguous or not hasattr(base, "madvise"):
-        return
-    import numpy as np
-
-    page = mmap.PAGESIZE
-    start = piece.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).ctypes.data
-    lo = -(-start // page) * page
-    hi = (start + piece.nbytes) // page * page
-    if 0 <= lo < hi <= len(base):
-        with contextlib.suppress(OSError, ValueError):
-            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def compare_tensors(
