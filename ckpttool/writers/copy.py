@@ -320,11 +320,14 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+    try:  # the running program's symbols first: find_library runs ldconfig (15 ms)
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
-        return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.sync_file_range
+        except (OSError, AttributeError):
+            return None
     fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
 
     def start_writeback(fd: int, offset: int, nbytes: int) -> None:
