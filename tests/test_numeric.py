@@ -274,3 +274,91 @@ def test_random_strided_views_gather_like_torch(tmp_path: Path) -> None:
         assert got == tbytes(want[info.name]), (info.name, info.shape, info.stride)
         cast = b"".join(numeric.iter_tensor_bytes(info.ref, "bfloat16", chunk=chunk))
         assert cast == tbytes(want[info.name].to(torch.bfloat16)), info.name
+
+
+# -- every rounding case, the threaded kernels, the pipeline (issue 22) ---------------------------
+@pytest.mark.parametrize("dst", ["float16", "bfloat16"])
+def test_float32_every_exponent_and_every_dropped_bit_pattern(dst: str) -> None:
+    """For every sign and exponent (zeros and subnormals, normals, the float16 subnormal and
+    overflow edges, infinities and NaNs): every pattern of the mantissa bits the cast drops
+    (13 for float16, 16 for bfloat16, so every tie and its neighbours), under kept bits that
+    are all zeros, all ones, and random."""
+    rng = np.random.default_rng(22)
+    dropped = 13 if dst == "float16" else 16
+    low = np.arange(1 << dropped, dtype=np.uint32)
+    kept_bits = 23 - dropped
+    exps = np.arange(256, dtype=np.uint32)
+    if dst == "bfloat16":  # 2^16 low patterns: a sample of exponents keeps this quick
+        exps = np.unique(np.concatenate([exps[:3], exps[-3:], rng.choice(exps, 10)]))
+    kept = np.array([0, (1 << kept_bits) - 1, *rng.integers(0, 1 << kept_bits, 2)], np.uint32)
+    heads = (exps[:, None] << np.uint32(23)) | (kept[None, :] << np.uint32(dropped))
+    heads = np.concatenate([heads.reshape(-1), heads.reshape(-1) | np.uint32(0x80000000)])
+    assert_same_as_torch((heads[:, None] | low[None, :]).reshape(-1), "float32", dst)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("float32", "float16"),
+        ("float32", "bfloat16"),
+        ("float16", "bfloat16"),
+        ("bfloat16", "float32"),
+    ],
+)
+def test_threaded_cast_equals_one_thread_and_torch(
+    src: str, dst: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpttool.writers import cast_kernels
+
+    rng = np.random.default_rng(7)
+    n = 2 * cast_kernels.PART + 12345  # several parts and a tail
+    values = rng.standard_normal(n).astype(np.float32)
+    values[::1001] = 0
+    values[5::4099] = np.nan
+    values[7::9973] = 1e-40  # float32 subnormals
+    bits = (
+        numeric.cast_bits(values.view(np.uint32), "float32", src)
+        if src != "float32"
+        else (values.view(np.uint32))
+    )
+    monkeypatch.setattr(cast_kernels, "threads", lambda: 3)
+    many = numeric.cast_bits(bits, src, dst)
+    monkeypatch.setattr(cast_kernels, "threads", lambda: 1)
+    one = numeric.cast_bits(bits, src, dst)
+    assert np.array_equal(many, one)
+    assert_same_as_torch(bits, src, dst)
+
+
+def test_ahead_keeps_order_passes_errors_and_stops_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from ckpttool.writers import cast_kernels
+    from ckpttool.writers.cast_kernels import ahead
+
+    monkeypatch.setattr(cast_kernels, "overlap", lambda: True)  # a thread, whatever the cores
+
+    assert list(ahead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield 1
+        raise OSError("read failed")
+
+    got = []
+    with pytest.raises(OSError, match="read failed"):
+        for item in ahead(failing()):
+            got.append(item)
+    assert got == [1]
+    produced = []
+
+    def endless():  # type: ignore[no-untyped-def]
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for item in ahead(endless()):
+        if item == 5:
+            break
+    assert len(produced) <= 8  # stopped soon after the consumer left
+    assert not any(t.name == "ckpttool-ahead" for t in threading.enumerate())

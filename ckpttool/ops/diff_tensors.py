@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import sides
+from .mapped import release as _release
 from .sides import Files, Operand
 
 Progress = Callable[[int], None]
@@ -173,6 +174,8 @@ def compare_tensors(
             acc.add(pa, pb, same)
         elif not equal:
             break
+        _release(pa)
+        _release(pb)
         if progress:
             progress(pa.nbytes + pb.nbytes)
     stats = acc.stats() if acc is not None else None

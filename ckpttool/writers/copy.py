@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import dtypes
 from ..errors import CheckpointError
@@ -17,17 +18,60 @@ CHUNK = 8 << 20
 Progress = Callable[[int], None]
 
 
+class Clone(NamedTuple):
+    """The part of a copied range that shares the input's blocks: ``start`` bytes into the
+    range, ``nbytes`` long (0: nothing was shared)."""
+
+    start: int
+    nbytes: int
+    crc: int | None = None  # a remote input's CRC-32, computed as its bytes passed through
+
+
+NOT_CLONED = Clone(0, 0)
+
+
 def copy_range(
-    src_fd: Any, src_off: int, n: int, dst_fd: int, progress: Progress | None
-) -> int | None:
+    src_fd: Any,
+    src_off: int,
+    n: int,
+    dst_fd: int,
+    progress: Progress | None,
+    block: int = 0,
+) -> Clone:
     """Append ``n`` bytes of ``src_fd`` from ``src_off`` at ``dst_fd``'s position.
 
-    ``src_fd`` is a file descriptor (copied by the kernel) or a remote source (read in chunks
-    through this process: their CRC-32 is returned, so that checking the copy reads only the
-    output and never fetches the input twice).
+    With a ``block`` size (:func:`.clone.clone_block`) and both offsets equal modulo it, the
+    block-aligned middle is cloned (shares the input's blocks) and only the head and the tail
+    are copied. Returns the cloned part, relative to the range (empty when all was copied).
+    A remote source (not a file descriptor) is read through this process: its CRC-32 comes
+    back in the result, so that checking the copy never fetches the input twice.
     """
     if not isinstance(src_fd, int):
-        return _copy_from_source(src_fd, src_off, n, dst_fd, progress)
+        return Clone(0, 0, _copy_from_source(src_fd, src_off, n, dst_fd, progress))
+    dst_off = os.lseek(dst_fd, 0, os.SEEK_CUR) if block else 0
+    if not block or n < block or (src_off - dst_off) % block:
+        _copy(src_fd, src_off, n, dst_fd, progress)
+        return NOT_CLONED
+    head = -src_off % block
+    middle = (n - head) // block * block
+    from .clone import clone_range
+
+    if middle < block:
+        _copy(src_fd, src_off, n, dst_fd, progress)
+        return NOT_CLONED
+    _copy(src_fd, src_off, head, dst_fd, progress)
+    if not clone_range(src_fd, src_off + head, middle, dst_fd, dst_off + head):
+        _copy(src_fd, src_off + head, n - head, dst_fd, progress)
+        return NOT_CLONED
+    os.lseek(dst_fd, dst_off + head + middle, os.SEEK_SET)
+    if progress:
+        progress(middle)
+    _copy(src_fd, src_off + head + middle, n - head - middle, dst_fd, progress)
+    return Clone(head, middle)
+
+
+def _copy(src_fd: int, src_off: int, n: int, dst_fd: int, progress: Progress | None) -> None:
+    """Append ``n`` bytes of ``src_fd`` from ``src_off`` (kernel copies where possible)."""
     left = n
     off = src_off
     use_kernel = hasattr(os, "copy_file_range")
@@ -73,22 +117,22 @@ def _copy_from_source(src: Any, off: int, n: int, dst_fd: int, progress: Progres
     return crc
 
 
-def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> int:
-    """CRC-32 of ``n`` bytes at ``off`` of a file this process wrote (an output).
+def crc_range(fd: int, off: int, n: int, progress: Progress | None = None, value: int = 0) -> int:
+    """CRC-32 of ``n`` bytes at ``off`` of a file (continuing from ``value``).
 
     Read through a read-only mapping (half the time of copying into a buffer, measured); a
     file that cannot be mapped is read in chunks into one reused buffer.
     """
-    try:
-        return _crc_mapped(fd, off, n, progress)
-    except (OSError, ValueError):
-        pass
-    buf = bytearray(min(CHUNK, max(n, 1)))
-    view = memoryview(buf)
-    crc = 0
+    if n >= _MAP_MIN:
+        try:
+            return _crc_mapped(fd, off, n, progress, value)
+        except (OSError, ValueError):
+            pass
+    view = _buffer(0, min(CHUNK, max(n, 1)))
+    crc = value
     left = n
     while left > 0:
-        want = min(left, len(buf))
+        want = min(left, len(view))
         got = os.preadv(fd, [view[:want]], off)
         if got <= 0:
             raise EOFError("the file ended early")
@@ -100,18 +144,18 @@ def crc_range(fd: int, off: int, n: int, progress: Progress | None = None) -> in
     return crc
 
 
-def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None) -> int:
+def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None, value: int) -> int:
     import mmap
 
     if n == 0:
-        return 0
+        return value
     start = off - off % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, off - start + n, prot=mmap.PROT_READ, offset=start) as mapped:
         if hasattr(mapped, "madvise"):  # not on Windows
             mapped.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(mapped)
         try:
-            crc = 0
+            crc = value
             for pos in range(off - start, off - start + n, CHUNK):
                 piece = view[pos : min(pos + CHUNK, off - start + n)]
                 crc = crc32(piece, crc)
@@ -123,11 +167,26 @@ def _crc_mapped(fd: int, off: int, n: int, progress: Progress | None) -> int:
             view.release()
 
 
+_MAP_MIN = 1 << 20  # smaller ranges are read into a buffer: a mapping costs more syscalls
+_buffers = threading.local()
+
+
+def _buffer(which: int, size: int) -> memoryview:
+    """A reused read buffer of this thread (``which`` of two), at least ``size`` bytes long,
+    cut to ``size`` (fresh 8 MB buffers cost their zeroing on every call)."""
+    bufs = getattr(_buffers, "bufs", None)
+    if bufs is None:
+        bufs = _buffers.bufs = [bytearray(), bytearray()]
+    if len(bufs[which]) < size:
+        bufs[which] = bytearray(max(size, min(CHUNK, 1 << 20)))
+    return memoryview(bufs[which])[:size]
+
+
 def compare_ranges(fd_a: Any, off_a: int, fd_b: int, off_b: int, n: int) -> int | None:
     """The first differing byte offset (relative), or None if the ranges are equal."""
     size = min(CHUNK, max(n, 1))
-    a, b = bytearray(size), bytearray(size)
-    va, vb = memoryview(a), memoryview(b)
+    va, vb = _buffer(0, size), _buffer(1, size)
+    a, b = _buffers.bufs  # the bytearrays under the views
     pos = 0
     while pos < n:
         want = min(n - pos, size)
@@ -136,8 +195,9 @@ def compare_ranges(fd_a: Any, off_a: int, fd_b: int, off_b: int, n: int) -> int 
         if ga != want or gb != want:
             return pos
         # bytearray == bytearray is memcmp (~9 GB/s); memoryview == memoryview compares item by
-        # item (~0.2 GB/s), so only the short last piece is compared through copies
-        same = a == b if want == size else va[:want].tobytes() == vb[:want].tobytes()
+        # item (~0.2 GB/s), so only a piece shorter than the buffers is compared through copies
+        full = want == len(a) == len(b)
+        same = a == b if full else va[:want].tobytes() == vb[:want].tobytes()
         if not same:
             for i in range(want):
                 if a[i] != b[i]:
@@ -163,18 +223,23 @@ class Sources:
             close_input(fd)
 
 
-def recode(chunk: bytes | bytearray, src: StorageInfo, dtype: str) -> bytearray:
-    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only).
+def recode(
+    chunk: bytes | bytearray | memoryview, src: StorageInfo, dtype: str, ring: Any = None
+) -> bytearray | memoryview:
+    """Byte-swap a big-endian chunk and/or cast it to ``dtype`` (whole elements only); with a
+    ``ring`` (:class:`.cast_kernels.Ring`) the result is a view of one of its buffers.
 
     No torch: see :mod:`.numeric` (rounds as torch does; swaps as torch's loader does).
     """
     from . import numeric
 
-    return numeric.recode(chunk, src, dtype)
+    return numeric.recode(chunk, src, dtype, ring)
 
 
-def iter_storage_chunks(src: StorageInfo, fd: Any) -> Iterator[bytearray]:
-    """The storage's bytes in chunks that hold whole elements."""
+def iter_storage_chunks(src: StorageInfo, fd: Any, ring: Any = None) -> Iterator[Any]:
+    """The storage's bytes in chunks that hold whole elements; with a ``ring``
+    (:class:`.cast_kernels.Ring`) every chunk is read into its one input buffer (each is valid
+    until the next is asked for)."""
     n = src.nbytes
     item = dtypes.get(src.dtype).itemsize
     step = max(item, (CHUNK // item) * item)
@@ -192,7 +257,7 @@ def iter_storage_chunks(src: StorageInfo, fd: Any) -> Iterator[bytearray]:
     left = n
     while left:
         want = min(step, left)
-        chunk = bytearray(want)
+        chunk = bytearray(want) if ring is None else ring.reading(want)
         got = preadv(fd, memoryview(chunk), off)
         if got != want:
             raise CheckpointError(src.file, "is truncated: a storage is cut short")
@@ -212,18 +277,43 @@ class CopyMismatch(Exception):
 
 
 def read_back(
-    dst_fd: int, dst_off: int, n: int, src_fd: Any, src_off: int, src_crc: int | None
-) -> int:
+    dst_fd: int,
+    dst_off: int,
+    n: int,
+    src_fd: Any,
+    src_off: int,
+    src_crc: int | None,
+    cloned: Clone = NOT_CLONED,
+    want_crc: bool = True,
+) -> int | None:
     """The CRC-32 of a range just copied, checked against its source.
 
     With the source's recorded CRC (a zip record) only the output is read; without one the
-    input range is read too and compared byte for byte.
+    input range is read too: compared byte for byte when small, else by CRC-32s of both
+    (a mismatch is then located byte for byte). A ``cloned`` part is checked by
+    comparing extents instead (:func:`.clone.same_blocks`: no bytes read); the CRC is then the
+    recorded one, or computed from the input (whose pages are more likely cached than the
+    clone's, which has none), or None if not ``want_crc``. Where the extents cannot show it,
+    the clone is read back.
     """
+    if cloned.nbytes:
+        from .clone import same_blocks
+
+        start, size = cloned.start, cloned.nbytes
+        if same_blocks(src_fd, src_off + start, dst_fd, dst_off + start, size):
+            for a, b in ((0, start), (start + size, n)):
+                diff = compare_ranges(src_fd, src_off + a, dst_fd, dst_off + a, b - a)
+                if diff is not None:
+                    raise CopyMismatch(f"differs from the input at byte {a + diff}")
+            if src_crc is not None or not want_crc:
+                return src_crc
+            return crc_range(src_fd, src_off, n)
     crc = crc_range(dst_fd, dst_off, n)
     if src_crc is not None:
         if crc != src_crc:
             raise CopyMismatch("does not match the CRC-32 recorded in the input")
-    else:
+    elif n < _MAP_MIN or crc != crc_range(src_fd, src_off, n):
+        # big ranges: the two CRC-32s over mappings (no copies), bytes only to say where
         diff = compare_ranges(src_fd, src_off, dst_fd, dst_off, n)
         if diff is not None:
             raise CopyMismatch(f"differs from the input at byte {diff}")
@@ -255,11 +345,14 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+    try:  # the running program's symbols first: find_library runs ldconfig (15 ms)
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
-        return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.sync_file_range
+        except (OSError, AttributeError):
+            return None
     fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
 
     def start_writeback(fd: int, offset: int, nbytes: int) -> None:

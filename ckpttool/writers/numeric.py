@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..model import StorageInfo, TensorRef
+from .cast_kernels import KERNELS, Ring, cast_into
+from .cast_kernels import fix_nan as _fix_nan
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,30 +127,6 @@ def _table(src: str, dst: str) -> np.ndarray:
     return out
 
 
-def _fix_nan(
-    out: np.ndarray, src: np.ndarray, sw: int, se: int, sm: int, dw: int, de: int, dm: int
-) -> None:
-    """Give every NaN of ``src`` (IEEE layout: width, exponent, mantissa bits) the NaN that
-    keeps its sign and top payload bits, quiet, in ``out``'s layout. In place."""
-    import numpy as np
-
-    st = src.dtype.type
-    if sw in (32, 64):  # numpy's isnan is vectorised for these
-        mask = np.isnan(src.view(np.float32 if sw == 32 else np.float64))
-    else:
-        mask = (src & st((1 << (sw - 1)) - 1)) > st(((1 << se) - 1) << sm)
-    if not mask.any():
-        return
-    dt = out.dtype.type
-    s = src[mask].astype(np.uint64)
-    sign = (s >> np.uint64(sw - 1)) << np.uint64(dw - 1)
-    mant = s & np.uint64((1 << sm) - 1)
-    mant = mant << np.uint64(dm - sm) if dm >= sm else mant >> np.uint64(sm - dm)
-    quiet = np.uint64(1 << (dm - 1))
-    exp = np.uint64(((1 << de) - 1) << dm)
-    out[mask] = (sign | exp | quiet | mant).astype(dt)
-
-
 def _f32_to_f16(u: np.ndarray) -> np.ndarray:
     """float32 bits rounded to float16 bits, nearest even (F. Giesen's branch-free method)."""
     import numpy as np
@@ -213,7 +191,7 @@ def _cast_block(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
     return np.take(_table(src, dst), bits)
 
 
-def cast_bits(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
+def cast_bits(bits: np.ndarray, src: str, dst: str, ring: Ring | None = None) -> np.ndarray:
     """Cast a 1-D array of little-endian ``src`` bits to ``dst`` bits, as torch rounds.
 
     Args:
@@ -221,6 +199,7 @@ def cast_bits(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
             are swapped first).
         src: a dtype of :data:`CAST_SOURCES` (or ``dst`` itself).
         dst: a dtype of :data:`CAST_TARGETS`.
+        ring: where to take the output buffer from (reused; else a new array).
 
     Returns:
         A new contiguous array of unsigned integers holding ``dst`` elements.
@@ -235,13 +214,17 @@ def cast_bits(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
         return np.ascontiguousarray(bits)
     if not can_cast(src, dst):
         raise ValueError(f"cannot cast {src} to {dst}")
+
     bits = np.ascontiguousarray(native(bits)).reshape(-1)
     with np.errstate(all="ignore"):  # overflow to inf and signalling NaNs are expected
-        if bits.size <= _BLOCK:
+        if bits.size <= _BLOCK and (src, dst) not in KERNELS:
             return np.ascontiguousarray(_cast_block(bits, src, dst))
-        out = np.empty(bits.size, dtype=bits_dtype(dst))
-        for i in range(0, bits.size, _BLOCK):
-            out[i : i + _BLOCK] = _cast_block(bits[i : i + _BLOCK], src, dst)
+        dt = bits_dtype(dst)
+        if ring is None:
+            out = np.empty(bits.size, dtype=dt)
+        else:
+            out = ring.get(bits.size * dt.itemsize).view(dt)
+        cast_into(bits, out, src, dst, _cast_block)
     return out
 
 
@@ -252,7 +235,12 @@ def swaps(storage: StorageInfo) -> bool:
 
 
 def iter_tensor_bytes(
-    ref: TensorRef, dtype: str | None = None, *, fd: int | None = None, chunk: int = CHUNK
+    ref: TensorRef,
+    dtype: str | None = None,
+    *,
+    fd: int | None = None,
+    chunk: int = CHUNK,
+    ring: Ring | None = None,
 ) -> Iterator[memoryview]:
     """The tensor's elements, dense C order, little-endian, as ``dtype``, in bounded pieces.
 
@@ -261,6 +249,8 @@ def iter_tensor_bytes(
         dtype: the output dtype (default the tensor's own); see :func:`can_cast`.
         fd: an open descriptor of the storage's file (else the file is opened per call).
         chunk: the most bytes of output (and of gathered input) held at once.
+        ring: reuse its buffers for cast and gathered pieces (each piece is then valid only
+            until the ring hands its buffer out again); else every piece is a new array.
 
     Returns:
         An iterator of contiguous byte views whose concatenation is the output tensor.
@@ -281,11 +271,14 @@ def iter_tensor_bytes(
     arr = tensor_array(ref, fd=fd).view(bits_dtype(ref.dtype, swaps(storage)))
     size = max(dtypes.get(ref.dtype).itemsize, dtypes.get(dst).itemsize)
     limit = max(1, chunk // size)
-    pieces = _tiled_pieces(arr, limit) if _transposed(arr) else iter_chunks(arr, limit)
+    if _transposed(arr):
+        pieces = _tiled_pieces(arr, limit, ring if dst == ref.dtype else None)
+    else:
+        pieces = iter_chunks(arr, limit)
     meta = ref.metadata if isinstance(ref.metadata, dict) else {}
     conj, neg = bool(meta.get("conj")), bool(meta.get("neg"))
     for piece in pieces:
-        yield _encode(piece, ref.dtype, dst, conj=conj, neg=neg)
+        yield _encode(piece, ref.dtype, dst, conj=conj, neg=neg, ring=ring)
 
 
 def has_view_bits(ref: TensorRef) -> bool:
@@ -330,7 +323,7 @@ def _transposed(arr: np.ndarray) -> bool:
     return abs(arr.strides[-1]) > closest
 
 
-def _tiled_pieces(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+def _tiled_pieces(arr: np.ndarray, limit: int, ring: Ring | None = None) -> Iterator[np.ndarray]:
     """C-order pieces of at most ``limit`` elements, each copied tile by tile along the last
     axis so that reads stay close together (about 10x faster than numpy's copy of a transpose)."""
     import numpy as np
@@ -339,7 +332,7 @@ def _tiled_pieces(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     if row > limit:  # rows longer than a piece: row by row (a 1-D row is cut in pieces)
         for i in range(arr.shape[0]):
             if arr.ndim > 2:
-                yield from _tiled_pieces(arr[i], limit)
+                yield from _tiled_pieces(arr[i], limit, ring)
             else:
                 for j in range(0, row, limit):
                     yield np.ascontiguousarray(arr[i, j : j + limit])
@@ -347,25 +340,41 @@ def _tiled_pieces(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     step = max(1, limit // max(row, 1))
     for i in range(0, arr.shape[0], step):
         block = arr[i : i + step]
-        out = np.empty(block.shape, dtype=block.dtype)
+        if ring is None:
+            out = np.empty(block.shape, dtype=block.dtype)
+        else:
+            out = ring.get(block.size * block.dtype.itemsize).view(block.dtype)
+            out = out.reshape(block.shape)
         for j in range(0, block.shape[-1], _TILE):
             out[..., j : j + _TILE] = block[..., j : j + _TILE]
         yield out.reshape(-1)
 
 
 def _encode(
-    piece: np.ndarray, src: str, dst: str, *, conj: bool = False, neg: bool = False
+    piece: np.ndarray,
+    src: str,
+    dst: str,
+    *,
+    conj: bool = False,
+    neg: bool = False,
+    ring: Ring | None = None,
 ) -> memoryview:
     import numpy as np
 
     piece = resolve_view_bits(native(piece), src, conj=conj, neg=neg)
     if src != dst:
-        piece = cast_bits(piece, src, dst)
+        piece = cast_bits(piece, src, dst, ring)
     return np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data
 
 
-def recode(data: bytes | bytearray | memoryview, storage: StorageInfo, dtype: str) -> bytearray:
-    """A chunk of ``storage``'s bytes (whole elements), little-endian and cast to ``dtype``.
+def recode(
+    data: bytes | bytearray | memoryview,
+    storage: StorageInfo,
+    dtype: str,
+    ring: Ring | None = None,
+) -> bytearray | memoryview:
+    """A chunk of ``storage``'s bytes (whole elements), little-endian and cast to ``dtype``:
+    a new bytearray, or with ``ring`` a view of one of its buffers (valid until reused).
 
     Example:
         >>> recode(chunk, src, "float16")  # a float32 storage chunk as float16 bytes
@@ -376,4 +385,5 @@ def recode(data: bytes | bytearray | memoryview, storage: StorageInfo, dtype: st
     if not can_cast(src, dtype):
         raise ValueError(f"cannot cast {src} to {dtype}")
     bits = np.frombuffer(data, dtype=bits_dtype(src, swaps(storage)))
-    return bytearray(_encode(bits, src, dtype))
+    encoded = _encode(bits, src, dtype, ring=ring)
+    return encoded if ring is not None else bytearray(encoded)

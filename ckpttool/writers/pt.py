@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,8 @@ from ..ops.plain import MemoryStorage
 from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
+from .cast_kernels import Ring, ahead
+from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, Pickled, pickle_tree
 from .zipwriter import ZipWriter, add_torch_header
@@ -32,8 +34,10 @@ def _write_transformed(
     dst_fd: int,
     memory: MemoryStorage | None,
     progress: Progress | None,
+    ring: Ring,
 ) -> int:
-    """Write a storage that must pass through memory (cast, byte swap, deflated, in-memory).
+    """Write a storage that must pass through memory (cast, byte swap, deflated, in-memory),
+    reading and casting into ``ring``'s buffers.
 
     Returns the CRC-32 of the bytes written.
     """
@@ -46,8 +50,12 @@ def _write_transformed(
         return crc32(memory.data)
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
-    for chunk in bytecopy.iter_storage_chunks(src, src_fd):
-        data = chunk if simple else bytecopy.recode(chunk, src, out.dtype)
+    chunks: Iterator[Any] = bytecopy.iter_storage_chunks(src, src_fd, ring)
+    if not simple:  # read into the ring's input buffer, cast into one of its three
+        chunks = (bytecopy.recode(c, src, out.dtype, ring) for c in chunks)
+        if src.nbytes > bytecopy.CHUNK:  # read and cast the next chunk while this is written
+            chunks = ahead(chunks)
+    for data in chunks:
         bytecopy.write_all(dst_fd, data)
         crc = crc32(data, crc)
         if progress:
@@ -100,30 +108,36 @@ def write_pt(
     Verbatim copies get their CRC-32 by reading the output back (``check_copies``, which also
     proves the copy), or from the input's zip record when that is skipped.
     """
-    sources = bytecopy.Sources()
-    background = bytecopy.Background()
+    sources, background = bytecopy.Sources(), bytecopy.Background()
+    ring = Ring(3)  # casts: the chunk written, the one queued, the one being made
     fd = os.open(dst_tmp, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
     offsets: dict[str, int] = {}
     try:
         zw = ZipWriter(fd)
         add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
+        blocks: dict[str, int] = {}  # source file -> its clone block (0: no cloning)
+        folder = os.path.dirname(os.path.abspath(dst_tmp))
         for out in plan.outs:
             src = out.source
             assert src is not None
             mem = plan.memory.get(src.key) if not src.file else None
             verbatim = out.copies_verbatim and mem is None
-            phase = src.offset % 4096 if verbatim and src.offset % 64 == 0 else 0
-            start = zw.begin(
-                f"{archive}/data/{out.key}", out.nbytes, 0, 4096 if phase else 64, phase
-            )
+            block = _block(src.file, sources, folder, blocks) if verbatim else 0
+            align, phase = record_alignment(src.offset if verbatim else None, block)
+            # a verbatim copy's CRC-32 is the input record's (its read-back checks it): known
+            # now, it needs no patching (a write into a page already being written back)
+            known = (src.crc or 0) * verbatim
+            start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, known, align, phase)
             offsets[out.key] = start
             job = None
             if verbatim:
-                job = _copy_verbatim(out, fd, start, sources, background, progress, check_copies)
+                job = _copy_verbatim(
+                    out, fd, start, sources, background, progress, check_copies, block
+                )
             else:
                 out.crc = _write_transformed(
-                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress
+                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress, ring
                 )
             zw.end()
             pending.append((len(zw.entries) - 1, out, job))
@@ -140,6 +154,16 @@ def write_pt(
     return offsets
 
 
+def _block(file: str, sources: bytecopy.Sources, folder: str, blocks: dict[str, int]) -> int:
+    """The clone block size of ``file`` into ``folder`` (0: no cloning), found once per file."""
+    if not file:
+        return 0
+    if file not in blocks:
+        fd = sources.fd(file)  # a remote source has no blocks to share
+        blocks[file] = clone_block(fd, folder) if isinstance(fd, int) else 0
+    return blocks[file]
+
+
 def _copy_verbatim(
     out: OutStorage,
     fd: int,
@@ -148,23 +172,29 @@ def _copy_verbatim(
     background: bytecopy.Background,
     progress: Progress | None,
     check_copies: bool,
+    block: int,
 ) -> Any:
-    """Copy a storage record byte for byte; return its read-back job (None: CRC from input)."""
+    """Copy (or clone) a storage record byte for byte; return its read-back job (None: CRC
+    from the input)."""
     src = out.source
     assert src is not None
     src_fd = sources.fd(src.file)
     try:
-        passed = bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress)
+        cloned = bytecopy.copy_range(src_fd, src.offset, src.nbytes, fd, progress, block)
     except EOFError:
         raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
+    out.cloned = cloned.nbytes
     job = None
     if check_copies or src.crc is None:  # read back (in the background)
-        crc = src.crc if src.crc is not None else passed  # a remote input is not read twice
-        job = background.submit(bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, crc)
+        crc = src.crc if src.crc is not None else cloned.crc  # a remote input: not read twice
+        job = background.submit(
+            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, crc, cloned
+        )
         out.read_back = True
     else:
         out.crc = src.crc
-    background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
+    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
+        background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
     return job
 
 
@@ -172,6 +202,22 @@ def verify_bytes(outs: list[OutStorage], verify: bool) -> int:
     """The bytes a write still reads after its last byte is written: the records read back in
     the background, and with ``verify`` the others, which ``verify_pt`` re-reads."""
     return sum(o.nbytes for o in outs if o.read_back or verify)
+
+
+def record_alignment(src_offset: int | None, block: int) -> tuple[int, int]:
+    """(alignment, phase) of a storage record's data offset in the output.
+
+    Torch aligns records to 64 bytes. A record copied verbatim from a 64-byte aligned input
+    record keeps the input offset's phase within a page (kernel copies between equal page
+    phases are faster), or within a clone ``block`` where the filesystem shares blocks
+    (:mod:`.clone`), so that its aligned middle can be cloned.
+    """
+    if src_offset is None or src_offset % 64:
+        return 64, 0
+    if block:
+        return max(block, 4096), src_offset % max(block, 4096)
+    phase = src_offset % 4096
+    return (4096, phase) if phase else (64, 0)  # a page-aligned input record: 64, as always
 
 
 def _set_crcs(
@@ -192,7 +238,8 @@ def _set_crcs(
             if progress:
                 progress(out.nbytes)
         assert out.crc is not None
-        zw.set_crc(index, out.crc)
+        if zw.entries[index].crc != out.crc:
+            zw.set_crc(index, out.crc)
 
 
 # -- verification --------------------------------------------------------------------------

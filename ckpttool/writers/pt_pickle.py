@@ -32,6 +32,7 @@ class OutStorage:
     data: bytes | None = None  # bytes made in memory (e.g. from a pickled numpy array)
     crc: int | None = None  # expected CRC-32 of the written bytes, once known
     read_back: bool = False  # its bytes were already read back from the output and checked
+    cloned: int = 0  # bytes that share the input's blocks (checked by their extents)
     tensors: list[str] = field(default_factory=list)
 
     @property

@@ -22,6 +22,8 @@ from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
+from .cast_kernels import Ring, ahead
+from .clone import clone_block
 from .crc import crc32
 
 Progress = Callable[[int], None]
@@ -43,7 +45,9 @@ class Item:
         return self.ref.numel * dtypes.get(self.dtype).itemsize
 
 
-def header_bytes(items: list[Item], metadata: dict[str, str]) -> bytes:
+def header_bytes(items: list[Item], metadata: dict[str, str], pad: int = 0) -> bytes:
+    """The length-prefixed JSON header; ``pad`` (a multiple of 8) more spaces after it, which
+    the format allows, move the data section (to keep its offsets' phase for cloning)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     for it in items:
         code = dtypes.get(it.dtype).safetensors
@@ -53,7 +57,7 @@ def header_bytes(items: list[Item], metadata: dict[str, str]) -> bytes:
             "data_offsets": [it.begin, it.begin + it.nbytes],
         }
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    raw += b" " * (-len(raw) % 8 + pad)  # safetensors pads the header to 8 bytes
     return len(raw).to_bytes(8, "little") + raw
 
 
@@ -71,48 +75,140 @@ def reader_notes(items: list[Item]) -> list[str]:
     return notes
 
 
+def direct_span(it: Item) -> tuple[str, int] | None:
+    """(input file, offset) of a tensor whose bytes are one range of that file, copied as
+    they are; None for a tensor that must be gathered or converted."""
+    ref = it.ref
+    src = ref.storage
+    if (
+        src is None
+        or not ref.is_contiguous()
+        or it.dtype != ref.dtype
+        or numeric.swaps(src)
+        or src.compressed
+        or not src.file
+        or numeric.has_view_bits(ref)
+    ):
+        return None
+    return src.file, src.offset + ref.storage_offset * ref.itemsize
+
+
+Span = Callable[[Item], "tuple[str, int] | None"]
+
+
+def _write_gathered(
+    it: Item, sources: bytecopy.Sources, fd: int, progress: Progress | None, ring: Ring
+) -> None:
+    """Strided, cast, big-endian or deflated: gathered and converted in bounded pieces."""
+    src = it.ref.storage
+    assert src is not None
+    map_fd = sources.fd(src.file) if src.file and not src.compressed else None
+    crc = 0
+    pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd, ring=ring)
+    for piece in ahead(pieces) if it.nbytes > numeric.CHUNK else pieces:  # gather while writing
+        bytecopy.write_all(fd, piece)
+        crc = crc32(piece, crc)
+        if progress:
+            progress(len(piece))
+    it.crc = crc
+
+
 def write_tensor(
     it: Item,
     sources: bytecopy.Sources,
     fd: int,
     progress: Progress | None,
     background: bytecopy.Background,
-    check: bool,
+    check: bool = True,
 ) -> None:
-    ref = it.ref
-    src = ref.storage
+    """One tensor at ``fd``'s position (a DCP item, say): copied when it is one range of its
+    input (``it.job`` then gives its CRC-32, read back), else gathered (``it.crc``)."""
+    if direct_span(it) is None:
+        _write_gathered(it, sources, fd, progress, Ring(3))
+    else:
+        _write_run([it], sources, fd, progress, background, True, 0)
+
+
+def _write_run(
+    run: list[Item],
+    sources: bytecopy.Sources,
+    fd: int,
+    progress: Progress | None,
+    background: bytecopy.Background,
+    check: bool,
+    block: int,
+) -> None:
+    """Copy direct tensors that follow each other in one input file (cloning what can be)."""
+    first = run[0]
+    file, start = direct_span(first)  # type: ignore[misc]
+    src = first.ref.storage
     assert src is not None
-    itemsize = ref.itemsize
-    direct = (
-        ref.is_contiguous()
-        and it.dtype == ref.dtype
-        and not numeric.swaps(src)
-        and not src.compressed
-        and src.file
-        and not numeric.has_view_bits(ref)
-    )
-    if direct:
-        start = src.offset + ref.storage_offset * itemsize
-        src_fd = sources.fd(src.file)
-        dst_off = os.lseek(fd, 0, os.SEEK_CUR)
-        passed = bytecopy.copy_range(src_fd, start, it.nbytes, fd, progress)
-        if check:  # check the copy in the background while the next tensor is written
-            whole = ref.storage_offset == 0 and it.nbytes == src.nbytes
-            crc = src.crc if whole and src.crc is not None else passed
-            it.job = background.submit(
-                bytecopy.read_back, fd, dst_off, it.nbytes, src_fd, start, crc
-            )
-        background.submit(bytecopy.start_writeback, fd, dst_off, it.nbytes)
-        return
-    # strided, cast, big-endian or deflated: gathered and converted in bounded pieces
-    map_fd = sources.fd(src.file) if src.file and not src.compressed else None
-    crc = 0
-    for piece in numeric.iter_tensor_bytes(ref, it.dtype, fd=map_fd):
-        bytecopy.write_all(fd, piece)
-        crc = crc32(piece, crc)
-        if progress:
-            progress(len(piece))
-    it.crc = crc
+    nbytes = sum(it.nbytes for it in run)
+    src_fd = sources.fd(file)
+    dst_off = os.lseek(fd, 0, os.SEEK_CUR)
+    cloned = bytecopy.copy_range(src_fd, start, nbytes, fd, progress, block)
+    if check:  # check the copy in the background while the next tensor is written
+        whole = len(run) == 1 and first.ref.storage_offset == 0 and nbytes == src.nbytes
+        crc = src.crc if whole else cloned.crc  # a remote input: its CRC as it passed
+        job = background.submit(
+            bytecopy.read_back, fd, dst_off, nbytes, src_fd, start, crc, cloned, False
+        )
+        for it in run:
+            it.job = job
+    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
+        background.submit(bytecopy.start_writeback, fd, dst_off, nbytes)
+
+
+def clone_layout(
+    items: list[Item], span: Span, sources: bytecopy.Sources, folder: str
+) -> tuple[list[Item], dict[str, int]]:
+    """(the items in the order their bytes are written, the clone block of each input file).
+
+    Where no input file can be cloned into the output, the order is the items' and nothing
+    changes; else tensors copied as they are (``span``) come first, in input order, so that
+    neighbours stay neighbours (and keep their phase) and are copied as one range.
+    """
+    blocks: dict[str, int] = {}
+    for it in items:
+        where = span(it)
+        if where is not None and where[0] not in blocks:
+            fd = sources.fd(where[0])  # a remote source has no blocks to share
+            blocks[where[0]] = clone_block(fd, folder) if isinstance(fd, int) else 0
+    if not any(blocks.values()):
+        return items, {}
+    spans = {id(it): span(it) for it in items}
+    direct = sorted((it for it in items if spans[id(it)]), key=lambda it: spans[id(it)])  # type: ignore[arg-type, return-value]
+    return direct + [it for it in items if not spans[id(it)]], blocks
+
+
+def header_pad(order: list[Item], header_len: int, span: Span, blocks: dict[str, int]) -> int:
+    """Spaces to add to the header so that the most bytes of tensors copied as they are land
+    at their input offset modulo the clone block (a multiple of 8: the data stays 8-byte
+    aligned, as safetensors writes it)."""
+    weight: dict[int, int] = {}
+    block = max(blocks.values(), default=0)
+    for it in order:
+        where = span(it)
+        if where is not None and blocks.get(where[0]) and it.nbytes >= block:
+            pad = (where[1] - header_len - it.begin) % block
+            if pad % 8 == 0:
+                weight[pad] = weight.get(pad, 0) + it.nbytes
+    return max(weight, key=lambda p: (weight[p], -p)) if weight else 0
+
+
+def _runs(order: list[Item], blocks: dict[str, int]) -> list[list[Item]]:
+    """Consecutive items copied together: direct tensors whose input bytes follow each other
+    in a file that can be cloned; every other item on its own."""
+    runs: list[list[Item]] = []
+    last: tuple[str, int] | None = None  # where the previous run's input bytes end
+    for it in order:
+        where = direct_span(it)
+        if where is not None and blocks.get(where[0]) and runs and where == last:
+            runs[-1].append(it)
+        else:
+            runs.append([it])
+        last = (where[0], where[1] + it.nbytes) if where is not None else None
+    return runs
 
 
 def write_file(
@@ -123,18 +219,27 @@ def write_file(
     progress: Progress | None,
     check: bool = True,
 ) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    order, blocks = clone_layout(items, direct_span, sources, folder)
     pos = 0
-    for it in items:
+    for it in order:
         it.begin = pos
         pos += it.nbytes
     header = header_bytes(items, metadata)
+    if blocks:
+        header = header_bytes(items, metadata, header_pad(order, len(header), direct_span, blocks))
     fd = os.open(path, os.O_RDWR)  # no O_TRUNC: ext4 would flush the file on close
     background = bytecopy.Background()
     progress_phase(progress, "writing")  # the next shard, after the last one's verifying
+    ring = Ring(3)  # gathered pieces: the one written, the one queued, the one being made
     try:
         bytecopy.write_all(fd, header)
-        for it in items:
-            write_tensor(it, sources, fd, progress, background, check)
+        for run in _runs(order, blocks):
+            where = direct_span(run[0])
+            if where is not None:
+                _write_run(run, sources, fd, progress, background, check, blocks.get(where[0], 0))
+            else:
+                _write_gathered(run[0], sources, fd, progress, ring)
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if end != len(header) + pos:
             raise OSError(f"wrote {end} bytes, expected {len(header) + pos}")

@@ -1,0 +1,337 @@
+"""Cloning instead of copying (issue 22) on filesystems that share extents.
+
+A session fixture formats a small loop image as XFS (``-m reflink=1``) and as btrfs and mounts
+it; the writers run with input and output on it, torch (or safetensors) loads the outputs and
+compares them with the inputs, and FIEMAP shows that the big records share the input's blocks.
+Everything here skips when this process is not root, the mkfs tools are missing or the mount
+fails; elsewhere (ext4, tmpfs) the same writers copy, which the rest of the suite tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpttool
+from ckpttool.readers import open_checkpoint
+from ckpttool.writers import clone
+from ckpttool.writers import copy as bytecopy
+
+BLOCK = 4096
+IMAGE_BYTES = 512 << 20  # sparse: only what is written takes space
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session", params=sorted(MKFS))
+def reflink_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A folder on a freshly mounted loop image of a filesystem that can clone."""
+    kind: str = request.param
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a loop image needs root")
+    if shutil.which(MKFS[kind][0]) is None or shutil.which("mount") is None:
+        pytest.skip(f"{MKFS[kind][0]} is not installed")
+    base = tmp_path_factory.mktemp(f"{kind}-image")
+    image, mnt = base / "fs.img", base / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_BYTES)
+    made = _run([*MKFS[kind], os.fspath(image)])
+    if made.returncode:
+        image.unlink()
+        pytest.skip(f"{MKFS[kind][0]} failed: {made.stderr.strip()}")
+    mnt.mkdir()
+    mounted = _run(["mount", "-o", "loop", os.fspath(image), os.fspath(mnt)])
+    if mounted.returncode:
+        image.unlink()
+        pytest.skip(f"cannot mount a loop {kind} image: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if _run(["umount", os.fspath(mnt)]).returncode:
+            _run(["umount", "-l", os.fspath(mnt)])
+        image.unlink()
+
+
+@pytest.fixture
+def work(reflink_dir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """An empty folder on the reflink filesystem for one test."""
+    folder = reflink_dir / request.node.name.replace("/", "_")[:100]
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tensors(n: int = 4) -> dict[str, torch.Tensor]:
+    """Integer-valued tensors of several dtypes, most of them many blocks long (odd sizes, so
+    that records start at every phase), plus small ones."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        k = 100_003 + 7919 * i
+        out[f"module.layer{i}.weight"] = (torch.arange(k, dtype=torch.float32) % 251 - i).reshape(k)
+        out[f"module.layer{i}.half"] = (torch.arange(k + 1) % 97).to(torch.float16)
+        out[f"module.layer{i}.bias"] = torch.arange(5 + i, dtype=torch.bfloat16)
+    out["module.steps"] = torch.arange(3 * BLOCK + 5, dtype=torch.int64)
+    return out
+
+
+def _shared_fraction(path: Path, ranges: list[tuple[int, int]]) -> float:
+    """The fraction of the whole blocks inside ``ranges`` that FIEMAP flags as shared."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        total = shared = 0
+        for off, n in ranges:
+            lo = -(-off // BLOCK) * BLOCK
+            hi = (off + n) // BLOCK * BLOCK
+            if hi <= lo:
+                continue
+            total += hi - lo
+            shared += hi - lo if clone.shared(fd, lo, hi - lo) else 0
+        return shared / total if total else 0.0
+    finally:
+        os.close(fd)
+
+
+def _same_tensors(got: dict[str, Any], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        g = got[name]
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert torch.equal(g.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+# -- the primitives ---------------------------------------------------------------------------
+def test_clone_block_says_yes_here_and_no_across_filesystems(work: Path, tmp_path: Path) -> None:
+    src = work / "src.bin"
+    src.write_bytes(os.urandom(3 * BLOCK))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        assert clone.clone_block(fd, os.fspath(work)) == BLOCK
+        # tmp_path is another filesystem (cloning cannot cross one)
+        assert clone.clone_block(fd, os.fspath(tmp_path)) == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("phase", [0, 64, 4032, 1])
+def test_copy_range_clones_the_aligned_middle_and_copies_head_and_tail(
+    work: Path, phase: int
+) -> None:
+    data = os.urandom(40 * BLOCK + 123)
+    src = work / "src.bin"
+    src.write_bytes(data)
+    src_off, n = 3 * BLOCK + phase, 30 * BLOCK + 77
+    dst = work / "dst.bin"
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lead = b"h" * (5 * BLOCK + phase)  # the output position has the input's phase
+        bytecopy.write_all(dfd, lead)
+        got = bytecopy.copy_range(sfd, src_off, n, dfd, None, BLOCK)
+        assert os.lseek(dfd, 0, os.SEEK_CUR) == len(lead) + n
+        head = -src_off % BLOCK
+        assert got == bytecopy.Clone(head, (n - head) // BLOCK * BLOCK)
+        assert clone.same_blocks(sfd, src_off + head, dfd, len(lead) + head, got.nbytes)
+        assert clone.shared(dfd, len(lead) + head, got.nbytes)
+        crc = bytecopy.read_back(dfd, len(lead), n, sfd, src_off, None, got)
+        assert crc == bytecopy.crc_range(sfd, src_off, n)
+        # another phase cannot be cloned: copied, and nothing is shared
+        off2 = os.lseek(dfd, 0, os.SEEK_CUR)
+        other = bytecopy.copy_range(sfd, src_off + 8, n, dfd, None, BLOCK)
+        assert other == bytecopy.NOT_CLONED
+        assert not clone.shared(dfd, -(-off2 // BLOCK) * BLOCK, 8 * BLOCK)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert (
+        dst.read_bytes() == lead + data[src_off : src_off + n] + data[src_off + 8 : src_off + 8 + n]
+    )
+
+
+def test_read_back_of_a_claimed_clone_that_is_not_one_reads_and_compares(work: Path) -> None:
+    """Extents that do not match fall back to reading: a wrong byte is still found."""
+    data = bytearray(os.urandom(8 * BLOCK))
+    (work / "a.bin").write_bytes(data)
+    data[5 * BLOCK + 9] ^= 1
+    (work / "b.bin").write_bytes(data)  # a copy (not shared) with one byte changed
+    a = os.open(work / "a.bin", os.O_RDONLY)
+    b = os.open(work / "b.bin", os.O_RDONLY)
+    try:
+        claimed = bytecopy.Clone(0, 8 * BLOCK)
+        with pytest.raises(bytecopy.CopyMismatch, match=f"byte {5 * BLOCK + 9}"):
+            bytecopy.read_back(b, 0, 8 * BLOCK, a, 0, None, claimed)
+        assert not clone.same_blocks(a, 0, b, 0, 8 * BLOCK)
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+# -- the writers --------------------------------------------------------------------------------
+def test_convert_strip_module_shares_the_records(work: Path) -> None:
+    sd = _tensors()
+    sd["module.tied"] = sd["module.layer0.weight"]  # one storage, two names
+    ck = {"model": sd, "optimizer": {"state": {0: {"exp_avg": sd["module.layer1.weight"] * 2}}}}
+    src, out = work / "in.pt", work / "out.pt"
+    torch.save(ck, src)
+    result = ckpttool.convert(src, out, strip_prefix="module.")
+    assert result.verified and "extents compared" in result.verification
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    want = torch.load(src, map_location="cpu", weights_only=True)
+    _same_tensors(got["model"], {k[len("module.") :]: v for k, v in want["model"].items()})
+    assert got["model"]["tied"].data_ptr() == got["model"]["layer0.weight"].data_ptr()
+    assert torch.equal(
+        got["optimizer"]["state"][0]["exp_avg"], want["optimizer"]["state"][0]["exp_avg"]
+    )
+    ins, outs = open_checkpoint(src).storages, open_checkpoint(out).storages
+    big = [s for s in outs.values() if s.nbytes >= 4 * BLOCK]
+    assert big
+    for s in big:  # each record keeps its input offset's phase within a block
+        assert any(
+            s.offset % BLOCK == i.offset % BLOCK and s.nbytes == i.nbytes for i in ins.values()
+        )
+    assert _shared_fraction(out, [(s.offset, s.nbytes) for s in big]) == 1.0
+    # the input is untouched and still loads
+    assert torch.equal(
+        torch.load(src, weights_only=True)["model"]["module.steps"], sd["module.steps"]
+    )
+
+
+def test_convert_no_verify_and_cast_on_reflink(work: Path) -> None:
+    sd = _tensors(2)
+    src = work / "in.pt"
+    torch.save(sd, src)
+    ckpttool.convert(src, work / "nv.pt", verify=False)
+    _same_tensors(torch.load(work / "nv.pt", weights_only=True), sd)
+    ckpttool.convert(src, work / "half.pt", dtype="float16")
+    got = torch.load(work / "half.pt", weights_only=True)
+    for name, t in sd.items():
+        want = t.to(torch.float16) if t.is_floating_point() else t
+        assert torch.equal(got[name], want), name
+
+
+def test_safetensors_rename_keeps_the_phase_and_shares_the_data(work: Path) -> None:
+    sd = {k: v for k, v in _tensors(6).items()}
+    src, out = work / "in.safetensors", work / "out.safetensors"
+    save_file(sd, os.fspath(src), metadata={"format": "pt"})
+    result = ckpttool.to_safetensors(src, out, strip_prefix="module.")
+    assert result.verified
+    _same_tensors(load_file(os.fspath(out)), {k[len("module.") :]: v for k, v in sd.items()})
+    n_in = int.from_bytes(src.read_bytes()[:8], "little")
+    n_out = int.from_bytes(out.read_bytes()[:8], "little")
+    assert (8 + n_out) % BLOCK == (8 + n_in) % BLOCK  # the header is padded to keep the phase
+    assert n_out % 8 == 0
+    assert out.read_bytes()[8 + n_out - 1 : 8 + n_out] == b" "
+    json.loads(out.read_bytes()[8 : 8 + n_out])  # still one JSON object
+    size = out.stat().st_size
+    assert _shared_fraction(out, [(8 + n_out, size - 8 - n_out)]) == 1.0
+
+
+def test_safetensors_rename_of_a_subset_and_with_a_cast(work: Path) -> None:
+    """Tensors dropped from the middle and a cast: the rest still lands where it can clone."""
+    sd = _tensors(4)
+    src = work / "in.safetensors"
+    save_file(sd, os.fspath(src))
+    out = work / "cast.safetensors"
+    ckpttool.to_safetensors(src, out, dtype="bfloat16", replace_prefix=(("module.", "m."),))
+    got = load_file(os.fspath(out))
+    for name, t in sd.items():
+        want = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert torch.equal(got["m." + name[len("module.") :]], want), name
+    n_out = int.from_bytes(out.read_bytes()[:8], "little")
+    header = json.loads(out.read_bytes()[8 : 8 + n_out])
+    steps = header["m.steps"]["data_offsets"]  # int64: copied as it is, and cloned
+    assert _shared_fraction(out, [(8 + n_out + steps[0], steps[1] - steps[0])]) == 1.0
+
+
+def test_pt_to_safetensors_on_reflink_is_exact(work: Path) -> None:
+    sd = _tensors(3)
+    src, out = work / "in.pt", work / "out.safetensors"
+    torch.save({"model": sd, "epoch": 3}, src)
+    ckpttool.to_safetensors(src, out, strip_prefix="module.")
+    _same_tensors(load_file(os.fspath(out)), {k[len("module.") :]: v for k, v in sd.items()})
+
+
+def test_sharded_safetensors_on_reflink(work: Path) -> None:
+    sd = _tensors(3)
+    src = work / "in.safetensors"
+    save_file(sd, os.fspath(src))
+    ckpttool.to_safetensors(src, work / "shards", max_shard_size=900_000)
+    got: dict[str, torch.Tensor] = {}
+    for f in sorted((work / "shards").glob("*.safetensors")):
+        got.update(load_file(os.fspath(f)))
+    _same_tensors(got, sd)
+
+
+def _dcp(folder: Path, sd: dict[str, torch.Tensor]) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": sd}, checkpoint_id=os.fspath(folder), no_dist=True)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_dcp_consolidation_shares_whole_tensors(work: Path, suffix: str) -> None:
+    """A single-process DCP save holds every tensor whole in one file; the first (biggest)
+    one starts at a 64-byte aligned offset there, so it can be cloned into either format."""
+    sd = {k[len("module.") :]: v for k, v in _tensors(3).items()}
+    _dcp(work / "dcp", sd)
+    out = work / f"out{suffix}"
+    ckpttool.consolidate(work / "dcp", out)
+    if suffix == ".pt":
+        got = torch.load(out, map_location="cpu", weights_only=True)
+    else:
+        got = load_file(os.fspath(out))
+    _same_tensors(got, sd)
+    back = open_checkpoint(out).storages
+    shared = {
+        k: _shared_fraction(out, [(s.offset, s.nbytes)])
+        for k, s in back.items()
+        if s.nbytes >= 4 * BLOCK
+    }
+    assert any(f == 1.0 for f in shared.values()), shared
+
+
+def test_every_fixture_converts_exactly_on_reflink(work: Path) -> None:
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    for name in ("single_gpu_state_dict.pt", "fp16_bf16.pt", "tied_weights.pt", "no_crc32.pt"):
+        src = work / name
+        shutil.copyfile(fixtures / name, src)
+        out = work / f"out-{name}"
+        ckpttool.convert(src, out)
+        want = torch.load(src, map_location="cpu", weights_only=True)
+        got = torch.load(out, map_location="cpu", weights_only=True)
+        assert type(got) is type(want)
+        _same_tensors(_flat(got), _flat(want))
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)  # type: ignore[assignment]
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
