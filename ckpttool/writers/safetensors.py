@@ -149,7 +149,8 @@ def _write_run(
     cloned = bytecopy.copy_range(src_fd, start, nbytes, fd, progress, block)
     if check:  # check the copy in the background while the next tensor is written
         whole = len(run) == 1 and first.ref.storage_offset == 0 and nbytes == src.nbytes
-        crc = src.crc if whole else cloned.crc  # a remote input: its CRC as it passed
+        known = src.crc if whole else None  # else a remote input's CRC, taken as it passed
+        crc = known if known is not None else cloned.crc
         job = background.submit(
             bytecopy.read_back, fd, dst_off, nbytes, src_fd, start, crc, cloned, False
         )
