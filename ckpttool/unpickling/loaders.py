@@ -239,6 +239,8 @@ def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> byt
         return fh.read()
     except KeyError:
         found.problem(UNREADABLE, f"{what}: no tar member {name!r} (torch cannot load it)")
+    except RecursionError:  # links that point at each other: tarfile (and torch) give up
+        found.problem(UNREADABLE, f"{what}: tar member {name!r} is a link in a cycle of links")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         found.problem(UNREADABLE, f"{what}: tar member {name!r} unreadable ({type(exc).__name__})")
     return None
