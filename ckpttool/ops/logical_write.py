@@ -212,6 +212,29 @@ def _result_of(job: Any, path: str, name: str) -> int:
 
 
 # -- the .pt writer ------------------------------------------------------------------------
+def _plan(
+    root: Any, dtype: str | None
+) -> tuple[list[tuple[str, Any]], list[OutStorage], dict[int, OutStorage], dict[int, str]]:
+    """The output records of ``root``'s tensors: views of one storage share its record."""
+    named = list(iter_tensors(root))
+    storage_of: dict[int, OutStorage] = {}
+    dtype_of: dict[int, str] = {}
+    outs: list[OutStorage] = []
+    by_storage: dict[int, OutStorage] = {}
+    for _name, ref in named:
+        if id(ref) in storage_of:
+            continue
+        t = logical(ref)
+        out = by_storage.get(id(ref.storage))
+        if out is None:
+            out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
+            by_storage[id(ref.storage)] = out
+            outs.append(out)
+        storage_of[id(ref)] = out
+        dtype_of[id(ref)] = out.dtype
+    return named, outs, storage_of, dtype_of
+
+
 def write_pt(
     tmp: str,
     root: Any,
@@ -225,22 +248,7 @@ def write_pt(
     Returns the plan it wrote, for :func:`~ckpttool.writers.pt.verify_pt` (``verify``: it
     will be called, which the progress of the verifying phase counts).
     """
-    named = list(iter_tensors(root))
-    storage_of: dict[int, OutStorage] = {}
-    dtype_of: dict[int, str] = {}
-    outs: list[OutStorage] = []
-    by_storage: dict[int, OutStorage] = {}  # views of one storage share its output record
-    for _name, ref in named:
-        if id(ref) in storage_of:
-            continue
-        t = logical(ref)
-        out = by_storage.get(id(ref.storage))
-        if out is None:
-            out = OutStorage(str(len(outs)), out_dtype(t, dtype), t.numel, ref.storage)
-            by_storage[id(ref.storage)] = out
-            outs.append(out)
-        storage_of[id(ref)] = out
-        dtype_of[id(ref)] = out.dtype
+    named, outs, storage_of, dtype_of = _plan(root, dtype)
     pkl = dumps(root, storage_of, dtype_of)
     archive = "archive"
     tensors = [o.source.tensor for o in outs if isinstance(o.source, LogicalStorage)]
