@@ -26,7 +26,7 @@ from typing import Any
 from ..source import file_view, open_source
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
-from .zipmodel import Entry, member, read_zip
+from .zipmodel import read_zip
 
 ItemRanges = Callable[[str], list[tuple[str, int, int, bool]]]
 
@@ -53,9 +53,7 @@ def _models(buf: Any, f: Any, path: str, found: Found, dcp_items: ItemRanges | N
     if head[:4] == b"PK\x03\x04":
         if path.endswith(".distcp"):
             _distcp(buf, path, found, dcp_items)
-        elif _is_npz(buf):
-            npz(buf, "the .npz archive", found)
-        else:
+        elif _has_data_pkl(buf) or not npz(buf, "the .npz archive", found):
             torch_zip(buf, 0, len(buf), "the archive", found)
         return
     if head[:6] == b"\x93NUMPY":
@@ -79,17 +77,9 @@ def _no_pickle(head: bytes, path: str) -> bool:
     return head.lstrip().startswith(b"{") and path.endswith(".json")
 
 
-def _is_npz(buf: Any) -> bool:
-    """A zip that holds no ``data.pkl`` but a member numpy reads as an array."""
-    model = read_zip(buf)
-    if any(e.name.lower().endswith("/data.pkl") for e in model.entries):
-        return False
-    return any(_npy_member(buf, e) for e in model.entries)
-
-
-def _npy_member(buf: Any, e: Entry) -> bool:
-    data = member(buf, e)
-    return data is not None and data[:6] == b"\x93NUMPY"
+def _has_data_pkl(buf: Any) -> bool:
+    """A torch zip; without ``data.pkl``, numpy may read it as an ``.npz``."""
+    return any(e.name.lower().endswith("/data.pkl") for e in read_zip(buf).entries)
 
 
 def _distcp(buf: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> None:

@@ -137,25 +137,45 @@ def pickle_chain(buf: Any, start: int, end: int, what: str, found: Found) -> Non
 
 def npy(buf: Any, start: int, end: int, what: str, found: Found) -> None:
     """An ``.npy`` array: ``np.load(allow_pickle=True)`` unpickles the data of object arrays."""
-    head = bytes(buf[start : min(end, start + 12)])
+    parsed = _npy_header(bytes(buf[start : min(end, start + _NPY_HEAD)]), what, found)
+    if parsed is None:
+        return
+    header, data = parsed
+    if _holds_objects(header):
+        found.walk(buf, start + data, end, f"{what} (object array)", "none")
+    else:
+        _check_size(header, end - start - data, what, found)
+
+
+_NPY_HEAD = 12 + (1 << 16)  # magic, version, length, and the longest header read
+
+
+def _npy_header(head: bytes, what: str, found: Found) -> tuple[Any, int] | None:
+    """(the header dict, where the data starts) as numpy reads them (a literal only)."""
     if len(head) < 10 or head[:6] != b"\x93NUMPY":
         found.problem(UNREADABLE, f"{what}: not an .npy array")
-        return
-    if head[6] == 1:
-        (n,), at = struct.unpack("<H", head[8:10]), start + 10
-    else:
-        (n,), at = struct.unpack("<I", head[8:12]), start + 12
+        return None
+    (n,), at = (
+        (struct.unpack("<H", head[8:10]), 10)
+        if head[6] == 1
+        else (struct.unpack("<I", head[8:12]), 12)
+    )
     try:
-        header = ast.literal_eval(bytes(buf[at : at + min(n, 1 << 16)]).decode("latin-1"))
-        descr = header["descr"]
+        header = ast.literal_eval(head[at : at + min(n, 1 << 16)].decode("latin-1"))
+        header["descr"]
     except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
         found.problem(UNREADABLE, f"{what}: an .npy header numpy cannot read")
-        return
-    if "O" in repr(descr):  # object fields anywhere in the dtype: the data is a pickle
-        found.walk(buf, at + n, end, f"{what} (object array)", "none")
-        return
+        return None
+    return header, at + n
+
+
+def _holds_objects(header: Any) -> bool:
+    return "O" in repr(header["descr"])  # object fields anywhere: the data is a pickle
+
+
+def _check_size(header: Any, have: int, what: str, found: Found) -> None:
     need = _array_bytes(header)
-    if need is None or need > end - (at + n):
+    if need is None or need > have:
         found.problem(UNREADABLE, f"{what}: the array's data is shorter than its shape")
 
 
@@ -172,26 +192,39 @@ def _array_bytes(header: Any) -> int | None:
         return None
 
 
-def npz(buf: Any, what: str, found: Found) -> None:
-    """An ``.npz``: numpy reads it with Python's ``zipfile``; each ``.npy`` member as above."""
+def npz(buf: Any, what: str, found: Found) -> int:
+    """An ``.npz``: numpy reads it with Python's ``zipfile``, and any member that starts as an
+    ``.npy`` as an array. Only headers are read, and the data of object arrays (a pickle).
+    Returns how many arrays it holds."""
     import io
     import zipfile
 
     from .zipmodel import _BufFile
 
+    arrays = 0
     try:
         with zipfile.ZipFile(_BufFile(buf, 0, len(buf))) as zf:
-            for info in zf.infolist():  # numpy reads any member that starts as an .npy
+            for info in zf.infolist():
+                name = f"{what}: {info.filename}"
                 with zf.open(info) as fh:
-                    if fh.read(6) != b"\x93NUMPY":
-                        continue
-                if info.file_size > 1 << 28:
-                    found.problem(UNREADABLE, f"{what}: {info.filename} is too large to scan")
+                    head = fh.read(_NPY_HEAD)
+                if head[:6] != b"\x93NUMPY":
                     continue
-                data = zf.read(info)
-                npy(data, 0, len(data), f"{what}: {info.filename}", found)
+                arrays += 1
+                parsed = _npy_header(head, name, found)
+                if parsed is None:
+                    continue
+                header, data = parsed
+                if not _holds_objects(header):
+                    _check_size(header, info.file_size - data, name, found)
+                elif info.file_size > 1 << 28:
+                    found.problem(UNREADABLE, f"{name}: an object array too large to scan")
+                else:
+                    blob = zf.read(info)
+                    found.walk(blob, data, len(blob), f"{name} (object array)", "none")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, io.UnsupportedOperation) as exc:
         found.problem(UNREADABLE, f"{what}: numpy cannot open it ({type(exc).__name__})")
+    return arrays
 
 
 def tar_file(f: Any, what: str, found: Found) -> bool:
