@@ -26,7 +26,7 @@ from typing import Any
 from ..source import file_view, open_source
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
-from .zipmodel import read_zip
+from .zipmodel import ZipModel, read_zip
 
 ItemRanges = Callable[[str], list[tuple[str, int, int, bool]]]
 
@@ -53,8 +53,10 @@ def _models(buf: Any, f: Any, path: str, found: Found, dcp_items: ItemRanges | N
     if head[:4] == b"PK\x03\x04":
         if path.endswith(".distcp"):
             _distcp(buf, path, found, dcp_items)
-        elif _has_data_pkl(buf) or not npz(buf, "the .npz archive", found):
-            torch_zip(buf, 0, len(buf), "the archive", found)
+        else:
+            model = read_zip(buf)  # read once: torch_zip judges the same model
+            if _has_data_pkl(model) or not npz(buf, "the .npz archive", found):
+                torch_zip(buf, 0, len(buf), "the archive", found, model)
         return
     if head[:6] == b"\x93NUMPY":
         npy(buf, 0, len(buf), "the .npy array", found)
@@ -77,9 +79,9 @@ def _no_pickle(head: bytes, path: str) -> bool:
     return head.lstrip().startswith(b"{") and path.endswith(".json")
 
 
-def _has_data_pkl(buf: Any) -> bool:
+def _has_data_pkl(model: ZipModel) -> bool:
     """A torch zip; without ``data.pkl``, numpy may read it as an ``.npz``."""
-    return any(e.name.lower().endswith("/data.pkl") for e in read_zip(buf).entries)
+    return any(e.name.lower().endswith("/data.pkl") for e in model.entries)
 
 
 def _distcp(buf: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .opscan import PickleWalk, walk_all
 from .parsed import remember_parsed
-from .zipmodel import local_entries, member, read_zip
+from .zipmodel import ZipModel, local_entries, member, read_zip
 
 DANGEROUS, UNVETTED, UNREADABLE = "dangerous", "unvetted code", "unreadable"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -68,12 +68,15 @@ class Found:
         return first
 
 
-def torch_zip(buf: Any, base: int, size: int, what: str, found: Found) -> None:
-    """A torch zip at ``buf[base : base + size]``, read the way ``torch.load`` reads it.
+def torch_zip(
+    buf: Any, base: int, size: int, what: str, found: Found, model: ZipModel | None = None
+) -> None:
+    """A torch zip at ``buf[base : base + size]``, read the way ``torch.load`` reads it
+    (``model``: that archive's :func:`read_zip`, when the caller has read it already).
 
     Where the archive is ambiguous (readers may see different entries), every ``*.pkl``
     entry any reading finds is walked too, so that the worst of them decides."""
-    model = read_zip(buf, base, size)
+    model = model if model is not None else read_zip(buf, base, size)
     for reason in model.ambiguities:
         found.problem(UNREADABLE, f"{what}: ambiguous zip: {reason}")
     if model.ambiguities or model.error is not None:
