@@ -80,18 +80,27 @@ def walk(
 
 def _run(m: Machine) -> None:
     """The opcodes torch pickles are made of, inline while their bytes lie inside the current
-    frame; everything else (and every read across a boundary) goes to ``HANDLERS``."""
+    frame (the next most common in :func:`_more`); everything else (and every read across a
+    boundary) goes to ``HANDLERS``."""
     buf, stack, marks, memo, calls = m.buf, m.stack, m.marks, m.memo, m.res.calls
     pos, limit, ops = m.pos, m.limit, 0
+    memo_max = m.end - m.res.start  # a larger memo index is a bomb (the handler says so)
     while True:
         at, ops = pos, ops + 1
         code = buf[pos] if pos < limit else -1
         pos += 1
-        if code == 0x71 and pos < limit and stack:  # BINPUT
-            memo[buf[pos]] = stack[-1]
-            pos += 1
+        if code == 0x72 and pos + 4 <= limit and stack:  # LONG_BINPUT
+            idx = int.from_bytes(buf[pos : pos + 4], "little")
+            if idx > memo_max:
+                code = -1
+            else:
+                memo[idx] = stack[-1]
+                pos += 4
         elif code == 0x68 and pos < limit and buf[pos] in memo:  # BINGET
             stack.append(memo[buf[pos]])
+            pos += 1
+        elif code == 0x71 and pos < limit and stack:  # BINPUT
+            memo[buf[pos]] = stack[-1]
             pos += 1
         elif code == 0x58 and pos + 4 <= limit:  # BINUNICODE
             n = int.from_bytes(buf[pos : pos + 4], "little")
@@ -118,24 +127,64 @@ def _run(m: Machine) -> None:
             args = stack.pop()
             stack[-1] = Value("result", origin=CallSite("REDUCE", stack[-1], args, at))
             calls.append(stack[-1].origin)  # type: ignore[arg-type]
-        elif code == 0x51 and stack:  # BINPERSID
-            stack[-1] = persid(m, stack[-1], at)
         elif code in (0x88, 0x89, 0x29, 0x4E):  # NEWTRUE, NEWFALSE, EMPTY_TUPLE, NONE
             stack.append(_BOOL if code > 0x80 else _EMPTY_TUPLE if code == 0x29 else _NONE)
-        else:  # STOP and the rest go to HANDLERS
-            code = -1
+        else:  # the next most common, or -1: STOP and the rest go to HANDLERS
+            pos = _more(m, code, at, pos, limit, stack) if code >= 0 else -1
+            code = -1 if pos < 0 else code
         if code == -1:  # the slow path: a handler, or a read across a boundary
-            m.pos, m.limit, m.stack = at, limit, stack
-            code = buf[at] if at < limit else m.slow(1)[0]
-            if at < limit:
-                m.pos = at + 1
-            handler = HANDLERS.get(code)
-            if handler is None:
-                raise Stop(f"invalid load key {code:#04x} at offset {at}")
-            handler(m, code, at)
-            pos, limit, stack = m.pos, m.limit, m.stack
+            pos, limit, stack = _slow(m, at, limit, stack)
             if m.res.end is not None:  # STOP
                 break
+    m.res.protocol = max(m.res.protocol, m.proto)
+    m.res.ops = ops
+
+
+def _more(m: Machine, code: int, at: int, pos: int, limit: int, stack: list[Value]) -> int:
+    """The opcodes after :func:`_run`'s in how often torch pickles hold them: the position
+    after the opcode, or -1 for the slow path (a handler decides, errors included)."""
+    buf = m.buf
+    if code == 0x51 and stack:  # BINPERSID
+        stack[-1] = persid(m, stack[-1], at)
+        return pos
+    if code == 0x6A and pos + 4 <= limit:  # LONG_BINGET
+        got = m.memo.get(int.from_bytes(buf[pos : pos + 4], "little"))
+        if got is None:
+            return -1
+        stack.append(got)
+        return pos + 4
+    if code == 0x4D and pos + 2 <= limit:  # BININT2
+        stack.append(Value("int", num=buf[pos] | buf[pos + 1] << 8))
+        return pos + 2
+    if code == 0x4A and pos + 4 <= limit:  # BININT
+        stack.append(Value("int", num=int.from_bytes(buf[pos : pos + 4], "little", signed=True)))
+        return pos + 4
+    if code == 0x7D:  # EMPTY_DICT
+        stack.append(Value("dict", entries=[]))
+        return pos
+    return -1
+
+
+def _slow(m: Machine, at: int, limit: int, stack: list[Value]) -> tuple[int, int, list[Value]]:
+    """Run the opcode at ``at`` through its handler; the loop's new position, limit, stack."""
+    m.pos, m.limit, m.stack = at, limit, stack
+    code = m.buf[at] if at < limit else m.slow(1)[0]
+    if at < limit:
+        m.pos = at + 1
+    handler = HANDLERS.get(code)
+    if handler is None:
+        raise Stop(f"invalid load key {code:#04x} at offset {at}")
+    handler(m, code, at)
+    return m.pos, m.limit, m.stack
+
+
+def _run_reference(m: Machine) -> None:
+    """The same walk with every opcode through its handler in ``HANDLERS``: no inline fast
+    path. Slower; the differential tests hold :func:`_run` to it on every hostile file."""
+    ops = 0
+    while m.res.end is None:
+        ops += 1
+        _slow(m, m.pos, m.limit, m.stack)
     m.res.protocol = max(m.res.protocol, m.proto)
     m.res.ops = ops
 
