@@ -137,18 +137,19 @@ class ZipArchive:
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
         header_offset = self.base + info.header_offset
-        header = self.source.pread(_LOCAL_HEADER.size, header_offset)
+        utf8 = info.orig_filename.encode("utf-8")
+        # one read for the header and the name it should hold (torch's writer: always so)
+        header = self.source.pread(_LOCAL_HEADER.size + len(utf8), header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
-        fields = _LOCAL_HEADER.unpack(header)
+        fields = _LOCAL_HEADER.unpack(header[: _LOCAL_HEADER.size])
         if fields[0] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
         name_len, extra_len = fields[9], fields[10]
-        name = self.source.pread(name_len, header_offset + _LOCAL_HEADER.size)
-        if name not in (
-            info.orig_filename.encode("utf-8"),
-            info.orig_filename.encode("cp437", "replace"),
-        ):
+        name = header[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_len]
+        if name_len != len(utf8):
+            name = self.source.pread(name_len, header_offset + _LOCAL_HEADER.size)
+        if name != utf8 and name != info.orig_filename.encode("cp437", "replace"):
             raise CheckpointError(
                 self.path,
                 f"zip entry {info.filename!r} is named {name[:60]!r} in its local header "
@@ -330,10 +331,16 @@ class _Records:
         return storage
 
 
-def _itemsize(dtype: str) -> int:
-    from .. import dtypes
+_ITEMSIZES: dict[str, int] = {}
 
-    return dtypes.get(dtype).itemsize
+
+def _itemsize(dtype: str) -> int:
+    size = _ITEMSIZES.get(dtype)
+    if size is None:
+        from .. import dtypes
+
+        size = _ITEMSIZES[dtype] = dtypes.get(dtype).itemsize
+    return size
 
 
 __all__ = ["ZipArchive", "read"]

@@ -58,6 +58,13 @@ class TypedTensorRef(TensorRef):
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if (  # the common case, checked with the least work: a short tuple of plain ints >= 0
+        type(value) is tuple
+        and len(value) <= 64
+        and all(type(v) is int for v in value)
+        and (not value or min(value) >= 0)
+    ):
+        return value
     if isinstance(value, Opaque) and value.global_name == "torch.Size" and value.args:
         value = value.args[0]
     if not isinstance(value, (tuple, list)) or not all(
