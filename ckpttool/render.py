@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tabulate import tabulate
+from .tables import tabulate
 
 _FORMAT_NAMES = {
     "zip": "torch zip",

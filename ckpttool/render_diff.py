@@ -10,12 +10,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from tabulate import tabulate
-
 from .ops.check import CheckResult, Problems, group_keys
 from .ops.diff import DiffResult, TensorDiff
 from .ops.keysets import KeySpec
 from .render import escape
+from .tables import tabulate
 
 SCHEMA = 1
 

@@ -20,7 +20,7 @@ def table_format(value: str) -> str:
     """Check a --fmt value (tabulate silently falls back to ``simple`` on unknown names)."""
     from difflib import get_close_matches
 
-    from tabulate import tabulate_formats
+    from ..tables import tabulate_formats
 
     if value in tabulate_formats:
         return value

@@ -17,7 +17,6 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
-from ..writers.crc import crc32
 
 Progress = Callable[[int], None]
 
@@ -165,6 +164,7 @@ def iter_logical_chunks(
 
 def crc_logical(tensor: LogicalTensor, sources: Any) -> int:
     """CRC-32 of the tensor's logical bytes, read from its segments."""
+    from ..writers.crc import crc32  # ISA-L when installed: imported only when used
 
     crc = 0
     for piece in iter_logical_chunks(tensor, sources):

@@ -9,16 +9,20 @@ pickle that differs in any byte is walked again.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from typing import Any
+
+try:  # hashlib's own blake2b, without importing hashlib and OpenSSL's _hashlib (~4 ms)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import blake2b
 
 _KEEP = 64
 _PARSED: OrderedDict[bytes, None] = OrderedDict()
 
 
 def _digest(data: Any) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
+    return blake2b(data, digest_size=32).digest()
 
 
 def remember_parsed(data: Any) -> None:
