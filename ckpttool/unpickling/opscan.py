@@ -27,7 +27,6 @@ from .opvalues import (
     Reader,
     Stop,
     Value,
-    _str_value,
 )
 
 __all__ = ["SCALARS", "CallSite", "GlobalRef", "PickleWalk", "Value", "walk", "walk_all"]
@@ -83,8 +82,7 @@ def _run(m: Machine) -> None:
     frame (the next most common in :func:`_more`); everything else (and every read across a
     boundary) goes to ``HANDLERS``."""
     buf, stack, marks, memo, calls = m.buf, m.stack, m.marks, m.memo, m.res.calls
-    pos, limit, ops = m.pos, m.limit, 0
-    memo_max = m.end - m.res.start  # a larger memo index is a bomb (the handler says so)
+    pos, limit, ops, memo_max = m.pos, m.limit, 0, m.end - m.res.start  # memo_max: see _put
     while True:
         at, ops = pos, ops + 1
         code = buf[pos] if pos < limit else -1
@@ -108,8 +106,9 @@ def _run(m: Machine) -> None:
                 code = -1
             else:
                 pos += 4 + n
-                text = buf[pos - n : pos] if n <= MAX_STR else None
-                stack.append(_str_value(text) if text is not None else Value("str"))
+                raw = buf[pos - n : pos] if n <= MAX_STR else None
+                text = raw.decode("utf-8", "surrogateescape") if raw is not None else None
+                stack.append(Value("str", text=text))
         elif code == 0x28:  # MARK
             marks.append(stack)
             stack = []

@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_MEMBER = 1 << 28  # a pickle larger than this is not scanned (the file is refused)
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
@@ -31,11 +31,12 @@ _EOCD = struct.Struct("<4s4H2IH")
 _CDIR = struct.Struct("<4s6H3I5H2I")
 _LOCAL = struct.Struct("<4s5H3I2H")
 _WINDOW = 0xFFFF + _EOCD.size  # how far back miniz looks for the end record
+_CD_COPY = 1 << 24  # a central directory up to this size is copied once and parsed in memory
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One central-directory entry: its name and where its data is (offsets absolute)."""
+class Entry(NamedTuple):
+    """One central-directory entry: its name and where its data is (offsets absolute).
+    (A named tuple: made thousands of times per file, where a frozen dataclass costs 1 µs.)"""
 
     name: str
     header: int  # the local header's offset in the buffer
@@ -154,17 +155,21 @@ def _directory(
 def _entries(
     buf: Any, base: int, end: int, count: int, cd_size: int, cd_off: int, model: ZipModel
 ) -> None:
-    pos, stop = base + cd_off, base + cd_off + cd_size
+    cd_start, stop = base + cd_off, base + cd_off + cd_size
+    off = cd_start if cd_size <= _CD_COPY else 0  # a directory of usual size: one copy,
+    cd = bytes(buf[cd_start:stop]) if off else buf  # parsed in memory (mmap slices cost more)
+    pos, stop = cd_start - off, stop - off
     for _ in range(min(count, 1 << 20)):
-        if pos + _CDIR.size > stop or bytes(buf[pos : pos + 4]) != b"PK\x01\x02":
+        if pos + _CDIR.size > stop or cd[pos : pos + 4] != b"PK\x01\x02":
             model.error = "a damaged central directory"
             return
-        f = _CDIR.unpack(buf[pos : pos + _CDIR.size])
+        f = _CDIR.unpack(cd[pos : pos + _CDIR.size])
         method, csize, usize = f[4], f[8], f[9]
         nlen, xlen, clen, header = f[10], f[11], f[12], f[16]
-        name = bytes(buf[pos + 46 : pos + 46 + nlen]).decode("utf-8", "surrogateescape")
-        extra = bytes(buf[pos + 46 + nlen : pos + 46 + nlen + xlen])
-        usize, csize, header = _zip64(extra, usize, csize, header)
+        name = bytes(cd[pos + 46 : pos + 46 + nlen]).decode("utf-8", "surrogateescape")
+        if 0xFFFFFFFF in (usize, csize, header):  # only then can a zip64 field apply
+            extra = bytes(cd[pos + 46 + nlen : pos + 46 + nlen + xlen])
+            usize, csize, header = _zip64(extra, usize, csize, header)
         if header + _LOCAL.size + csize > end - base:
             model.error = f"zip entry {name!r} lies past the end of the file"
             return
@@ -212,12 +217,14 @@ def _check_entries(buf: Any, model: ZipModel) -> None:
                 f"zip entries {headers[e.header][:60]!r} and {e.name[:60]!r} share one header"
             )
             break
-        if bytes(buf[e.header : e.header + 4]) != b"PK\x03\x04":
+        raw = e.name.encode("utf-8", "surrogateescape")
+        head = bytes(buf[e.header : e.header + 30 + len(raw)])  # the name it should hold too
+        if head[:4] != b"PK\x03\x04":
             model.error = f"zip entry {e.name[:60]!r} has no local header"
             return
-        nlen = struct.unpack("<H", buf[e.header + 26 : e.header + 28])[0]
-        local = bytes(buf[e.header + 30 : e.header + 30 + nlen])
-        if local != e.name.encode("utf-8", "surrogateescape"):
+        nlen = struct.unpack("<H", head[26:28])[0]
+        local = head[30:] if nlen == len(raw) else bytes(buf[e.header + 30 : e.header + 30 + nlen])
+        if local != raw:
             model.ambiguities.append(
                 f"zip entry {e.name[:60]!r} is named {local[:60]!r} in its local header"
             )
