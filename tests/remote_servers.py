@@ -31,6 +31,7 @@ class Behaviour:
         self.die_after: int | None = None  # ranged GETs served before the server dies mid-body
         self.status: int | None = None  # answer every request with this status
         self.delay = 0.0  # seconds each request waits first (a round trip to a real server)
+        self.no_index = False  # folders have no index page (404), as on most object stores' CDNs
         self.gets = 0
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range)
 
@@ -80,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
             rel = m.group(3)
         p = self._file(rel)
         if p is None:
-            if path.endswith("/") and (self.server.root / rel).is_dir():
+            if path.endswith("/") and (self.server.root / rel).is_dir() and not b.no_index:
                 return self._listing(rel)
             return self._send(404, b"not found")
         self._send_file(p, head)

@@ -124,13 +124,15 @@ def _folder_files(path: str) -> list[str] | None:
 
     if not is_url(path):
         return checkpoint_files(path) if os.path.isdir(path) else None
-    from .. import remote
+    from ..readers import remote_files
+    from ..remote import tree
 
-    if not remote.is_folder(path):
+    remote_files.enable()
+    if not tree.isdir(path):
         return None
     root = path.rstrip("/")
     out = []
-    for url in remote.list_files(path):
+    for url in tree.walk(root):  # listed, or derived from a save's own files (remote/tree.py)
         parts = url[len(root) :].strip("/").split("/")
         if any(part in (".git", "__pycache__") for part in parts[:-1]):
             continue

@@ -163,7 +163,8 @@ class ZipArchive:
         expect = getattr(self.source, "expect", None)
         if expect is None:
             return self.data_offset(info)
-        predicted = _torch_data_offset(self.base + info.header_offset, info, self.alignment())
+        # torch pads relative to the archive's start (a DCP item is a zip written at an offset)
+        predicted = self.base + _torch_data_offset(info.header_offset, info, self.alignment())
 
         def check() -> None:
             if self.data_offset(info) != predicted:

@@ -58,9 +58,12 @@ def traffic() -> Traffic:
 def reset() -> None:
     """Forget every open source and count from zero (tests, long-lived processes)."""
     global _traffic
+    from . import tree
+
     with _lock:
         _sources.clear()
         _traffic = Traffic()
+    tree.reset()
 
 
 def _backend(url: str) -> Any:

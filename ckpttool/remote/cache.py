@@ -3,7 +3,8 @@
 Small reads fetch a window around them: 256 KiB at the start of the file (a zip's first record
 is its pickle), doubling while reads go on where the last one ended (up to 8 MiB); near the end
 a window reaches back a full block (where a zip keeps its directory); a lone read amid the data
-(a record's local header) fetches 4 KiB. Reads of 1 MiB or more go straight to the caller,
+(a record's local header, the end of a zip inside a DCP ``.distcp`` file) fetches 16 KiB around
+it, 12 KiB of them before it. Reads of 1 MiB or more go straight to the caller,
 uncached, so copying a tensor never keeps it. The cache holds at most 32 MiB, least recently
 used out first.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 BLOCK = 256 << 10
 SMALL = 4 << 10
+BACK = 12 << 10
 MAX_AHEAD = 8 << 20
 DIRECT = 1 << 20
 CACHE_LIMIT = 32 << 20
@@ -118,8 +120,10 @@ class RemoteSource:
         stop = min(self.size, max(end, start + self._ahead))
         if stop == self.size and not sequential:  # a file's tail: where a zip keeps its directory
             start = min(start, max(0, self.size - BLOCK))
-        elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header)
-            start, stop = pos, min(self.size, max(end, pos + SMALL))
+        elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header,
+            # or the end of a zip stored inside a file: a DCP item, whose directory and end
+            # record zipfile reads backwards from its end: the window reaches back for them)
+            start, stop = max(0, pos - BACK), min(self.size, max(end, pos + SMALL))
         # do not fetch again what is cached just before or just after
         ends = [s + len(d) for s, d in self._segments.items() if s + len(d) <= pos]
         after = min((s for s in self._segments if s >= end), default=self.size)
