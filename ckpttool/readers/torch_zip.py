@@ -38,6 +38,9 @@ class ZipArchive:
         self.base = base or 0
         self.source = open_source(path)  # a local file or a URL read by range requests
         self.window = file_view(self.source, self.base, file_bytes if base is not None else None)
+        if base is not None and hasattr(self.source, "prefetch"):  # a zip inside a file at a
+            tail = min(file_bytes, 4096)  # URL (a DCP item): its end record and directory at once
+            self.source.prefetch(tail, self.base + file_bytes - tail)
         self.zf = self._open_zip()
         infos = self.zf.infolist()
         if not infos:

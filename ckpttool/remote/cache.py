@@ -3,8 +3,9 @@
 Small reads fetch a window around them: 256 KiB at the start of the file (a zip's first record
 is its pickle), doubling while reads go on where the last one ended (up to 8 MiB); near the end
 a window reaches back a full block (where a zip keeps its directory); a lone read amid the data
-(a record's local header, the end of a zip inside a DCP ``.distcp`` file) fetches 16 KiB around
-it, 12 KiB of them before it. Reads of 1 MiB or more go straight to the caller,
+(a record's local header) fetches 4 KiB, and 12 KiB more before it when it ends just before a
+window already fetched (reading backwards: the directory of a zip inside a DCP ``.distcp``
+file, read from its end record back). Reads of 1 MiB or more go straight to the caller,
 uncached, so copying a tensor never keeps it. The cache holds at most 32 MiB, least recently
 used out first.
 """
@@ -80,6 +81,15 @@ class RemoteSource:
                 pos += len(piece)
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def prefetch(self, n: int, off: int) -> None:
+        """Cache bytes [off, off + n) (one request at most) without taking it for reading on:
+        the next read just after it starts no read-ahead."""
+        with self._lock:
+            last, ahead = self._last_end, self._ahead
+        self.pread(n, off)
+        with self._lock:
+            self._last_end, self._ahead = last, ahead
+
     def readinto(self, view: memoryview, off: int) -> int:
         n = len(view)
         got = 0
@@ -120,10 +130,10 @@ class RemoteSource:
         stop = min(self.size, max(end, start + self._ahead))
         if stop == self.size and not sequential:  # a file's tail: where a zip keeps its directory
             start = min(start, max(0, self.size - BLOCK))
-        elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header,
-            # or the end of a zip stored inside a file: a DCP item, whose directory and end
-            # record zipfile reads backwards from its end: the window reaches back for them)
-            start, stop = max(0, pos - BACK), min(self.size, max(end, pos + SMALL))
+        elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header)
+            start, stop = pos, min(self.size, max(end, pos + SMALL))
+            if any(0 <= s - end < SMALL for s in self._segments):  # reading backwards, as
+                start = max(0, pos - BACK)  # zipfile reads a DCP item's directory from its end
         # do not fetch again what is cached just before or just after
         ends = [s + len(d) for s, d in self._segments.items() if s + len(d) <= pos]
         after = min((s for s in self._segments if s >= end), default=self.size)
