@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from ..source import is_url, read_head
 from ..unpickling.policy import DANGEROUS, UNREADABLE, USER, GlobalVerdict
 
@@ -158,10 +158,10 @@ def scan_one(path: str) -> FileScan:
 
             safetensors.read(path, size)  # the header is valid: safe by construction
     except CheckpointError as exc:
-        return FileScan(path, UNREADABLE, "?", error=exc.message)
+        return FileScan(shown(path), UNREADABLE, "?", error=exc.message)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        return FileScan(path, UNREADABLE, "?", error=reason)
+        return FileScan(shown(path), UNREADABLE, "?", error=reason)
     worst = verdict.kind
     label = worst if worst in (DANGEROUS, USER, UNREADABLE) else SAFE
     deciding = tuple(g for g in verdict.globals if g.kind == worst) if label != SAFE else ()
@@ -169,5 +169,5 @@ def scan_one(path: str) -> FileScan:
     reasons = tuple(verdict.reasons(label) + others) if label != SAFE else ()
     error = reasons[0] if label == UNREADABLE and reasons else None
     return FileScan(
-        path, label, kind, deciding, verdict.globals, verdict.notes, error, reasons
+        shown(path), label, kind, deciding, verdict.globals, verdict.notes, error, reasons
     )
