@@ -200,6 +200,9 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int,
 def _check_entries(buf: Any, model: ZipModel) -> None:
     names: dict[str, str] = {}
     headers: dict[int, str] = {}
+    prefetch = getattr(buf, "prefetch", None)
+    if prefetch is not None:  # a URL: every local header fetched at once, not one by one
+        prefetch([(e.header, _LOCAL.size + len(e.name.encode()) + 64) for e in model.entries])
     for e in model.entries:
         other = names.setdefault(e.name.lower(), e.name)
         if other != e.name or sum(1 for x in model.entries if x.name == e.name) > 1:
