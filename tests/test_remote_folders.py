@@ -217,6 +217,14 @@ def test_a_folder_of_shards_in_s3_reads_as_the_local_one(
     _same_report(_inspect(run_cli, str(shards / name)), _inspect(run_cli, url), shards / name, url)
     err = _consolidated_equal(run_cli, url, shards / name, tmp_path)
     assert "remote: " in err and s3.env()["AWS_SECRET_ACCESS_KEY"] not in err
+    r, loc = run_cli("scan", url, "--json"), run_cli("scan", shards / name, "--json")
+    assert r.exit_code == loc.exit_code, r.stderr
+    got = {f["path"][len(url) + 1 :]: f["verdict"] for f in json.loads(r.stdout)["files"]}
+    want = {
+        str(Path(f["path"]).relative_to(shards / name)): f["verdict"]
+        for f in json.loads(loc.stdout)["files"]
+    }
+    assert got == want and json.loads(r.stdout)["remote"]["bytes"] > 0
 
 
 def test_a_folder_of_shards_in_a_hub_repo_reads_as_the_local_one(
