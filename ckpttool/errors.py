@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 # Exit codes, documented in `ckpttool --help` and the README.
 EXIT_OK = 0
@@ -40,6 +41,24 @@ REMEDIES = {
 }
 
 
+# Query parameters that carry a credential in a signed or tokenised URL (S3/GCS/Azure presigned
+# URLs, ?token=...): their values are never shown.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+    r"|signature|sig|se|sv|token|access_token|api_key|apikey|key|password|secret)=)[^&#]*"
+)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@?#]*)@")
+
+
+def shown(path: str) -> str:
+    """``path`` as it may be printed: a URL's user information and the values of
+    credential-like query parameters (presigned URLs' signatures, tokens) replaced by ``***``."""
+    if "://" not in path:
+        return path
+    path = _USERINFO.sub(r"\1***@", path)  # a password, or a token given as the user name
+    return _SECRET_PARAM.sub(r"\1***", path)
+
+
 class CheckpointError(Exception):
     """A problem with a checkpoint file or with writing one, worded for the user.
 
@@ -53,7 +72,7 @@ class CheckpointError(Exception):
     def __init__(
         self, path: str | os.PathLike[str] | None, message: str, *, remedy: str | None = None
     ) -> None:
-        self.path = os.fspath(path) if path is not None else None
+        self.path = shown(os.fspath(path)) if path is not None else None
         self.message = message
         self.remedy = remedy
         text = message + (REMEDIES[remedy] if remedy else "")

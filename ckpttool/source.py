@@ -161,3 +161,56 @@ def read_head(path: str, n: int = 512) -> bytes:
     """The first ``n`` bytes of a file or URL."""
     with open_source(path) as src:
         return bytes(src.pread(n, 0))
+
+
+# -- folders, local or at a URL (the readers of folders of shards use these) -----------------------
+def read_bytes(path: str, n: int, off: int = 0) -> bytes:
+    """Up to ``n`` bytes of a file or URL from ``off`` (OSError / CheckpointError)."""
+    if is_url(path):
+        return bytes(open_source(path).pread(n, off))
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def getsize(path: str) -> int:
+    return int(open_source(path).size) if is_url(path) else os.path.getsize(path)
+
+
+def isfile(path: str) -> bool:
+    if is_url(path):
+        from .remote import tree
+
+        return tree.isfile(path)
+    return os.path.isfile(path)
+
+
+def isdir(path: str) -> bool:
+    if is_url(path):
+        from .remote import tree
+
+        return tree.isdir(path)
+    return os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """The names in a folder (a folder URL: as its store lists it, see :mod:`.remote.tree`)."""
+    if is_url(path):
+        from .remote import tree
+
+        return tree.listdir(path)
+    return os.listdir(path)
+
+
+def dirname(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+
+
+def same_file(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)

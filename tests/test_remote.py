@@ -143,11 +143,55 @@ def test_scan_of_an_http_folder_gives_the_local_verdicts(http: Any, files: Path)
     data = json.loads(r.stdout)
     got = {f["path"][len(http.url) + 1 :]: f["verdict"] for f in data["files"]}
     want = _local_verdicts(files)
-    assert got == want and len(got) >= 18
+    assert got == want and len(got) >= 20  # the issue's "20-file repo-like folder"
     assert got["hostile_big.pt"] == got["malicious.pt"] == "dangerous"
     per = {f["url"]: f["bytes"] for f in data["remote"]["files"]}
     assert per[f"{http.url}/hostile_big.pt"] <= 2 * 262_144  # two windows of its 8 MB
     assert data["remote"]["bytes"] < sum(p.stat().st_size for p in files.rglob("*") if p.is_file())
+    # the server's log: of the hostile file's 8 MB storage, only what the metadata windows at
+    # its start and its end hold was asked for (the middle, where no metadata lies, never)
+    start, nbytes = _record_span(files / "hostile_big.pt", "data/0")
+    spans = [
+        [int(x) for x in q[2].split("=")[1].split("-")]
+        for q in http.behaviour.requests
+        if q[1] == "/hostile_big.pt" and q[2]
+    ]
+    assert spans and nbytes == 8_000_000
+    fetched = sum(max(0, min(b + 1, start + nbytes) - max(a, start)) for a, b in spans)
+    assert fetched <= 2 * 262_144
+    assert not [a for a, b in spans if 262_144 < a < start + nbytes - 2 * 262_144]
+
+
+def _record_span(path: Path, suffix: str) -> tuple[int, int]:
+    """(data offset, size) of the zip record whose name ends with ``suffix``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_credentials_in_a_url_are_never_printed(http: Any, tmp_path: Path) -> None:
+    """A password in the URL or a presigned URL's signature: not in any line or report."""
+    secret = "s3cr3t-never-shown"
+    user = http.url.replace("http://", f"http://me:{secret}@")
+    query = f"?X-Amz-Credential={secret}&X-Amz-Signature={secret}&v=1"
+    for url in (f"{user}/big.pt", f"{http.url}/big.pt{query}"):
+        r = ckpttool("inspect", url, "-v", "--json")
+        assert r.returncode == 0, r.stderr
+        assert secret not in r.stdout + r.stderr and "***" in r.stdout + r.stderr
+        out = tmp_path / "o.safetensors"
+        r = ckpttool("to-safetensors", url, str(out), "--all")
+        assert r.returncode == 0 and secret not in r.stdout + r.stderr, r.stderr
+        out.unlink()
+    http.behaviour.status = 403
+    r = ckpttool("inspect", f"{user}/big.pt{query}")
+    assert r.returncode == 1 and "access denied" in r.stderr and secret not in r.stderr
 
 
 # -- writing from a URL ---------------------------------------------------------------------------
@@ -335,3 +379,38 @@ def test_a_zip_rewritten_by_another_tool_is_refused_when_copied(
         assert ckpttool("convert", str(repacked), str(out)).returncode == 0
     finally:
         repacked.unlink()
+
+
+# -- Google Cloud Storage, on gcp-storage-emulator -----------------------------------------------
+@pytest.fixture(scope="module")
+def gcs(files: Path) -> Any:
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from tests.remote_servers import GcsServer
+
+    srv = GcsServer("ckpts")
+    for p in sorted(files.rglob("*")):
+        if p.is_file():
+            srv.upload(p, "run1/" + p.relative_to(files).as_posix())
+    yield srv
+    srv.stop()
+
+
+def test_gs_inspect_scan_and_convert_equal_local(gcs: Any, files: Path, tmp_path: Path) -> None:
+    env = gcs.env()
+    _same_report(_report(str(files / "big.pt")), _report("gs://ckpts/run1/big.pt", env))
+    r = ckpttool("scan", "gs://ckpts/run1/", "--json", env=env)
+    assert r.returncode == 3, r.stderr
+    data = json.loads(r.stdout)
+    got = {f["path"][len("gs://ckpts/run1/") :]: f["verdict"] for f in data["files"]}
+    assert got == _local_verdicts(files)
+    assert 0 < data["remote"]["bytes"] < sum(p.stat().st_size for p in files.rglob("*.pt"))
+    for cmd, name, ext in (("convert", "big_legacy.pt", ".pt"),
+                           ("to-safetensors", "big.safetensors", ".safetensors")):  # fmt: skip
+        r = ckpttool(cmd, f"gs://ckpts/run1/{name}", str(tmp_path / f"r{ext}"), env=env)
+        assert r.returncode == 0, r.stderr
+        assert "remote: gs://ckpts/run1/" in r.stderr
+        assert ckpttool(cmd, str(files / name), str(tmp_path / f"l{ext}")).returncode == 0
+        assert filecmp.cmp(tmp_path / f"r{ext}", tmp_path / f"l{ext}", shallow=False)
+    r = ckpttool("inspect", "gs://ckpts/run1/nothing.pt", env=env)
+    assert r.returncode == 1 and "no such file" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -9,6 +9,7 @@ import fnmatch
 from collections import defaultdict
 from typing import Any
 
+from ..errors import shown
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
 from ..readers.hf_folder import note as folder_note
 from ..tree import alias_names, aliases, children
@@ -179,7 +180,7 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
     pairs = aliases(ckpt.root)
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "path": ckpt.path,
+        "path": shown(ckpt.path),  # a URL without its credentials
         "format": ckpt.format,
         "file_bytes": ckpt.file_bytes,
         "tensor_count": len(tensors),

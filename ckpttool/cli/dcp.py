@@ -8,7 +8,7 @@ import click
 
 from .app import EPILOG, cli, writes
 from .fixes import left_out_text
-from .options import key_options, run_writer, writer_kwargs
+from .options import echo_remote_usage, key_options, run_writer, writer_kwargs
 
 
 @cli.command(name="to-dcp", epilog=EPILOG)
@@ -105,6 +105,7 @@ def _report(result: Any, output_path: str, dtype: str | None) -> None:
         f"{shared} and {result.values} values ({check})",
         err=True,
     )
+    echo_remote_usage(always=True)  # a URL input: what reading it cost
 
 
 for _param in to_dcp.params:

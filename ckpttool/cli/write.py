@@ -303,6 +303,7 @@ def _consolidate_folder(
         f"({check})",
         err=True,
     )
+    echo_remote_usage(always=True)  # a folder URL: what reading its shards cost
 
 
 @cli.command(epilog=EPILOG)

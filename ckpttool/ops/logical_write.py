@@ -78,16 +78,23 @@ def _check_copy(
             if want_crc:
                 total = bytecopy.crc_range(src_fd, seg.offset, seg.nbytes, value=total)
         else:
-            total = _read_segment(fd, pos, seg, sources, buf, total)
+            total = _read_segment(fd, pos, seg, sources, buf, total, cloned.crc)
         pos += seg.nbytes
     return total
 
 
 def _read_segment(
-    fd: int, pos: int, seg: Segment, sources: bytecopy.Sources, buf: bytearray, total: int
+    fd: int,
+    pos: int,
+    seg: Segment,
+    sources: bytecopy.Sources,
+    buf: bytearray,
+    total: int,
+    passed: int | None = None,
 ) -> int:
     """Read a copied segment back at ``pos``, check it against its source (its recorded
-    CRC-32, else the CRC-32 of its bytes in the shard), and return the record's CRC-32
+    CRC-32, else the CRC-32 of its bytes in the shard, or for a URL the CRC-32 ``passed``
+    of the bytes as they were copied: never fetched twice), and return the record's CRC-32
     continued over it."""
     view = memoryview(buf)
     crc, left, off = 0, seg.nbytes, pos
@@ -103,6 +110,9 @@ def _read_segment(
     if seg.crc is not None:
         if crc != seg.crc:
             raise bytecopy.CopyMismatch(f"does not match the CRC-32 recorded in {seg.file}")
+    elif passed is not None:
+        if crc != passed:
+            raise bytecopy.CopyMismatch(f"differs from the bytes read from {seg.file}")
     elif crc != bytecopy.crc_range(sources.fd(seg.file), seg.offset, seg.nbytes):
         diff = bytecopy.compare_ranges(sources.fd(seg.file), seg.offset, fd, pos, seg.nbytes)
         raise bytecopy.CopyMismatch(f"differs from {seg.file} at byte {diff}")
@@ -136,7 +146,8 @@ def clone_blocks(
     for t in tensors:
         for seg in t.segments:
             if seg.file not in blocks:
-                blocks[seg.file] = clone_block(sources.fd(seg.file), folder)
+                fd = sources.fd(seg.file)
+                blocks[seg.file] = clone_block(fd, folder) if isinstance(fd, int) else 0
     return blocks if any(blocks.values()) else {}
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from ..source import is_url, read_head
 from ..unpickling.policy import DANGEROUS, UNREADABLE, USER, GlobalVerdict
 
@@ -124,13 +124,15 @@ def _folder_files(path: str) -> list[str] | None:
 
     if not is_url(path):
         return checkpoint_files(path) if os.path.isdir(path) else None
-    from .. import remote
+    from ..readers import remote_files
+    from ..remote import tree
 
-    if not remote.is_folder(path):
+    remote_files.enable()
+    if not tree.isdir(path):
         return None
     root = path.rstrip("/")
     out = []
-    for url in remote.list_files(path):
+    for url in tree.walk(root):  # listed, or derived from a save's own files (remote/tree.py)
         parts = url[len(root) :].strip("/").split("/")
         if any(part in (".git", "__pycache__") for part in parts[:-1]):
             continue
@@ -156,10 +158,10 @@ def scan_one(path: str) -> FileScan:
 
             safetensors.read(path, size)  # the header is valid: safe by construction
     except CheckpointError as exc:
-        return FileScan(path, UNREADABLE, "?", error=exc.message)
+        return FileScan(shown(path), UNREADABLE, "?", error=exc.message)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        return FileScan(path, UNREADABLE, "?", error=reason)
+        return FileScan(shown(path), UNREADABLE, "?", error=reason)
     worst = verdict.kind
     label = worst if worst in (DANGEROUS, USER, UNREADABLE) else SAFE
     deciding = tuple(g for g in verdict.globals if g.kind == worst) if label != SAFE else ()
@@ -167,5 +169,5 @@ def scan_one(path: str) -> FileScan:
     reasons = tuple(verdict.reasons(label) + others) if label != SAFE else ()
     error = reasons[0] if label == UNREADABLE and reasons else None
     return FileScan(
-        path, label, kind, deciding, verdict.globals, verdict.notes, error, reasons
+        shown(path), label, kind, deciding, verdict.globals, verdict.notes, error, reasons
     )

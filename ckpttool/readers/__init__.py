@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint
-from ..source import is_url, read_head
+from ..source import is_url, join, read_head
 
 if TYPE_CHECKING:
     from ..unpickling.policy import Verdict
@@ -166,22 +166,24 @@ def _layout(path: str) -> Checkpoint | FolderWeights | None:
     return None
 
 
-def _remote_target(url: str) -> FolderWeights | None:
-    """For a folder URL (a Hub repo, a prefix), the weights it opens as: its Hugging Face
-    weights in transformers' order, else its one ``*.index.json``, as for a local folder;
-    None for a file URL."""
-    from .. import remote
+def _remote_target(url: str) -> Checkpoint | FolderWeights | None:
+    """For a folder URL (a Hub repo or a folder of one, a prefix, an HTTP folder), what it opens
+    as, as a local folder would: a DCP or DeepSpeed folder of shards (read by range requests;
+    its files listed or derived, see ``remote/tree.py``), else its Hugging Face weights in
+    transformers' order, else its one ``*.index.json``; None for a file URL."""
+    from ..remote import tree
+    from . import deepspeed, remote_files
     from .hf_folder import HF_WEIGHTS, FolderWeights
 
-    if not remote.is_folder(url):
+    remote_files.enable()  # an HTTP folder without index pages: its files from its records
+    if not tree.isdir(url):
         return None
     root = url.rstrip("/")
-    names = {f[len(root) + 1 :] for f in remote.list_files(url) if f.startswith(root + "/")}
-    top = {n for n in names if "/" not in n}
-    if ".metadata" in top or "latest" in top:
-        raise CheckpointError(
-            url, "is a distributed checkpoint folder (DCP or DeepSpeed): download it first"
-        )
+    top = {n for n in tree.files(root) if "/" not in n}
+    if ".metadata" in top:  # a folder of shards, read by range requests as a local one is
+        return _open_distributed(root)
+    if deepspeed.is_deepspeed_folder(root):
+        return _open_distributed(root, deepspeed.read, deepspeed.tag_folder(root) or root)
     indexes = sorted(n for n in top if n.endswith(".index.json"))
     present = [n for n in HF_WEIGHTS if n in top]
     if present:
@@ -231,16 +233,21 @@ def _refuse_unproven(path: str, verdict: Verdict) -> None:
 def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed,
     per-rank DTensor saves)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return False
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return True
+    from ..source import isdir, isfile
     from . import deepspeed, per_rank
     from .hf_folder import choose
 
-    if deepspeed.is_deepspeed_folder(path):
+    path = os.fspath(path)
+    if is_url(path):
+        from . import remote_files
+
+        remote_files.enable()
+    if not isdir(path):  # a local folder, or a folder URL (see remote/tree.py)
+        return False
+    if isfile(join(path, ".metadata")) or deepspeed.is_deepspeed_folder(path):
         return True
+    if is_url(path):  # per-rank saves are read from local folders only
+        return False
     try:
         model_folder = choose(path) is not None
     except CheckpointError:  # a config.json naming weights that are missing: not per-rank
@@ -259,7 +266,7 @@ def _open_distributed(
 
     if read is None:
         if not dcp.is_dcp_folder(path):
-            raise CheckpointError(os.path.join(path, ".metadata"), "is not a DCP metadata pickle")
+            raise CheckpointError(join(path, ".metadata"), "is not a DCP metadata pickle")
         read = dcp.read
     seen: dict[str, str] = {}
     verdict = folder_verdict(scope or path)

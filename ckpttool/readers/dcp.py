@@ -14,13 +14,13 @@ reads the metadata; :mod:`.dcp_items` locates each item's bytes.
 from __future__ import annotations
 
 import io
-import os
 import re
 from typing import Any
 
 from .. import dtypes
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Opaque
+from ..source import basename, getsize, isdir, isfile, join, read_bytes
 from ..unpickling.unpickler import DTypeRef
 from .dcp_items import Item, chunk_item, read_item
 from .dcp_items import chunk_segments as _chunk_segments  # also reached here by its tests
@@ -82,12 +82,11 @@ def _allowed(name: str) -> bool:
 
 def is_dcp_folder(path: str) -> bool:
     """A folder whose ``.metadata`` begins like a pickle (the bytes decide, not the names)."""
-    meta = os.path.join(path, METADATA)
-    if not os.path.isdir(path) or not os.path.isfile(meta):
+    meta = join(path, METADATA)
+    if not isdir(path) or not isfile(meta):
         return False
     try:
-        with open(meta, "rb") as f:
-            head = f.read(2)
+        head = read_bytes(meta, 2)
     except OSError:
         return False
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
@@ -152,13 +151,12 @@ def _dtype_of(props: Any, fqn: str, meta: str) -> str:
 def _unpickle_metadata(folder: str, seen: dict[str, str]) -> Any:
     from ..unpickling.scan import unpickle
 
-    meta = os.path.join(folder, METADATA)
-    size = os.path.getsize(meta)
+    meta = join(folder, METADATA)
+    size = getsize(meta)
     if size > MAX_METADATA_BYTES:
         raise CheckpointError(meta, f"is {size:,} bytes, more than a DCP metadata file needs")
     local: dict[str, str] = {}
-    with open(meta, "rb") as f:
-        data = f.read(MAX_METADATA_BYTES + 1)
+    data = read_bytes(meta, MAX_METADATA_BYTES + 1)
     if len(data) > MAX_METADATA_BYTES:
         raise CheckpointError(meta, "grew past the size a DCP metadata file needs")
     with io.BytesIO(data) as f:
@@ -186,7 +184,7 @@ def _unpickle_metadata(folder: str, seen: dict[str, str]) -> Any:
 def _storage_index(
     folder: str, storage_data: Any, sizes: dict[str, int]
 ) -> dict[tuple[str, tuple[int, ...] | None], Item]:
-    meta = os.path.join(folder, METADATA)
+    meta = join(folder, METADATA)
     if not isinstance(storage_data, dict):
         raise CheckpointError(meta, "has no storage index (a custom storage writer?)")
     out: dict[tuple[str, tuple[int, ...] | None], Item] = {}
@@ -213,10 +211,10 @@ def _storage_index(
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, length)):
             raise CheckpointError(meta, f"item {fqn!r} has no offset/length")
         assert isinstance(off, int) and isinstance(length, int)
-        path = os.path.join(folder, rel)
+        path = join(folder, rel)
         if path not in sizes:
             try:
-                sizes[path] = os.path.getsize(path)
+                sizes[path] = getsize(path)
             except OSError:
                 raise CheckpointError(path, "is missing (named by .metadata)") from None
         if off < 0 or length <= 0 or off + length > sizes[path]:
@@ -248,7 +246,7 @@ def _tensor(
     seen: dict[str, str],
     cache: dict[Any, Any],
 ) -> LogicalTensor:
-    meta = os.path.join(folder, METADATA)
+    meta = join(folder, METADATA)
     dtype = _dtype_of(md.get("properties"), fqn, meta)
     shape = _ints(md.get("size"), f"the size of {fqn!r}", meta)
     itemsize = dtypes.get(dtype).itemsize
@@ -284,7 +282,7 @@ def _read_keys(
     seen: dict[str, str],
 ) -> tuple[list[LogicalTensor], dict[str, Any]]:
     """The logical tensors and the unpickled values that ``state_dict_metadata`` names."""
-    meta = os.path.join(folder, METADATA)
+    meta = join(folder, METADATA)
     tensors: list[LogicalTensor] = []
     entries: dict[str, Any] = {}
     cache: dict[Any, Any] = {}  # data.pkl bytes -> chunk template; (file, offset) -> header
@@ -313,12 +311,11 @@ def _lightning_meta(folder: str, sizes: dict[str, int], seen: dict[str, str]) ->
     """The entries of Lightning's ``meta.pt`` beside the shards, if there is one (a torch zip)."""
     from . import torch_zip
 
-    path = os.path.join(folder, LIGHTNING_META)
+    path = join(folder, LIGHTNING_META)
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return {}
-        size = os.path.getsize(path)
+        if not isfile(path) or read_bytes(path, 4) != b"PK\x03\x04":
+            return {}
+        size = getsize(path)
     except OSError:
         return {}
     root = torch_zip.read(path, size, seen).root
@@ -339,7 +336,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
         A :class:`DistributedCheckpoint` of kind ``"dcp"``.
     """
     seen = {} if seen is None else seen
-    meta = os.path.join(folder, METADATA)
+    meta = join(folder, METADATA)
     root = _unpickle_metadata(folder, seen)
     fields = _fields(root, "Metadata", meta)
     sdm = fields.get("state_dict_metadata")
@@ -347,7 +344,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
         raise CheckpointError(meta, "has no state_dict_metadata")
     planner = fields.get("planner_data")
     planner = planner if isinstance(planner, dict) else {}
-    sizes: dict[str, int] = {meta: os.path.getsize(meta)}
+    sizes: dict[str, int] = {meta: getsize(meta)}
     index = _storage_index(folder, fields.get("storage_data"), sizes)
     tensors, entries = _read_keys(folder, sdm, planner, index, seen)
     order = [fqn for fqn in sdm if isinstance(fqn, str)]
@@ -355,7 +352,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     clash = [k for k in extra if k in order or any(t.path[:1] == (k,) for t in tensors)]
     if clash:
         raise CheckpointError(
-            os.path.join(folder, LIGHTNING_META), f"holds {clash[0]!r}, which the shards hold too"
+            join(folder, LIGHTNING_META), f"holds {clash[0]!r}, which the shards hold too"
         )
     entries.update(extra)
     order += list(extra)
@@ -363,7 +360,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     for t in tensors:
         tensor_dtypes[t.dtype] = tensor_dtypes.get(t.dtype, 0) + 1
     files = [(p, sizes[p]) for p in sorted(sizes)]
-    ranks = {m.group(1) for p in sizes if (m := _RANK_FILE.fullmatch(os.path.basename(p)))}
+    ranks = {m.group(1) for p in sizes if (m := _RANK_FILE.fullmatch(basename(p)))}
     facts: dict[str, Any] = {
         "order": order,
         "dcp_version": fields.get("version"),
@@ -386,12 +383,12 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
 
 def item_ranges(folder: str) -> list[tuple[str, int, int, bool]]:
     """Every item ``.metadata`` names: (file, offset, length, read with weights_only=False)."""
-    meta = os.path.join(folder, METADATA)
+    meta = join(folder, METADATA)
     fields = _fields(_unpickle_metadata(folder, {}), "Metadata", meta)
     sdm = fields.get("state_dict_metadata")
     if not isinstance(sdm, dict):
         raise CheckpointError(meta, "has no state_dict_metadata")
-    index = _storage_index(folder, fields.get("storage_data"), {meta: os.path.getsize(meta)})
+    index = _storage_index(folder, fields.get("storage_data"), {meta: getsize(meta)})
     plain = {
         fqn
         for fqn, md in sdm.items()

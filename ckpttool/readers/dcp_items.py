@@ -8,12 +8,12 @@ read here, never tensor bytes; :mod:`ckpttool.readers.dcp` reads the metadata th
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import TensorRef
+from ..source import getsize, read_bytes
 from .distributed import Segment
 
 
@@ -29,9 +29,7 @@ class Item:
 
 
 def _head(st: Item) -> bytes:
-    with open(st.file, "rb") as f:
-        f.seek(st.offset)
-        return f.read(9)
+    return read_bytes(st.file, 9, st.offset)
 
 
 def _check_head(st: Item, what: str) -> None:
@@ -46,12 +44,10 @@ def _safetensors_header(st: Item, cache: dict[Any, Any]) -> tuple[dict[str, Any]
 
     key = (st.file, st.offset)
     if key not in cache:
-        with open(st.file, "rb") as f:
-            f.seek(st.offset)
-            n = int.from_bytes(f.read(8), "little")
-            if n > 100 << 20:
-                raise CheckpointError(st.file, f"the safetensors header at {st.offset} is too big")
-            raw = f.read(n)
+        n = int.from_bytes(read_bytes(st.file, 8, st.offset), "little")
+        if n > 100 << 20:
+            raise CheckpointError(st.file, f"the safetensors header at {st.offset} is too big")
+        raw = read_bytes(st.file, n, st.offset + 8)
         try:
             header = json.loads(raw)
         except ValueError:
@@ -88,7 +84,7 @@ def _safetensors_chunk(
             st.file, f"the safetensors entry of {fqn!r} does not match the metadata"
         )
     start = data_start + offsets[0]
-    if start + nbytes > os.path.getsize(st.file):
+    if start + nbytes > getsize(st.file):
         raise CheckpointError(st.file, f"is truncated: item {fqn!r} is cut short")
     return start, None
 

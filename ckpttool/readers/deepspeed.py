@@ -14,12 +14,12 @@ byte ranges of the flat fp32 storages, plus the optimizer's moments assembled th
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Checkpoint, Opaque, TensorRef
+from ..source import basename, getsize, isfile, join, listdir
 from . import zero_layout as zl
 from .distributed import DistributedCheckpoint, LogicalTensor, check_segments, merge_segments
 from .zero_files import LATEST, ZERO3_MODEL_STATES, is_deepspeed_folder, is_zip, tag_folder
@@ -45,12 +45,12 @@ def _by_rank(folder: str, names: list[str], pattern: re.Pattern[str]) -> dict[in
         if not m:
             continue
         if int(m.group(2)) != 0:
-            raise CheckpointError(os.path.join(folder, name), "belongs to a model-parallel "
+            raise CheckpointError(join(folder, name), "belongs to a model-parallel "
                                   "(tensor-parallel) save, which ckpttool does not consolidate")
         rank = int(m.group(1))
         if rank in out:
             raise CheckpointError(folder, f"holds two optimizer state files for rank {rank}")
-        out[rank] = os.path.join(folder, name)
+        out[rank] = join(folder, name)
     return out
 
 
@@ -62,7 +62,7 @@ def _load(path: str, seen: dict[str, str]) -> dict[str, Any]:
         raise CheckpointError(path, "is not a torch zip checkpoint (DeepSpeed saves torch zips)")
     local: dict[str, str] = {}
     try:
-        ckpt: Checkpoint = torch_zip.read(path, os.path.getsize(path), local)
+        ckpt: Checkpoint = torch_zip.read(path, getsize(path), local)
     finally:
         for name, kind in local.items():
             seen.setdefault(name, kind)
@@ -111,7 +111,7 @@ class _Folder:
         self.folder = folder
         self.seen = seen
         self.files: list[tuple[str, int]] = []
-        names = sorted(os.listdir(folder))
+        names = sorted(listdir(folder))
         optim = _by_rank(folder, names, _OPTIM)
         odd = [n for n in names if _LAYER.fullmatch(n)]
         if odd:
@@ -135,18 +135,18 @@ class _Folder:
         self.optim = [first] + [self.load(optim[r]) for r in range(1, self.world)]
         self.optim_paths = [optim[r] for r in range(self.world)]
         if self.stage <= 2:
-            self.model_paths = [os.path.join(folder, "mp_rank_00_model_states.pt")]
+            self.model_paths = [join(folder, "mp_rank_00_model_states.pt")]
         else:
             by_rank = _by_rank(folder, names, ZERO3_MODEL_STATES)
             self.model_paths = [by_rank[r] for r in sorted(by_rank)] if 0 in by_rank else []
-        if not self.model_paths or not os.path.isfile(self.model_paths[0]):
+        if not self.model_paths or not isfile(self.model_paths[0]):
             raise CheckpointError(folder, f"has no model states file for ZeRO-{self.stage}")
         self.model0 = self.load(self.model_paths[0])
         self._models: list[dict[str, Any]] | None = None
 
     def load(self, path: str) -> dict[str, Any]:
         root = _load(path, self.seen)
-        self.files.append((path, os.path.getsize(path)))
+        self.files.append((path, getsize(path)))
         return root
 
     def models(self) -> list[dict[str, Any]]:
@@ -346,7 +346,7 @@ def read(path: str, seen: dict[str, str] | None = None) -> DistributedCheckpoint
         "world_size": ds.world,
         "training_dtype": _training_dtype(ds),
         "ds_version": ds.model0.get("ds_version"),
-        "tag": os.path.basename(ds.folder),
+        "tag": basename(ds.folder),
         "aliases": aliases,
         "frozen": [str(n) for n in (ds.model0.get("frozen_param_shapes") or {})],
         # frozen params DeepSpeed's converters drop (ZeRO-1 does not list them), kept here

@@ -9,7 +9,6 @@ Nothing here reads tensor bytes; :func:`copy_logical` streams them when a writer
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo, TensorRef
+from ..source import preadv
 
 Progress = Callable[[int], None]
 
@@ -150,11 +150,11 @@ def iter_logical_chunks(
     buf = bytearray(max(1, min(chunk, tensor.nbytes)))
     view = memoryview(buf)
     for seg in tensor.segments:
-        fd = sources.fd(seg.file)
+        fd = sources.fd(seg.file)  # a file descriptor, or a URL's source
         off, left = seg.offset, seg.nbytes
         while left:
             want = min(left, len(buf))
-            got = os.preadv(fd, [view[:want]], off)
+            got = preadv(fd, view[:want], off)
             if got != want:
                 raise CheckpointError(seg.file, f"is truncated: {tensor.name!r} is cut short")
             yield view[:want]

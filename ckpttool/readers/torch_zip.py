@@ -38,6 +38,9 @@ class ZipArchive:
         self.base = base or 0
         self.source = open_source(path)  # a local file or a URL read by range requests
         self.window = file_view(self.source, self.base, file_bytes if base is not None else None)
+        if base is not None and hasattr(self.source, "prefetch"):  # a zip inside a file at a
+            tail = min(file_bytes, 4096)  # URL (a DCP item): its end record and directory at once
+            self.source.prefetch(tail, self.base + file_bytes - tail)
         self.zf = self._open_zip()
         infos = self.zf.infolist()
         if not infos:
@@ -164,7 +167,8 @@ class ZipArchive:
         expect = getattr(self.source, "expect", None)
         if expect is None:
             return self.data_offset(info)
-        predicted = _torch_data_offset(self.base + info.header_offset, info, self.alignment())
+        # torch pads relative to the archive's start (a DCP item is a zip written at an offset)
+        predicted = self.base + _torch_data_offset(info.header_offset, info, self.alignment())
 
         def check() -> None:
             if self.data_offset(info) != predicted:

@@ -6,8 +6,9 @@ Decided from ``latest`` and the model states files' zip signature, not from name
 
 from __future__ import annotations
 
-import os
 import re
+
+from ..source import getsize, isdir, isfile, join, listdir, read_bytes
 
 LATEST = "latest"
 MODEL_STATES = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -16,20 +17,18 @@ ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\
 
 def is_zip(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+        return read_bytes(path, 4) == b"PK\x03\x04"
     except OSError:
         return False
 
 
 def tag_of(folder: str) -> str | None:
     """The tag named by ``folder/latest``, if that is a short text file naming a sub-folder."""
-    latest = os.path.join(folder, LATEST)
+    latest = join(folder, LATEST)
     try:
-        if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
+        if not isfile(latest) or getsize(latest) > 4096:
             return None
-        with open(latest, "rb") as f:
-            tag = f.read().decode("utf-8").strip()
+        tag = read_bytes(latest, 4096).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0\n"):
@@ -39,12 +38,12 @@ def tag_of(folder: str) -> str | None:
 
 def holds_states(folder: str) -> bool:
     try:
-        names = os.listdir(folder)
+        names = listdir(folder)
     except OSError:
         return False
     return any(
         (MODEL_STATES.fullmatch(n) or ZERO3_MODEL_STATES.fullmatch(n))
-        and is_zip(os.path.join(folder, n))
+        and is_zip(join(folder, n))
         for n in names
     )
 
@@ -55,11 +54,11 @@ def tag_folder(path: str) -> str | None:
     Returns None when ``path`` is not a DeepSpeed checkpoint folder (decided from ``latest`` and
     the model states files' zip signature, not from names alone).
     """
-    if not os.path.isdir(path):
+    if not isdir(path):
         return None
     tag = tag_of(path)
-    if tag is not None and holds_states(os.path.join(path, tag)):
-        return os.path.join(path, tag)
+    if tag is not None and holds_states(join(path, tag)):
+        return join(path, tag)
     return path if holds_states(path) else None
 
 

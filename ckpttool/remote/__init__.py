@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from .cache import RemoteSource
 
 __all__ = ["RemoteSource", "Traffic", "is_folder", "list_files", "open_remote", "traffic"]
@@ -28,6 +28,7 @@ class Traffic:
     per_url: dict[str, list[int]] = field(default_factory=dict)  # url -> [bytes, requests]
 
     def count(self, url: str, nbytes: int) -> None:
+        url = shown(url)  # a presigned URL's signature is not reported
         with _lock:
             self.bytes += nbytes
             self.requests += 1
@@ -58,9 +59,12 @@ def traffic() -> Traffic:
 def reset() -> None:
     """Forget every open source and count from zero (tests, long-lived processes)."""
     global _traffic
+    from . import tree
+
     with _lock:
         _sources.clear()
         _traffic = Traffic()
+    tree.reset()
 
 
 def _backend(url: str) -> Any:

@@ -3,7 +3,9 @@
 Small reads fetch a window around them: 256 KiB at the start of the file (a zip's first record
 is its pickle), doubling while reads go on where the last one ended (up to 8 MiB); near the end
 a window reaches back a full block (where a zip keeps its directory); a lone read amid the data
-(a record's local header) fetches 4 KiB. Reads of 1 MiB or more go straight to the caller,
+(a record's local header) fetches 4 KiB, and 12 KiB more before it when it ends just before a
+window already fetched (reading backwards: the directory of a zip inside a DCP ``.distcp``
+file, read from its end record back). Reads of 1 MiB or more go straight to the caller,
 uncached, so copying a tensor never keeps it. The cache holds at most 32 MiB, least recently
 used out first.
 """
@@ -16,6 +18,9 @@ from typing import Any
 
 BLOCK = 256 << 10
 SMALL = 4 << 10
+BACK = 12 << 10
+GAP = 16 << 10
+PARALLEL = 8
 MAX_AHEAD = 8 << 20
 DIRECT = 1 << 20
 CACHE_LIMIT = 32 << 20
@@ -78,6 +83,43 @@ class RemoteSource:
                 pos += len(piece)
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def prefetch(self, n: int, off: int) -> None:
+        """Cache bytes [off, off + n) (one request at most) without taking it for reading on:
+        the next read just after it starts no read-ahead."""
+        with self._lock:
+            last, ahead = self._last_end, self._ahead
+        self.pread(n, off)
+        with self._lock:
+            self._last_end, self._ahead = last, ahead
+
+    def prefetch_many(self, ranges: list[tuple[int, int]]) -> None:
+        """Cache many small ranges ``(offset, length)`` (every zip record's local header) in
+        requests made ``PARALLEL`` at a time rather than one after the other; ranges closer
+        than 16 KiB share a request."""
+        todo: list[list[int]] = []
+        with self._lock:
+            for off, n in sorted(ranges):
+                end = min(off + n, self.size)
+                if off >= end or self._cached_at(off, end) is not None:
+                    continue
+                if todo and off - todo[-1][1] < GAP:
+                    todo[-1][1] = max(todo[-1][1], end)
+                else:
+                    todo.append([off, end])
+        if len(todo) < 2:
+            return  # one read: as it comes
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(PARALLEL, len(todo))) as pool:
+            got = list(pool.map(lambda r: self.backend.fetch(r[0], r[1]), todo))
+        with self._lock:
+            for (start, _), data in zip(todo, got, strict=True):
+                self._segments[start] = data
+                self._cached += len(data)
+            while self._cached > CACHE_LIMIT and len(self._segments) > 1:
+                _, old = self._segments.popitem(last=False)
+                self._cached -= len(old)
+
     def readinto(self, view: memoryview, off: int) -> int:
         n = len(view)
         got = 0
@@ -120,6 +162,8 @@ class RemoteSource:
             start = min(start, max(0, self.size - BLOCK))
         elif not sequential and pos >= BLOCK:  # a lone read amid the data (a record's header)
             start, stop = pos, min(self.size, max(end, pos + SMALL))
+            if any(0 <= s - end < SMALL for s in self._segments):  # reading backwards, as
+                start = max(0, pos - BACK)  # zipfile reads a DCP item's directory from its end
         # do not fetch again what is cached just before or just after
         ends = [s + len(d) for s, d in self._segments.items() if s + len(d) <= pos]
         after = min((s for s in self._segments if s >= end), default=self.size)
@@ -196,6 +240,10 @@ class RemoteBuffer:
                 return -1
             stop = pos + len(sub) - 1
         return -1
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Fetch these ``(offset, length)`` ranges now, in parallel requests (a hint)."""
+        self.source.prefetch_many(ranges)
 
     def close(self) -> None:
         self._data = b""

@@ -25,10 +25,15 @@ class Stat:
     ranges: bool = True  # False: the server says it ignores range requests
 
 
+class NotFound(CheckpointError):
+    """The store has no file at that URL (HTTP 404): a folder reader looking for the files a
+    save may hold takes this as "not there", any other failure as a failure."""
+
+
 def status_error(url: str, status: int, what: str = "") -> CheckpointError:
     """The error for an HTTP status a store answered with."""
     if status == 404:
-        return CheckpointError(url, "no such file (HTTP 404)")
+        return NotFound(url, "no such file (HTTP 404)")
     if status == 401:
         return CheckpointError(
             url, "needs credentials (HTTP 401): set HF_TOKEN or log in, or set AWS credentials"

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ..source import file_view, open_source
+from ..source import dirname, file_view, is_url, isfile, join, open_source, same_file
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
 from .zipmodel import ZipModel, read_zip
@@ -89,16 +89,15 @@ def _distcp(buf: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> 
     read with ``torch.load(weights_only=False)``), or, without one, the zips tiling the file."""
     from ..errors import CheckpointError
 
-    folder = os.path.dirname(path) or "."
-    if dcp_items is not None and os.path.isfile(os.path.join(folder, ".metadata")):
+    folder = dirname(path) or "."
+    if dcp_items is not None and isfile(join(folder, ".metadata")):
         try:
             ranges = dcp_items(folder)
         except (CheckpointError, OSError) as exc:
             found.problem(UNREADABLE, f"its folder's .metadata cannot be read ({exc})")
             return
-        mine = os.path.realpath(path)
         for file, offset, length, plain in ranges:
-            if plain and os.path.realpath(file) == mine:
+            if plain and same_file(file, path):
                 torch_zip(buf, offset, length, f"the item at offset {offset:,}", found)
         return
     pos = 0
@@ -142,6 +141,10 @@ def checkpoint_files(folder: str, *, max_depth: int = 8) -> list[str]:
     """Checkpoint-like files under ``folder`` (recursive, sorted; links to files followed,
     links to folders not): DCP ``.metadata`` and ``.distcp``, DeepSpeed ``.pt`` files, Hugging
     Face snapshots (shards, ``*.index.json``, ``pytorch_model.bin``), ``*.pt``, ``*.ckpt``..."""
+    if is_url(folder):  # as its store lists it (see remote/tree.py)
+        from ..remote import tree
+
+        return [u for u in tree.walk(folder) if _checkpoint_like(u.rsplit("/", 1)[-1])]
     out: list[str] = []
     base = folder.rstrip(os.sep).count(os.sep)
     for root, dirs, files in os.walk(folder):
@@ -150,11 +153,15 @@ def checkpoint_files(folder: str, *, max_depth: int = 8) -> list[str]:
             dirs[:] = []
         dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
         for name in sorted(files):
-            if name == ".metadata" or name.lower().endswith(SUFFIXES):
+            if _checkpoint_like(name):
                 p = os.path.join(root, name)
                 if os.path.isfile(p):
                     out.append(p)
     return out
+
+
+def _checkpoint_like(name: str) -> bool:
+    return name == ".metadata" or name.lower().endswith(SUFFIXES)
 
 
 def scan_files(paths: list[str], *, dcp_items: ItemRanges | None = None) -> Verdict:

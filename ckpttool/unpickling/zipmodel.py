@@ -207,6 +207,9 @@ def _check_entries(buf: Any, model: ZipModel) -> None:
     names: dict[str, str] = {}
     headers: dict[int, str] = {}
     counts = Counter(e.name for e in model.entries)  # once: a zip may have 100k entries
+    prefetch = getattr(buf, "prefetch", None)
+    if prefetch is not None:  # a URL: every local header fetched at once, not one by one
+        prefetch([(e.header, _LOCAL.size + len(e.name.encode()) + 64) for e in model.entries])
     for e in model.entries:
         other = names.setdefault(e.name.lower(), e.name)
         if other != e.name or counts[e.name] > 1:
