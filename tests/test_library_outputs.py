@@ -360,13 +360,14 @@ def test_key_options_that_rename_nothing_are_warned(
     ddp_file: Path, run_cli: Any, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.pt"
-    # --key names nothing: an error, as with a rename option (it used to write, exit 0)
-    res = run_cli("convert", ddp_file, out, "--key", "nosuch")
+    # --state-dict names nothing: an error, as with a rename option (it used to write, exit 0)
+    res = run_cli("convert", ddp_file, out, "--state-dict", "nosuch")
     assert res.exit_code == 1 and not out.exists()
-    assert res.stderr == f"Error: {ddp_file}: no entry 'nosuch' (--key)\n"
-    # --key without a rename option: written, with a warning
-    res = run_cli("convert", ddp_file, out, "--key", "model")
-    assert res.exit_code == 0 and res.err_lines[0].startswith("warning: --key names the state")
+    assert res.stderr == f"Error: {ddp_file}: no entry 'nosuch' (--state-dict)\n"
+    # --state-dict without a rename option: written, with a warning
+    res = run_cli("convert", ddp_file, out, "--state-dict", "model")
+    assert res.exit_code == 0
+    assert res.err_lines[0].startswith("warning: --state-dict names the state")
     # a prefix no key carries: written unchanged, with a warning instead of "renamed 0 keys"
     res = run_cli("convert", ddp_file, out, "--strip-prefix", "zzz.", "--force")
     assert res.exit_code == 0
@@ -492,9 +493,9 @@ def test_counts_are_pluralised(
     dcp_generator: tuple[Path, Path], ddp_file: Path, run_cli: Any, tmp_path: Path
 ) -> None:
     res = run_cli("consolidate", dcp_generator[0], tmp_path / "m.pt")
-    assert "from 1 rank, 2 tensors (verified)" in res.stderr  # one rank saved it
+    assert "from 1 rank, 2 tensors (verified)" in res.stdout  # one rank saved it
     res = run_cli("to-safetensors", ddp_file, tmp_path / "out", "--max-shard-size", "1GB")
-    assert res.err_lines[-1] == f"wrote {tmp_path / 'out'}: 2 tensors in 1 shard (verified)"
+    assert res.out_lines[-1] == f"wrote {tmp_path / 'out'}: 2 tensors in 1 shard (verified)"
 
 
 def test_a_read_only_filesystem_is_said_as_such(ddp_file: Path, tmp_path: Path) -> None:

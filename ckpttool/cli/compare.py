@@ -12,7 +12,15 @@ import click
 from ..errors import EXIT_DANGEROUS, EXIT_DIFFERS
 from .app import EPILOG, cli, run_library
 from .fixes import fix_command
-from .options import VERBOSE, echo_remote_usage, remote_usage, table_format
+from .options import (
+    ALL,
+    FMT,
+    STATE_DICT,
+    deprecated_alias,
+    echo_remote_usage,
+    output_options,
+    remote_usage,
+)
 
 COMPARE_EPILOG = EPILOG  # exit code 4 (the inputs differ / would not load) is listed there
 
@@ -47,34 +55,27 @@ def _danger_exit(names: tuple[str, ...]) -> None:
 @click.option("--values", is_flag=True, help="Compare values: max/mean abs diff, rel. L2, count.")
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (with --values).")
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance (with --values).")
-@click.option("--all", "all_tensors", is_flag=True, help="Every tensor by path, not state dicts.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--fmt",
-    metavar="FORMAT",
-    default="simple",
-    callback=lambda ctx, param, value: table_format(value),
-    help="Table format (any tabulate format).",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@VERBOSE
+@ALL
+@FMT
+@output_options
 def diff(
     a: str,
     b: str,
     values: bool,
     atol: float,
     rtol: float,
-    all_tensors: bool,
+    everything: bool,
     as_json: bool,
-    fmt: str,
     quiet: bool,
     verbose: bool,
+    fmt: str,
 ) -> None:
     """Compare two checkpoints key by key and tensor by tensor (any formats, mixed).
 
     Compares the model state dicts (or with --all every tensor by path), aligning keys that
     differ only by a wrapper prefix; tensors bit for bit, streamed from both files; with
     --values also how far the values are. Non-tensor entries (epoch, args) are compared too.
+    With -q nothing is printed: exit code 0 says they are the same, 4 that they differ.
 
     \b
     Example:
@@ -96,7 +97,7 @@ def diff(
                 values=values,
                 atol=atol,
                 rtol=rtol,
-                all_tensors=all_tensors,
+                all_tensors=everything,
                 progress=_compare_bar(quiet or as_json, bars),
             )
         )
@@ -107,8 +108,11 @@ def diff(
     usage = remote_usage()
     if out is not None and usage is not None:
         out["remote"] = usage
-    echo_remote_usage(verbose)
-    click.echo(to_json(out) if out is not None else diff_text(result, fmt))
+    echo_remote_usage(verbose and not quiet)
+    if out is not None:
+        click.echo(to_json(out))
+    elif not quiet:
+        click.echo(diff_text(result, fmt))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.equal else EXIT_DIFFERS)
 
@@ -122,15 +126,16 @@ def diff(
     metavar="MODULE:FACTORY",
     help="Build FACTORY() from MODULE on the meta device (imports and runs that code).",
 )
-@click.option("--key", metavar="PATH", help="The state dict in CKPT to check (e.g. model).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@VERBOSE
+@STATE_DICT
+@output_options
+@deprecated_alias("--key", "--state-dict", "state_dict")
 def check(
     ckpt: str,
     against: str | None,
     model_spec: str | None,
-    key: str | None,
+    state_dict: str | None,
     as_json: bool,
+    quiet: bool,
     verbose: bool,
 ) -> None:
     """Say whether model.load_state_dict(sd, strict=True) would succeed, and how to fix it.
@@ -152,16 +157,16 @@ def check(
 
     if (against is None) == (model_spec is None):
         raise click.UsageError("give one of --against REF or --model MODULE:FACTORY")
-    result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=key))
+    result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=state_dict))
     command = fix_command(result, ckpt)
     usage = remote_usage()
-    echo_remote_usage(verbose)
+    echo_remote_usage(verbose and not quiet)
     if as_json:
         out = check_dict(result, command)
         if usage is not None:
             out["remote"] = usage
         click.echo(to_json(out))
-    else:
+    elif not quiet:
         click.echo(check_text(result, command))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.loads else EXIT_DIFFERS)
