@@ -247,13 +247,25 @@ def test_a_lightning_file_whose_hparams_hold_a_class_is_resaved_for_cpu(
     assert res.exit_code == 1 and not out.exists()
     assert "references to classes (torch.optim.adam.Adam)" in res.stderr
     assert res.stderr.rstrip().endswith("pass --allow-user-classes to write them")
-    res = run_cli("convert", src, out, "--allow-user-classes")
+    res = run_cli("convert", src, out, "--allow-user-classes", "--json")
     assert res.exit_code == 0, res.stderr
     with torch.serialization.safe_globals([torch.optim.Adam]):
         ours = torch.load(out, weights_only=True)  # every storage on the CPU: no map_location
         ref = torch.load(src, weights_only=True, map_location="cpu")
     assert ours["hyper_parameters"]["opt_cls"] is torch.optim.Adam
     _same(ours, ref)
+    # item 13: the writer's --json says what torch finds in the output
+    doc = json.loads(res.stdout)
+    tensors = [t for t in _flat(ours)[1:] if isinstance(t, torch.Tensor)]
+    assert doc["outputs"] == [str(out)] and doc["verified"] is True
+    assert doc["tensors"] == len(tensors)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert doc["bytes"] == sum(storages.values())  # each storage once
+    assert doc["storages"] == len(storages)
+    # torch.load(weights_only=True) refuses it without safe_globals, as the JSON says
+    assert doc["weights_only"] is False and "torch.optim.adam.Adam" in doc["unsafe_globals"]
+    assert [m for m in doc["messages"] if "torch.optim.adam.Adam" in m]
+    assert doc["report"][-1].startswith(f"wrote {out}: {len(tensors)} tensors")
     # the input needed a GPU
     with pytest.raises(RuntimeError, match="CUDA"), torch.serialization.safe_globals(
         [torch.optim.Adam]
