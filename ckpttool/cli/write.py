@@ -75,7 +75,9 @@ def convert(
                 "--plain-objects, --in-place and --state-dict do not apply to a folder of shards"
             )
         select = only or "all"
-        _consolidate_folder(input_path, output_path, (quiet, as_json), kwargs, select, "pt", None)
+        _consolidate_folder(
+            input_path, output_path, (quiet, as_json, verbose), kwargs, select, "pt", None
+        )
         return
     result = run_writer(
         quiet,
@@ -152,7 +154,7 @@ def to_safetensors(
                 "--metadata, --keep and --duplicate-shared do not apply to a folder of shards"
             )
         select = "all" if everything else state_dict or "model"
-        how = (quiet, as_json)
+        how = (quiet, as_json, verbose)
         _consolidate_folder(input_path, output_path, how, kwargs, select, "safetensors", shard)
         return
     result = run_writer(
@@ -207,18 +209,18 @@ def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
 def _consolidate_folder(
     input_path: str,
     output_path: str,
-    how: tuple[bool, bool],
+    how: tuple[bool, bool, bool],
     kwargs: dict[str, Any],
     select: str,
     fmt: str | None,
     shard: int | None,
 ) -> None:
     """Consolidate a folder of shards and report it (consolidate, and convert/to-safetensors
-    given a folder); ``how``: (quiet, as_json)."""
+    given a folder); ``how``: (quiet, as_json, verbose)."""
     from ..ops.consolidate import consolidate as do_consolidate
     from ..ops.ranks import Ranks
 
-    quiet, as_json = how
+    quiet, as_json, verbose = how
     ranks = Ranks.from_environment()  # under torchrun: the ranks write together
     if ranks is not None and ranks.rank != 0:  # rank 0 reports
         quiet, as_json = True, False
@@ -241,7 +243,7 @@ def _consolidate_folder(
             ranks.close()
     command = click.get_current_context().info_name or "consolidate"
     report = consolidate_report(result, output_path, kwargs.get("dtype"), bool(shard))
-    emit(command, result, report, quiet=quiet, as_json=as_json)
+    emit(command, result, report, quiet=quiet, as_json=as_json, remote=verbose)
 
 
 @cli.command(epilog=EPILOG)
@@ -291,7 +293,9 @@ def consolidate(
     shard = shard_size(max_shard_size, output_path)
     select = "all" if everything else only or "model"
     writes(output_path)
-    _consolidate_folder(input_path, output_path, (quiet, as_json), kwargs, select, None, shard)
+    _consolidate_folder(
+        input_path, output_path, (quiet, as_json, verbose), kwargs, select, None, shard
+    )
 
 
 for _param in consolidate.params:  # the shared options, as they read for a folder of shards
