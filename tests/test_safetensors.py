@@ -802,7 +802,7 @@ RW_REFUSED = {
 # Files without a state dict: the default refuses with this reason, --all converts.
 RW_NEEDS_ALL = {
     "21_zip-hf-rng-state-numpy2.pth": (
-        "no state dict found: choose one with --key PATH, or use --all"
+        "no state dict found: choose one with --state-dict PATH, or use --all"
     ),
 }
 # Whole pickled modules of classes that no longer exist: torch cannot load them with
