@@ -117,7 +117,7 @@ ALL = click.option(
     "everything",
     is_flag=True,
     help="The whole checkpoint, not only the model state dict: every entry (optimizer, "
-    "step, ...), tensors named by their path.",
+    "step, ...).",
 )
 FILTER = click.option(
     "--filter",
@@ -149,8 +149,6 @@ FMT = click.option(
     callback=lambda ctx, param, value: table_format(value),
     help="Table format: simple, github, grid, plain, tsv, ... (any tabulate format).",
 )
-# the options of every command's output (the test of the vocabulary checks each has them)
-SHARED_OUTPUT = ("--json", "--quiet", "--verbose")
 
 
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -134,7 +134,8 @@ def to_safetensors(
     By default writes the model state dict found in the checkpoint (a bare state dict, or
     model/state_dict/... inside a training checkpoint). Scalar entries (epoch, step) go to
     __metadata__ as strings with {"format": "pt"}; what is left out is reported. Tied
-    weights are stored once and their aliases recorded in __metadata__.
+    weights are stored once and their aliases recorded in __metadata__. --all writes the
+    tensors of every entry, named by their dotted path (optimizer.state.0.exp_avg).
 
     \b
     Example:
