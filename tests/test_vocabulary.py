@@ -49,7 +49,7 @@ SELECTION = {
     "--state-dict": {"convert", "to-safetensors", "check"},
     "--only": {"convert", "consolidate", "to-dcp"},
     "--all": {"to-safetensors", "consolidate", "diff"},
-    "--filter": {"inspect"},
+    "--filter": {"inspect", "diff"},
     "--fmt": {"inspect", "diff"},  # the commands that print tables
 }
 # the old spelling --key, what it means in each command now, and a run with it
@@ -193,6 +193,28 @@ def test_a_redirected_convert_keeps_its_result(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().startswith(f"wrote {tmp_path / 'a.pt'}: 16 tensors")
     assert proc.stderr.startswith("note: the output still pickles")  # a note, not a result
+
+
+def test_diff_filter_compares_only_the_tensors_named(
+    run_cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    sd = torch.load(SD, weights_only=True)
+    changed = {**sd, "fc2.weight": sd["fc2.weight"] + 1}
+    torch.save({"model": changed, "epoch": 3}, tmp_path / "b")
+    assert run_cli("diff", SD, tmp_path / "b").exit_code == 4  # fc2.weight and epoch differ
+    res = run_cli("diff", SD, tmp_path / "b", "--filter", "fc1.*", "--json")
+    assert res.exit_code == 0, res.stdout
+    doc = json.loads(res.stdout)
+    assert sorted(t["key"] for t in doc["tensors"]) == ["fc1.bias", "fc1.weight"]
+    res = run_cli("diff", SD, tmp_path / "b", "--filter", "*.weight")
+    assert res.exit_code == 4 and "fc2.weight" in res.stdout and "fc1.bias" not in res.stdout
+    res = run_cli("diff", SD, tmp_path / "b", "--filter", "nomatch")
+    assert res.exit_code == 0
+    assert res.err_lines == [
+        "note: no tensor name matches --filter 'nomatch' (the pattern must match a whole "
+        "dotted name, e.g. 'model.*')"
+    ]
 
 
 # -- the old spellings ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from .app import EPILOG, cli, run_library
 from .fixes import fix_command
 from .options import (
     ALL,
+    FILTER,
     FMT,
     STATE_DICT,
     deprecated_alias,
@@ -56,6 +57,7 @@ def _danger_exit(names: tuple[str, ...]) -> None:
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (with --values).")
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance (with --values).")
 @ALL
+@FILTER
 @FMT
 @output_options
 def diff(
@@ -65,6 +67,7 @@ def diff(
     atol: float,
     rtol: float,
     everything: bool,
+    name_filter: str | None,
     as_json: bool,
     quiet: bool,
     verbose: bool,
@@ -81,6 +84,7 @@ def diff(
     Example:
       ckpttool diff best.pth best.safetensors
       ckpttool diff before.pt after.pt --values --atol 1e-6
+      ckpttool diff before.pt after.pt --filter 'encoder.*'
     """
     from ..ops.diff import diff as do_diff
     from ..render import to_json
@@ -89,21 +93,17 @@ def diff(
     if (atol or rtol) and not values:
         raise click.UsageError("--atol and --rtol apply to --values: add --values")
     bars: list[Any] = []
+    how: dict[str, Any] = {"values": values, "atol": atol, "rtol": rtol, "all_tensors": everything}
     try:
+        progress = _compare_bar(quiet or as_json, bars)
         result = run_library(
-            lambda: do_diff(
-                a,
-                b,
-                values=values,
-                atol=atol,
-                rtol=rtol,
-                all_tensors=everything,
-                progress=_compare_bar(quiet or as_json, bars),
-            )
+            lambda: do_diff(a, b, **how, tensor_filter=name_filter, progress=progress)
         )
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
+    if name_filter and not (result.tensors or result.only_a or result.only_b) and not quiet:
+        _no_match(name_filter)
     out = diff_dict(result) if as_json else None
     usage = remote_usage()
     if out is not None and usage is not None:
@@ -115,6 +115,17 @@ def diff(
         click.echo(diff_text(result, fmt))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.equal else EXIT_DIFFERS)
+
+
+def _no_match(name_filter: str) -> None:
+    """diff --filter matched no tensor: a note, as inspect says it."""
+    from ..render import escape
+
+    click.echo(
+        f"note: no tensor name matches --filter {escape(name_filter)!r} (the pattern must "
+        "match a whole dotted name, e.g. 'model.*')",
+        err=True,
+    )
 
 
 @cli.command(epilog=COMPARE_EPILOG)
