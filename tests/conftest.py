@@ -85,6 +85,11 @@ class CliResult:
     def err_lines(self) -> list[str]:
         return self.stderr.splitlines()
 
+    @property
+    def out_lines(self) -> list[str]:
+        """The result lines (a writer's "renamed ...", "wrote ..." go to stdout)."""
+        return self.stdout.splitlines()
+
 
 @pytest.fixture
 def run_cli() -> Callable[..., CliResult]:

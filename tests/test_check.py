@@ -286,7 +286,7 @@ def test_key_selects_the_state_dict(tmp_path: Path, ref: Path) -> None:
     assert not check(tmp_path / "t.pt", ref).loads  # "model" is the default
     res = check(tmp_path / "t.pt", ref, key="ema")
     assert res.loads and res.select == "ema"
-    r = _run("check", str(tmp_path / "t.pt"), "--against", str(ref), "--key", "nope")
+    r = _run("check", str(tmp_path / "t.pt"), "--against", str(ref), "--state-dict", "nope")
     assert r.exit_code == 1 and "holds no state dict at 'nope'" in r.output
 
 

@@ -120,7 +120,7 @@ CONTRADICTIONS = [
     (["convert", "--strip-module", "--add-module"], ["--strip-module", "--add-module"]),
     (["convert", "--strip-prefix", "net.", "--add-prefix", "net."], ["--strip-prefix net."]),
     (["to-safetensors", "--strip-module", "--add-prefix", "module."], ["--strip-module"]),
-    (["to-safetensors", "--all", "--key", "model"], ["--all", "--key"]),
+    (["to-safetensors", "--all", "--state-dict", "model"], ["--all", "--state-dict"]),
     (["to-safetensors", "--duplicate-shared", "--keep", "x"], ["--keep", "--duplicate-shared"]),
     (["to-safetensors", "--metadata", "format=np"], ["--metadata", "'format'"]),
 ]

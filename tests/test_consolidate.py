@@ -160,9 +160,11 @@ def test_cli(folders: Any, oracle: Any, tmp_path: Path) -> None:
     )
     res = CliRunner().invoke(cli, ["consolidate", str(folders[4]), str(out)])
     assert res.exit_code == 1 and "--force" in res.output
-    res = CliRunner().invoke(cli, ["consolidate", str(folders[4]), str(out) + "2", "--key", "no"])
+    res = CliRunner().invoke(cli, ["consolidate", str(folders[4]), str(out) + "2", "--only", "no"])
     assert res.exit_code == 1 and "has no entry 'no'" in res.output
-    res = CliRunner().invoke(cli, ["consolidate", str(folders[4]), str(out), "--all", "--key", "x"])
+    res = CliRunner().invoke(
+        cli, ["consolidate", str(folders[4]), str(out), "--all", "--only", "x"]
+    )
     assert res.exit_code == 2
     res = CliRunner().invoke(cli, ["consolidate", str(folders[2]), str(out), "--all", "--force"])
     assert res.exit_code == 0

@@ -219,8 +219,8 @@ def test_convert_fixture(
 
     res = run_cli("convert", src, dst)
     assert res.exit_code == 0, res.stderr
-    assert res.stdout == ""
-    assert res.err_lines[-1] == wrote_line(dst, exp["tensors"], exp["storages"])
+    # the result on stdout (`convert a b > log` keeps it), notes on stderr
+    assert res.out_lines == [wrote_line(dst, exp["tensors"], exp["storages"])]
     assert locations(dst) == ({"cpu"} if exp["storages"] else set())
     assert open_checkpoint(dst).format == "zip"
     assert leftovers(out_dir) == []
@@ -262,7 +262,7 @@ def test_convert_real_world(
     res = run_cli("convert", src, dst, "--allow-user-classes")  # whole pickled models
     assert res.exit_code == 0, res.stderr
     n_storages = rec["num_storages"] if rec["num_storages"] is not None else rec["num_tensors"]
-    assert res.err_lines[-1] == wrote_line(dst, rec["num_tensors"], n_storages)
+    assert res.out_lines[-1] == wrote_line(dst, rec["num_tensors"], n_storages)
     assert locations(dst) <= {"cpu"}
     assert_same_as_input_by_bytes(src, dst)
     unsafe = rec.get("unsafe_globals", [])
@@ -285,7 +285,7 @@ def test_convert_real_world(
         plain = out_dir / "plain.pt"
         res = run_cli("convert", "--plain-objects", src, plain)
         assert res.exit_code == 0, res.stderr
-        replaced = [ln for ln in res.err_lines if ln.startswith("replaced ")]
+        replaced = [ln for ln in res.out_lines if ln.startswith("replaced ")]
         assert replaced
         names = {re.match(r"replaced (\S+) -> ", ln).group(1) for ln in replaced}  # type: ignore[union-attr]
         assert names <= set(unsafe), names - set(unsafe)
@@ -392,7 +392,7 @@ def test_real_ddp_file_loads_into_unwrapped_model(
     dst = out_dir / "fixed.pt"
     res = run_cli("convert", "--strip-module", src, dst)
     assert res.exit_code == 0, res.stderr
-    assert res.err_lines[0].startswith("renamed ") and f"state dict '{key}'" in res.err_lines[0]
+    assert res.out_lines[0].startswith("renamed ") and f"state dict '{key}'" in res.out_lines[0]
     assert locations(dst) == {"cpu"}
     ckpt = torch.load(dst)  # plain torch.load on this CPU-only machine
     sd = ckpt[key]
@@ -415,13 +415,13 @@ def test_real_ddp_file_loads_into_unwrapped_model(
 def test_real_lightning_replace_prefix(run_cli, real_world: Path, out_dir: Path) -> None:
     src = real_world / "38_lightning2-ckpt-model-prefix-cuda0.ckpt"
     dst = out_dir / "plain.pt"
-    res = run_cli("convert", "--key", "state_dict", "--replace-prefix", "model.=", src, dst)
+    res = run_cli("convert", "--state-dict", "state_dict", "--replace-prefix", "model.=", src, dst)
     assert res.exit_code == 0, res.stderr
     want = torch.load(src, map_location="cpu", weights_only=True)
     got = torch.load(dst)
     assert all(k.startswith("model.") for k in want["state_dict"])
     assert list(got["state_dict"]) == [k.removeprefix("model.") for k in want["state_dict"]]
-    assert res.err_lines[0] == f"renamed {len(want['state_dict'])} keys in state dict 'state_dict'"
+    assert res.out_lines[0] == f"renamed {len(want['state_dict'])} keys in state dict 'state_dict'"
     for k, v in want["state_dict"].items():
         assert_same_tensor(v, got["state_dict"][k.removeprefix("model.")], k)
     assert list(got) == list(want)
@@ -438,14 +438,14 @@ def test_strip_module_training_checkpoint(run_cli, ddp_file: Path, out_dir: Path
     assert res.exit_code == 0, res.stderr
     want = torch.load(ddp_file, map_location="cpu", weights_only=False)  # our own file
     n = len(want["model"])
-    assert res.err_lines[0] == f"renamed {n} keys in state dict 'model'"
-    assert res.err_lines[1] == (
+    assert res.out_lines[0] == f"renamed {n} keys in state dict 'model'"
+    assert res.err_lines[0] == (
         "note: the output still pickles argparse.Namespace, "
         f"{NUMPY_CORE}.multiarray.scalar, numpy.dtype: torch.load(weights_only=True) refuses it; "
         "--plain-objects replaces them"
     )
     total = len(flat(want))
-    assert res.err_lines[2] == wrote_line(dst, total, total)
+    assert res.out_lines[1] == wrote_line(dst, total, total)
     got = torch.load(dst, weights_only=False)  # our own file: objects carried byte-for-byte
     assert list(got) == list(want)
     assert list(got["model"]) == [k.removeprefix("module.") for k in want["model"]]
@@ -576,7 +576,9 @@ def test_key_and_only_errors(expect_error, fixtures_dir: Path, out_dir: Path) ->
         "'best_acc')",
     )
     expect_error(
-        ["convert", "--key", "nope", "--strip-module", src, dst], src, "no entry 'nope' (--key)"
+        ["convert", "--state-dict", "nope", "--strip-module", src, dst],
+        src,
+        "no entry 'nope' (--state-dict)",
     )
     assert list(out_dir.iterdir()) == []
 
@@ -603,7 +605,7 @@ def test_key_options_on_files_without_state_dicts(
     expect_error(
         ["convert", "--strip-module", src, out_dir / "x.pt"],
         src,
-        "no state dict found to rename; choose one with --key",
+        "no state dict found to rename; choose one with --state-dict",
     )
 
 
@@ -736,7 +738,7 @@ def test_plain_objects(run_cli, tmp_path: Path, out_dir: Path) -> None:
     dst = out_dir / "plain.pt"
     res = run_cli("convert", "--plain-objects", src, dst)
     assert res.exit_code == 0, res.stderr
-    replaced = [ln for ln in res.err_lines if ln.startswith("replaced ")]
+    replaced = [ln for ln in res.out_lines if ln.startswith("replaced ")]
     assert sorted(replaced) == sorted(
         [
             "replaced argparse.Namespace -> dict",
@@ -970,7 +972,7 @@ def test_no_verify(run_cli, sd_file: Path, out_dir: Path) -> None:
     res = run_cli("convert", "--no-verify", "--strip-module", sd_file, dst)
     assert res.exit_code == 0
     want = torch.load(sd_file, map_location="cpu", weights_only=True)
-    assert res.err_lines[-1] == wrote_line(dst, len(want), len(want), verified=False)
+    assert res.out_lines[-1] == wrote_line(dst, len(want), len(want), verified=False)
     got = torch.load(dst)
     for k, v in want.items():
         assert_same_tensor(v, got[k.removeprefix("module.")], k)

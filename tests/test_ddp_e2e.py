@@ -358,8 +358,8 @@ def test_cli_convert_then_plain_torch_load_resumes(
     job: Job, cli_convert: subprocess.CompletedProcess[str], resumed: dict[str, Any]
 ) -> None:
     assert cli_convert.returncode == 0, cli_convert.stderr
-    assert "renamed 4 keys in state dict 'model'" in cli_convert.stderr
-    assert "all on cpu (verified: structure and storage bytes re-read)" in cli_convert.stderr
+    assert "renamed 4 keys in state dict 'model'" in cli_convert.stdout
+    assert "all on cpu (verified: structure and storage bytes re-read)" in cli_convert.stdout
     assert not [p for p in os.listdir(job.folder) if p.endswith(".ckpttool-tmp")]
     assert_resumed_like_uninterrupted(job, resumed["plain"])
 

@@ -378,7 +378,7 @@ def test_cli_consolidates_a_zero_folder(zero_root: Path, run_cli: Any, tmp_path:
     out = tmp_path / "m.pt"
     res = run_cli("consolidate", zero_root / "zero2_fp32", out)
     assert res.exit_code == 0, res.stderr
-    assert "zero-2" in res.stderr and "verified" in res.stderr
+    assert "zero-2" in res.stdout and "verified" in res.stdout
     _assert_model(torch.load(out, weights_only=True), zero_root, "zero2_fp32")
 
 

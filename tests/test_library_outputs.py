@@ -247,13 +247,25 @@ def test_a_lightning_file_whose_hparams_hold_a_class_is_resaved_for_cpu(
     assert res.exit_code == 1 and not out.exists()
     assert "references to classes (torch.optim.adam.Adam)" in res.stderr
     assert res.stderr.rstrip().endswith("pass --allow-user-classes to write them")
-    res = run_cli("convert", src, out, "--allow-user-classes")
+    res = run_cli("convert", src, out, "--allow-user-classes", "--json")
     assert res.exit_code == 0, res.stderr
     with torch.serialization.safe_globals([torch.optim.Adam]):
         ours = torch.load(out, weights_only=True)  # every storage on the CPU: no map_location
         ref = torch.load(src, weights_only=True, map_location="cpu")
     assert ours["hyper_parameters"]["opt_cls"] is torch.optim.Adam
     _same(ours, ref)
+    # item 13: the writer's --json says what torch finds in the output
+    doc = json.loads(res.stdout)
+    tensors = [t for t in _flat(ours)[1:] if isinstance(t, torch.Tensor)]
+    assert doc["outputs"] == [str(out)] and doc["verified"] is True
+    assert doc["tensors"] == len(tensors)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert doc["bytes"] == sum(storages.values())  # each storage once
+    assert doc["storages"] == len(storages)
+    # torch.load(weights_only=True) refuses it without safe_globals, as the JSON says
+    assert doc["weights_only"] is False and "torch.optim.adam.Adam" in doc["unsafe_globals"]
+    assert [m for m in doc["messages"] if "torch.optim.adam.Adam" in m]
+    assert doc["report"][-1].startswith(f"wrote {out}: {len(tensors)} tensors")
     # the input needed a GPU
     with pytest.raises(RuntimeError, match="CUDA"), torch.serialization.safe_globals(
         [torch.optim.Adam]
@@ -360,13 +372,14 @@ def test_key_options_that_rename_nothing_are_warned(
     ddp_file: Path, run_cli: Any, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.pt"
-    # --key names nothing: an error, as with a rename option (it used to write, exit 0)
-    res = run_cli("convert", ddp_file, out, "--key", "nosuch")
+    # --state-dict names nothing: an error, as with a rename option (it used to write, exit 0)
+    res = run_cli("convert", ddp_file, out, "--state-dict", "nosuch")
     assert res.exit_code == 1 and not out.exists()
-    assert res.stderr == f"Error: {ddp_file}: no entry 'nosuch' (--key)\n"
-    # --key without a rename option: written, with a warning
-    res = run_cli("convert", ddp_file, out, "--key", "model")
-    assert res.exit_code == 0 and res.err_lines[0].startswith("warning: --key names the state")
+    assert res.stderr == f"Error: {ddp_file}: no entry 'nosuch' (--state-dict)\n"
+    # --state-dict without a rename option: written, with a warning
+    res = run_cli("convert", ddp_file, out, "--state-dict", "model")
+    assert res.exit_code == 0
+    assert res.err_lines[0].startswith("warning: --state-dict names the state")
     # a prefix no key carries: written unchanged, with a warning instead of "renamed 0 keys"
     res = run_cli("convert", ddp_file, out, "--strip-prefix", "zzz.", "--force")
     assert res.exit_code == 0
@@ -492,9 +505,9 @@ def test_counts_are_pluralised(
     dcp_generator: tuple[Path, Path], ddp_file: Path, run_cli: Any, tmp_path: Path
 ) -> None:
     res = run_cli("consolidate", dcp_generator[0], tmp_path / "m.pt")
-    assert "from 1 rank, 2 tensors (verified)" in res.stderr  # one rank saved it
+    assert "from 1 rank, 2 tensors (verified)" in res.stdout  # one rank saved it
     res = run_cli("to-safetensors", ddp_file, tmp_path / "out", "--max-shard-size", "1GB")
-    assert res.err_lines[-1] == f"wrote {tmp_path / 'out'}: 2 tensors in 1 shard (verified)"
+    assert res.out_lines[-1] == f"wrote {tmp_path / 'out'}: 2 tensors in 1 shard (verified)"
 
 
 def test_a_read_only_filesystem_is_said_as_such(ddp_file: Path, tmp_path: Path) -> None:

@@ -76,6 +76,11 @@ class Run:
     def err_lines(self) -> list[str]:
         return self.stderr.splitlines()
 
+    @property
+    def out_lines(self) -> list[str]:
+        """The result lines: "renamed", "shared", "wrote" (warnings, notes are on stderr)."""
+        return self.stdout.splitlines()
+
 
 def ck(*args: str | os.PathLike[str]) -> Run:
     """``ckpttool ARGS`` in-process; a traceback (anything but SystemExit) fails the test."""
@@ -258,8 +263,8 @@ def test_fixture_converts_bit_identical(fixture: str, where: str | None, tmp_pat
     meta = meta_of(out)
     assert meta["format"] == "pt"
     assert all(isinstance(v, str) for v in meta.values())
-    assert run.err_lines[-1].startswith(f"wrote {out}: ")
-    assert run.err_lines[-1].endswith(" (verified)")
+    assert run.out_lines[-1].startswith(f"wrote {out}: ")
+    assert run.out_lines[-1].endswith(" (verified)")
 
 
 def test_fp16_bf16_exact_including_0d_and_empty(tmp_path: Path) -> None:
@@ -375,7 +380,7 @@ def test_tied_weights_stored_once_with_aliases(tmp_path: Path) -> None:
     assert sorted(stored) == ["attn.k.weight", "attn.qkv.weight", "embed.weight"]
     assert aliases_of(out) == {"lm_head.weight": "embed.weight"}
     assert json.loads(meta_of(out)[ALIASES_KEY]) == {"lm_head.weight": "embed.weight"}
-    assert "shared: lm_head.weight is stored once as embed.weight" in run.err_lines
+    assert "shared: lm_head.weight is stored once as embed.weight" in run.out_lines
     ref = torch.load(FIX / "tied_weights.pt", weights_only=True)
     same_bits(stored["attn.k.weight"], ref["attn.qkv.weight"][8:16])
     check_against(out, ref)
@@ -387,7 +392,7 @@ def test_keep_picks_the_stored_name(tmp_path: Path) -> None:
     assert "lm_head.weight" in load_file(out)
     assert "embed.weight" not in load_file(out)
     assert aliases_of(out) == {"embed.weight": "lm_head.weight"}
-    assert "shared: embed.weight is stored once as lm_head.weight" in run.err_lines
+    assert "shared: embed.weight is stored once as lm_head.weight" in run.out_lines
     check_against(out, torch.load(FIX / "tied_weights.pt", weights_only=True))
 
 
@@ -478,7 +483,7 @@ def test_strip_module(tmp_path: Path) -> None:
     run = ok("to-safetensors", FIX / "ddp_rank0_checkpoint.pt", out, "--strip-module")
     ref = torch_reference(FIX / "ddp_rank0_checkpoint.pt")["model"]
     check_against(out, {k.removeprefix("module."): v for k, v in ref.items()})
-    assert "renamed 4 keys" in run.err_lines
+    assert "renamed 4 keys" in run.out_lines
 
 
 def test_add_prefix_and_add_module(tmp_path: Path) -> None:
@@ -536,14 +541,14 @@ def test_all_writes_every_tensor_under_its_path(tmp_path: Path) -> None:
 
 def test_key_chooses_the_state_dict(tmp_path: Path) -> None:
     out = tmp_path / "o.safetensors"
-    ok("to-safetensors", FIX / "ddp_rank0_checkpoint.pt", out, "--key", "optimizer.state.0")
+    ok("to-safetensors", FIX / "ddp_rank0_checkpoint.pt", out, "--state-dict", "optimizer.state.0")
     ref = torch_reference(FIX / "ddp_rank0_checkpoint.pt")["optimizer"]["state"][0]
     check_against(out, ref)
     out2 = tmp_path / "o2.safetensors"
     refused(
-        ["to-safetensors", FIX / "ddp_rank0_checkpoint.pt", out2, "--key", "nope"],
+        ["to-safetensors", FIX / "ddp_rank0_checkpoint.pt", out2, "--state-dict", "nope"],
         FIX / "ddp_rank0_checkpoint.pt",
-        "no entry 'nope' (--key)",
+        "no entry 'nope' (--state-dict)",
     )
     assert not out2.exists()
 
@@ -606,7 +611,7 @@ def test_api_result_and_verification_flag(tmp_path: Path) -> None:
     assert ckpttool.to_safetensors(FIX / "tied_weights.pt", out2, verify=False).verified is False
     assert out.read_bytes() == out2.read_bytes()
     run = ok("to-safetensors", FIX / "tied_weights.pt", tmp_path / "o3.safetensors", "--no-verify")
-    assert run.err_lines[-1].endswith("(not verified)")
+    assert run.out_lines[-1].endswith("(not verified)")
 
 
 def test_api_errors_are_checkpoint_errors(tmp_path: Path) -> None:
@@ -674,7 +679,7 @@ def test_sharded_output_loads_like_hugging_face(tmp_path: Path) -> None:
         size = sum(t.numel() * t.element_size() for t in data.values())
         assert size <= 2500 or len(data) == 1, (shard, size)
         assert meta_of(out / shard)["format"] == "pt"
-    assert run.err_lines[-1] == f"wrote {out}: {len(sd)} tensors in {n} shards (verified)"
+    assert run.out_lines[-1] == f"wrote {out}: {len(sd)} tensors in {n} shards (verified)"
 
 
 def test_sharded_from_sharded_and_legacy_inputs(tmp_path: Path) -> None:
@@ -797,7 +802,7 @@ RW_REFUSED = {
 # Files without a state dict: the default refuses with this reason, --all converts.
 RW_NEEDS_ALL = {
     "21_zip-hf-rng-state-numpy2.pth": (
-        "no state dict found: choose one with --key PATH, or use --all"
+        "no state dict found: choose one with --state-dict PATH, or use --all"
     ),
 }
 # Whole pickled modules of classes that no longer exist: torch cannot load them with
@@ -840,7 +845,7 @@ def test_real_world_converts_or_is_refused_precisely(rw_file: str, tmp_path: Pat
         assert os.listdir(tmp_path) == []
     else:
         run = ok("to-safetensors", src, out)
-        assert run.err_lines[-1].endswith("(verified)")
+        assert run.out_lines[-1].endswith("(verified)")
         assert meta_of(out)["format"] == "pt"
         assert load_file(out)
 
@@ -936,7 +941,7 @@ def test_every_storable_dtype_and_view_converts_exactly(order: str, tmp_path: Pa
         src = big_endian_copy(src, tmp_path / "zoo_be.pt")
     out = tmp_path / "o.safetensors"
     run = ok("to-safetensors", src, out)
-    assert run.err_lines[-1].endswith("(verified)")
+    assert run.out_lines[-1].endswith("(verified)")
     check_against(out, _expected(src))
 
 
@@ -1038,7 +1043,7 @@ def test_dtype_with_all_casts_model_weights_only(tmp_path: Path) -> None:
 def test_dtype_with_optimizer_key_keeps_step_exact(tmp_path: Path) -> None:
     src = _adam_checkpoint(tmp_path)
     out = tmp_path / "o.safetensors"
-    ok("to-safetensors", src, out, "--key", "optimizer", "--dtype", "bfloat16")
+    ok("to-safetensors", src, out, "--state-dict", "optimizer", "--dtype", "bfloat16")
     got = load_file(out)
     ref = torch.load(src, weights_only=True)["optimizer"]["state"]
     for pid, state in ref.items():

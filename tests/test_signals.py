@@ -413,7 +413,7 @@ def test_progress_bar_fits_a_30_column_terminal(big: Path, tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckpttool", "convert", os.fspath(big), os.fspath(out)],
-        stdout=subprocess.DEVNULL,
+        stdout=slave,  # the result line (stdout) follows the erased bar (stderr) on the screen
         stderr=slave,
         cwd=REPO,
         env=env,

@@ -317,7 +317,7 @@ def test_cli_refusals_and_force(tmp_path: Path) -> None:
     res = _cli("to-dcp", src, out, "--force")
     assert res.exit_code == 1 and "holds other files than a DCP checkpoint" in res.output
     assert (out / "notes.txt").read_text() == "mine"
-    res = _cli("to-dcp", src, tmp_path / "x", "--model-only", "--key", "model")
+    res = _cli("to-dcp", src, tmp_path / "x", "--model-only", "--only", "model")
     assert res.exit_code == 2
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".ckpttool-tmp")]
 

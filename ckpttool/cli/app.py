@@ -37,9 +37,9 @@ REMEDIES = {
     "force": "; pass --force to replace it",
     "force_set": "; pass --force to replace that set",
     "in_place": "; pass --in-place to replace it",
-    "key": " (--key)",
-    "choose_key": "; choose one with --key",
-    "key_or_all": ": choose one with --key PATH, or use --all",
+    "key": " (--state-dict)",
+    "choose_key": "; choose one with --state-dict",
+    "key_or_all": ": choose one with --state-dict PATH, or use --all",
     "all_tensors": ": use --all to write its tensors",
     "consolidate": ": `ckpttool consolidate FOLDER OUTPUT` merges its shards into one file",
     "extract_torchscript": "; use `ckpttool to-safetensors --all` to extract its tensors",
@@ -51,9 +51,29 @@ REMEDIES = {
 }
 
 
+# Where the library's ``key`` is the entry to write (--only), not a state dict (--state-dict);
+# convert meets ``key_or_all`` only from a folder of shards, where --only selects.
+_ENTRY_REMEDIES = {
+    "key": " (--only)",
+    "key_or_all": ": choose one with --only PATH, or use --all",
+}
+_COMMAND_REMEDIES = {
+    "consolidate": _ENTRY_REMEDIES,
+    "to-dcp": _ENTRY_REMEDIES,
+    "convert": {"key_or_all": _ENTRY_REMEDIES["key_or_all"]},
+}
+
+
+def _remedy(code: str) -> str:
+    """The remedy ``code`` in flags, as the running command spells it."""
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx is not None else None
+    return _COMMAND_REMEDIES.get(command or "", {}).get(code, REMEDIES[code])
+
+
 def error_line(err: CheckpointError) -> str:
     """The one line the command prints for ``err``: the library's words, the CLI's remedy."""
-    text = err.message + (REMEDIES[err.remedy] if err.remedy else "")
+    text = err.message + (_remedy(err.remedy) if err.remedy else "")
     return f"{err.path}: {text}" if err.path is not None else text
 
 

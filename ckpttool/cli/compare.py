@@ -12,7 +12,16 @@ import click
 from ..errors import EXIT_DANGEROUS, EXIT_DIFFERS
 from .app import EPILOG, cli, run_library
 from .fixes import fix_command
-from .options import VERBOSE, echo_remote_usage, remote_usage, table_format
+from .options import (
+    ALL,
+    FILTER,
+    FMT,
+    STATE_DICT,
+    deprecated_alias,
+    echo_remote_usage,
+    output_options,
+    remote_usage,
+)
 
 COMPARE_EPILOG = EPILOG  # exit code 4 (the inputs differ / would not load) is listed there
 
@@ -47,39 +56,35 @@ def _danger_exit(names: tuple[str, ...]) -> None:
 @click.option("--values", is_flag=True, help="Compare values: max/mean abs diff, rel. L2, count.")
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (with --values).")
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance (with --values).")
-@click.option("--all", "all_tensors", is_flag=True, help="Every tensor by path, not state dicts.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--fmt",
-    metavar="FORMAT",
-    default="simple",
-    callback=lambda ctx, param, value: table_format(value),
-    help="Table format (any tabulate format).",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@VERBOSE
+@ALL
+@FILTER
+@FMT
+@output_options
 def diff(
     a: str,
     b: str,
     values: bool,
     atol: float,
     rtol: float,
-    all_tensors: bool,
+    everything: bool,
+    name_filter: str | None,
     as_json: bool,
-    fmt: str,
     quiet: bool,
     verbose: bool,
+    fmt: str,
 ) -> None:
     """Compare two checkpoints key by key and tensor by tensor (any formats, mixed).
 
     Compares the model state dicts (or with --all every tensor by path), aligning keys that
     differ only by a wrapper prefix; tensors bit for bit, streamed from both files; with
     --values also how far the values are. Non-tensor entries (epoch, args) are compared too.
+    With -q nothing is printed: exit code 0 says they are the same, 4 that they differ.
 
     \b
     Example:
       ckpttool diff best.pth best.safetensors
       ckpttool diff before.pt after.pt --values --atol 1e-6
+      ckpttool diff before.pt after.pt --filter 'encoder.*'
     """
     from ..ops.diff import diff as do_diff
     from ..render import to_json
@@ -88,29 +93,39 @@ def diff(
     if (atol or rtol) and not values:
         raise click.UsageError("--atol and --rtol apply to --values: add --values")
     bars: list[Any] = []
+    how: dict[str, Any] = {"values": values, "atol": atol, "rtol": rtol, "all_tensors": everything}
     try:
+        progress = _compare_bar(quiet or as_json, bars)
         result = run_library(
-            lambda: do_diff(
-                a,
-                b,
-                values=values,
-                atol=atol,
-                rtol=rtol,
-                all_tensors=all_tensors,
-                progress=_compare_bar(quiet or as_json, bars),
-            )
+            lambda: do_diff(a, b, **how, tensor_filter=name_filter, progress=progress)
         )
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
+    if name_filter and not (result.tensors or result.only_a or result.only_b) and not quiet:
+        _no_match(name_filter)
     out = diff_dict(result) if as_json else None
     usage = remote_usage()
     if out is not None and usage is not None:
         out["remote"] = usage
-    echo_remote_usage(verbose)
-    click.echo(to_json(out) if out is not None else diff_text(result, fmt))
+    echo_remote_usage(verbose and not quiet)
+    if out is not None:
+        click.echo(to_json(out))
+    elif not quiet:
+        click.echo(diff_text(result, fmt))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.equal else EXIT_DIFFERS)
+
+
+def _no_match(name_filter: str) -> None:
+    """diff --filter matched no tensor: a note, as inspect says it."""
+    from ..render import escape
+
+    click.echo(
+        f"note: no tensor name matches --filter {escape(name_filter)!r} (the pattern must "
+        "match a whole dotted name, e.g. 'model.*')",
+        err=True,
+    )
 
 
 @cli.command(epilog=COMPARE_EPILOG)
@@ -122,15 +137,16 @@ def diff(
     metavar="MODULE:FACTORY",
     help="Build FACTORY() from MODULE on the meta device (imports and runs that code).",
 )
-@click.option("--key", metavar="PATH", help="The state dict in CKPT to check (e.g. model).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@VERBOSE
+@STATE_DICT
+@output_options
+@deprecated_alias("--key", "--state-dict", "state_dict")
 def check(
     ckpt: str,
     against: str | None,
     model_spec: str | None,
-    key: str | None,
+    state_dict: str | None,
     as_json: bool,
+    quiet: bool,
     verbose: bool,
 ) -> None:
     """Say whether model.load_state_dict(sd, strict=True) would succeed, and how to fix it.
@@ -152,16 +168,16 @@ def check(
 
     if (against is None) == (model_spec is None):
         raise click.UsageError("give one of --against REF or --model MODULE:FACTORY")
-    result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=key))
+    result = run_library(lambda: do_check(ckpt, against, model=model_spec, key=state_dict))
     command = fix_command(result, ckpt)
     usage = remote_usage()
-    echo_remote_usage(verbose)
+    echo_remote_usage(verbose and not quiet)
     if as_json:
         out = check_dict(result, command)
         if usage is not None:
             out["remote"] = usage
         click.echo(to_json(out))
-    else:
+    elif not quiet:
         click.echo(check_text(result, command))
     _danger_exit(result.dangerous)
     sys.exit(0 if result.loads else EXIT_DIFFERS)

@@ -7,14 +7,16 @@ from typing import Any
 import click
 
 from .app import EPILOG, cli, writes
-from .fixes import left_out_text
-from .options import echo_remote_usage, key_options, run_writer, writer_kwargs
+from .options import ONLY, deprecated_alias, key_options, output_options, run_writer, writer_kwargs
+from .results import emit
+from .writer_reports import to_dcp_report
 
 
 @cli.command(name="to-dcp", epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT", type=str)
 @click.argument("output_path", metavar="FOLDER", type=str)
 @key_options
+@ONLY
 @click.option(
     "--model-only", is_flag=True, help="Write only the model state dict, its keys at the top."
 )
@@ -30,12 +32,17 @@ from .options import echo_remote_usage, key_options, run_writer, writer_kwargs
     metavar="PATTERN",
     help="Model keys a numbered optimizer does not hold (e.g. 'frozen.*'), to name it.",
 )
+@output_options
+@deprecated_alias("--key", "--only", "only")
 def to_dcp(
     input_path: str,
     output_path: str,
+    only: str | None,
     model_only: bool,
     under: str | None,
     not_parameters: tuple[str, ...],
+    as_json: bool,
+    verbose: bool,
     **opts: Any,
 ) -> None:
     """Write a torch.distributed.checkpoint (DCP) folder that FSDP jobs dcp.load.
@@ -59,16 +66,18 @@ def to_dcp(
     from ..ops.to_dcp import to_dcp as do_to_dcp
 
     quiet, kwargs = writer_kwargs(opts)
-    if model_only and kwargs.get("key") is not None:
-        raise click.UsageError("--model-only writes the model, --key one entry: give one")
+    if model_only and only is not None:
+        raise click.UsageError("--model-only writes the model, --only one entry: give one")
     ranks = Ranks.from_environment()  # under torchrun: each rank writes its own file
-    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    if ranks is not None and ranks.rank != 0:  # rank 0 reports
+        quiet, as_json = True, False
     try:
         result = run_writer(
             quiet,
             lambda progress: do_to_dcp(
                 input_path,
                 output_path,
+                key=only,
                 model_only=model_only,
                 under=under,
                 not_parameters=not_parameters,
@@ -80,36 +89,10 @@ def to_dcp(
     finally:
         if ranks is not None:
             ranks.close()
-    if not quiet:
-        _report(result, output_path, kwargs.get("dtype"))
-
-
-def _report(result: Any, output_path: str, dtype: str | None) -> None:
-    from ..render import escape
-
-    if result.renamed:
-        click.echo(f"renamed {result.renamed} keys", err=True)
-    for path in result.optimizers:
-        where = f"'{escape(path)}'" if path else "(root)"
-        click.echo(f"named the parameters of optimizer {where} by their model keys", err=True)
-    for r in result.replaced:
-        click.echo(f"replaced {escape(r)} by a plain value", err=True)
-    if result.cast:
-        click.echo(f"cast {result.cast} tensors to {dtype}", err=True)
-    for item in result.left_out:
-        click.echo(f"left out: {escape(left_out_text(item))}", err=True)
-    check = "verified" if result.verified else "not verified"
-    shared = f" ({result.items} stored)" if result.items != result.tensors else ""
-    click.echo(
-        f"wrote {escape(output_path)}: {escape(result.selected)}, {result.tensors} tensors"
-        f"{shared} and {result.values} values ({check})",
-        err=True,
-    )
-    echo_remote_usage(always=True)  # a URL input: what reading it cost
+    report = to_dcp_report(result, output_path, kwargs.get("dtype"))
+    emit("to-dcp", result, report, quiet=quiet, as_json=as_json, remote=verbose)
 
 
 for _param in to_dcp.params:
-    if _param.name == "key":
-        _param.help = "Write only this entry (e.g. model), its keys at the top."
-    elif _param.name == "dtype":
+    if _param.name == "dtype":
         _param.help = "Cast the model's floating-point weights (optimizer state is kept)."

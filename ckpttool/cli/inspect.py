@@ -17,30 +17,23 @@ from ..errors import (
 )
 from .app import EPILOG, cli, fail
 from .fixes import warning_texts
-from .options import VERBOSE, echo_remote_usage, given, remote_usage, table_format
+from .options import FILTER, FMT, echo_remote_usage, given, output_options, remote_usage
 
 
 @cli.command(epilog=EPILOG)
 @click.argument("path", type=str)
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor.")
-@click.option(
-    "--filter",
-    "name_filter",
-    metavar="GLOB",
-    help="Only tensors whose name matches (a note on stderr when none does).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option(
-    "--fmt",
-    metavar="FORMAT",
-    default="simple",
-    show_default=True,
-    callback=lambda ctx, param, value: table_format(value),
-    help="Table format: simple, github, grid, plain, tsv, ... (any tabulate format).",
-)
-@VERBOSE
+@FILTER
+@FMT
+@output_options
 def inspect(
-    path: str, show_tensors: bool, name_filter: str | None, as_json: bool, fmt: str, verbose: bool
+    path: str,
+    show_tensors: bool,
+    name_filter: str | None,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+    fmt: str,
 ) -> None:
     """Show what is inside a checkpoint without loading it.
 
@@ -71,7 +64,7 @@ def inspect(
     except CheckpointError as err:
         fail(err)
     rep = warning_texts(report.build(ckpt, tensor_filter=name_filter))
-    if name_filter and not rep["tensors"]:
+    if name_filter and not rep["tensors"] and not quiet:
         click.echo(
             f"note: no tensor name matches --filter {render.escape(name_filter)!r} "
             f"({rep['tensor_count']} tensors; the pattern must match a whole dotted name, "
@@ -81,10 +74,10 @@ def inspect(
     usage = remote_usage()
     if usage is not None:
         rep["remote"] = usage
-    echo_remote_usage(verbose)
+    echo_remote_usage(verbose and not quiet)
     if as_json:
         click.echo(render.to_json(rep))
-    else:
+    elif not quiet:
         click.echo(render.summary(rep, fmt))
         if show_tensors or name_filter:
             click.echo("")
@@ -108,9 +101,8 @@ def _danger_exit(path: str, rep: dict[str, Any]) -> None:
 
 @cli.command(epilog=EPILOG)
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=str)
-@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
-@VERBOSE
-def scan(paths: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+@output_options
+def scan(paths: tuple[str, ...], as_json: bool, quiet: bool, verbose: bool) -> None:
     """Prove which files are safe to load, without loading them.
 
     Reads only pickles and headers (never tensor bytes) of each file, and of each
@@ -136,13 +128,13 @@ def scan(paths: tuple[str, ...], as_json: bool, verbose: bool) -> None:
 
     result = do_scan(paths)
     usage = remote_usage()
-    echo_remote_usage(verbose)
+    echo_remote_usage(verbose and not quiet)
     if as_json:
         out = result.to_json()
         if usage is not None:
             out["remote"] = usage
         click.echo(render.to_json(out))
-    else:
+    elif not quiet:
         for f in result.files:
             click.echo(render.escape(_scan_line(f)))
     worst, n = result.worst, len(result.files)

@@ -3,6 +3,7 @@ how they become library arguments, shard sizes, and the writers' progress bars."
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -73,7 +74,7 @@ def run_writer(quiet: bool, call: Callable[[Any], Any]) -> Any:
 
 
 def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by convert and to-safetensors: which state dict and how to rename keys."""
+    """Options shared by the writers: how to rename keys, cast, replace, verify."""
     options = [
         click.option("--strip-module", is_flag=True, help="Remove 'module.' (DataParallel/DDP)."),
         click.option("--add-module", is_flag=True, help="Add 'module.' where it is missing."),
@@ -85,7 +86,6 @@ def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             metavar="OLD=NEW",
             help="Replace prefix OLD by NEW (e.g. _orig_mod.= or model.=).",
         ),
-        click.option("--key", metavar="PATH", help="The state dict to rename (e.g. model)."),
         click.option(
             "--dtype",
             type=click.Choice(["float16", "bfloat16", "float32"]),
@@ -93,11 +93,92 @@ def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--no-verify", is_flag=True, help="Skip reading the output back."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar or report."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+# -- the vocabulary every command shares (README: "Conventions shared by every command") ----------
+# Each shared option is defined once, here; tests/test_vocabulary.py checks every command
+# spells it the same way.
+STATE_DICT = click.option(
+    "--state-dict",
+    "state_dict",
+    metavar="PATH",
+    help="The state dict inside the checkpoint that key operations and checks apply to "
+    "(e.g. model; default: the one found).",
+)
+ONLY = click.option(
+    "--only", metavar="PATH", help="Write just this entry of the checkpoint (e.g. model, optim)."
+)
+ALL = click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="The whole checkpoint, not only the model state dict: every entry (optimizer, "
+    "step, ...).",
+)
+FILTER = click.option(
+    "--filter",
+    "name_filter",
+    metavar="GLOB",
+    help="Only tensors whose name matches (a note on stderr when none does).",
+)
+JSON = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout."
+)
+QUIET = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No progress bar and no report: errors are still one line on stderr, and the exit "
+    "code says the rest.",
+)
+VERBOSE = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say on stderr how many bytes and requests remote inputs (URLs) cost.",
+)
+FMT = click.option(
+    "--fmt",
+    metavar="FORMAT",
+    default="simple",
+    show_default=True,
+    callback=lambda ctx, param, value: table_format(value),
+    help="Table format: simple, github, grid, plain, tsv, ... (any tabulate format).",
+)
+
+
+def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json``, ``-q/--quiet`` and ``-v/--verbose``: how every command reports."""
+    return JSON(QUIET(VERBOSE(fn)))
+
+
+def deprecated_alias(old: str, new: str, dest: str) -> Callable[..., Any]:
+    """A hidden ``old PATH`` option that still works as ``new`` (setting parameter ``dest``)
+    and says so in one stderr line, even with -q: scripts written for the old spelling keep
+    running while they are told the new one."""
+    name = "deprecated_" + old.lstrip("-").replace("-", "_")
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(name)
+            if value is not None:
+                click.echo(f"warning: {old} is deprecated; use {new}", err=True)
+                if kwargs.get(dest) not in (None, False):
+                    raise click.UsageError(f"{old} is the old spelling of {new}: give one")
+                kwargs[dest] = value
+            return fn(*args, **kwargs)
+
+        option = click.option(
+            old, name, metavar="PATH", hidden=True, help=f"Deprecated spelling of {new}."
+        )
+        return option(command)
+
+    return decorate
 
 
 ALLOW_USER_CLASSES = click.option(
@@ -173,20 +254,12 @@ def writer_kwargs(opts: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         "add_prefix": add,
         "replace_prefix": tuple(replace),
         "verify": not opts.pop("no_verify"),
-        **opts,  # key, dtype, force
+        **opts,  # dtype, force
     }
     return quiet, kwargs
 
 
 # -- remote inputs: what reading them cost ------------------------------------------------------
-VERBOSE = click.option(
-    "-v",
-    "--verbose",
-    is_flag=True,
-    help="Say on stderr how many bytes and requests remote inputs (URLs) cost.",
-)
-
-
 def remote_usage() -> dict[str, Any] | None:
     """Bytes and requests the URLs read so far cost (None when no URL was read)."""
     remote = sys.modules.get("ckpttool.remote")

@@ -9,24 +9,30 @@ from typing import Any
 import click
 
 from .app import EPILOG, cli, writes
-from .fixes import idle_text, kept_prefix_text, left_out_text
 from .options import (
+    ALL,
     ALLOW_USER_CLASSES,
-    echo_remote_usage,
+    ONLY,
+    STATE_DICT,
+    deprecated_alias,
     is_shard_folder,
     key_options,
+    output_options,
     run_writer,
     shard_size,
     writer_kwargs,
 )
+from .results import emit
+from .writer_reports import consolidate_report, convert_report, to_safetensors_report
 
 
 @cli.command(epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT", type=str)
 @click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
+@STATE_DICT
+@ONLY
 @ALLOW_USER_CLASSES
-@click.option("--only", metavar="PATH", help="Write just this entry (e.g. model).")
 @click.option(
     "--plain-objects",
     is_flag=True,
@@ -34,12 +40,17 @@ from .options import (
     "scalars and arrays, ...) by plain dicts, numbers and tensors.",
 )
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be INPUT (still atomic).")
+@output_options
+@deprecated_alias("--key", "--state-dict", "state_dict")
 def convert(
     input_path: str,
     output_path: str,
+    state_dict: str | None,
     only: str | None,
     plain_objects: bool,
     in_place: bool,
+    as_json: bool,
+    verbose: bool,
     **opts: Any,
 ) -> None:
     """Re-save a checkpoint for CPU, optionally renaming keys.
@@ -59,17 +70,21 @@ def convert(
 
     quiet, kwargs = writer_kwargs(opts)
     if is_shard_folder(input_path):  # DCP / DeepSpeed: consolidated, with the same options
-        if plain_objects or in_place or kwargs.get("key"):
+        if plain_objects or in_place or state_dict:
             raise click.UsageError(
-                "--plain-objects, --in-place and --key do not apply to a folder of shards"
+                "--plain-objects, --in-place and --state-dict do not apply to a folder of shards"
             )
-        _consolidate_folder(input_path, output_path, quiet, kwargs, only or "all", "pt", None)
+        select = only or "all"
+        _consolidate_folder(
+            input_path, output_path, (quiet, as_json, verbose), kwargs, select, "pt", None
+        )
         return
     result = run_writer(
         quiet,
         lambda progress: do_convert(
             input_path,
             output_path,
+            key=state_dict,
             only=only,
             plain_objects=plain_objects,
             in_place=in_place,
@@ -77,55 +92,16 @@ def convert(
             **kwargs,
         ),
     )
-    if not quiet:
-        _report_convert(result, output_path)
-
-
-def _report_convert(result: Any, output_path: str) -> None:
-    """What convert did, on stderr: renames, replacements, notes, what it wrote."""
-    from ..render import escape
-
-    idle_in = {sd_path for sd_path, _, _ in result.idle}
-    for sd_path, n in result.renamed:
-        where = f"'{escape(sd_path)}'" if sd_path else "(root)"
-        if n or sd_path not in idle_in:  # else the warning below says why
-            click.echo(f"renamed {n} {_keys(n)} in state dict {where}", err=True)
-    for sd_path, action, arg in result.idle:
-        click.echo(escape(idle_text(action, arg, sd_path)), err=True)
-    if result.key_unused:
-        click.echo(
-            "warning: --key names the state dict to rename, and no rename option was given: it "
-            "changed nothing (--only writes just one entry)",
-            err=True,
-        )
-    for r in result.replaced:
-        click.echo(f"replaced {r}", err=True)
-    left = result.unsafe_globals
-    if left:
-        click.echo(
-            "note: the output still pickles "
-            + ", ".join(left[:4])
-            + (" and more" if len(left) > 4 else "")
-            + ": torch.load(weights_only=True) refuses it; --plain-objects replaces them",
-            err=True,
-        )
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    check = f"verified: {result.verification}" if result.verified else "not verified"
-    click.echo(
-        f"wrote {escape(output_path)}: {_count(result.tensors, 'tensor')} in "
-        f"{_count(result.storages, 'storage')}, "
-        f"all on cpu ({check})",
-        err=True,
-    )
-    echo_remote_usage(always=True)  # a URL input: what reading it cost
+    report = convert_report(result, output_path)
+    emit("convert", result, report, quiet=quiet, as_json=as_json, remote=True)
 
 
 @cli.command(name="to-safetensors", epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT", type=str)
 @click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
-@click.option("--all", "all_tensors", is_flag=True, help="Write every tensor, named by path.")
+@STATE_DICT
+@ALL
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to __metadata__.")
 @click.option(
     "--duplicate-shared",
@@ -138,14 +114,19 @@ def _report_convert(result: Any, output_path: str) -> None:
     metavar="SIZE",
     help="Shard into OUTPUT/ (a folder) with model.safetensors.index.json, e.g. 5GB.",
 )
+@output_options
+@deprecated_alias("--key", "--state-dict", "state_dict")
 def to_safetensors(
     input_path: str,
     output_path: str,
-    all_tensors: bool,
+    state_dict: str | None,
+    everything: bool,
     metadata: tuple[str, ...],
     duplicate_shared: bool,
     keep: tuple[str, ...],
     max_shard_size: str | None,
+    as_json: bool,
+    verbose: bool,
     **opts: Any,
 ) -> None:
     """Write a checkpoint's tensors as safetensors (streamed, verified).
@@ -153,7 +134,8 @@ def to_safetensors(
     By default writes the model state dict found in the checkpoint (a bare state dict, or
     model/state_dict/... inside a training checkpoint). Scalar entries (epoch, step) go to
     __metadata__ as strings with {"format": "pt"}; what is left out is reported. Tied
-    weights are stored once and their aliases recorded in __metadata__.
+    weights are stored once and their aliases recorded in __metadata__. --all writes the
+    tensors of every entry, named by their dotted path (optimizer.state.0.exp_avg).
 
     \b
     Example:
@@ -164,13 +146,7 @@ def to_safetensors(
     from ..ops.to_safetensors import to_safetensors as do_convert
 
     quiet, kwargs = writer_kwargs(opts)
-    if all_tensors and kwargs.get("key") is not None:
-        raise click.UsageError("--all writes every tensor; --key chooses one state dict: give one")
-    if duplicate_shared and keep:
-        raise click.UsageError(
-            "--keep chooses the name stored once for tied tensors; --duplicate-shared stores "
-            "every name: give one"
-        )
+    _one_of(everything and state_dict is not None, duplicate_shared and bool(keep))
     meta = _metadata(metadata)
     shard = shard_size(max_shard_size, output_path)
     if is_shard_folder(input_path):  # DCP / DeepSpeed: consolidated, with the same options
@@ -178,15 +154,17 @@ def to_safetensors(
             raise click.UsageError(
                 "--metadata, --keep and --duplicate-shared do not apply to a folder of shards"
             )
-        select = "all" if all_tensors else kwargs.pop("key", None) or "model"
-        _consolidate_folder(input_path, output_path, quiet, kwargs, select, "safetensors", shard)
+        select = "all" if everything else state_dict or "model"
+        how = (quiet, as_json, verbose)
+        _consolidate_folder(input_path, output_path, how, kwargs, select, "safetensors", shard)
         return
     result = run_writer(
         quiet,
         lambda progress: do_convert(
             input_path,
             output_path,
-            all_tensors=all_tensors,
+            key=state_dict,
+            all_tensors=everything,
             metadata=meta,
             duplicate_shared=duplicate_shared,
             keep=keep,
@@ -195,17 +173,21 @@ def to_safetensors(
             **kwargs,
         ),
     )
-    if not quiet:
-        _report_to_safetensors(result, output_path, sharded=bool(max_shard_size))
+    report = to_safetensors_report(result, output_path, sharded=bool(max_shard_size))
+    emit("to-safetensors", result, report, quiet=quiet, as_json=as_json, remote=True)
 
 
-def _keys(n: int) -> str:
-    return "key" if n == 1 else "keys"
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 shard``, ``2 shards``."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+def _one_of(all_and_state_dict: bool, duplicate_and_keep: bool) -> None:
+    """to-safetensors' options that contradict each other: a usage error."""
+    if all_and_state_dict:
+        raise click.UsageError(
+            "--all writes every tensor; --state-dict chooses one state dict: give one"
+        )
+    if duplicate_and_keep:
+        raise click.UsageError(
+            "--keep chooses the name stored once for tied tensors; --duplicate-shared stores "
+            "every name: give one"
+        )
 
 
 def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
@@ -225,47 +207,24 @@ def _metadata(specs: tuple[str, ...]) -> dict[str, str]:
     return meta
 
 
-def _report_to_safetensors(result: Any, output_path: str, sharded: bool) -> None:
-    """What to-safetensors did, on stderr: renames, tied tensors, what it left out and wrote."""
-    from ..render import escape
-
-    if result.renamed:
-        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
-    for action, arg in result.idle:
-        click.echo(escape(idle_text(action, arg)), err=True)
-    if result.kept_prefix:
-        click.echo(escape(kept_prefix_text(result.kept_prefix)), err=True)
-    for alias, kept in result.aliases.items():
-        click.echo(f"shared: {escape(alias)} is stored once as {escape(kept)}", err=True)
-    for item in result.left_out:
-        click.echo(f"left out: {escape(left_out_text(item))}", err=True)
-    for note in result.notes:
-        click.echo(f"note: {escape(note)}", err=True)
-    check = "verified" if result.verified else "not verified"
-    where = escape(output_path)
-    files = f" in {_count(len(result.files) - 1, 'shard')}" if sharded else ""
-    click.echo(f"wrote {where}: {_count(result.tensors, 'tensor')}{files} ({check})", err=True)
-    echo_remote_usage(always=True)
-
-
 def _consolidate_folder(
     input_path: str,
     output_path: str,
-    quiet: bool,
+    how: tuple[bool, bool, bool],
     kwargs: dict[str, Any],
     select: str,
     fmt: str | None,
     shard: int | None,
 ) -> None:
     """Consolidate a folder of shards and report it (consolidate, and convert/to-safetensors
-    given a folder)."""
+    given a folder); ``how``: (quiet, as_json, verbose)."""
     from ..ops.consolidate import consolidate as do_consolidate
     from ..ops.ranks import Ranks
-    from ..render import escape
 
-    kwargs = {k: v for k, v in kwargs.items() if k != "key"}
+    quiet, as_json, verbose = how
     ranks = Ranks.from_environment()  # under torchrun: the ranks write together
-    quiet = quiet or (ranks is not None and ranks.rank != 0)  # rank 0 reports
+    if ranks is not None and ranks.rank != 0:  # rank 0 reports
+        quiet, as_json = True, False
     try:
         result = run_writer(
             quiet,
@@ -283,45 +242,33 @@ def _consolidate_folder(
     finally:
         if ranks is not None:
             ranks.close()
-    if quiet:
-        return
-    if result.renamed:
-        click.echo(f"renamed {result.renamed} {_keys(result.renamed)}", err=True)
-    for action, arg in result.idle:
-        click.echo(escape(idle_text(action, arg)), err=True)
-    if result.cast:
-        click.echo(f"cast {result.cast} tensors to {kwargs['dtype']}", err=True)
-    for item in result.left_out:
-        click.echo(f"left out: {escape(left_out_text(item))}", err=True)
-    for note in result.notes:
-        click.echo(f"note: {escape(note)}", err=True)
-    check = "verified" if result.verified else "not verified"
-    files = f" in {_count(len(result.files) - 1, 'shard')}" if shard else ""
-    click.echo(
-        f"wrote {escape(output_path)}: {escape(result.selected)} of a {result.kind} checkpoint "
-        f"from {_count(result.world_size, 'rank')}, {_count(result.tensors, 'tensor')}{files} "
-        f"({check})",
-        err=True,
-    )
-    echo_remote_usage(always=True)  # a folder URL: what reading its shards cost
+    command = click.get_current_context().info_name or "consolidate"
+    report = consolidate_report(result, output_path, kwargs.get("dtype"), bool(shard))
+    emit(command, result, report, quiet=quiet, as_json=as_json, remote=verbose)
 
 
 @cli.command(epilog=EPILOG)
 @click.argument("input_path", metavar="FOLDER", type=str)
 @click.argument("output_path", metavar="OUTPUT", type=str)
 @key_options
+@ONLY
+@ALL
 @ALLOW_USER_CLASSES
-@click.option("--all", "all_entries", is_flag=True, help="Write everything (optimizer, step...).")
 @click.option(
     "--max-shard-size",
     metavar="SIZE",
     help="Shard into OUTPUT/ (a folder) of safetensors with an index, e.g. 5GB.",
 )
+@output_options
+@deprecated_alias("--key", "--only", "only")
 def consolidate(
     input_path: str,
     output_path: str,
-    all_entries: bool,
+    only: str | None,
+    everything: bool,
     max_shard_size: str | None,
+    as_json: bool,
+    verbose: bool,
     **opts: Any,
 ) -> None:
     """Merge a distributed checkpoint folder (DCP/FSDP, DeepSpeed ZeRO, per-rank) into one file.
@@ -331,7 +278,7 @@ def consolidate(
     tensors as saved, for ZeRO-1/2/3 the fp32 master weights rebuilt from the partitions (as
     DeepSpeed's zero_to_fp32 does), for per-rank DTensor saves (model_world_size_W_rank_R.pt)
     the local shards placed as their placements say. --all writes the whole nested object (as
-    torch's dcp_to_torch_save does), --key one entry (e.g. optim). Each tensor is copied range
+    torch's dcp_to_torch_save does), --only one entry (e.g. optim). Each tensor is copied range
     by range from its shards: memory stays flat, torch and DeepSpeed are not needed.
 
     \b
@@ -342,17 +289,16 @@ def consolidate(
       ckpttool consolidate checkpoints/step-1000 out/ --max-shard-size 5GB
     """
     quiet, kwargs = writer_kwargs(opts)
-    key = kwargs.pop("key")
-    if key and all_entries:
-        raise click.UsageError("--key writes one entry, --all everything: give one of them")
+    if only and everything:
+        raise click.UsageError("--only writes one entry, --all everything: give one of them")
     shard = shard_size(max_shard_size, output_path)
-    select = "all" if all_entries else key or "model"
+    select = "all" if everything else only or "model"
     writes(output_path)
-    _consolidate_folder(input_path, output_path, quiet, kwargs, select, None, shard)
+    _consolidate_folder(
+        input_path, output_path, (quiet, as_json, verbose), kwargs, select, None, shard
+    )
 
 
 for _param in consolidate.params:  # the shared options, as they read for a folder of shards
-    if _param.name == "key":
-        _param.help = "Write this entry instead of the model weights (e.g. optim)."
-    elif _param.name == "dtype":
+    if _param.name == "dtype":
         _param.help = "Cast the model's floating-point weights (optimizer state is kept)."

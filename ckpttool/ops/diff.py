@@ -8,6 +8,7 @@ Non-tensor entries (epoch, args, optimizer settings) are compared by their descr
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -147,9 +148,10 @@ def _match(
 
 
 def _entries(
-    a: Side, b: Side
+    a: Side, b: Side, pattern: str | None
 ) -> tuple[tuple[EntryDiff, ...], int, tuple[str, ...], tuple[str, ...]]:
-    """(the differing entries, how many were compared, A's not compared, B's not compared).
+    """(the differing entries, how many were compared, A's not compared, B's not compared);
+    with ``pattern`` only the entries whose path matches it.
 
     Between two pickled checkpoints: every non-tensor entry. When a side is safetensors
     (tensors and string metadata only), what it can hold: the other side's top-level scalars
@@ -166,9 +168,30 @@ def _entries(
         unheld_a = tuple(k for k in ea if k not in eb) + (() if a.tensors_only else a.unheld)
         unheld_b = tuple(k for k in eb if k not in ea) + (() if b.tensors_only else b.unheld)
         ea, eb = {k: v for k, v in ea.items() if k in eb}, {k: v for k, v in eb.items() if k in ea}
-    paths = dict.fromkeys([*ea, *eb])
+    paths = [p for p in dict.fromkeys([*ea, *eb]) if _matches(pattern, p)]
     entries = tuple(EntryDiff(p, ea.get(p), eb.get(p)) for p in paths if ea.get(p) != eb.get(p))
+    unheld_a = tuple(p for p in unheld_a if _matches(pattern, p))
+    unheld_b = tuple(p for p in unheld_b if _matches(pattern, p))
     return entries, len(paths), unheld_a, unheld_b
+
+
+def _only_matching(
+    pattern: str | None,
+    pairs: list[tuple[str, str]],
+    only_a: tuple[str, ...],
+    only_b: tuple[str, ...],
+) -> tuple[list[tuple[str, str]], tuple[str, ...], tuple[str, ...]]:
+    """The pairs and the keys of one side whose name matches ``pattern`` (all without one)."""
+    return (
+        [p for p in pairs if _matches(pattern, *p)],
+        tuple(k for k in only_a if _matches(pattern, k)),
+        tuple(k for k in only_b if _matches(pattern, k)),
+    )
+
+
+def _matches(pattern: str | None, *names: str) -> bool:
+    """Whether one of ``names`` matches the glob ``pattern`` (every name without one)."""
+    return pattern is None or any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
 def _config_tied(
@@ -238,6 +261,7 @@ def diff(
     atol: float = 0.0,
     rtol: float = 0.0,
     all_tensors: bool = False,
+    tensor_filter: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> DiffResult:
     """Compare checkpoints A and B (any formats ckpttool reads, mixed).
@@ -255,20 +279,19 @@ def diff(
         a, b: paths (or opened checkpoints, see :func:`open_side`).
         values: compute value statistics for every pair (reads every element).
         atol, rtol: tolerances for counting differing elements (with ``values``).
-        all_tensors: compare every tensor by path, not the model state dicts.
-        progress: called once with the bytes to read; may return a callback that receives
-            the number of bytes read after each piece.
+        all_tensors: compare every tensor by path, not the model state dicts; tensor_filter:
+            a glob (``"encoder.*"``): only tensors and entries whose name on a side matches.
+        progress: called with the bytes to read; may return a callback fed bytes read.
 
-    Returns:
-        A :class:`DiffResult`; ``result.equal`` is False when anything differs.
-
-    Example: ``diff("best.pth", "best.safetensors", values=True).changed``
+    Returns a :class:`DiffResult` (``equal`` is False when anything differs), e.g.
+    ``diff("best.pth", "best.safetensors", values=True).changed``.
     """
     side_a, side_b = _open_sides(a, b, all_tensors)
     alignment, matched, only_a, only_b = _match(list(side_a.tensors), list(side_b.tensors))
     to_compare, only_a, only_b, tied = _config_tied(side_a, side_b, matched, only_a, only_b)
+    to_compare, only_a, only_b = _only_matching(tensor_filter, to_compare, only_a, only_b)
     pairs = _compare_matched(side_a, side_b, to_compare, values, atol, rtol, progress)
-    entries, compared, unheld_a, unheld_b = _entries(side_a, side_b)
+    entries, compared, unheld_a, unheld_b = _entries(side_a, side_b, tensor_filter)
     return DiffResult(
         a=side_a.path,
         b=side_b.path,
