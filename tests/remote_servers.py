@@ -185,6 +185,12 @@ class FileServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closes its connection early (a reader that has what it needs) is not
+        an error of the server; anything else is printed as usual."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     # -- the Hub's API, for one repository --------------------------------------------------
     def _entries(self, sub: str, recursive: bool) -> list[dict[str, Any]]:
         base = self.root / sub if sub else self.root

@@ -90,7 +90,7 @@ def to_dcp(
         if ranks is not None:
             ranks.close()
     report = to_dcp_report(result, output_path, kwargs.get("dtype"))
-    emit("to-dcp", result, report, quiet=quiet, as_json=as_json, remote=verbose)
+    emit("to-dcp", result, report, quiet=quiet, as_json=as_json, remote=True)
 
 
 for _param in to_dcp.params:

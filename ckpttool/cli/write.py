@@ -221,7 +221,7 @@ def _consolidate_folder(
     from ..ops.consolidate import consolidate as do_consolidate
     from ..ops.ranks import Ranks
 
-    quiet, as_json, verbose = how
+    quiet, as_json, _verbose = how  # writers always name what URLs cost
     ranks = Ranks.from_environment()  # under torchrun: the ranks write together
     if ranks is not None and ranks.rank != 0:  # rank 0 reports
         quiet, as_json = True, False
@@ -244,7 +244,7 @@ def _consolidate_folder(
             ranks.close()
     command = click.get_current_context().info_name or "consolidate"
     report = consolidate_report(result, output_path, kwargs.get("dtype"), bool(shard))
-    emit(command, result, report, quiet=quiet, as_json=as_json, remote=verbose)
+    emit(command, result, report, quiet=quiet, as_json=as_json, remote=True)
 
 
 @cli.command(epilog=EPILOG)
