@@ -21,6 +21,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Opaque
+from ..unpickling.lists import DCP_PLAN_CLASSES, DCP_PLANNER
 from ..unpickling.unpickler import DTypeRef
 from .dcp_items import Item, chunk_item, read_item
 from .dcp_items import chunk_segments as _chunk_segments  # also reached here by its tests
@@ -37,6 +38,11 @@ METADATA = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
 
 _META = "torch.distributed.checkpoint.metadata."
+# megatron-core 0.8 to 0.15 pickle Metadata and SavePlan subclasses of their own (with an
+# ``mcore_data`` field): read as data here; the verdict calls them unvetted code (loading
+# imports megatron.core), as for any class of another library.
+_MCORE = "megatron.core.dist_checkpointing.strategies.torch."
+MCORE_CLASSES = (_MCORE + "MCoreMetadata", _MCORE + "MCoreSavePlan")
 _OLD_PROPS = "torch.distributed._shard.sharded_tensor.metadata."
 # The globals a .metadata pickle may name: read as data, never imported.
 ALLOWED_GLOBALS = frozenset(
@@ -64,6 +70,8 @@ ALLOWED_GLOBALS = frozenset(
         "pathlib.PureWindowsPath",
         "pathlib._local.PosixPath",
         "pathlib._local.WindowsPath",
+        *(DCP_PLANNER + c for c in DCP_PLAN_CLASSES),  # Megatron-core's cached save plans
+        *MCORE_CLASSES,
     }
 )
 _OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optim_state", "optimizer_state"})
@@ -178,7 +186,10 @@ def _unpickle_metadata(folder: str, seen: dict[str, str]) -> Any:
             f"names {unknown[0]}, which no DCP version ckpttool knows writes "
             "(a newer torch or a custom planner?)",
         )
-    if not isinstance(root, Opaque) or root.global_name != _META + "Metadata":
+    if not isinstance(root, Opaque) or root.global_name not in (
+        _META + "Metadata",
+        MCORE_CLASSES[0],
+    ):
         raise CheckpointError(meta, "does not hold a DCP Metadata object")
     return root
 
