@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import struct
@@ -147,6 +148,12 @@ def _layout(path: str) -> Checkpoint | FolderWeights | None:
         return _remote_target(path)
     if not os.path.isdir(path):
         return None
+    from . import megatron
+
+    mcore = megatron.resolve(path)  # megatron-core torch_dist: an iteration folder, NeMo's
+    if mcore is not None:
+        read = functools.partial(megatron.read, chosen=mcore[1])  # and how it was chosen
+        return _open_distributed(mcore[0], read)
     if os.path.isfile(os.path.join(path, ".metadata")):
         return _open_distributed(path)
     from . import deepspeed, per_rank
@@ -236,7 +243,13 @@ def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
         return False
     if os.path.isfile(os.path.join(path, ".metadata")):
         return True
-    from . import deepspeed, per_rank
+    from . import deepspeed, megatron, per_rank
+
+    try:
+        if megatron.resolve(path) is not None:
+            return True
+    except CheckpointError:  # a tracker naming a missing iteration: opening it says so
+        return True
     from .hf_folder import choose
 
     if deepspeed.is_deepspeed_folder(path):

@@ -21,8 +21,10 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Opaque
-from ..unpickling.lists import DCP_PLAN_CLASSES, DCP_PLANNER
 from ..unpickling.unpickler import DTypeRef
+from .dcp_globals import MCORE_CLASSES
+from .dcp_globals import META as _META
+from .dcp_globals import allowed as _allowed
 from .dcp_items import Item, chunk_item, read_item
 from .dcp_items import chunk_segments as _chunk_segments  # also reached here by its tests
 from .distributed import (
@@ -37,43 +39,6 @@ from .distributed import (
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
 
-_META = "torch.distributed.checkpoint.metadata."
-# megatron-core 0.8 to 0.15 pickle Metadata and SavePlan subclasses of their own (with an
-# ``mcore_data`` field): read as data here; the verdict calls them unvetted code (loading
-# imports megatron.core), as for any class of another library.
-_MCORE = "megatron.core.dist_checkpointing.strategies.torch."
-MCORE_CLASSES = (_MCORE + "MCoreMetadata", _MCORE + "MCoreSavePlan")
-_OLD_PROPS = "torch.distributed._shard.sharded_tensor.metadata."
-# The globals a .metadata pickle may name: read as data, never imported.
-ALLOWED_GLOBALS = frozenset(
-    {
-        _META + "Metadata",
-        _META + "TensorStorageMetadata",
-        _META + "BytesStorageMetadata",
-        _META + "ChunkStorageMetadata",
-        _META + "TensorProperties",
-        _META + "_MEM_FORMAT_ENCODING",
-        _META + "MetadataIndex",
-        _META + "StorageMeta",
-        _OLD_PROPS + "TensorProperties",
-        _OLD_PROPS + "MEM_FORMAT_ENCODING",
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "torch.distributed.checkpoint.filesystem._StoragePrefix",
-        "torch.Size",
-        "torch.strided",
-        "torch.serialization._get_layout",
-        "collections.OrderedDict",
-        "builtins.set",
-        "pathlib.PosixPath",
-        "pathlib.PurePosixPath",
-        "pathlib.WindowsPath",
-        "pathlib.PureWindowsPath",
-        "pathlib._local.PosixPath",
-        "pathlib._local.WindowsPath",
-        *(DCP_PLANNER + c for c in DCP_PLAN_CLASSES),  # Megatron-core's cached save plans
-        *MCORE_CLASSES,
-    }
-)
 _OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optim_state", "optimizer_state"})
 _MODEL_KEYS = frozenset({"model", "models", "module", "state_dict", "model_state_dict"})
 _LIGHTNING_OPTIMIZER = re.compile(r"optimizer_\d+")  # Lightning's FSDP strategy saves these
@@ -82,10 +47,6 @@ _LIGHTNING_OPTIMIZER = re.compile(r"optimizer_\d+")  # Lightning's FSDP strategy
 LIGHTNING_META = "meta.pt"
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 _ITEM_FILE = re.compile(r"__\d+_\d+\.distcp|[^/\\]+\.distcp")
-
-
-def _allowed(name: str) -> bool:
-    return name in ALLOWED_GLOBALS or (name.startswith("torch.") and name[6:] in dtypes.DTYPES)
 
 
 def is_dcp_folder(path: str) -> bool:
