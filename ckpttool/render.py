@@ -186,8 +186,7 @@ def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
 def _megatron(m: dict[str, Any]) -> str:
     """megatron-core's facts: backend, iteration, parallel sizes, which folder was read."""
     parts = [f"megatron-core {escape(str(m.get('backend')))}"]
-    if "iteration" in m:
-        parts.append(f"iteration {m['iteration']:,}")
+    parts += [f"{key} {m[key]:,}" for key in ("iteration", "step") if key in m]
     sizes = [("tensor", "tensor_parallel"), ("pipeline", "pipeline_parallel")]
     sizes += [("context", "context_parallel"), ("expert", "expert_parallel")]
     parts += [f"{word} parallel {m[key]}" for word, key in sizes if key in m]

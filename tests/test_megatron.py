@@ -288,6 +288,11 @@ def test_megatron_metadata_class_is_unvetted_and_reformulated_left_out(
     assert "1 N-D reformulated optimizer tensor left out" in res.output
     res = CliRunner().invoke(cli, ["scan", str(folder)])
     assert res.exit_code == 5, res.output
+    res = CliRunner().invoke(cli, ["consolidate", str(folder), str(tmp_path / "all.pt"), "--all"])
+    assert res.exit_code == 0 and "left out 1 distributed-optimizer tensor(s)" in res.output
+    assert "optimizer.state.exp_avg.output_layer.weight" not in torch.load(
+        tmp_path / "all.pt", weights_only=False
+    )
     out = tmp_path / "model.pt"
-    consolidate(folder, out)  # the model's weights do not hold Megatron's class
+    assert not consolidate(folder, out).notes  # the model's weights: nothing left out
     same(unordered(torch.load(out, weights_only=True)), unordered(model_part(torch_ref)))

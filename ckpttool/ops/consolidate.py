@@ -85,9 +85,7 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def rename_model(
-    chosen: Any, ops: KeyOps, src: str
-) -> tuple[Any, int, list[tuple[str, str]]]:
+def rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int, list[tuple[str, str]]]:
     """Apply the key operations to the model state dict inside ``chosen``: (the result, the
     keys renamed, the operations that renamed nothing)."""
     if not ops:
@@ -232,7 +230,14 @@ def _write(
 
 
 def _notes(dc: Any, select: str) -> list[str]:
-    """What the user should know about the output (frozen params DeepSpeed would drop)."""
+    """What the user should know about the output (frozen params DeepSpeed would drop, the
+    optimizer tensors of an old Megatron save that are left out)."""
+    left = (dc.facts.get("megatron") or {}).get("reformulated") or []
+    if left and select != "model":
+        return [
+            f"left out {len(left)} distributed-optimizer tensor(s) that megatron-core < 0.16 "
+            f"stored N-D reformulated ({left[0]}...), which ckpttool does not read yet"
+        ]
     unlisted = dc.facts.get("frozen_unlisted") or []
     if not unlisted or select not in ("model", "all"):
         return []

@@ -189,9 +189,10 @@ def _facts(
     version = info.get("sharded_backend_version", "")
     facts: dict[str, Any] = {"backend": f"{info.get('sharded_backend')} {version}".strip()}
     facts.update(chosen)
-    iteration = common.get("iteration")
-    if isinstance(iteration, int) and not isinstance(iteration, bool):
-        facts["iteration"] = iteration
+    for key, name in (("iteration", "iteration"), ("global_step", "step")):  # Megatron, NeMo
+        value = common.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            facts[name] = value
     args = common.get("args")
     state = args.state if isinstance(args, Opaque) else None
     if isinstance(state, dict):
