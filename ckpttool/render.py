@@ -195,7 +195,7 @@ def _megatron(m: dict[str, Any]) -> str:
         parts.append(f"read {escape(str(m['chosen']))}/ ({escape(str(by))})")
     if m.get("reformulated"):
         n = len(m["reformulated"])
-        parts.append(f"{n} N-D reformulated optimizer tensor{'s' * (n != 1)} left out")
+        parts.append(f"{n} N-D reformulated optimizer tensor{'s' * (n != 1)} reshaped")
     return "megatron: " + ", ".join(parts)
 
 

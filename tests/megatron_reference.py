@@ -17,6 +17,9 @@ import warnings
 
 def main(folder: str, out: str) -> None:
     warnings.simplefilter("ignore")
+    import numpy
+    if not hasattr(numpy, "product"):
+        numpy.product = numpy.prod
     import torch
     import torch.distributed as dist
 

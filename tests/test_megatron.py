@@ -1,10 +1,11 @@
 """megatron-core ``torch_dist`` folders (and NeMo's wrapping of them): inspect, scan, consolidate.
 
-The fixture (``fixtures/megatron/gpt``) was saved by megatron-core 0.16 itself on 2 gloo ranks
-(``fixtures/make_megatron.py``). What ckpttool consolidates is compared with two references:
-megatron-core's own ``load_plain_tensors`` / ``load`` (a child process; skipped when
-megatron-core is not installed), and torch's ``dcp_to_torch_save`` plus ``torch.load`` of
-``common.pt`` (always).
+The fixtures (``fixtures/megatron/mcore-0.16`` and ``mcore-0.15``) were saved by megatron-core
+itself on 2 gloo ranks (``fixtures/make_megatron.py``). What ckpttool consolidates is compared
+with megatron-core's own ``load_plain_tensors`` / ``load`` (a child process; skipped when
+megatron-core is not installed), with torch's ``dcp_to_torch_save`` plus ``torch.load`` of
+``common.pt`` (always), and, for the tensors 0.15 stored N-D reformulated, with the tensors
+the generator split.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from ckpttool.unpickling.policy import judge
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[1]
-GPT = REPO / "fixtures" / "megatron" / "gpt"
+FIXTURES = REPO / "fixtures"
+GPT = FIXTURES / "megatron" / "mcore-0.16"  # Megatron-LM's parent folder
 ITER = GPT / "iter_0000010"
+OLD = FIXTURES / "megatron" / "mcore-0.15"
+MCORE = "megatron.core.dist_checkpointing.strategies.torch."
 REFERENCE = Path(__file__).with_name("megatron_reference.py")
 
 
@@ -78,12 +82,11 @@ def model_part(everything: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def megatron_ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """megatron-core's loaders on the fixture (child process: its import is slow and warns)."""
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """megatron-core's loaders on ``folder`` (child process: its import is slow and warns)."""
     out = tmp_path_factory.mktemp("megatron-ref") / "ref.pt"
     proc = subprocess.run(
-        [sys.executable, str(REFERENCE), str(ITER), str(out)],
+        [sys.executable, str(REFERENCE), str(folder), str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -91,6 +94,11 @@ def megatron_ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref: dict[str, Any] = torch.load(out, weights_only=False)
     return ref
+
+
+@pytest.fixture(scope="module")
+def megatron_ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return reference(ITER, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -270,29 +278,67 @@ def _mcore_metadata(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         pickle.dump(new, f)
 
 
-def test_megatron_metadata_class_is_unvetted_and_reformulated_left_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_ref: dict[str, Any]
+def test_a_recorded_shape_that_does_not_fit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "iter_0000010"
     shutil.copytree(ITER, folder)
-    _mcore_metadata(folder, monkeypatch)
-    ckpt = open_checkpoint(folder)
+    _mcore_metadata(folder, monkeypatch)  # (6, 4) recorded for a tensor stored as (6, 4)
+    with pytest.raises(CheckpointError, match=r"stored as \[6, 4\], which is no N-D reform"):
+        open_checkpoint(folder)
+    res = CliRunner().invoke(cli, ["consolidate", str(folder), str(tmp_path / "m.pt")])
+    assert res.exit_code != 0 and "no N-D reformulation" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "m.pt").exists()
+
+
+# -- megatron-core 0.15: its own Metadata class, optimizer state stored N-D reformulated --------
+def generator() -> Any:
+    spec = importlib.util.spec_from_file_location("make_megatron", FIXTURES / "make_megatron.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_v015_verdict_and_inspect() -> None:
+    ckpt = open_checkpoint(OLD)
     assert ckpt.verdict is not None
-    assert (
-        ckpt.verdict.kind_of("megatron.core.dist_checkpointing.strategies.torch.MCoreMetadata")
-        == "unvetted code"
+    for cls in ("MCoreMetadata", "MCoreSavePlan"):  # loading imports megatron.core
+        assert ckpt.verdict.kind_of(MCORE + cls) == "unvetted code"
+    assert ckpt.facts["distributed"].facts["megatron"]["reformulated"] == sorted(
+        generator().flat_tensors()
     )
-    facts = ckpt.facts["distributed"].facts["megatron"]
-    assert facts["reformulated"] == ["optimizer.state.exp_avg.output_layer.weight"]
-    res = CliRunner().invoke(cli, ["inspect", str(folder)])
-    assert "1 N-D reformulated optimizer tensor left out" in res.output
-    res = CliRunner().invoke(cli, ["scan", str(folder)])
-    assert res.exit_code == 5, res.output
-    res = CliRunner().invoke(cli, ["consolidate", str(folder), str(tmp_path / "all.pt"), "--all"])
-    assert res.exit_code == 0 and "left out 1 distributed-optimizer tensor(s)" in res.output
-    assert "optimizer.state.exp_avg.output_layer.weight" not in torch.load(
-        tmp_path / "all.pt", weights_only=False
-    )
+    res = CliRunner().invoke(cli, ["inspect", str(OLD)])
+    assert "3 N-D reformulated optimizer tensors reshaped" in res.output
+    res = CliRunner().invoke(cli, ["scan", str(OLD)])
+    assert res.exit_code == 5 and "MCoreMetadata" in res.output
+
+
+def test_v015_reformulated_tensors_in_their_shape(tmp_path: Path) -> None:
+    """Each flattened-range tensor equals the one the generator split: the original shape, the
+    original C order (megatron-core 0.15's load_plain_tensors returns it flattened to 1-D)."""
+    out = tmp_path / "all.pt"
+    res = CliRunner().invoke(cli, ["consolidate", str(OLD), str(out), "--all"])
+    assert res.exit_code == 0, res.output
+    got = torch.load(out, weights_only=False)
+    gen = generator()
+    for key, (shape, _tp) in gen.flat_tensors().items():
+        same(got[key], gen.values(key, shape))
+    assert got["optimizer.state.exp_avg_sq.row_parallel.weight"].shape == (4, 8)  # TP on axis 1
+
+
+@needs_megatron
+def test_v015_equals_megatron_loader(tmp_path: Path, tmp_path_factory: Any) -> None:
+    """megatron-core 0.16 still loads 0.15's folders (it keeps stand-ins for the two classes),
+    but returns the reformulated tensors as stored: those are compared above instead."""
+    ref = reference(OLD / "iter_0000010", tmp_path_factory)
+    out = tmp_path / "all.pt"
+    consolidate(OLD, out, select="all")
+    got = torch.load(out, weights_only=False)
+    flat = generator().flat_tensors()
+    assert set(got) == set(ref["everything"])
+    same(unordered({k: v for k, v in got.items() if k not in flat}),
+         unordered({k: v for k, v in ref["everything"].items() if k not in flat}))  # fmt: skip
     out = tmp_path / "model.pt"
-    assert not consolidate(folder, out).notes  # the model's weights: nothing left out
-    same(unordered(torch.load(out, weights_only=True)), unordered(model_part(torch_ref)))
+    consolidate(OLD, out)
+    same(torch.load(out, weights_only=True), model_part(ref["plain"]))

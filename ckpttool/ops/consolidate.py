@@ -230,14 +230,7 @@ def _write(
 
 
 def _notes(dc: Any, select: str) -> list[str]:
-    """What the user should know about the output (frozen params DeepSpeed would drop, the
-    optimizer tensors of an old Megatron save that are left out)."""
-    left = (dc.facts.get("megatron") or {}).get("reformulated") or []
-    if left and select != "model":
-        return [
-            f"left out {len(left)} distributed-optimizer tensor(s) that megatron-core < 0.16 "
-            f"stored N-D reformulated ({left[0]}...), which ckpttool does not read yet"
-        ]
+    """What the user should know about the output (frozen params DeepSpeed would drop)."""
     unlisted = dc.facts.get("frozen_unlisted") or []
     if not unlisted or select not in ("model", "all"):
         return []

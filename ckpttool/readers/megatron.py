@@ -115,7 +115,7 @@ def read(
     for key, value in dc.entries.items():  # a ShardedObject: stored as [its data]
         if isinstance(value, list) and len(value) == 1:
             dc.entries[key] = value[0]  # megatron-core's loader hands out the data
-    left_out = _reformulated(folder, dc)
+    reshaped = _reformulated(folder, dc)
     common = _common(folder, dc, seen)
     clash = [k for k in common if k in dc.facts["order"]]
     if clash:
@@ -124,7 +124,7 @@ def read(
         )
     dc.entries.update(common)
     dc.facts["order"] = list(common) + dc.facts["order"]
-    dc.facts["megatron"] = _facts(info, common, chosen or {}, left_out)
+    dc.facts["megatron"] = _facts(info, common, chosen or {}, reshaped)
     return dc
 
 
@@ -162,28 +162,30 @@ def _common(folder: str, dc: DistributedCheckpoint, seen: dict[str, str]) -> dic
 
 
 def _reformulated(folder: str, dc: DistributedCheckpoint) -> list[str]:
-    """Leave out the tensors megatron-core 0.8 to 0.15 stored "N-D reformulated" (a
-    distributed optimizer's flattened ranges: ``mcore_data`` names their original shape,
-    which their stored chunks do not have); their names."""
+    """The tensors megatron-core 0.8 to 0.15 stored "N-D reformulated" (a distributed
+    optimizer's flattened ranges; ``mcore_data`` records their shape), put back in that shape
+    (``megatron_flat.py``); their names."""
     from . import dcp
+    from .megatron_flat import unreformulate
 
-    root = dcp._unpickle_metadata(folder, {})
-    fields = dcp._fields(root, "Metadata", os.path.join(folder, dcp.METADATA))
+    meta = os.path.join(folder, dcp.METADATA)
+    fields = dcp._fields(dcp._unpickle_metadata(folder, {}), "Metadata", meta)
     mcore = fields.get("mcore_data")
     if not isinstance(mcore, dict):
         return []
-    names = {
-        k
-        for k, v in mcore.items()
-        if isinstance(v, dict) and v.get("nd_reformulated_orig_global_shape") is not None
-    }
-    dc.tensors = [t for t in dc.tensors if t.name not in names]
-    dc.facts["order"] = [k for k in dc.facts["order"] if k not in names]
-    return sorted(names)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, data in mcore.items():
+        shape = data.get("nd_reformulated_orig_global_shape") if isinstance(data, dict) else None
+        if shape is not None:
+            shapes[key] = dcp._ints(shape, f"the recorded shape of {key!r}", meta)
+    dc.tensors = [
+        unreformulate(folder, t, shapes[t.name]) if t.name in shapes else t for t in dc.tensors
+    ]
+    return sorted(shapes)
 
 
 def _facts(
-    info: dict[str, Any], common: dict[str, Any], chosen: dict[str, str], left_out: list[str]
+    info: dict[str, Any], common: dict[str, Any], chosen: dict[str, str], reshaped: list[str]
 ) -> dict[str, Any]:
     """What inspect reports: backend, iteration, parallel sizes (from ``args``), the choice."""
     version = info.get("sharded_backend_version", "")
@@ -200,6 +202,6 @@ def _facts(
             value = state.get(field)
             if isinstance(value, int) and not isinstance(value, bool):
                 facts[name] = value
-    if left_out:
-        facts["reformulated"] = left_out
+    if reshaped:
+        facts["reformulated"] = reshaped
     return facts
