@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -74,11 +75,11 @@ def unordered(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_part(everything: dict[str, Any]) -> dict[str, Any]:
-    """The model's weights: the tensors not under ``optimizer.``."""
+    """The model's weights: the tensors not under ``optimizer.`` (``chained_1.optimizer.``)."""
     return {
         k: v
         for k, v in everything.items()
-        if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")
+        if isinstance(v, torch.Tensor) and not re.match(r"(chained_\d+\.)?optimizer\.", k)
     }
 
 

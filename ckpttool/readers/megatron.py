@@ -16,7 +16,8 @@ NeMo 2's ``weights/``, NeMo 1's ``model_weights/``) holding:
 The consolidated object is what megatron-core's ``load_plain_tensors(folder)`` returns: the
 entries of ``common.pt`` at the top, then every tensor under its global key, the layer axis
 kept (plus the ShardedObjects, which ``load_plain_tensors`` leaves out). Optimizer tensors are
-the keys under ``optimizer.``; the model's weights are the others.
+the keys under ``optimizer.`` (``chained_<i>.optimizer.`` for a ChainedOptimizer's); the model's
+weights are the others.
 
 Beside iteration folders, ``latest_checkpointed_iteration.txt`` names the one Megatron-LM
 loads (``iter_{N:07d}``, or ``release``); a NeMo folder holds ``weights/`` (or
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError
@@ -38,6 +41,7 @@ COMMON = "common.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 NEMO_WEIGHTS = ("weights", "model_weights")  # NeMo 2, NeMo 1 (.nemo, distributed)
 _MAX_JSON = 1 << 16
+_CHAINED = re.compile(r"chained_\d+\.optimizer\.")
 # args fields reported by inspect (Megatron-LM's names) -> fact name
 _PARALLEL = {
     "tensor_model_parallel_size": "tensor_parallel",
@@ -116,6 +120,9 @@ def read(
         if isinstance(value, list) and len(value) == 1:
             dc.entries[key] = value[0]  # megatron-core's loader hands out the data
     reshaped = _reformulated(folder, dc)
+    dc.tensors = [  # a ChainedOptimizer (MoE: several) prefixes its keys with chained_<i>.
+        replace(t, group="optimizer") if _CHAINED.match(t.name) else t for t in dc.tensors
+    ]
     common = _common(folder, dc, seen)
     clash = [k for k in common if k in dc.facts["order"]]
     if clash:
