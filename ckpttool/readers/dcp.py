@@ -345,6 +345,8 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     }
     if extra:
         facts["lightning_meta"] = LIGHTNING_META
+    if isinstance(fields.get("mcore_data"), dict):  # megatron-core 0.8-0.15's MCoreMetadata
+        facts["mcore_data"] = fields["mcore_data"]
     return DistributedCheckpoint(
         path=folder,
         kind="dcp",

@@ -176,8 +176,7 @@ def _reformulated(folder: str, dc: DistributedCheckpoint) -> list[str]:
     from .megatron_flat import unreformulate
 
     meta = os.path.join(folder, dcp.METADATA)
-    fields = dcp._fields(dcp._unpickle_metadata(folder, {}), "Metadata", meta)
-    mcore = fields.get("mcore_data")
+    mcore = dc.facts.pop("mcore_data", None)  # (dcp.read found it in the Metadata)
     if not isinstance(mcore, dict):
         return []
     shapes: dict[str, tuple[int, ...]] = {}
