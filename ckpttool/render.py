@@ -157,6 +157,8 @@ def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
         f"{_count(len(files), 'file')}, {_count(dist['logical_tensors'], 'logical tensor')}"
         + (", Lightning's meta.pt" if dist["facts"].get("lightning_meta") else "")
     )
+    if "megatron" in dist["facts"]:
+        lines.append(_megatron(dist["facts"]["megatron"]))
     table(
         "tensor groups",
         [
@@ -179,6 +181,22 @@ def _distributed(dist: dict[str, Any], lines: list[str], table: Any) -> None:
     lightning = dist["facts"].get("lightning_meta")
     meta = " (with the entries of Lightning's meta.pt)" if lightning else ""
     lines.append(f"- everything: {e['tensors']:,} tensors, {human_bytes(e['bytes'])}{meta}")
+
+
+def _megatron(m: dict[str, Any]) -> str:
+    """megatron-core's facts: backend, iteration, parallel sizes, which folder was read."""
+    parts = [f"megatron-core {escape(str(m.get('backend')))}"]
+    parts += [f"{key} {m[key]:,}" for key in ("iteration", "step") if key in m]
+    sizes = [("tensor", "tensor_parallel"), ("pipeline", "pipeline_parallel")]
+    sizes += [("context", "context_parallel"), ("expert", "expert_parallel")]
+    parts += [f"{word} parallel {m[key]}" for word, key in sizes if key in m]
+    if "chosen" in m:
+        by = "NeMo's weights folder" if m.get("by") == "NeMo" else f"named by {m.get('by')}"
+        parts.append(f"read {escape(str(m['chosen']))}/ ({escape(str(by))})")
+    if m.get("reformulated"):
+        n = len(m["reformulated"])
+        parts.append(f"{n} N-D reformulated optimizer tensor{'s' * (n != 1)} reshaped")
+    return "megatron: " + ", ".join(parts)
 
 
 def _tensor_size(row: dict[str, Any]) -> str:

@@ -277,7 +277,9 @@ def consolidate(
     (.pt) or, for an OUTPUT ending in .safetensors, as safetensors: for DCP the model's
     tensors as saved, for ZeRO-1/2/3 the fp32 master weights rebuilt from the partitions (as
     DeepSpeed's zero_to_fp32 does), for per-rank DTensor saves (model_world_size_W_rank_R.pt)
-    the local shards placed as their placements say. --all writes the whole nested object (as
+    the local shards placed as their placements say, for Megatron-core torch_dist (iter_N/, its
+    parent, a NeMo folder) the tensors not under optimizer., by Megatron's global keys (as its
+    load_plain_tensors returns them, layers stacked). --all writes the whole nested object (as
     torch's dcp_to_torch_save does), --only one entry (e.g. optim). Each tensor is copied range
     by range from its shards: memory stays flat, torch and DeepSpeed are not needed.
 

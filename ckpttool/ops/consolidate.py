@@ -85,9 +85,7 @@ def _rename(node: Any, ops: KeyOps, src: str) -> tuple[Any, int]:
     return renamed, sum(1 for a, b in zip(node, renamed, strict=True) if a != b)
 
 
-def rename_model(
-    chosen: Any, ops: KeyOps, src: str
-) -> tuple[Any, int, list[tuple[str, str]]]:
+def rename_model(chosen: Any, ops: KeyOps, src: str) -> tuple[Any, int, list[tuple[str, str]]]:
     """Apply the key operations to the model state dict inside ``chosen``: (the result, the
     keys renamed, the operations that renamed nothing)."""
     if not ops:

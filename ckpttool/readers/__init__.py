@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import struct
@@ -147,6 +148,12 @@ def _layout(path: str) -> Checkpoint | FolderWeights | None:
         return _remote_target(path)
     if not os.path.isdir(path):
         return None
+    from . import megatron
+
+    mcore = megatron.resolve(path)  # megatron-core torch_dist: an iteration folder, NeMo's
+    if mcore is not None:
+        read = functools.partial(megatron.read, chosen=mcore[1])  # and how it was chosen
+        return _open_distributed(mcore[0], read)
     if os.path.isfile(os.path.join(path, ".metadata")):
         return _open_distributed(path)
     from . import deepspeed, per_rank
@@ -234,7 +241,7 @@ def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed,
     per-rank DTensor saves)."""
     from ..source import isdir, isfile
-    from . import deepspeed, per_rank
+    from . import deepspeed, megatron, per_rank
     from .hf_folder import choose
 
     path = os.fspath(path)
@@ -246,8 +253,13 @@ def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
         return False
     if isfile(join(path, ".metadata")) or deepspeed.is_deepspeed_folder(path):
         return True
-    if is_url(path):  # per-rank saves are read from local folders only
+    if is_url(path):  # per-rank and Megatron saves are read from local folders only
         return False
+    try:
+        if megatron.resolve(path) is not None:
+            return True
+    except CheckpointError:  # a tracker naming a missing iteration: opening it says so
+        return True
     try:
         model_folder = choose(path) is not None
     except CheckpointError:  # a config.json naming weights that are missing: not per-rank

@@ -22,6 +22,9 @@ from ..errors import CheckpointError, DangerousCheckpointError
 from ..model import Opaque
 from ..source import basename, getsize, isdir, isfile, join, read_bytes
 from ..unpickling.unpickler import DTypeRef
+from .dcp_globals import MCORE_CLASSES
+from .dcp_globals import META as _META
+from .dcp_globals import allowed as _allowed
 from .dcp_items import Item, chunk_item, read_item
 from .dcp_items import chunk_segments as _chunk_segments  # also reached here by its tests
 from .distributed import (
@@ -36,36 +39,6 @@ from .distributed import (
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
 
-_META = "torch.distributed.checkpoint.metadata."
-_OLD_PROPS = "torch.distributed._shard.sharded_tensor.metadata."
-# The globals a .metadata pickle may name: read as data, never imported.
-ALLOWED_GLOBALS = frozenset(
-    {
-        _META + "Metadata",
-        _META + "TensorStorageMetadata",
-        _META + "BytesStorageMetadata",
-        _META + "ChunkStorageMetadata",
-        _META + "TensorProperties",
-        _META + "_MEM_FORMAT_ENCODING",
-        _META + "MetadataIndex",
-        _META + "StorageMeta",
-        _OLD_PROPS + "TensorProperties",
-        _OLD_PROPS + "MEM_FORMAT_ENCODING",
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "torch.distributed.checkpoint.filesystem._StoragePrefix",
-        "torch.Size",
-        "torch.strided",
-        "torch.serialization._get_layout",
-        "collections.OrderedDict",
-        "builtins.set",
-        "pathlib.PosixPath",
-        "pathlib.PurePosixPath",
-        "pathlib.WindowsPath",
-        "pathlib.PureWindowsPath",
-        "pathlib._local.PosixPath",
-        "pathlib._local.WindowsPath",
-    }
-)
 _OPTIMIZER_KEYS = frozenset({"optim", "optimizer", "optimizers", "optim_state", "optimizer_state"})
 _MODEL_KEYS = frozenset({"model", "models", "module", "state_dict", "model_state_dict"})
 _LIGHTNING_OPTIMIZER = re.compile(r"optimizer_\d+")  # Lightning's FSDP strategy saves these
@@ -74,10 +47,6 @@ _LIGHTNING_OPTIMIZER = re.compile(r"optimizer_\d+")  # Lightning's FSDP strategy
 LIGHTNING_META = "meta.pt"
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 _ITEM_FILE = re.compile(r"__\d+_\d+\.distcp|[^/\\]+\.distcp")
-
-
-def _allowed(name: str) -> bool:
-    return name in ALLOWED_GLOBALS or (name.startswith("torch.") and name[6:] in dtypes.DTYPES)
 
 
 def is_dcp_folder(path: str) -> bool:
@@ -176,7 +145,10 @@ def _unpickle_metadata(folder: str, seen: dict[str, str]) -> Any:
             f"names {unknown[0]}, which no DCP version ckpttool knows writes "
             "(a newer torch or a custom planner?)",
         )
-    if not isinstance(root, Opaque) or root.global_name != _META + "Metadata":
+    if not isinstance(root, Opaque) or root.global_name not in (
+        _META + "Metadata",
+        MCORE_CLASSES[0],
+    ):
         raise CheckpointError(meta, "does not hold a DCP Metadata object")
     return root
 
@@ -370,6 +342,8 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     }
     if extra:
         facts["lightning_meta"] = LIGHTNING_META
+    if isinstance(fields.get("mcore_data"), dict):  # megatron-core 0.8-0.15's MCoreMetadata
+        facts["mcore_data"] = fields["mcore_data"]
     return DistributedCheckpoint(
         path=folder,
         kind="dcp",

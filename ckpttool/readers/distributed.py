@@ -332,16 +332,21 @@ def model_state_dict(root: Any) -> tuple[dict[Any, Any], str] | None:
         and (found.path == "" or found.path in MODEL_KEYS)
     ):
         return found.node, found.path
-    top = (
-        {k: v for k, v in root.items() if isinstance(v, TensorRef)}
-        if isinstance(root, dict)
-        else {}
-    )
+    top = {  # a flat optimizer's tensors are not the model's (Megatron's optimizer.state...)
+        k: v
+        for k, v in (root.items() if isinstance(root, dict) else ())
+        if isinstance(v, TensorRef) and _group(v) != "optimizer"
+    }
     if top:
         return top, ""
     if found is not None and isinstance(found.node, dict):
         return found.node, found.path
     return None
+
+
+def _group(ref: TensorRef) -> str:
+    tensor = getattr(ref.storage, "tensor", None)
+    return tensor.group if isinstance(tensor, LogicalTensor) else "model"
 
 
 KIND_NAMES = {

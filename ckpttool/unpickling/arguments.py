@@ -168,6 +168,12 @@ def _encode(owner: GlobalRef, args: tuple[Value, ...], extra: Extra, depth: int)
         _bad(owner, "called with other than (text, 'latin1')", extra)
 
 
+def _enum_value(owner: GlobalRef, args: tuple[Value, ...], extra: Extra, depth: int) -> None:
+    """An enum class called with one member's value (``WriteItemType(2)``): a lookup."""
+    if len(args) != 1 or args[0].kind != "int":
+        _bad(owner, "called with other than one integer (an enum member's value)", extra)
+
+
 _Rule = Callable[[GlobalRef, tuple[Value, ...], Extra, int], None]
 _RULES: dict[str, _Rule] = {
     "torch._tensor._rebuild_from_type_v2": _from_type,
@@ -182,6 +188,7 @@ _RULES: dict[str, _Rule] = {
     _BIT_CTOR: _rng,
     "numpy.random.bit_generator.__pyx_unpickle_SeedSequence": _seed_sequence,
     "_codecs.encode": _encode,
+    "torch.distributed.checkpoint.planner.WriteItemType": _enum_value,
 }
 VETTED_ARGUMENTS = TENSOR_TYPES | ARRAY_TYPES | BIT_GENERATORS | TORCH_ON_IMPORT
 
@@ -189,4 +196,13 @@ VETTED_ARGUMENTS = TENSOR_TYPES | ARRAY_TYPES | BIT_GENERATORS | TORCH_ON_IMPORT
 def builds_given_class(name: str) -> bool:
     """Whether the allowlisted callable ``name`` calls or instantiates what it is given (its
     result may then be an object of any class)."""
-    return name in _RULES and name not in ("_codecs.encode", "collections.defaultdict")
+    return name in _RULES and name not in _RETURN_DATA
+
+
+_RETURN_DATA = frozenset(
+    {
+        "_codecs.encode",
+        "collections.defaultdict",
+        "torch.distributed.checkpoint.planner.WriteItemType",
+    }
+)

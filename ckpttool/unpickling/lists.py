@@ -73,6 +73,8 @@ TORCH_CONSTANTS = frozenset(
     f"torch.{n}" for n in _w("contiguous_format channels_last channels_last_3d preserve_format")
 )
 
+DCP_PLANNER = "torch.distributed.checkpoint.planner."
+DCP_PLAN_CLASSES = _w("SavePlan WriteItem WriteItemType TensorWriteData BytesIOWriteData")
 _PATHS = _w("PurePath PurePosixPath PureWindowsPath Path PosixPath WindowsPath")
 # Plain data classes and helpers that build plain data from plain data.
 DATA_ALLOWED: frozenset[str] = frozenset(
@@ -104,6 +106,10 @@ DATA_ALLOWED: frozenset[str] = frozenset(
             )
         ),
         "torch.distributed.checkpoint.filesystem._StorageInfo",
+        # the save plans Megatron-core caches in DCP's Metadata (``all_local_plans``): torch's
+        # frozen dataclasses, and the enum built by calling it with a member's value (an int:
+        # :mod:`.arguments`)
+        *(f"{DCP_PLANNER}{c}" for c in DCP_PLAN_CLASSES),
         "torch.jit._pickle.build_tensor_from_id",
         "torch.jit._pickle.restore_type_tag",
         # numpy's RNGs: their bit generators and seed sequences (the constructors' arguments
