@@ -54,6 +54,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in sd.items()}, root / "big.safetensors")
+    many = {f"p{i}": torch.full((20_000,), float(i)) for i in range(200)}  # 80 KB apart
+    torch.save(many, root / "many_records.pt")
 
     class Evil:
         def __reduce__(self) -> Any:
@@ -115,6 +117,14 @@ def test_inspect_fetches_the_metadata_only(http: Any, files: Path, name: str) ->
     assert usage["requests"] <= 12
     spans = [r[2].split("=")[1].split("-") for r in http.behaviour.requests if r[2]]
     assert all(int(b) - int(a) < 300_000 for a, b in spans)  # no 2 MB storage was fetched
+
+
+def test_inspect_of_many_records_takes_a_handful_of_requests(http: Any, files: Path) -> None:
+    """A storage record's local header only says where its bytes start: inspect and the
+    verdict do not fetch it (200 records: a request each would be 200)."""
+    remote = _report(f"{http.url}/many_records.pt")
+    assert remote["remote"]["requests"] <= 6
+    assert remote["verdict"] == _report(str(files / "many_records.pt"))["verdict"]
 
 
 def test_verbose_says_bytes_and_requests(http: Any) -> None:

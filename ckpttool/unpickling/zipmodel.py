@@ -204,12 +204,20 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int,
 
 
 def _check_entries(buf: Any, model: ZipModel) -> None:
+    """Names that collide, entries sharing a header, and the local header of every record
+    torch parses (its pickles and text records). A storage record (``ROOT/data/KEY``) is
+    only ever copied as bytes: its local header decides where those bytes start, never what
+    loading calls, so it is checked when its bytes are read, not here (over a URL that is
+    one request per record saved: a 2 GB checkpoint has a thousand)."""
     names: dict[str, str] = {}
     headers: dict[int, str] = {}
     counts = Counter(e.name for e in model.entries)  # once: a zip may have 100k entries
+    storages = (model.root + "/data/").lower()
+    parsed = [e for e in model.entries if not e.name.lower().startswith(storages)]
     prefetch = getattr(buf, "prefetch", None)
     if prefetch is not None:  # a URL: every local header fetched at once, not one by one
-        prefetch([(e.header, _LOCAL.size + len(e.name.encode()) + 64) for e in model.entries])
+        prefetch([(e.header, _LOCAL.size + len(e.name.encode()) + 64) for e in parsed])
+    checked = {id(e) for e in parsed}
     for e in model.entries:
         other = names.setdefault(e.name.lower(), e.name)
         if other != e.name or counts[e.name] > 1:
@@ -220,6 +228,8 @@ def _check_entries(buf: Any, model: ZipModel) -> None:
                 f"zip entries {headers[e.header][:60]!r} and {e.name[:60]!r} share one header"
             )
             break
+        if id(e) not in checked:
+            continue
         raw = e.name.encode("utf-8", "surrogateescape")
         head = bytes(buf[e.header : e.header + 30 + len(raw)])  # the name it should hold too
         if head[:4] != b"PK\x03\x04":
