@@ -11,7 +11,8 @@ The same job runs FSDP1 too (``FullyShardedDataParallel``, nested wrapping, the 
 uneven parameters, a replicated and a 0-d buffer; one AdamW step) and saves, per rank, the
 ``SHARDED_STATE_DICT`` model and optimizer state dicts (ShardedTensors) and the
 ``LOCAL_STATE_DICT`` (flat parameters); rank 0 saves the ``FULL_STATE_DICT`` of both, gathered
-in the job, as their oracle.
+in the job, as their oracle. On 4 ranks an FSDP1 ``HYBRID_SHARD`` model (two replicas of two
+shards) saves its sharded state dict too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ WORKER = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -83,6 +85,24 @@ WORKER = textwrap.dedent(
 
     def full(v):
         return v.full_tensor() if isinstance(v, DTensor) else v
+
+    def hsdp(folder):  # FSDP1 HYBRID_SHARD: ranks 0-1 and 2-3 hold replicas of the same shards
+        intra = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+        inter = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+        torch.manual_seed(2)
+        model = FSDP1(
+            nn.Linear(6, 5), device_id=torch.device("cpu"), process_group=(intra, inter),
+            sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+        )
+        os.makedirs(folder, exist_ok=True)
+        with FSDP1.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            torch.save(model.state_dict(), os.path.join(folder, f"model_rank_{rank}.pt"))
+        with FSDP1.state_dict_type(
+            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)
+        ):
+            full_sd = model.state_dict()
+        if rank == 0:
+            torch.save(full_sd, folder + ".oracle.pt")
 
     def fsdp1(folder):
         torch.manual_seed(1)
@@ -156,6 +176,8 @@ WORKER = textwrap.dedent(
         if rank == 0:
             torch.save({"merged": oracle, "named_optim": named}, folder + ".oracle.pt")
         fsdp1(folder + "-fsdp1")
+        if world == 4:
+            hsdp(folder + "-hsdp")
         dist.barrier()
         dist.destroy_process_group()
 
@@ -297,6 +319,16 @@ def test_fsdp1_sharded_merge_equals_the_full_state_dict(
 
     got = load_file(tmp_path / "model.safetensors")
     _equal(dict(sorted(got.items())), dict(sorted(oracle["model"].items())))
+
+
+def test_fsdp1_hybrid_shard_replicas_are_read_once(saves: Path, tmp_path: Path) -> None:
+    folder = saves / "w4-hsdp"
+    by = open_checkpoint(folder).facts["distributed"].by_name()
+    files = {Path(seg.file).name for t in by.values() for seg in t.segments}
+    assert files == {"model_rank_0.pt", "model_rank_1.pt"}  # ranks 2-3 hold the same shards
+    consolidate(folder, tmp_path / "hsdp.pt")
+    want = torch.load(f"{folder}.oracle.pt", weights_only=True)
+    _equal(torch.load(tmp_path / "hsdp.pt", weights_only=True), want)
 
 
 def test_fsdp1_files_are_unvetted_code_as_torch_shows(saves: Path, run_cli: Any) -> None:
