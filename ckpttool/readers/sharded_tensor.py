@@ -116,7 +116,7 @@ def merge_sharded(
         )
     views = [RankView(n, files[r], name) for r, n in enumerate(nodes)]
     first = views[0]
-    held: dict[Box, tuple[str, TensorRef]] = {}
+    held: dict[Box, TensorRef] = {}
     for rank, v in enumerate(views):
         _check_rank(v, first, rank, len(files))
         for box, tensor in v.local:
@@ -129,7 +129,7 @@ def merge_sharded(
                 )
             if not tensor.is_contiguous():
                 raise v._error("has a local shard that is not contiguous")
-            held.setdefault(box, (v.path, tensor))  # a replicated shard is read once
+            held.setdefault(box, tensor)  # a replicated shard is read once
     segments: list[Segment] = []
     itemsize = dtypes.get(first.dtype).itemsize
     for box in first.layout:
@@ -140,7 +140,8 @@ def merge_sharded(
                 os.path.dirname(files[0]),
                 f"no rank's file holds the shard of {name!r} at {list(box[0])} (a rank missing?)",
             )
-        file, tensor = held[box]
+        tensor = held[box]
+        file = tensor.storage.file if tensor.storage else files[0]  # (it has one: RankView)
         start, crc = local_start(tensor), whole_crc(tensor)
         segments += chunk_segments(first.shape, itemsize, box[0], box[1], file, start, crc)
     tensor_ = LogicalTensor(name, first.dtype, first.shape, merge_segments(segments), group, path)
