@@ -363,3 +363,28 @@ def test_fsdp1_ranks_of_another_world_are_refused(saves: Path, tmp_path: Path) -
     shutil.copy(saves / "w4-fsdp1" / "model_rank_1.pt", folder / "model_rank_1.pt")
     with pytest.raises(CheckpointError, match=r"rank 0 of 4, but this file is rank 0 of 2"):
         open_checkpoint(folder)
+
+
+def test_fsdp1_shards_that_disagree_with_their_metadata_are_refused(saves: Path) -> None:
+    folder = saves / "w2-fsdp1"
+    files = [str(folder / f"model_rank_{r}.pt") for r in (0, 1)]
+
+    def nodes() -> list[Any]:  # each rank's emb.weight (11 rows: 6 on rank 0, 5 on rank 1)
+        return [open_checkpoint(f, _judge=False).root["emb.weight"] for f in files]
+
+    def merge(ranks: list[Any]) -> None:
+        merge_sharded("emb.weight", ("emb.weight",), ranks, files, "model")
+
+    merge(nodes())  # as saved
+    ranks = nodes()  # (ShardedTensor state: local shards, metadata, process group, ...)
+    ranks[1].args[3][0][0].state[1]["metadata"].state[1]["shard_offsets"] = [5, 0]
+    with pytest.raises(CheckpointError, match=r"local shard at \[5, 0\] the metadata does not"):
+        merge(ranks)
+    ranks = nodes()
+    ranks[1].args[3][0].clear()  # rank 1 holds no shard: its rows are nowhere
+    with pytest.raises(CheckpointError, match=r"no rank's file holds the shard .* at \[6, 0\]"):
+        merge(ranks)
+    ranks = nodes()
+    ranks[0].args[3][1].state["size"] = ranks[0].args[3][1].state["size"].__class__((12, 6))
+    with pytest.raises(CheckpointError, match="another global size"):
+        merge(ranks)
