@@ -13,6 +13,7 @@ from ..errors import shown
 from ..model import Checkpoint, Opaque, StorageInfo, TensorInfo, TensorRef
 from ..readers.hf_folder import note as folder_note
 from ..tree import alias_names, aliases, children
+from ..unpickling.lists import NESTED_CLASSES
 from ..unpickling.policy import classify
 from .describe import describe
 from .fixes import CONSOLIDATE, PLAIN_OBJECTS, RESAVE_CPU, REWRITE_ZIP, STRIP_PREFIX, Finding, Fix
@@ -311,6 +312,11 @@ def _prefix_warnings(report: dict[str, Any]) -> list[Finding]:
     return out
 
 
+def _module(name: str) -> str:
+    """The module a global's name imports (a nested class's is its outer class's)."""
+    return name.rsplit(".", 2)[0] if name in NESTED_CLASSES else name.rpartition(".")[0]
+
+
 def _global_warnings(report: dict[str, Any]) -> list[Finding]:
     dangerous = [g["name"] for g in report["globals"] if g["kind"] == "dangerous"]
     opaque = [g["name"] for g in report["globals"] if g["kind"] in ("data", "unvetted code")]
@@ -329,7 +335,7 @@ def _global_warnings(report: dict[str, Any]) -> list[Finding]:
                 "unvetted code: loading "
                 + ("these files" if "distributed" in report else "this file")
                 + " imports "
-                + ", ".join(sorted({n.rpartition(".")[0] for n in user})[:4])
+                + ", ".join(sorted({_module(n) for n in user} - {"builtins"})[:4])
                 + " and runs their classes' code; load it only if you trust them"
             )
         )
@@ -361,6 +367,8 @@ def _folder_warning(kind: str, opaque: list[str]) -> Finding:
             "torch.distributed.checkpoint reads its .metadata with pickle.load and its "
             "non-tensor values with torch.load(weights_only=False)"
         )
+    elif kind == "per-rank":  # ShardedTensor.__setstate__ needs the saving world's group
+        how = "each rank loads its file with torch.load(weights_only=False) in the saving world"
     else:  # DeepSpeed's load_checkpoint and zero_to_fp32
         how = "DeepSpeed loads its files with torch.load(weights_only=False)"
     shown = ", ".join(opaque[:4]) + (f" and {len(opaque) - 4} more" if len(opaque) > 4 else "")

@@ -354,7 +354,7 @@ KIND_NAMES = {
     "zero-1": "DeepSpeed ZeRO-1",
     "zero-2": "DeepSpeed ZeRO-2",
     "zero-3": "DeepSpeed ZeRO-3",
-    "per-rank": "per-rank DTensor saves (torch.save in every rank)",
+    "per-rank": "per-rank saves (torch.save in every rank: DTensors, ShardedTensors)",
 }
 
 

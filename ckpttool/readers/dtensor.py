@@ -35,7 +35,7 @@ MAX_SEGMENTS = 1 << 20  # runs of a non-contiguous tensor before it is refused
 
 
 # -- one DTensor ---------------------------------------------------------------------------------
-def _state(obj: Any) -> dict[str, Any]:
+def state_of(obj: Any) -> dict[str, Any]:
     state = obj.state if isinstance(obj, Opaque) else None
     if isinstance(state, tuple) and len(state) == 2:
         merged: dict[str, Any] = {}
@@ -62,13 +62,13 @@ class Shard:
         state = args[3][1] if isinstance(args[3], tuple) and len(args[3]) == 2 else args[3]
         if not isinstance(state, dict):
             raise CheckpointError(path, f"DTensor {name!r} has no state")
-        local, spec = state.get("_local_tensor"), _state(state.get("_spec"))
+        local, spec = state.get("_local_tensor"), state_of(state.get("_spec"))
         if not isinstance(local, TensorRef) or local.storage is None or not spec:
             raise CheckpointError(path, f"DTensor {name!r} has no local tensor or spec")
         self.local = local
         self.shape = _ints(wrapper[2] if len(wrapper) > 2 else None, path, name)
         self.dtype = getattr(wrapper[1], "name", None) if len(wrapper) > 1 else None
-        mesh = _state(spec.get("mesh"))
+        mesh = state_of(spec.get("mesh"))
         self.coords = _ints(mesh.get("_coordinate_on_dim"), path, name)
         self.mesh = _mesh_shape(mesh, path, name)
         self.placements = [_placement(p, path, name) for p in spec.get("placements") or ()]
@@ -105,11 +105,11 @@ def _mesh_shape(mesh: dict[str, Any], path: str, name: str) -> tuple[int, ...]:
     ranks = mesh.get("mesh")
     if isinstance(ranks, TensorRef):
         return ranks.shape
-    axes = _state(mesh.get("_layout")).get("axes")
+    axes = state_of(mesh.get("_layout")).get("axes")
     if isinstance(axes, tuple) and axes:
         out = []
         for axis in axes:
-            shape = _state(axis).get("shape")
+            shape = state_of(axis).get("shape")
             shape = (shape,) if isinstance(shape, int) else shape
             out.append(math.prod(_ints(shape, path, name)))
         return tuple(out)
@@ -120,7 +120,7 @@ def _placement(p: Any, path: str, name: str) -> tuple[str, int]:
     kind = p.global_name if isinstance(p, Opaque) else repr(p)
     short = kind.removeprefix(_PLACEMENTS).removeprefix(_OLD_PLACEMENTS)
     if short == "Shard":
-        dim = _state(p).get("dim")
+        dim = state_of(p).get("dim")
         if not isinstance(dim, int) or dim < 0:
             raise CheckpointError(path, f"DTensor {name!r} has a Shard without a dimension")
         return "shard", dim
@@ -148,7 +148,7 @@ def _check_order(spec: dict[str, Any], path: str, name: str) -> None:
 
 
 # -- segments ------------------------------------------------------------------------------------
-def _start(ref: TensorRef) -> int:
+def local_start(ref: TensorRef) -> int:
     storage = ref.storage
     assert storage is not None
     if storage.compressed or storage.big_endian:
@@ -156,7 +156,7 @@ def _start(ref: TensorRef) -> int:
     return storage.offset + ref.storage_offset * ref.itemsize
 
 
-def _whole_crc(ref: TensorRef) -> int | None:
+def whole_crc(ref: TensorRef) -> int | None:
     storage = ref.storage
     whole = storage is not None and ref.storage_offset == 0 and ref.nbytes == storage.nbytes
     return storage.crc if whole and storage is not None else None
@@ -166,9 +166,9 @@ def view_segments(ref: TensorRef, name: str) -> list[Segment]:
     """A strided view's bytes in C order as segments of its file (contiguous runs joined)."""
     storage = ref.storage
     assert storage is not None
-    start, item = _start(ref), ref.itemsize
+    start, item = local_start(ref), ref.itemsize
     if ref.is_contiguous():
-        return [Segment(storage.file, start, ref.nbytes, 0, _whole_crc(ref))] if ref.numel else []
+        return [Segment(storage.file, start, ref.nbytes, 0, whole_crc(ref))] if ref.numel else []
     inner, run = len(ref.shape), 1  # the trailing dims that are contiguous
     while inner > 0 and (ref.shape[inner - 1] == 1 or ref.stride[inner - 1] == run):
         inner -= 1
@@ -209,7 +209,7 @@ def merge_dtensor(
             raise CheckpointError(files[rank], f"the local shard of {name!r} is not contiguous")
         file = s.local.storage.file if s.local.storage else files[rank]
         segments += chunk_segments(
-            first.shape, itemsize, offsets, sizes, file, _start(s.local), _whole_crc(s.local)
+            first.shape, itemsize, offsets, sizes, file, local_start(s.local), whole_crc(s.local)
         )
     tensor = LogicalTensor(name, dtype, first.shape, merge_segments(segments), group, path)
     try:

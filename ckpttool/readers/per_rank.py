@@ -28,6 +28,7 @@ from .distributed import (
     tensor_ref,
 )
 from .dtensor import Shard, is_dtensor, merge_dtensor, view_segments
+from .sharded_tensor import is_sharded_tensor, merge_sharded
 
 _RANK_FILE = re.compile(
     r"(?P<stem>.*?)(?:world_size_(?P<world>\d+)_)?rank[_-]?(?P<rank>\d+)(?P<ext>\.(?:pt|pth|bin))"
@@ -109,7 +110,7 @@ class _Merger:
         if id(first) in self.memo:
             return self.memo[id(first)]
         name = ".".join(str(p) for p in path)
-        if is_dtensor(first) or isinstance(first, TensorRef):
+        if is_dtensor(first) or is_sharded_tensor(first) or isinstance(first, TensorRef):
             ref = self._tensor(nodes, path, name)
             self.memo[id(first)] = ref
             return ref
@@ -141,6 +142,9 @@ class _Merger:
             self._same(nodes, is_dtensor, name)
             shards = [Shard(n, self.files[r], name) for r, n in enumerate(nodes)]
             tensor = merge_dtensor(name, path, shards, self.files, group)
+        elif is_sharded_tensor(first):
+            self._same(nodes, is_sharded_tensor, name)
+            tensor = merge_sharded(name, path, nodes, self.files, group)
         else:
             kind = (first.dtype, first.shape)
             self._same(

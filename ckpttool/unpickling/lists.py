@@ -88,7 +88,9 @@ DATA_ALLOWED: frozenset[str] = frozenset(
             "numpy.ma.core._mareconstruct numpy.random._pickle.__randomstate_ctor "
             "numpy.random._pickle.__bit_generator_ctor numpy.random._pickle.__generator_ctor "
             "torch.Generator torch._C.Generator torch.nn.backends.thnn._get_thnn_function_backend "
-            "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING"
+            "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING "
+            # the same enum in ShardedTensor's metadata (FSDP1 sharded state dicts)
+            "torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING"
         ),
         *(
             f"numpy.{c}.multiarray.{f}"
@@ -130,6 +132,13 @@ DATA_ALLOWED: frozenset[str] = frozenset(
         ),
     ]
 )
+# Classes nested in a torch class, which pickle reaches through an attribute path (protocol 4:
+# STACK_GLOBAL 'module' 'Outer.Inner'; protocols 0-3: getattr(Outer, 'Inner')). Exactly these
+# paths are judged as classes of their module; every other attribute path stays dangerous.
+NESTED_CLASSES = frozenset(
+    {"torch.distributed._shard.sharded_tensor.api.ShardedTensor.ProcessGroupState"}
+)
+NESTED_USE = "gets a class nested in a torch class"  # the use of getattr that reaches one
 # Plain builtin types: fine as a defaultdict factory, a copyreg base, or a class to instantiate.
 PLAIN_TYPES = frozenset(
     f"builtins.{t}"

@@ -34,6 +34,8 @@ from .lists import (
     DENY_MODULES,
     DENY_NAMES,
     DENY_PREFIXES,
+    NESTED_CLASSES,
+    NESTED_USE,
     PLAIN_TYPES,
     STDLIB,
     TORCH_ALLOWED,
@@ -126,8 +128,11 @@ def judge(
 def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[GlobalRef, str, str]]:
     extra: dict[int, str] = {}  # id(GlobalRef) -> a dangerous reason found from its context
     shapes: dict[int, set[str]] = {}
+    nested = _nested_classes(w)
     for site in w.calls:
-        callee = site.callee
+        if id(site) in nested:
+            continue  # getattr(Outer, 'Inner'): its result stands for the class Outer.Inner
+        callee = _through(site.callee, nested)
         if callee.kind == "result":
             if not _result_called(callee):
                 problems.append((DANGEROUS, "the pickle calls a value it computed"))
@@ -146,9 +151,11 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
             shapes.setdefault(id(g), set()).add(_shape(args))
         arguments.check(g, args, extra)
     for _op, target in w.mutated:
+        target = _through(target, nested)
         if target.kind == "global" and target.gref is not None:
             target.gref.uses.add("mutated")
     for target, _state in w.built:
+        target = _through(target, nested)
         if target.kind == "global" and target.gref is not None:
             target.gref.uses.add("mutated")
     for g in w.globals:  # what a vetted callable returns is never callable: the load stops
@@ -158,7 +165,36 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
             g.uses.discard("result called")
             g.uses.add("its result called (not callable: the load stops)")
             problems.append((UNREADABLE, f"calls what {g.full} returns, which is not callable"))
-    return [(g, *_kind(g, shapes.get(id(g), set()), extra.get(id(g)))) for g in w.globals]
+    judged = [*w.globals, *nested.values()]
+    return [(g, *_kind(g, shapes.get(id(g), set()), extra.get(id(g)))) for g in judged]
+
+
+def _nested_classes(w: PickleWalk) -> dict[int, GlobalRef]:
+    """The calls ``getattr(Outer, 'Inner')`` (REDUCE, exactly two arguments: a global and a
+    str) that name one of ``NESTED_CLASSES``, as protocols 0-3 pickle a nested class: each
+    becomes the global ``Outer.Inner`` (by id of the call site). Any other getattr is a call."""
+    out: dict[int, GlobalRef] = {}
+    for site in w.calls:
+        g = site.callee.gref if site.callee.kind == "global" else None
+        args = site.args.items if site.args is not None and site.args.kind == "tuple" else None
+        if g is None or g.full != "builtins.getattr" or site.op != "REDUCE" or not args:
+            continue
+        if len(args) != 2 or args[0].kind != "global" or args[1].kind != "str":
+            continue
+        owner, attr = args[0].gref, args[1].text
+        if owner is None or owner.opcode == "EXT" or "." in owner.name or attr is None:
+            continue
+        if f"{owner.full}.{attr}" in NESTED_CLASSES:
+            g.uses.add(NESTED_USE)
+            out[id(site)] = GlobalRef(owner.module, f"{owner.name}.{attr}", "getattr", site.pos)
+    return out
+
+
+def _through(v: Value, nested: dict[int, GlobalRef]) -> Value:
+    """What ``getattr(Outer, 'Inner')`` returned, as the global ``Outer.Inner``."""
+    if v.kind == "result" and v.origin is not None and id(v.origin) in nested:
+        return Value("global", gref=nested[id(v.origin)])
+    return v
 
 
 def _result_called(callee: Value) -> bool:
@@ -196,6 +232,10 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
         and not extra
     ):
         return DATA, "a torch constant, reached through the torch module's attribute path"
+    if full in NESTED_CLASSES and not g.uses & _RISKY and not extra:
+        return USER, f"a class nested in a torch class: loading imports {module} and runs its code"
+    if full == "builtins.getattr" and g.uses == {NESTED_USE} and not extra:
+        return USER, f"only gets {', '.join(sorted(NESTED_CLASSES))} (how protocols 0-3 pickle it)"
     if "." in name or not name or not module:
         return DANGEROUS, "an attribute path: the loader resolves it attribute by attribute"
     if (".__main__" in f".{module}" and module != "__main__") or module in ("antigravity", "this"):
@@ -228,6 +268,9 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
             return DANGEROUS, "a standard-library class built outside the data allowlist"
         return USER, f"instantiated: loading imports {module} and runs its class code"
     return USER, f"referenced: loading imports {module}"
+
+
+_RISKY = frozenset({"called", "mutated", "result called"})
 
 
 def _denied(full: str, module: str, top: str) -> bool:
@@ -284,7 +327,7 @@ def check_writable(
         kind = g.kind if g is not None else classify(name)
         if kind in (TORCH, DATA):
             continue
-        if kind == DANGEROUS:
+        if kind == DANGEROUS or name in DENY_NAMES:  # a getattr left as a value, say
             from ..errors import DangerousCheckpointError
 
             raise DangerousCheckpointError(path, [name])

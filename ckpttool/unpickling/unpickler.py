@@ -17,6 +17,7 @@ from typing import IO, Any
 from .. import dtypes
 from ..model import Opaque, StorageInfo, TensorRef
 from . import records as builtins_
+from .lists import NESTED_CLASSES
 from .policy import classify
 from .records import DTypeRef, StorageType, StorageValue, UnpickleRefused, _Named, global_name
 
@@ -161,6 +162,20 @@ class SafeUnpickler(pickle.Unpickler):
         it was given is not a tensor ckpttool models (a meta tensor, a wrapper subclass)."""
         module, _, name = full.rpartition(".")
         return self._opaque_class(module, name)(*args)
+
+    def _getattr(self, *args: Any) -> Any:
+        """``getattr(Outer, 'Inner')`` naming one of ``NESTED_CLASSES`` (how protocols 0-3
+        pickle a nested class) is that class's placeholder; any other getattr a call record."""
+        if len(args) == 2 and isinstance(args[1], str):
+            owner = args[0]
+            if isinstance(owner, type) and issubclass(owner, Opaque):
+                full = f"{owner.__ck_global__}.{args[1]}"
+                if full in NESTED_CLASSES and "." not in owner.__ck_qualname__:
+                    self.globals.setdefault(full, classify(full))
+                    self.seen.setdefault(full, self.globals[full])
+                    qualname = f"{owner.__ck_qualname__}.{args[1]}"
+                    return self._opaque_class(owner.__ck_module__, qualname)
+        return self._call_record("builtins.getattr", *args)
 
     # -- storages ----------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> Any:
@@ -374,4 +389,5 @@ _SPECIAL: dict[str, Callable[..., Any]] = {
     "builtins.bytearray": builtins_._bytearray,
     "builtins.bytes": builtins_._bytes,
     "_codecs.encode": builtins_._codecs_encode,
+    "builtins.getattr": SafeUnpickler._getattr,
 }
