@@ -21,6 +21,7 @@ import io
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,9 +201,10 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int,
 def _check_entries(buf: Any, model: ZipModel) -> None:
     names: dict[str, str] = {}
     headers: dict[int, str] = {}
+    counts = Counter(e.name for e in model.entries)  # one pass: a count per entry was quadratic
     for e in model.entries:
         other = names.setdefault(e.name.lower(), e.name)
-        if other != e.name or sum(1 for x in model.entries if x.name == e.name) > 1:
+        if other != e.name or counts[e.name] > 1:
             model.ambiguities.append(f"zip entries {other[:60]!r} and {e.name[:60]!r} collide")
             break
         if headers.setdefault(e.header, e.name) != e.name:
