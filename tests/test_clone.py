@@ -362,6 +362,34 @@ def test_dcp_consolidation_shares_whole_tensors(work: Path, suffix: str) -> None
     assert any(f == 1.0 for f in shared.values()), shared
 
 
+def test_to_dcp_clones_the_big_records(work: Path) -> None:
+    """DCP items of 1 MB or more keep their input record's offset modulo a page: on a
+    filesystem that clones they share the input's blocks, and torch reads the folder back."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ckpttool.ops.to_dcp import to_dcp
+
+    sd = _tensors(2)
+    sd["module.big"] = torch.arange(300_007, dtype=torch.float32) % 251
+    sd["module.wide"] = torch.arange(400_009, dtype=torch.int32).reshape(400_009, 1)
+    src, out = work / "in.pt", work / "out-dcp"
+    torch.save({"model": sd, "step": 3}, src)
+    to_dcp(src, out)
+    dcp_to_torch_save(os.fspath(out), os.fspath(work / "back.pt"))
+    back = torch.load(work / "back.pt", weights_only=True)
+    _same_tensors(back["model"], sd)
+    assert back["step"] == 3
+    fd = os.open(out / "__0_0.distcp", os.O_RDONLY)
+    try:
+        ext = clone.extents(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert ext is not None
+    shared = sum(length for _, _, length, flags in ext if flags & clone.SHARED)
+    big = sd["module.big"].nbytes + sd["module.wide"].nbytes
+    assert shared >= big - 4 * BLOCK  # all but each record's partial head and tail blocks
+
+
 def test_every_fixture_converts_exactly_on_reflink(work: Path) -> None:
     fixtures = Path(__file__).resolve().parent.parent / "fixtures"
     for name in ("single_gpu_state_dict.pt", "fp16_bf16.pt", "tied_weights.pt", "no_crc32.pt"):

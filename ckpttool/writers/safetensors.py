@@ -120,13 +120,15 @@ def write_tensor(
     progress: Progress | None,
     background: bytecopy.Background,
     check: bool = True,
+    block: int = 0,
 ) -> None:
     """One tensor at ``fd``'s position (a DCP item, say): copied when it is one range of its
-    input (``it.job`` then gives its CRC-32, read back), else gathered (``it.crc``)."""
+    input (``it.job`` then gives its CRC-32, read back; cloned where ``block`` says the
+    filesystem can and the offsets agree modulo it), else gathered (``it.crc``)."""
     if direct_span(it) is None:
         _write_gathered(it, sources, fd, progress, Ring(3))
     else:
-        _write_run([it], sources, fd, progress, background, True, 0)
+        _write_run([it], sources, fd, progress, background, True, block)
 
 
 def _write_run(
