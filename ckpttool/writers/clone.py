@@ -196,16 +196,17 @@ class ExtentMaps:
     """
 
     def __init__(self) -> None:
-        self._maps: dict[int, list[tuple[int, int, int, int]] | None] = {}
+        self._maps: dict[tuple[int, int, int], list[tuple[int, int, int, int]] | None] = {}
 
     def _of(self, fd: int) -> list[tuple[int, int, int, int]] | None:
-        if fd not in self._maps:
-            try:
-                size = os.fstat(fd).st_size
-            except OSError:
-                size = 0
-            self._maps[fd] = extents(fd, 0, size) if size else None
-        return self._maps[fd]
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        key = (fd, st.st_dev, st.st_ino)  # a descriptor number closed and reused is another file
+        if key not in self._maps:
+            self._maps[key] = extents(fd, 0, st.st_size) if st.st_size else None
+        return self._maps[key]
 
     def same_blocks(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> bool:
         """:func:`same_blocks` on the maps."""
