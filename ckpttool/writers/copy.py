@@ -327,10 +327,8 @@ def read_back(
 
 class Background:
     """One worker thread for read-backs, so checking record k overlaps copying record k+1
-    (zlib, preadv and copy_file_range all release the GIL). Checks that cost a few system
-    calls stay in the calling thread, where a hand-off would cost more than the check: a
-    small range is read back at once (:meth:`check`), a cloned one with the other clones
-    once all are written (one FIEMAP walk per file)."""
+    (the GIL is released); checks of a few system calls stay in this thread (:meth:`defer`):
+    a small range is read back at once, clones are checked together once all are written."""
 
     def __init__(self) -> None:
         self.pool: Any = None  # started by the first job that needs it
@@ -355,28 +353,31 @@ class Background:
         want_crc: bool = True,
     ) -> Any:
         """:func:`read_back`'s job for a range just copied (its ``result()`` is the CRC-32)."""
-        args: _Args = (dst_fd, dst_off, n, src_fd, src_off, src_crc, cloned, want_crc)
+        args = (dst_fd, dst_off, n, src_fd, src_off, src_crc, cloned, want_crc)
         if cloned.nbytes and (src_crc is not None or not want_crc):
-            return _Deferred(self, args)  # no bytes to read but the head and the tail
+            return self.defer(read_back, *args)  # no bytes to read but the head and the tail
         if n < _MAP_MIN:
-            return _Deferred(self, args, now=True)
+            return self.defer(read_back, *args, now=True)
         return self.submit(read_back, *args)
+
+    def defer(self, fn: Callable[..., Any], *args: Any, now: bool = False) -> Any:
+        """``fn(*args, maps=...)`` run in this thread, at once (``now``) or when its result is
+        first asked for, with the extent maps (:class:`.clone.ExtentMaps`) fetched then."""
+        return _Deferred(self, fn, args, now)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-_Args = tuple[int, int, int, Any, int, "int | None", Clone, bool]  # read_back's arguments
-
-
 class _Deferred:
-    """A read-back run in the calling thread: at once (``now``), else when its result is
-    first asked for (a cloned range: once every range is written and the extents can be
-    fetched once for all)."""
+    """A check run in the calling thread: at once (``now``), else when its result is first
+    asked for (a clone: once every range is written, its extents fetched once for all)."""
 
-    def __init__(self, owner: Background, args: _Args, now: bool = False) -> None:
-        self.owner, self.args, self.done = owner, args, False
+    def __init__(
+        self, owner: Background, fn: Callable[..., Any], args: tuple[Any, ...], now: bool
+    ) -> None:
+        self.owner, self.fn, self.args, self.done = owner, fn, args, False
         self.crc: int | None = None
         self.error: CopyMismatch | None = None
         if now:
@@ -384,7 +385,7 @@ class _Deferred:
 
     def _run(self, maps: Any) -> None:
         try:
-            self.crc, self.done = read_back(*self.args, maps=maps), True
+            self.crc, self.done = self.fn(*self.args, maps=maps), True
         except CopyMismatch as exc:
             self.error, self.done = exc, True
 
