@@ -8,7 +8,7 @@ copied in (``cp --reflink=never``) and these tables are measured, rows interleav
 * the 2 GB benchmark file (DDP checkpoint with Adam state and a transposed weight):
   ``cp --reflink=never IN OUT && sync OUT`` (the durable copy: the "× cp" baseline),
   ``cp IN OUT && sync OUT`` (a clone where the filesystem can),
-  ``ckpttool convert --strip-module``, ``convert --dtype float16``,
+  ``ckpttool convert --strip-module``, ``to-dcp``, ``convert --dtype float16``,
   ``to-safetensors --dtype bfloat16``;
 * a 2 GB safetensors file (as ``safetensors.torch.save_file`` writes it, keys ``module.*``):
   the durable copy and a rename, ``ckpttool to-safetensors --strip-module``;
@@ -62,6 +62,8 @@ save_file(sd, sys.argv[2], metadata={"format": "pt"})
 MAKE_FP32 = """\
 import sys, torch
 d, vocab, layers = 1024, 50257, 24
+scale = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0  # --size / 2 GB
+vocab, layers = max(64, int(vocab * scale)), max(1, round(layers * scale))
 def t(*shape, k=0):  # deterministic values, every one a float32 that float16 rounds
     n = torch.Size(shape).numel()
     return ((torch.arange(n, dtype=torch.float32) * 0.37 + k) % 1.7 - 0.85).reshape(shape)
@@ -170,12 +172,14 @@ def ck(label: str, out: Path, *args: str, ratio: float | None = None, mb: float 
 
 
 def pt_cases(path: Path, work: Path, clones: bool) -> list[Case]:
-    out = work / "out.pt"
+    out, dcp = work / "out.pt", work / "out-dcp"
     return [
         durable_copy(path, out),
         clone_copy(path, out),
         ck("ckpttool convert --strip-module -q IN OUT", out, "convert", "--strip-module", "-q",
            str(path), str(out), ratio=0.1 if clones else 1.1),
+        ck("ckpttool to-dcp -q IN OUT (DCP out)", dcp, "to-dcp", "-q", str(path), str(dcp),
+           ratio=1.1),
     ]  # fmt: skip
 
 
@@ -237,7 +241,7 @@ def diff_cases(path: Path, work: Path) -> list[Case]:
     ]
 
 
-def make_inputs(cache: Path, inputs: Inputs) -> dict[str, Path]:
+def make_inputs(cache: Path, inputs: Inputs, size: int = SIZE) -> dict[str, Path]:
     """The inputs, generated once into ``cache``: the 2 GB benchmark file (Adam state, a
     transposed weight), the same without Adam state (2 GB of model: fp16 matrices, fp32
     vectors), a 2 GB safetensors file, a float32 GPT-like checkpoint (1.4 GB) and a DCP
@@ -245,18 +249,19 @@ def make_inputs(cache: Path, inputs: Inputs) -> dict[str, Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_consolidate as bc
 
-    made = {"bench": inputs.get(SIZE, adam=True, transposed=True), "plain": inputs.get(SIZE)}
-    for key, name, code, arg in (
-        ("st", "model_2GB.safetensors", MAKE_SAFETENSORS, [str(made["plain"])]),
-        ("fp32", "gpt_fp32_1.4GB.pt", MAKE_FP32, []),
+    made = {"bench": inputs.get(size, adam=True, transposed=True), "plain": inputs.get(size)}
+    tag = "" if size == SIZE else f"_{size}"
+    for key, name, code, arg, after in (
+        ("st", f"model_2GB{tag}.safetensors", MAKE_SAFETENSORS, [str(made["plain"])], []),
+        ("fp32", f"gpt_fp32_1.4GB{tag}.pt", MAKE_FP32, [], [str(size / SIZE)]),
     ):
         path = cache / name
         if not path.exists():
             print(f"[gen] {path} ...", file=sys.stderr)
-            argv = python_code_argv(code, *arg, str(path))
+            argv = python_code_argv(code, *arg, str(path), *after)
             subprocess.run(argv, check=True, env=python_env())
         made[key] = path
-    made["dcp"], _ = bc.ensure_input(bc.Spec("dcp", SIZE // 2, 1, False), cache, force=False)
+    made["dcp"], _ = bc.ensure_input(bc.Spec("dcp", size // 2, 1, False), cache, force=False)
     return made
 
 
@@ -266,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fs", action="append", choices=["ext4", "xfs", "btrfs"], help="filesystems (default all)"
     )
     ap.add_argument("--image-size", default=16 << 30, type=int, help="bytes per loop image")
+    ap.add_argument(
+        "--size", default=SIZE, type=int, help="bytes of the benchmark file (default 2 GB)"
+    )
     add_common_args(ap)
     args = ap.parse_args(argv)
     wanted = args.fs or ["ext4", "xfs", "btrfs"]
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = Inputs(args.workdir, keep=args.keep, force=args.force_generate)
     sections: list[tuple[str, list[CaseResult]]] = []
     try:
-        made = make_inputs(args.workdir, inputs)
+        made = make_inputs(args.workdir, inputs, args.size)
         for kind in wanted:
             with contextlib.ExitStack() as stack:
                 if kind == "ext4":
@@ -290,7 +298,55 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         inputs.cleanup()
     emit("issue 22: cloning writers, ext4 / XFS / btrfs", sections, args.json)
+    print(side_by_side(sections, args.size))
     return 1 if any(r.failed for _, rs in sections for r in rs) else 0
+
+
+# the issue's goals, one row each: (row, start of the case's label, goal where clones / not)
+GOALS = [
+    ("convert --strip-module", "ckpttool convert --strip-module", "0.1x", "<= 1.1x"),
+    ("safetensors rename", "ckpttool to-safetensors --strip-module", "0.1x", "<= 1.1x"),
+    ("to-dcp (DCP out)", "ckpttool to-dcp", "< 1x", "1.1x"),
+    ("convert --dtype float16", "ckpttool convert --dtype float16", "1.2x", "1.2x"),
+    ("to-safetensors --dtype bfloat16", "ckpttool to-safetensors --dtype", "1.2x", "1.2x"),
+    ("consolidate DCP -> .pt", "ckpttool consolidate -q IN OUT.pt", "< 1x", "-"),
+    ("consolidate DCP -> .safetensors", "ckpttool consolidate -q IN OUT.safe", "< 1x", "-"),
+]
+
+DIFF_ROW = "diff --values, peak private memory"
+
+
+def side_by_side(sections: list[tuple[str, list[CaseResult]]], size: int) -> str:
+    """The issue's table: each writer's median time over the durable copy's median measured in
+    the same section (interleaved with it), one column per filesystem, and the goal."""
+    cells: dict[tuple[str, str], str] = {}
+    kinds: list[str] = []
+    for title, results in sections:
+        kind = title.split(":", 1)[0]
+        if kind not in kinds and results:
+            kinds.append(kind)
+        base = next((r for r in results if r.baseline and not r.failed), None)
+        base_wall = base.wall_median if base else None
+        for r in results:
+            wall = r.wall_median
+            if r.label.startswith("ckpttool diff --values") and r.peak_rss_anon is not None:
+                cells[(DIFF_ROW, kind)] = f"{r.peak_rss_anon / 2**20:.0f} MB"
+            if r.baseline or not base_wall or wall is None or r.failed:
+                continue
+            for row, prefix, _, _ in GOALS:
+                if r.label.startswith(prefix):
+                    cells[(row, kind)] = f"{wall / base_wall:.2f}x"
+    head = ["x durable copy", *kinds, "goal (clones / ext4)"]
+    lines = [f"### side by side: {size / 1e9:g} GB inputs, median / the durable copy's median", ""]
+    lines += [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(kinds)) + "|---|",
+    ]
+    for row, _, clone_goal, copy_goal in [*GOALS, (DIFF_ROW, "", "< 100 MB", "< 100 MB")]:
+        got = [cells.get((row, k), "-") for k in kinds]
+        goal = clone_goal if clone_goal == copy_goal else f"{clone_goal} / {copy_goal}"
+        lines.append("| " + " | ".join([row, *got, goal]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _measure(

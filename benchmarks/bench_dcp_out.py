@@ -41,6 +41,7 @@ from _harness import (
 )
 
 TARGET_RATIO = 1.1
+DURABLE = 'cp --reflink=never "$1" "$2" && sync "$2"'  # a real copy, never a clone
 TARGET_MB = 100.0
 
 ANCHOR = (
@@ -72,8 +73,8 @@ def build_cases(path: Path, workdir: Path) -> list[Case]:
 
     return [
         Case(
-            label="cp IN OUT && sync OUT (durable copy)",
-            argv=["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(path), str(copy)],
+            label="cp --reflink=never IN OUT && sync OUT (durable copy)",
+            argv=["sh", "-c", DURABLE, "sh", str(path), str(copy)],
             outputs=[copy],
             baseline=True,
             warmup=1,

@@ -123,6 +123,54 @@ def _torch_rates(f32: np.ndarray, rows: int, cols: int, repeat: int) -> dict[str
     return {name: size / best(fn, repeat) / MB for name, (fn, size) in fns.items()}
 
 
+def _alternatives(u32: np.ndarray, f16: np.ndarray, repeat: int) -> str:
+    """MB/s of ckpttool's kernels beside numpy's own float16 cast, ``ml_dtypes``' bfloat16
+    casts (when installed) and a plain copy, and whether they give the same bits (NaN apart:
+    ckpttool keeps a NaN's sign and top payload bits, the others may not)."""
+    f32 = u32.view(np.float32)
+    rows: list[tuple[str, Callable[[], np.ndarray], np.ndarray | None]] = [
+        ("copy (memcpy), float32", lambda: f32.copy(), None),
+        ("ckpttool float32 → float16", lambda: numeric.cast_bits(u32, "float32", "float16"), None),
+        ("numpy astype float32 → float16", lambda: f32.astype(np.float16).view(np.uint16),
+         numeric.cast_bits(u32, "float32", "float16")),
+        ("ckpttool float32 → bfloat16", lambda: numeric.cast_bits(u32, "float32", "bfloat16"),
+         None),
+        ("ckpttool float16 → bfloat16", lambda: numeric.cast_bits(f16, "float16", "bfloat16"),
+         None),
+    ]  # fmt: skip
+    try:
+        import ml_dtypes
+
+        bf = ml_dtypes.bfloat16
+        rows += [
+            ("ml_dtypes float32 → bfloat16", lambda: f32.astype(bf).view(np.uint16),
+             numeric.cast_bits(u32, "float32", "bfloat16")),
+            ("ml_dtypes float16 → bfloat16",
+             lambda: f16.view(np.float16).astype(bf).view(np.uint16),
+             numeric.cast_bits(f16, "float16", "bfloat16")),
+        ]  # fmt: skip
+    except ImportError:
+        missing = True
+    else:
+        missing = False
+    out = ["| cast | MB/s of input | same bits as ckpttool (NaN apart) |", "| --- | ---: | --- |"]
+    for name, fn, want in rows:
+        size = f16.nbytes if "float16 → bfloat16" in name else f32.nbytes
+        with np.errstate(all="ignore"):
+            secs = best(fn, repeat)
+            same = "-"
+            if want is not None:
+                got = fn()
+                nan = np.isnan(want.view(np.float16)) if "→ float16" in name else None
+                if nan is None:
+                    nan = np.isnan((want.astype(np.uint32) << 16).view(np.float32))
+                same = "yes" if bool(np.all((got == want) | nan)) else "NO"
+        out.append(f"| {name} | {size / secs / MB:,.0f} | {same} |")
+    if missing:
+        out.append("| ml_dtypes: not installed (pip install ml_dtypes) | - | - |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=64, help="float32 input size in MB")
@@ -194,6 +242,9 @@ def main() -> int:
     torch_rates = {} if args.no_torch else _torch_rates(f32, rows, cols, args.repeat)
     print(f"input: {f32.nbytes / MB:,.0f} MB float32 (pure Python on {py_n * 4 / MB:,.1f} MB)\n")
     print(_table([(name, npy, py, torch_rates.get(name)) for name, npy, py in measured]))
+
+    print("\nC casts that could replace the kernels (issue 22), same input\n")
+    print(_alternatives(u32, f16, args.repeat))
 
     print("\nfloat32 → bfloat16 by kernel block (elements)\n")
     print("| block | MB/s |\n| ---: | ---: |")

@@ -181,6 +181,59 @@ def test_read_back_of_a_claimed_clone_that_is_not_one_reads_and_compares(work: P
         os.close(b)
 
 
+def test_clones_checked_together_from_one_map_per_file(work: Path) -> None:
+    """Background.check defers a cloned range's check until its result is asked for, then
+    compares it on extent maps fetched once per file: shared ranges pass, head and tail are
+    still compared by their bytes, and a claimed clone that is not one is read and caught."""
+    data = os.urandom(64 * BLOCK)
+    src = work / "src.bin"
+    src.write_bytes(data)
+    dst = work / "dst.bin"
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+    bg = bytecopy.Background()
+    try:
+        jobs = []
+        for src_off, n in ((BLOCK + 7, 9 * BLOCK), (20 * BLOCK + 100, 30 * BLOCK + 1)):
+            pad = (src_off - os.lseek(dfd, 0, os.SEEK_CUR)) % BLOCK
+            bytecopy.write_all(dfd, b"p" * pad)
+            dst_off = os.lseek(dfd, 0, os.SEEK_CUR)
+            got = bytecopy.copy_range(sfd, src_off, n, dfd, None, BLOCK)
+            assert got.nbytes
+            want = bytecopy.crc_range(sfd, src_off, n)
+            job = bg.check(dfd, dst_off, n, sfd, src_off, want, got)
+            jobs.append((job, want, src_off + got.start, dst_off + got.start, got.nbytes))
+        assert bg.maps is None  # nothing fetched while ranges were still being cloned
+        for job, want, *_ in jobs:
+            assert job.result() == want
+        maps = bg.maps
+        assert maps is not None
+        for _, _, s_at, d_at, n in jobs:  # the maps say what FIEMAP says range by range
+            assert maps.same_blocks(sfd, s_at, dfd, d_at, n)
+            assert clone.same_blocks(sfd, s_at, dfd, d_at, n)
+            assert not maps.same_blocks(sfd, s_at + BLOCK, dfd, d_at, n - BLOCK)
+        # a claimed clone of bytes that were copied (not shared, one byte changed) is read
+        a, b = bytearray(data[: 8 * BLOCK]), bytearray(data[: 8 * BLOCK])
+        b[5 * BLOCK + 9] ^= 1
+        (work / "a.bin").write_bytes(a)
+        (work / "b.bin").write_bytes(b)
+        fa = os.open(work / "a.bin", os.O_RDONLY)
+        fb = os.open(work / "b.bin", os.O_RDONLY)
+        try:
+            fresh = bytecopy.Background()
+            job = fresh.check(fb, 0, 8 * BLOCK, fa, 0, 0, bytecopy.Clone(0, 8 * BLOCK))
+            with pytest.raises(bytecopy.CopyMismatch, match="CRC-32"):
+                job.result()
+            fresh.close()
+        finally:
+            os.close(fa)
+            os.close(fb)
+    finally:
+        bg.close()
+        os.close(sfd)
+        os.close(dfd)
+
+
 # -- the writers --------------------------------------------------------------------------------
 def test_convert_strip_module_shares_the_records(work: Path) -> None:
     sd = _tensors()
@@ -307,6 +360,34 @@ def test_dcp_consolidation_shares_whole_tensors(work: Path, suffix: str) -> None
         if s.nbytes >= 4 * BLOCK
     }
     assert any(f == 1.0 for f in shared.values()), shared
+
+
+def test_to_dcp_clones_the_big_records(work: Path) -> None:
+    """DCP items of 1 MB or more keep their input record's offset modulo a page: on a
+    filesystem that clones they share the input's blocks, and torch reads the folder back."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ckpttool.ops.to_dcp import to_dcp
+
+    sd = _tensors(2)
+    sd["module.big"] = torch.arange(300_007, dtype=torch.float32) % 251
+    sd["module.wide"] = torch.arange(400_009, dtype=torch.int32).reshape(400_009, 1)
+    src, out = work / "in.pt", work / "out-dcp"
+    torch.save({"model": sd, "step": 3}, src)
+    to_dcp(src, out)
+    dcp_to_torch_save(os.fspath(out), os.fspath(work / "back.pt"))
+    back = torch.load(work / "back.pt", weights_only=True)
+    _same_tensors(back["model"], sd)
+    assert back["step"] == 3
+    fd = os.open(out / "__0_0.distcp", os.O_RDONLY)
+    try:
+        ext = clone.extents(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert ext is not None
+    shared = sum(length for _, _, length, flags in ext if flags & clone.SHARED)
+    big = sd["module.big"].nbytes + sd["module.wide"].nbytes
+    assert shared >= big - 4 * BLOCK  # all but each record's partial head and tail blocks
 
 
 def test_every_fixture_converts_exactly_on_reflink(work: Path) -> None:

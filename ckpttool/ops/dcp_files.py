@@ -17,6 +17,7 @@ from ..readers.distributed import LogicalStorage
 from ..writers import copy as bytecopy
 from ..writers import dcp as dcp_writer
 from ..writers.atomic import atomic_folder
+from ..writers.clone import clone_block
 from ..writers.dcp_metadata import Stored
 from ..writers.safetensors import Item, write_tensor
 from .logical_write import write_logical
@@ -43,8 +44,16 @@ def spread(tensors: list[dcp_writer.TensorItem], n: int) -> list[list[int]]:
 
 
 def _data_writer(
-    sources: bytecopy.Sources, background: bytecopy.Background, cb: Progress | None
+    sources: bytecopy.Sources, background: bytecopy.Background, cb: Progress | None, folder: str
 ) -> dcp_writer.WriteData:
+    blocks: dict[str, int] = {}  # input file -> its clone block into the folder (0: none)
+
+    def block_of(file: str) -> int:
+        if file not in blocks:
+            fd = sources.fd(file)
+            blocks[file] = clone_block(fd, folder) if isinstance(fd, int) else 0
+        return blocks[file]
+
     def write(item: dcp_writer.TensorItem, fd: int) -> None:
         storage = item.ref.storage
         if isinstance(storage, LogicalStorage):
@@ -54,7 +63,9 @@ def _data_writer(
             )
             return
         it = Item(item.fqns[0], item.ref, item.dtype)
-        write_tensor(it, sources, fd, cb, background, True)
+        # a page-aligned item keeps its input's phase (dcp.PAGE_ALIGN_FROM): cloned where it can
+        block = block_of(storage.file) if item.phase is not None and storage and storage.file else 0
+        write_tensor(it, sources, fd, cb, background, True, block)
         item.crc, item.job = it.crc, it.job
 
     return write
@@ -72,7 +83,7 @@ def _write_file(
     with contextlib.closing(bytecopy.Sources()) as sources:
         background = bytecopy.Background()
         try:
-            write = _data_writer(sources, background, cb)
+            write = _data_writer(sources, background, cb, folder)
             path, own = os.path.join(folder, rank_file(rank)), [tensors[i] for i in mine]
             dcp_writer.write_rank_file(path, rank_file(rank), values, own, write)
         finally:

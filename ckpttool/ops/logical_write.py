@@ -55,29 +55,36 @@ def _check_copy(
     sources: bytecopy.Sources,
     clones: list[bytecopy.Clone],
     want_crc: bool,
+    maps: Any = None,
 ) -> int:
     """Check a copied tensor against its sources, segment by segment, and return the CRC-32
     of the whole record (0 if not ``want_crc``).
 
     A copied segment is read back from the output and checked against its recorded CRC-32,
     else its bytes; a cloned one is checked by comparing extents (its head and tail by their
-    bytes), its CRC-32 then read from the input (:mod:`ckpttool.writers.clone`).
+    bytes; ``maps``: :class:`.clone.ExtentMaps` of both files), its CRC-32 then the one its
+    shard records for a tensor of one segment, else read from the input
+    (:mod:`ckpttool.writers.clone`).
     """
     total = 0
     pos = start
-    buf = bytearray(min(bytecopy.CHUNK, max(tensor.nbytes, 1)))
+    buf: bytearray | None = None
+    same = maps.same_blocks if maps is not None else same_blocks
     for seg, cloned in zip(tensor.segments, clones, strict=True):
         src_fd = sources.fd(seg.file)
-        if cloned.nbytes and same_blocks(
+        if cloned.nbytes and same(
             src_fd, seg.offset + cloned.start, fd, pos + cloned.start, cloned.nbytes
         ):
             for a, b in ((0, cloned.start), (cloned.start + cloned.nbytes, seg.nbytes)):
                 diff = bytecopy.compare_ranges(src_fd, seg.offset + a, fd, pos + a, b - a)
                 if diff is not None:
                     raise bytecopy.CopyMismatch(f"differs from {seg.file} at byte {a + diff}")
-            if want_crc:
+            if want_crc and len(tensor.segments) == 1 and seg.crc is not None:
+                total = seg.crc  # the CRC-32 its shard records for exactly these bytes
+            elif want_crc:
                 total = bytecopy.crc_range(src_fd, seg.offset, seg.nbytes, value=total)
         else:
+            buf = buf or bytearray(min(bytecopy.CHUNK, max(tensor.nbytes, 1)))
             total = _read_segment(fd, pos, seg, sources, buf, total, cloned.crc)
         pos += seg.nbytes
     return total
@@ -207,8 +214,14 @@ def write_logical(
             )
         except EOFError:
             raise CheckpointError(seg.file, f"is truncated: {tensor.name!r} is cut short") from None
-    job = background.submit(_check_copy, fd, start, tensor, sources, clones, want_crc)
-    if not any(c.nbytes for c in clones):  # a clone has nothing to write back
+    args = (fd, start, tensor, sources, clones, want_crc)
+    if all(c.nbytes for c in clones):  # extents to compare once all are cloned: no thread
+        job = background.defer(_check_copy, *args)
+    elif tensor.nbytes < bytecopy.WRITEBACK_MIN:  # small: a hand-off costs more than a check
+        job = background.defer(_check_copy, *args, now=True)
+    else:
+        job = background.submit(_check_copy, *args)
+    if not any(c.nbytes for c in clones) and tensor.nbytes >= bytecopy.WRITEBACK_MIN:
         background.submit(bytecopy.start_writeback, fd, start, tensor.nbytes)
     return None, job
 

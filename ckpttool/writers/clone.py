@@ -20,6 +20,7 @@ copy as before, with the same output bytes.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -162,10 +163,14 @@ def extents(fd: int, off: int, n: int) -> list[tuple[int, int, int, int]] | None
 
 
 def _locate(ext: list[tuple[int, int, int, int]], pos: int) -> tuple[int, int, int] | None:
-    """(physical address, bytes left in the extent, flags) of logical offset ``pos``."""
-    for logical, physical, length, flags in ext:
-        if logical <= pos < logical + length:
-            return physical + pos - logical, logical + length - pos, flags
+    """(physical address, bytes left in the extent, flags) of logical offset ``pos``
+    (``ext`` in logical order, as FIEMAP lists them)."""
+    i = bisect.bisect_right(ext, pos, key=lambda e: e[0]) - 1
+    if i < 0:
+        return None
+    logical, physical, length, flags = ext[i]
+    if logical <= pos < logical + length:
+        return physical + pos - logical, logical + length - pos, flags
     return None
 
 
@@ -180,6 +185,44 @@ def same_blocks(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) ->
     dst = extents(dst_fd, dst_off, n)
     if not src or not dst:
         return False
+    return _same(src, src_off, dst, dst_off, n)
+
+
+class ExtentMaps:
+    """The extents of whole files, each fetched once: checking many cloned ranges of one
+    output costs a few FIEMAP calls in all instead of two per range.
+
+    Fetch an output's extents only once every range is cloned into it (a map is a snapshot).
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int, int], list[tuple[int, int, int, int]] | None] = {}
+
+    def _of(self, fd: int) -> list[tuple[int, int, int, int]] | None:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        key = (fd, st.st_dev, st.st_ino)  # a descriptor number closed and reused is another file
+        if key not in self._maps:
+            self._maps[key] = extents(fd, 0, st.st_size) if st.st_size else None
+        return self._maps[key]
+
+    def same_blocks(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> bool:
+        """:func:`same_blocks` on the maps."""
+        src, dst = self._of(src_fd), self._of(dst_fd)
+        if not src or not dst:
+            return False
+        return _same(src, src_off, dst, dst_off, n)
+
+
+def _same(
+    src: list[tuple[int, int, int, int]],
+    src_off: int,
+    dst: list[tuple[int, int, int, int]],
+    dst_off: int,
+    n: int,
+) -> bool:
     done = 0
     while done < n:
         a = _locate(src, src_off + done)

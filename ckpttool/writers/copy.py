@@ -12,8 +12,10 @@ from ..errors import CheckpointError
 from ..model import StorageInfo
 from ..source import close_input, open_input, open_zip, preadv
 from .crc import crc32
+from .writeback import start_writeback as start_writeback  # the writers' one import of it
 
 CHUNK = 8 << 20
+WRITEBACK_MIN = 1 << 20  # smaller ranges are left to the final fsync (a hand-off costs more)
 
 Progress = Callable[[int], None]
 
@@ -285,6 +287,7 @@ def read_back(
     src_crc: int | None,
     cloned: Clone = NOT_CLONED,
     want_crc: bool = True,
+    maps: Any = None,
 ) -> int | None:
     """The CRC-32 of a range just copied, checked against its source.
 
@@ -294,13 +297,15 @@ def read_back(
     comparing extents instead (:func:`.clone.same_blocks`: no bytes read); the CRC is then the
     recorded one, or computed from the input (whose pages are more likely cached than the
     clone's, which has none), or None if not ``want_crc``. Where the extents cannot show it,
-    the clone is read back.
+    the clone is read back. ``maps`` (:class:`.clone.ExtentMaps`) holds the extents of both
+    files when many clones are checked at once.
     """
     if cloned.nbytes:
         from .clone import same_blocks
 
         start, size = cloned.start, cloned.nbytes
-        if same_blocks(src_fd, src_off + start, dst_fd, dst_off + start, size):
+        same = maps.same_blocks if maps is not None else same_blocks
+        if same(src_fd, src_off + start, dst_fd, dst_off + start, size):
             for a, b in ((0, start), (start + size, n)):
                 diff = compare_ranges(src_fd, src_off + a, dst_fd, dst_off + a, b - a)
                 if diff is not None:
@@ -322,49 +327,74 @@ def read_back(
 
 class Background:
     """One worker thread for read-backs, so checking record k overlaps copying record k+1
-    (zlib, preadv and copy_file_range all release the GIL)."""
+    (the GIL is released); checks of a few system calls stay in this thread (:meth:`defer`):
+    a small range is read back at once, clones are checked together once all are written."""
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpttool-readback")
+        self.pool: Any = None  # started by the first job that needs it
+        self.maps: Any = None  # the extents of the files, fetched by the first clone checked
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpttool-readback")
         return self.pool.submit(fn, *args)
 
+    def check(
+        self,
+        dst_fd: int,
+        dst_off: int,
+        n: int,
+        src_fd: Any,
+        src_off: int,
+        src_crc: int | None,
+        cloned: Clone = NOT_CLONED,
+        want_crc: bool = True,
+    ) -> Any:
+        """:func:`read_back`'s job for a range just copied (its ``result()`` is the CRC-32)."""
+        args = (dst_fd, dst_off, n, src_fd, src_off, src_crc, cloned, want_crc)
+        if cloned.nbytes and (src_crc is not None or not want_crc):
+            return self.defer(read_back, *args)  # no bytes to read but the head and the tail
+        if n < _MAP_MIN:
+            return self.defer(read_back, *args, now=True)
+        return self.submit(read_back, *args)
+
+    def defer(self, fn: Callable[..., Any], *args: Any, now: bool = False) -> Any:
+        """``fn(*args, maps=...)`` run in this thread, at once (``now``) or when its result is
+        first asked for, with the extent maps (:class:`.clone.ExtentMaps`) fetched then."""
+        return _Deferred(self, fn, args, now)
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now,
-    without waiting, so the fsync before the final rename has little left to do."""
-    import ctypes
-    import ctypes.util
-    import sys
+class _Deferred:
+    """A check run in the calling thread: at once (``now``), else when its result is first
+    asked for (a clone: once every range is written, its extents fetched once for all)."""
 
-    if not sys.platform.startswith("linux"):
-        return None
-    try:  # the running program's symbols first: find_library runs ldconfig (15 ms)
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    def __init__(
+        self, owner: Background, fn: Callable[..., Any], args: tuple[Any, ...], now: bool
+    ) -> None:
+        self.owner, self.fn, self.args, self.done = owner, fn, args, False
+        self.crc: int | None = None
+        self.error: CopyMismatch | None = None
+        if now:
+            self._run(None)
+
+    def _run(self, maps: Any) -> None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.sync_file_range
-        except (OSError, AttributeError):
-            return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            self.crc, self.done = self.fn(*self.args, maps=maps), True
+        except CopyMismatch as exc:
+            self.error, self.done = exc, True
 
-    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; failures only cost speed
+    def result(self) -> int | None:
+        if not self.done:
+            from .clone import ExtentMaps
 
-    return start_writeback
-
-
-_start_writeback = _sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing a just-written range to disk (a no-op where the OS offers no way)."""
-    if _start_writeback is not None:
-        _start_writeback(fd, offset, nbytes)
+            self.owner.maps = self.owner.maps or ExtentMaps()  # fetched once all are written
+            self._run(self.owner.maps)
+        if self.error is not None:
+            raise self.error
+        return self.crc

@@ -187,13 +187,11 @@ def _copy_verbatim(
     job = None
     if check_copies or src.crc is None:  # read back (in the background)
         crc = src.crc if src.crc is not None else cloned.crc  # a remote input: not read twice
-        job = background.submit(
-            bytecopy.read_back, fd, start, src.nbytes, src_fd, src.offset, crc, cloned
-        )
+        job = background.check(fd, start, src.nbytes, src_fd, src.offset, crc, cloned)
         out.read_back = True
     else:
         out.crc = src.crc
-    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
+    if not cloned.nbytes and src.nbytes >= bytecopy.WRITEBACK_MIN:  # a clone: nothing to write
         background.submit(bytecopy.start_writeback, fd, start, src.nbytes)
     return job
 

@@ -8,9 +8,9 @@ pieces (:mod:`.numeric`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,13 +120,15 @@ def write_tensor(
     progress: Progress | None,
     background: bytecopy.Background,
     check: bool = True,
+    block: int = 0,
 ) -> None:
     """One tensor at ``fd``'s position (a DCP item, say): copied when it is one range of its
-    input (``it.job`` then gives its CRC-32, read back), else gathered (``it.crc``)."""
+    input (``it.job`` then gives its CRC-32, read back; cloned where ``block`` says the
+    filesystem can and the offsets agree modulo it), else gathered (``it.crc``)."""
     if direct_span(it) is None:
         _write_gathered(it, sources, fd, progress, Ring(3))
     else:
-        _write_run([it], sources, fd, progress, background, True, 0)
+        _write_run([it], sources, fd, progress, background, True, block)
 
 
 def _write_run(
@@ -151,12 +153,10 @@ def _write_run(
         whole = len(run) == 1 and first.ref.storage_offset == 0 and nbytes == src.nbytes
         known = src.crc if whole else None  # else a remote input's CRC, taken as it passed
         crc = known if known is not None else cloned.crc
-        job = background.submit(
-            bytecopy.read_back, fd, dst_off, nbytes, src_fd, start, crc, cloned, False
-        )
+        job = background.check(fd, dst_off, nbytes, src_fd, start, crc, cloned, False)
         for it in run:
             it.job = job
-    if not cloned.nbytes:  # a clone has nothing to write back but its head and tail
+    if not cloned.nbytes and nbytes >= bytecopy.WRITEBACK_MIN:  # a clone has nothing to write back
         background.submit(bytecopy.start_writeback, fd, dst_off, nbytes)
 
 
@@ -268,10 +268,6 @@ def wait_read_backs(path: str, items: list[Item], progress: Progress | None, ver
                 progress(it.nbytes)
 
 
-# Opening with numpy avoids importing torch (a second or more) just to read the header back.
-_FRAMEWORK = "numpy" if importlib.util.find_spec("numpy") else "pt"
-
-
 def verify_file(
     path: str,
     items: list[Item],
@@ -279,28 +275,34 @@ def verify_file(
     sources: bytecopy.Sources,
     progress: Progress | None = None,
 ) -> None:
-    """Re-open with safetensors' own reader and compare every tensor's bytes, streamed
-    (``progress`` is fed the bytes re-read here: those not read back while writing)."""
-    from safetensors import safe_open
+    """Re-open the written file and compare every tensor's name, dtype, shape, place and bytes
+    with what was meant, bytes streamed (``progress`` is fed the bytes re-read here: those not
+    read back while writing).
+
+    The header is re-read by ckpttool's reader, which refuses what safetensors' own refuses
+    (unknown dtypes, offsets that do not tile the data, duplicate names); safetensors' reader
+    is used too where numpy is already loaded (a cast): importing it for a rename would cost
+    more than the rename (the tests open every output with safetensors and torch).
+    """
 
     def fail(what: str) -> CheckpointError:
         return CheckpointError(path, f"verification failed: {what}; nothing was written")
 
+    if "numpy" in sys.modules:
+        _reference_check(path, items, metadata, fail)
     try:
-        with safe_open(path, framework=_FRAMEWORK) as f:
-            names = list(f.keys())
-            got_meta = f.metadata() or {}
-            for it in items:
-                sl = f.get_slice(it.name)
-                if list(sl.get_shape()) != list(it.ref.shape):
-                    raise fail(f"tensor {it.name!r} has another shape")
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise fail(f"safetensors cannot open it ({exc})") from None
-    if sorted(names) != sorted(it.name for it in items) or got_meta != metadata:
+        back = open_checkpoint(path, _judge=False)  # our own output: structure only
+    except CheckpointError as exc:
+        raise fail(exc.message) from None
+    got = {t.name: t for t in back.tensors()}
+    if sorted(got) != sorted(it.name for it in items) or (
+        back.facts.get("metadata") or {}
+    ) != metadata:
         raise fail("the tensor names or metadata differ")
-    back = open_checkpoint(path, _judge=False)  # our own output: structure only
+    for it in items:
+        t = got[it.name]
+        if t.dtype != it.dtype or tuple(t.shape) != tuple(it.ref.shape):
+            raise fail(f"tensor {it.name!r} has another dtype or shape")
     fd = os.open(path, os.O_RDONLY)
     back_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")  # where tensor data begins
     try:
@@ -325,6 +327,27 @@ def verify_file(
                 progress(s.nbytes)
     finally:
         os.close(fd)
+
+
+def _reference_check(
+    path: str, items: list[Item], metadata: dict[str, str], fail: Callable[[str], CheckpointError]
+) -> None:
+    """safetensors' own reader opens the file and finds the same names, shapes, metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            names = list(f.keys())
+            got_meta = f.metadata() or {}
+            for it in items:
+                if list(f.get_slice(it.name).get_shape()) != list(it.ref.shape):
+                    raise fail(f"tensor {it.name!r} has another shape")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise fail(f"safetensors cannot open it ({exc})") from None
+    if sorted(names) != sorted(it.name for it in items) or got_meta != metadata:
+        raise fail("the tensor names or metadata differ")
 
 
 def assign_shards(items: list[Item], groups: list[list[Item]], limit: int) -> list[list[Item]]:
