@@ -244,15 +244,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class MotoServer:
-    """moto's S3 server in a child process on loopback (``moto_server``)."""
+class _ChildServer:
+    """A server in a child process (``python -m MODULE ARGS``) on ``self.port`` of loopback."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    port: int
+
+    def start(self, args: list[str], name: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -262,11 +261,27 @@ class MotoServer:
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError("moto server did not start")
+        raise RuntimeError(f"{name} did not start")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class MotoServer(_ChildServer):
+    """moto's S3 server in a child process on loopback (``moto_server``)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.start(["moto.server", "-H", "127.0.0.1", "-p", str(self.port)], "moto server")
 
     def env(self) -> dict[str, str]:
         return {
@@ -279,41 +294,19 @@ class MotoServer:
             "AWS_CONFIG_FILE": os.devnull,
         }
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
-
-class GcsServer:
+class GcsServer(_ChildServer):
     """``gcp-storage-emulator`` (a pip package: Google Cloud Storage's JSON API, in memory) in a
     child process on loopback; gcsfs finds it through ``STORAGE_EMULATOR_HOST``."""
 
     def __init__(self, bucket: str) -> None:
         self.port = free_port()
         self.bucket = bucket
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
-             "--port", str(self.port), "--in-memory", "-q", "--default-bucket", bucket],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.start(
+            ["gcp_storage_emulator", "start", "-H", "127.0.0.1", "--port", str(self.port),
+             "--in-memory", "-q", "--default-bucket", bucket],
+            "the GCS emulator",
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the GCS emulator did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {
@@ -336,11 +329,3 @@ class GcsServer:
         )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 200, r.status
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()

@@ -7,7 +7,14 @@ from typing import Any
 import click
 
 from .app import EPILOG, cli, writes
-from .options import ONLY, deprecated_alias, key_options, output_options, run_writer, writer_kwargs
+from .options import (
+    ONLY,
+    deprecated_alias,
+    key_options,
+    output_options,
+    run_ranked_writer,
+    writer_kwargs,
+)
 from .results import emit
 from .writer_reports import to_dcp_report
 
@@ -62,33 +69,26 @@ def to_dcp(
       ckpttool to-dcp ds_ckpt/ ckpt/step-0 --model-only --dtype bfloat16
     """
     writes(output_path)
-    from ..ops.ranks import Ranks
     from ..ops.to_dcp import to_dcp as do_to_dcp
 
     quiet, kwargs = writer_kwargs(opts)
     if model_only and only is not None:
         raise click.UsageError("--model-only writes the model, --only one entry: give one")
-    ranks = Ranks.from_environment()  # under torchrun: each rank writes its own file
-    if ranks is not None and ranks.rank != 0:  # rank 0 reports
-        quiet, as_json = True, False
-    try:
-        result = run_writer(
-            quiet,
-            lambda progress: do_to_dcp(
-                input_path,
-                output_path,
-                key=only,
-                model_only=model_only,
-                under=under,
-                not_parameters=not_parameters,
-                progress=progress,
-                ranks=ranks,
-                **kwargs,
-            ),
-        )
-    finally:
-        if ranks is not None:
-            ranks.close()
+    result, quiet, as_json = run_ranked_writer(  # under torchrun: each rank its own file
+        quiet,
+        as_json,
+        lambda progress, ranks: do_to_dcp(
+            input_path,
+            output_path,
+            key=only,
+            model_only=model_only,
+            under=under,
+            not_parameters=not_parameters,
+            progress=progress,
+            ranks=ranks,
+            **kwargs,
+        ),
+    )
     report = to_dcp_report(result, output_path, kwargs.get("dtype"))
     emit("to-dcp", result, report, quiet=quiet, as_json=as_json, remote=True)
 

@@ -73,6 +73,24 @@ def run_writer(quiet: bool, call: Callable[[Any], Any]) -> Any:
             bar.close()
 
 
+def run_ranked_writer(
+    quiet: bool, as_json: bool, call: Callable[[Any, Any], Any]
+) -> tuple[Any, bool, bool]:
+    """Run a writer that torchrun may start in several ranks (``ops/ranks.py``): each rank
+    writes its share and rank 0 alone reports. ``call(progress, ranks)``; returns the result
+    and the ``quiet``, ``as_json`` this rank reports with."""
+    from ..ops.ranks import Ranks
+
+    ranks = Ranks.from_environment()
+    if ranks is not None and ranks.rank != 0:
+        quiet, as_json = True, False
+    try:
+        return run_writer(quiet, lambda progress: call(progress, ranks)), quiet, as_json
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
 def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by the writers: how to rename keys, cast, replace, verify."""
     options = [

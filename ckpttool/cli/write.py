@@ -18,6 +18,7 @@ from .options import (
     is_shard_folder,
     key_options,
     output_options,
+    run_ranked_writer,
     run_writer,
     shard_size,
     writer_kwargs,
@@ -219,29 +220,22 @@ def _consolidate_folder(
     """Consolidate a folder of shards and report it (consolidate, and convert/to-safetensors
     given a folder); ``how``: (quiet, as_json, verbose)."""
     from ..ops.consolidate import consolidate as do_consolidate
-    from ..ops.ranks import Ranks
 
     quiet, as_json, _verbose = how  # writers always name what URLs cost
-    ranks = Ranks.from_environment()  # under torchrun: the ranks write together
-    if ranks is not None and ranks.rank != 0:  # rank 0 reports
-        quiet, as_json = True, False
-    try:
-        result = run_writer(
-            quiet,
-            lambda progress: do_consolidate(
-                input_path,
-                output_path,
-                select=select,
-                max_shard_size=shard,
-                output_format=fmt,
-                progress=progress,
-                ranks=ranks,
-                **kwargs,
-            ),
-        )
-    finally:
-        if ranks is not None:
-            ranks.close()
+    result, quiet, as_json = run_ranked_writer(  # under torchrun: the ranks write together
+        quiet,
+        as_json,
+        lambda progress, ranks: do_consolidate(
+            input_path,
+            output_path,
+            select=select,
+            max_shard_size=shard,
+            output_format=fmt,
+            progress=progress,
+            ranks=ranks,
+            **kwargs,
+        ),
+    )
     command = click.get_current_context().info_name or "consolidate"
     report = consolidate_report(result, output_path, kwargs.get("dtype"), bool(shard))
     emit(command, result, report, quiet=quiet, as_json=as_json, remote=True)

@@ -19,6 +19,26 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
+def _renamed_and_idle(report: Report, result: Any) -> None:
+    """How many keys a folder's or a safetensors writer renamed, and the options that did
+    nothing."""
+    if result.renamed:
+        report.result(f"renamed {result.renamed} {keys(result.renamed)}")
+    for action, arg in result.idle:
+        report.message(idle_text(action, arg))
+
+
+def _left_out_and_notes(report: Report, result: Any) -> None:
+    for item in result.left_out:
+        report.message(f"left out: {escape(left_out_text(item))}")
+    for note in result.notes:
+        report.message(f"note: {escape(note)}")
+
+
+def _shards(result: Any, sharded: bool) -> str:
+    return f" in {count(len(result.files) - 1, 'shard')}" if sharded else ""
+
+
 def convert_report(result: Any, output_path: str) -> Report:
     """convert: renames, replacements, notes, what it wrote."""
     report = Report()
@@ -57,20 +77,14 @@ def convert_report(result: Any, output_path: str) -> Report:
 def to_safetensors_report(result: Any, output_path: str, sharded: bool) -> Report:
     """to-safetensors: renames, tied tensors, what it left out and wrote."""
     report = Report()
-    if result.renamed:
-        report.result(f"renamed {result.renamed} {keys(result.renamed)}")
-    for action, arg in result.idle:
-        report.message(idle_text(action, arg))
+    _renamed_and_idle(report, result)
     if result.kept_prefix:
         report.message(kept_prefix_text(result.kept_prefix))
     for alias, kept in result.aliases.items():
         report.result(f"shared: {escape(alias)} is stored once as {escape(kept)}")
-    for item in result.left_out:
-        report.message(f"left out: {escape(left_out_text(item))}")
-    for note in result.notes:
-        report.message(f"note: {escape(note)}")
+    _left_out_and_notes(report, result)
     check = "verified" if result.verified else "not verified"
-    files = f" in {count(len(result.files) - 1, 'shard')}" if sharded else ""
+    files = _shards(result, sharded)
     report.result(
         f"wrote {escape(output_path)}: {count(result.tensors, 'tensor')}{files} ({check})"
     )
@@ -80,18 +94,12 @@ def to_safetensors_report(result: Any, output_path: str, sharded: bool) -> Repor
 def consolidate_report(result: Any, output_path: str, dtype: str | None, sharded: bool) -> Report:
     """consolidate (and convert/to-safetensors given a folder of shards)."""
     report = Report()
-    if result.renamed:
-        report.result(f"renamed {result.renamed} {keys(result.renamed)}")
-    for action, arg in result.idle:
-        report.message(idle_text(action, arg))
+    _renamed_and_idle(report, result)
     if result.cast:
         report.result(f"cast {result.cast} tensors to {dtype}")
-    for item in result.left_out:
-        report.message(f"left out: {escape(left_out_text(item))}")
-    for note in result.notes:
-        report.message(f"note: {escape(note)}")
+    _left_out_and_notes(report, result)
     check = "verified" if result.verified else "not verified"
-    files = f" in {count(len(result.files) - 1, 'shard')}" if sharded else ""
+    files = _shards(result, sharded)
     report.result(
         f"wrote {escape(output_path)}: {escape(result.selected)} of a {result.kind} checkpoint "
         f"from {count(result.world_size, 'rank')}, {count(result.tensors, 'tensor')}{files} "
