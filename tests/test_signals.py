@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import termios
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,6 +291,37 @@ def test_signal_at_start_up(sig: int, big: Path, tmp_path: Path) -> None:
         time.sleep(ms / 1000)
         proc.send_signal(sig)
         assert_interrupted(finish(proc), out, before, named=None)
+
+
+def test_signal_wrapped_in_another_error_is_an_interruption(tmp_path: Path) -> None:
+    """A signal that lands while a class is being made (a module imported lazily defines a
+    dataclass: its fields' ``__set_name__``) reaches main() as a RuntimeError on Python 3.11.
+    It is still an interruption: exit 130, one line, no traceback (found by the start-up test
+    under load: a traceback and exit 1)."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from ckpttool import signals
+        signals.install()
+        from ckpttool.cli import app
+
+        class Lands:
+            def __set_name__(self, owner, name):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        @app.cli.command("boom")
+        def boom():
+            class Made:
+                field = Lands()
+
+        sys.argv = ["ckpttool", "boom"]
+        app.main()
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == ["Error: interrupted; nothing was written"]
 
 
 def test_signal_at_start_up_of_the_console_script(big: Path, tmp_path: Path) -> None:

@@ -171,6 +171,13 @@ def main() -> None:
         if signals.received() is not None:  # caught, then swallowed on its way: still stop
             _interrupted()
         raise
+    except Exception:
+        # A signal raised where Python turns exceptions into others (Python 3.11 wraps one
+        # raised while a class is being made, in a dataclass field's __set_name__, in a
+        # RuntimeError): the interruption, not that error, is what happened.
+        if signals.received() is not None:
+            _interrupted()
+        raise
     if signals.received() is not None:
         _interrupted()
 
