@@ -57,6 +57,9 @@ def _zoo_cases() -> dict[str, Any]:
 
 
 DCP_CASES = ("plain", "extra-objects", "payload-extra")
+# megatron-core 0.16's torch_dist iteration folder: its .metadata caches torch's own SavePlan
+# dataclasses (allowlisted as data), read by DCP's loader (0.15's pickles megatron's classes)
+MEGATRON_CASES = ("mcore-0.16",)
 
 
 def ids() -> list[Unit]:
@@ -65,6 +68,7 @@ def ids() -> list[Unit]:
     for c in CORPORA:
         out += [(c, case.id) for case in _corpus(c)]
     out += [("dcp", n) for n in DCP_CASES]
+    out += [("megatron", n) for n in MEGATRON_CASES]
     out += [("real-world", r["file"]) for r in REAL_WORLD_RECORDS]
     return out
 
@@ -153,6 +157,8 @@ def _all_builders(folder: Path, reuse: bool = False) -> Iterator[tuple[Unit, Bui
             yield (c, case.id), build
     for n in DCP_CASES:
         yield ("dcp", n), lambda n=n: _dcp(n, folder / "dcp", reuse)
+    for n in MEGATRON_CASES:
+        yield ("megatron", n), lambda n=n: FIXTURES / "megatron" / n / "iter_0000010"
     for r in REAL_WORLD_RECORDS:
         yield ("real-world", r["file"]), lambda f=r["file"]: REAL_WORLD / f
 
