@@ -93,26 +93,47 @@ def fix_nan(
     out[mask] = (sign | exp | quiet | mant).astype(dt)
 
 
-def _f32_to_f16(u: np.ndarray, out: np.ndarray) -> bool:
-    """float32 bits -> float16 bits, nearest even (F. Giesen's method). True if NaN was seen."""
+def _constant(name: str, value: int, dtype: Any) -> np.ndarray:
+    """A :data:`BLOCK`-long array of ``value`` owned by this thread: numpy's minimum and
+    maximum against an array run several times faster than against a scalar."""
     import numpy as np
 
-    U = np.uint32
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(name)
+    if buf is None:
+        buf = bufs[name] = np.full(BLOCK, value, dtype=dtype)
+    return buf
+
+
+def _f32_to_f16(u: np.ndarray, out: np.ndarray) -> bool:
+    """float32 bits -> float16 bits, nearest even. True if NaN was seen.
+
+    Two candidates, the smaller wins, with no branch and no masked copy (a block of real
+    weights nearly always holds some float16 subnormals): ``t``, the normal-range rounding
+    (F. Giesen's method) of the magnitude raised to float16's smallest normal, capped at
+    infinity; and ``g``, the magnitude plus 0.5 in float32 arithmetic, whose low bits are the
+    float16 subnormal rounded to nearest even (equal to ``t`` at 2**-14, larger above it).
+    """
+    import numpy as np
+
+    U, S = np.uint32, np.int32
     k = u.size
     f, t, g = _scratch("a", U)[:k], _scratch("b", U)[:k], _scratch("c", U)[:k]
+    fi, ti, gi = f.view(S), t.view(S), g.view(S)
     np.bitwise_and(u, U(0x7FFFFFFF), out=f)
-    np.right_shift(f, U(13), out=t)  # normal range: rebias the exponent, round to even
+    np.add(f.view(np.float32), np.float32(0.5), out=g.view(np.float32))  # before f is raised
+    nan = bool(f.max() > U(0x7F800000))
+    np.maximum(fi, _constant("min_normal", 113 << 23, S)[:k], out=fi)  # 2**-14
+    np.right_shift(f, U(13), out=t)
     np.bitwise_and(t, U(1), out=t)
     np.add(t, f, out=t)
     np.add(t, U(0xC8000FFF), out=t)  # ((15 - 127) << 23) + 0xFFF, modulo 2**32
     np.right_shift(t, U(13), out=t)
-    np.minimum(t, U(0x7C00), out=t)  # 65520 and above: infinity (NaN fixed by the caller)
-    if f.min() < U(113 << 23):  # float16 subnormals and zeros: a float addition rounds them
-        half = np.float32(0.5)  # 2**-1: aligns float16's smallest subnormal with bit 0
-        np.add(f.view(np.float32), half, out=g.view(np.float32))
-        np.subtract(g, half.view(U), out=g)
-        np.copyto(t, g, where=np.less(f, U(113 << 23), out=_scratch("m", np.bool_)[:k]))
-    nan = bool(f.max() > U(0x7F800000))
+    np.minimum(ti, _constant("f16_inf", 0x7C00, S)[:k], out=ti)  # 65520 and above: infinity
+    np.subtract(g, U(0x3F000000), out=g)  # 0.5's bits: what is left is float16's
+    np.minimum(ti, gi, out=ti)
     np.right_shift(u, U(16), out=g)
     np.bitwise_and(g, U(0x8000), out=g)
     np.bitwise_or(t, g, out=t)
