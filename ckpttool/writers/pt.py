@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import dtypes
 from ..errors import CheckpointError
 from ..model import TensorRef
 from ..ops.plain import MemoryStorage
@@ -20,6 +21,7 @@ from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .cast_kernels import Ring, ahead
+from .cast_range import can_cast_range, cast_range
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, Pickled, pickle_tree
@@ -48,6 +50,16 @@ def _write_transformed(
         if progress:
             progress(len(memory.data))
         return crc32(memory.data)
+    if isinstance(src_fd, int) and _spreads(out, src):  # a plain cast: on every core
+        start = os.lseek(dst_fd, 0, os.SEEK_CUR)
+        try:
+            crc = cast_range(src_fd, src.offset, src.nbytes // dtypes.get(src.dtype).itemsize,
+                             src.dtype, dst_fd, start, out.dtype, progress)  # fmt: skip
+        except EOFError:
+            raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
+        os.lseek(dst_fd, start + out.nbytes, os.SEEK_SET)
+        bytecopy.start_writeback(dst_fd, start, out.nbytes)
+        return crc
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
     chunks: Iterator[Any] = bytecopy.iter_storage_chunks(src, src_fd, ring)
@@ -61,6 +73,18 @@ def _write_transformed(
         if progress:
             progress(len(data))  # output bytes, as the total counts them (a cast changes size)
     return crc
+
+
+def _spreads(out: OutStorage, src: Any) -> bool:
+    """Whether a storage is a plain cast of a stored record (:mod:`.cast_range`)."""
+    return (
+        not src.compressed
+        and not src.big_endian
+        and out.dtype != src.dtype
+        and can_cast_range(src.dtype, out.dtype, src.nbytes)
+        and out.nbytes * dtypes.get(src.dtype).itemsize
+        == src.nbytes * dtypes.get(out.dtype).itemsize
+    )
 
 
 def _serialization_id(pkl: bytes, outs: list[OutStorage]) -> bytes:

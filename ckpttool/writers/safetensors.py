@@ -23,6 +23,7 @@ from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
 from .cast_kernels import Ring, ahead
+from .cast_range import can_cast_range, cast_range
 from .clone import clone_block
 from .crc import crc32
 
@@ -96,6 +97,18 @@ def direct_span(it: Item) -> tuple[str, int] | None:
 Span = Callable[[Item], "tuple[str, int] | None"]
 
 
+def _plain_cast(it: Item) -> bool:
+    """A tensor whose bytes are one range of its input, cast by :mod:`.cast_range`."""
+    ref, src = it.ref, it.ref.storage
+    return (
+        src is not None
+        and ref.is_contiguous()
+        and not numeric.swaps(src)
+        and not numeric.has_view_bits(ref)
+        and can_cast_range(ref.dtype, it.dtype, ref.nbytes)
+    )
+
+
 def _write_gathered(
     it: Item, sources: bytecopy.Sources, fd: int, progress: Progress | None, ring: Ring
 ) -> None:
@@ -103,6 +116,17 @@ def _write_gathered(
     src = it.ref.storage
     assert src is not None
     map_fd = sources.fd(src.file) if src.file and not src.compressed else None
+    if isinstance(map_fd, int) and _plain_cast(it):  # one range, cast: on every core
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        at = src.offset + it.ref.storage_offset * it.ref.itemsize
+        try:
+            it.crc = cast_range(map_fd, at, it.ref.numel, it.ref.dtype, fd, start, it.dtype,
+                                progress)  # fmt: skip
+        except EOFError:
+            raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
+        os.lseek(fd, start + it.nbytes, os.SEEK_SET)
+        bytecopy.start_writeback(fd, start, it.nbytes)
+        return
     crc = 0
     pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd, ring=ring)
     for piece in ahead(pieces) if it.nbytes > numeric.CHUNK else pieces:  # gather while writing

@@ -1,0 +1,158 @@
+"""A cast of one contiguous range of a local file into the output, on every core.
+
+A cast storage is cut into pieces of :data:`PIECE` input bytes; each of :func:`workers`
+threads takes the next piece, reads it (``preadv``), casts it (:mod:`.cast_kernels`), writes it
+where it belongs (``pwrite``) and takes its CRC-32; the caller's thread puts the CRCs together
+in order (:func:`.crc.crc32_combine`) and reports progress. Reading, casting and the kernel's
+copy into the page cache each take a core's worth of time: spread over the cores, none of them
+waits for another (a reader thread one chunk ahead of a writer left the writer idle on two
+cores, see ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .cast_kernels import KERNELS, cores, fix_nan
+from .crc import crc32, crc32_combine
+
+PIECE = 2 << 20  # input bytes per piece: a 4 MB tensor still goes to two cores
+MIN_BYTES = 2 * PIECE  # smaller casts are not worth the threads
+_NAN_LAYOUT = {"float16": (16, 5, 10), "bfloat16": (16, 8, 7)}
+_BITS = {"float32": ("uint32", 4), "float16": ("uint16", 2), "bfloat16": ("uint16", 2)}
+_local = threading.local()
+
+
+def workers() -> int:
+    """Threads per cast: every core, at most 4 (the page cache stops scaling before)."""
+    return max(1, min(4, cores()))
+
+
+def can_cast_range(src_dtype: str, dst_dtype: str, nbytes: int) -> bool:
+    """Whether :func:`cast_range` casts ``nbytes`` of ``src_dtype`` to ``dst_dtype``: a pair
+    with a kernel of its own, and enough bytes to spread."""
+    return (src_dtype, dst_dtype) in KERNELS and nbytes >= MIN_BYTES
+
+
+def cast_range(
+    src_fd: int,
+    src_off: int,
+    count: int,
+    src_dtype: str,
+    dst_fd: int,
+    dst_off: int,
+    dst_dtype: str,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Cast ``count`` little-endian ``src_dtype`` elements at ``src_off`` of ``src_fd`` to
+    ``dst_dtype``, written at ``dst_off`` of ``dst_fd`` (the file position is not used or
+    moved), as torch's ``.to(dst_dtype)`` rounds.
+
+    Returns:
+        The CRC-32 of the bytes written.
+
+    Raises:
+        EOFError: the input ends before ``count`` elements.
+    """
+    src_item, dst_item = _BITS[src_dtype][1], _BITS[dst_dtype][1]
+    per = PIECE // src_item
+    pieces = -(-count // per)
+    crcs: list[tuple[int, int] | None] = [None] * pieces
+    done = threading.Condition()
+    failed: list[BaseException] = []
+    stop = threading.Event()
+    taken = itertools.count()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                k = next(taken)
+                if k >= pieces:
+                    return
+                first = k * per
+                n = min(per, count - first)
+                crc = _piece(src_fd, src_off + first * src_item, n, src_dtype, dst_fd,
+                             dst_off + first * dst_item, dst_dtype)  # fmt: skip
+                with done:
+                    crcs[k] = (crc, n * dst_item)
+                    done.notify()
+        except BaseException as exc:  # handed to the caller's thread
+            with done:
+                failed.append(exc)
+                stop.set()
+                done.notify()
+
+    threads = [threading.Thread(target=work, name="ckpttool-cast", daemon=True)
+               for _ in range(min(workers(), pieces))]  # fmt: skip
+    for t in threads:
+        t.start()
+    try:
+        return _gather(crcs, done, failed, progress)
+    finally:
+        stop.set()
+        for t in threads:  # nothing may write into dst_fd once this returns
+            t.join()
+
+
+def _gather(
+    crcs: list[tuple[int, int] | None],
+    done: threading.Condition,
+    failed: list[BaseException],
+    progress: Callable[[int], None] | None,
+) -> int:
+    """The CRC-32 of the pieces in order, as they are finished; progress as they come."""
+    crc = 0
+    for k in range(len(crcs)):
+        with done:
+            while crcs[k] is None and not failed:
+                done.wait()
+            if failed:
+                raise failed[0]
+            got = crcs[k]
+        assert got is not None
+        crc = crc32_combine(crc, got[0], got[1])
+        if progress:
+            progress(got[1])
+    return crc
+
+
+def _piece(
+    src_fd: int, src_off: int, n: int, src: str, dst_fd: int, dst_off: int, dst: str
+) -> int:
+    """Read, cast and write one piece in this thread's buffers; its CRC-32."""
+    import numpy as np
+
+    raw, out = _buffers(n * _BITS[src][1], n * _BITS[dst][1])
+    got = os.preadv(src_fd, [raw], src_off)
+    if got != len(raw):
+        raise EOFError(f"{got} of {len(raw)} bytes at offset {src_off}")
+    bits = raw.view(_BITS[src][0])
+    cast = out.view(_BITS[dst][0])
+    kernel = KERNELS[(src, dst)]
+    block = 1 << 15
+    with np.errstate(all="ignore"):  # numpy's error state is per thread
+        for i in range(0, n, block):
+            b, o = bits[i : i + block], cast[i : i + block]
+            if kernel(b, o) and dst in _NAN_LAYOUT:
+                fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
+    view = memoryview(out)
+    crc = crc32(view)
+    while view:
+        wrote = os.pwrite(dst_fd, view, dst_off)
+        view, dst_off = view[wrote:], dst_off + wrote
+    return crc
+
+
+def _buffers(n_in: int, n_out: int) -> tuple[Any, Any]:
+    """This thread's input and output buffers (uint8 arrays), cut to size."""
+    import numpy as np
+
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0].size < n_in or bufs[1].size < n_out:
+        bufs = _local.bufs = (np.empty(max(n_in, PIECE), np.uint8),
+                              np.empty(max(n_out, PIECE), np.uint8))  # fmt: skip
+    return bufs[0][:n_in], bufs[1][:n_out]

@@ -1,0 +1,156 @@
+"""Casts spread over the cores (issue 22, ``writers/cast_range.py``): the bytes are torch's,
+the CRC-32 is the bytes', a failure in any thread reaches the caller with every thread stopped,
+and both writers take this path for a plain cast (and give torch's values through it)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckpttool
+from ckpttool.writers import cast_range as cr
+from ckpttool.writers.crc import crc32_combine
+
+N = 3 * (cr.PIECE // 4) + 1234  # float32 elements: three whole pieces and a short one
+HEAD = 4096 + 12  # bytes before the range in the input file (an unaligned start)
+
+
+def _values(n: int) -> torch.Tensor:
+    """Every kind of float32: normals, float16 subnormals and ties, zeros, inf, NaN."""
+    i = torch.arange(n, dtype=torch.int64)
+    x = ((i * 2654435761 + 7) % (1 << 32)).to(torch.int32).view(torch.float32).clone()
+    x[::97] = 0.0
+    x[5::1009] = float("inf")
+    x[11::13] *= 2.0**-100  # many float16 subnormals and underflows
+    return x
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _same_as_torch(got: np.ndarray, want: torch.Tensor) -> None:
+    """Bit for bit, NaN-ness only for NaNs (their payload: tests/test_numeric.py)."""
+    w = _bits(want)
+    exp = 0x7C00 if want.dtype == torch.float16 else 0x7F80  # all-ones exponent, and more
+    nan = (w & 0x7FFF) > exp
+    assert np.array_equal((got & 0x7FFF) > exp, nan)
+    assert np.array_equal(got[~nan], w[~nan])
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(cr, "workers", lambda: request.param)
+    return int(request.param)
+
+
+@pytest.mark.parametrize("dst", ["float16", "bfloat16"])
+def test_cast_range_is_torchs_cast_with_its_crc(tmp_path: Path, threads: int, dst: str) -> None:
+    x = _values(N)
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"h" * HEAD + x.numpy().tobytes() + b"tail")
+    seen: list[int] = []
+    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
+        fout.write(b"0123")
+        got_crc = cr.cast_range(fin.fileno(), HEAD, N, "float32", fout.fileno(), 4, dst,
+                                seen.append)  # fmt: skip
+        assert fout.tell() == 4  # the file position is the caller's
+    out = (tmp_path / "out.bin").read_bytes()
+    assert out[:4] == b"0123" and len(out) == 4 + 2 * N
+    assert got_crc == zlib.crc32(out[4:])
+    assert sum(seen) == 2 * N and len(seen) == 4  # one report per piece, in order
+    _same_as_torch(np.frombuffer(out[4:], np.uint16), x.to(getattr(torch, dst)))
+
+
+def test_a_short_input_fails_and_stops_every_thread(tmp_path: Path, threads: int) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(_values(N).numpy().tobytes()[: 4 * (N - 10)])  # the last piece is short
+    before = threading.active_count()
+    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
+        with pytest.raises(EOFError):
+            cr.cast_range(fin.fileno(), 0, N, "float32", fout.fileno(), 0, "bfloat16")
+    assert threading.active_count() == before
+
+
+def test_an_error_in_a_thread_reaches_the_caller(
+    tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cr._piece
+    calls: list[int] = []
+
+    def piece(*args: object) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cr, "_piece", piece)
+    src = tmp_path / "in.bin"
+    src.write_bytes(_values(N).numpy().tobytes())
+    before = threading.active_count()
+    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
+        with pytest.raises(OSError, match="No space"):
+            cr.cast_range(fin.fileno(), 0, N, "float32", fout.fileno(), 0, "float16")
+    assert threading.active_count() == before
+
+
+def test_crc32_combine_equals_the_crc_of_the_whole() -> None:
+    rng = np.random.default_rng(3)
+    for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 3), (7, 1 << 16), (4097, 12345)]:
+        a, b = rng.bytes(n1), rng.bytes(n2)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: object) -> list[str]:
+    used: list[str] = []
+    real = cr.cast_range
+
+    def spy(*args: object, **kw: object) -> int:
+        used.append(str(args[6]))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "cast_range", spy)
+    return used
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_convert_casts_through_the_cores_like_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    from ckpttool.writers import pt
+
+    used = _spy(monkeypatch, pt)
+    big = _values(N + 100)
+    sd = {"w": big, "view": big[100:].view(-1, 2), "small": _values(10)}
+    torch.save(sd, tmp_path / "in.pt")
+    ckpttool.convert(tmp_path / "in.pt", tmp_path / "out.pt", dtype=dtype)
+    assert used == [dtype]  # the big storage (shared by two tensors), not the small one
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name, t in sd.items():
+        want = t.to(getattr(torch, dtype))
+        _same_as_torch(_bits(got[name]), want.contiguous())
+    assert got["view"].untyped_storage().data_ptr() == got["w"].untyped_storage().data_ptr()
+
+
+def test_to_safetensors_casts_through_the_cores_like_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpttool.writers import safetensors
+
+    used = _spy(monkeypatch, safetensors)
+    big = _values(N + 100)
+    sd = {"w": big[100:], "t": big[: 2 * 3000].view(2, 3000).t()}  # an offset; a transpose
+    torch.save(sd, tmp_path / "in.pt")
+    ckpttool.to_safetensors(tmp_path / "in.pt", tmp_path / "out.safetensors", dtype="bfloat16")
+    assert used == ["bfloat16"]  # "w" only: "t" is gathered
+    got = load_file(tmp_path / "out.safetensors")
+    for name, t in sd.items():
+        _same_as_torch(_bits(got[name]), t.to(torch.bfloat16).contiguous())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
