@@ -73,9 +73,9 @@ def test_a_short_input_fails_and_stops_every_thread(tmp_path: Path, threads: int
     src = tmp_path / "in.bin"
     src.write_bytes(_values(N).numpy().tobytes()[: 4 * (N - 10)])  # the last piece is short
     before = threading.active_count()
-    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
-        with pytest.raises(EOFError):
-            cr.cast_range(fin.fileno(), 0, N, "float32", fout.fileno(), 0, "bfloat16")
+    out = open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
+    with open(src, "rb") as fin, out, pytest.raises(EOFError):
+        cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "bfloat16")
     assert threading.active_count() == before
 
 
@@ -95,9 +95,9 @@ def test_an_error_in_a_thread_reaches_the_caller(
     src = tmp_path / "in.bin"
     src.write_bytes(_values(N).numpy().tobytes())
     before = threading.active_count()
-    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
-        with pytest.raises(OSError, match="No space"):
-            cr.cast_range(fin.fileno(), 0, N, "float32", fout.fileno(), 0, "float16")
+    out = open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
+    with open(src, "rb") as fin, out, pytest.raises(OSError, match="No space"):
+        cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "float16")
     assert threading.active_count() == before
 
 

@@ -2,9 +2,10 @@
 
 A cast storage is cut into pieces of :data:`PIECE` input bytes; each of :func:`workers`
 threads takes the next piece, reads it (``preadv``), casts it (:mod:`.cast_kernels`), writes it
-where it belongs (``pwrite``) and takes its CRC-32; the caller's thread puts the CRCs together
-in order (:func:`.crc.crc32_combine`) and reports progress. Reading, casting and the kernel's
-copy into the page cache each take a core's worth of time: spread over the cores, none of them
+where it belongs (``pwrite``), starts its write-back (so the fsync before the output is renamed
+has little left to do) and takes its CRC-32; the caller's thread puts the CRCs together in
+order (:func:`.crc.crc32_combine`) and reports progress. Reading, casting and the kernel's copy
+into the page cache each take a core's worth of time: spread over the cores, none of them
 waits for another (a reader thread one chunk ahead of a writer left the writer idle on two
 cores, see ``benchmarks/README.md``).
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from .cast_kernels import KERNELS, cores, fix_nan
 from .crc import crc32, crc32_combine
+from .writeback import start_writeback
 
 PIECE = 2 << 20  # input bytes per piece: a 4 MB tensor still goes to two cores
 MIN_BYTES = 2 * PIECE  # smaller casts are not worth the threads
@@ -141,9 +143,11 @@ def _piece(
                 fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
     view = memoryview(out)
     crc = crc32(view)
+    at = dst_off
     while view:
-        wrote = os.pwrite(dst_fd, view, dst_off)
-        view, dst_off = view[wrote:], dst_off + wrote
+        wrote = os.pwrite(dst_fd, view, at)
+        view, at = view[wrote:], at + wrote
+    start_writeback(dst_fd, dst_off, len(out))  # the final fsync then has little left
     return crc
 
 

@@ -58,7 +58,6 @@ def _write_transformed(
         except EOFError:
             raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
         os.lseek(dst_fd, start + out.nbytes, os.SEEK_SET)
-        bytecopy.start_writeback(dst_fd, start, out.nbytes)
         return crc
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian

@@ -125,7 +125,6 @@ def _write_gathered(
         except EOFError:
             raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
         os.lseek(fd, start + it.nbytes, os.SEEK_SET)
-        bytecopy.start_writeback(fd, start, it.nbytes)
         return
     crc = 0
     pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd, ring=ring)
