@@ -32,16 +32,21 @@ def _values(n: int) -> torch.Tensor:
     return x
 
 
+_INT = {2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32)}
+_NAN_ABOVE = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    signed, unsigned = _INT[t.element_size()]
+    return t.contiguous().view(signed).numpy().view(unsigned)
 
 
 def _same_as_torch(got: np.ndarray, want: torch.Tensor) -> None:
     """Bit for bit, NaN-ness only for NaNs (their payload: tests/test_numeric.py)."""
     w = _bits(want)
-    exp = 0x7C00 if want.dtype == torch.float16 else 0x7F80  # all-ones exponent, and more
-    nan = (w & 0x7FFF) > exp
-    assert np.array_equal((got & 0x7FFF) > exp, nan)
+    mag = np.uint32(0x7FFFFFFF) if w.itemsize == 4 else np.uint16(0x7FFF)
+    nan = (w & mag) > _NAN_ABOVE[want.dtype]
+    assert np.array_equal((got & mag) > _NAN_ABOVE[want.dtype], nan)
     assert np.array_equal(got[~nan], w[~nan])
 
 
@@ -51,22 +56,36 @@ def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return int(request.param)
 
 
-@pytest.mark.parametrize("dst", ["float16", "bfloat16"])
-def test_cast_range_is_torchs_cast_with_its_crc(tmp_path: Path, threads: int, dst: str) -> None:
-    x = _values(N)
-    src = tmp_path / "in.bin"
-    src.write_bytes(b"h" * HEAD + x.numpy().tobytes() + b"tail")
+PAIRS = [
+    ("float32", "float16"),
+    ("float32", "bfloat16"),
+    ("bfloat16", "float32"),  # a kernel of its own
+    ("float16", "float32"),  # the others: a table of every pattern
+    ("float16", "bfloat16"),
+    ("float8_e4m3fn", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS)
+def test_cast_range_is_torchs_cast_with_its_crc(
+    tmp_path: Path, threads: int, src: str, dst: str
+) -> None:
+    x = _values(N).to(getattr(torch, src))
+    size = x.element_size()
+    path = tmp_path / "in.bin"
+    path.write_bytes(b"h" * HEAD + x.view(torch.uint8).numpy().tobytes() + b"tail")
     seen: list[int] = []
-    with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
+    out_item = torch.empty((), dtype=getattr(torch, dst)).element_size()
+    with open(path, "rb") as fin, open(tmp_path / "out.bin", "w+b") as fout:
         fout.write(b"0123")
-        got_crc = cr.cast_range(fin.fileno(), HEAD, N, "float32", fout.fileno(), 4, dst,
-                                seen.append)  # fmt: skip
+        got_crc = cr.cast_range(fin.fileno(), HEAD, N, src, fout.fileno(), 4, dst, seen.append)
         assert fout.tell() == 4  # the file position is the caller's
     out = (tmp_path / "out.bin").read_bytes()
-    assert out[:4] == b"0123" and len(out) == 4 + 2 * N
+    assert out[:4] == b"0123" and len(out) == 4 + out_item * N
     assert got_crc == zlib.crc32(out[4:])
-    assert sum(seen) == 2 * N and len(seen) == 4  # one report per piece, in order
-    _same_as_torch(np.frombuffer(out[4:], np.uint16), x.to(getattr(torch, dst)))
+    assert sum(seen) == out_item * N and len(seen) == -(-N * size // cr.PIECE)  # in order
+    got = np.frombuffer(out[4:], _INT[out_item][1])
+    _same_as_torch(got, x.to(getattr(torch, dst)))
 
 
 def test_a_short_input_fails_and_stops_every_thread(tmp_path: Path, threads: int) -> None:
@@ -120,15 +139,18 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: object) -> list[str]:
     return used
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("src", "dtype"), [("float32", "float16"), ("float32", "bfloat16"), ("float16", "float32")]
+)
 def test_convert_casts_through_the_cores_like_torch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str, dtype: str
 ) -> None:
     from ckpttool.writers import pt
 
     used = _spy(monkeypatch, pt)
-    big = _values(N + 100)
-    sd = {"w": big, "view": big[100:].view(-1, 2), "small": _values(10)}
+    size = torch.empty((), dtype=getattr(torch, src)).element_size()
+    big = _values((N + 100) * 4 // size).to(getattr(torch, src))  # over MIN_BYTES
+    sd = {"w": big, "view": big[100:].view(-1, 2), "small": _values(10).to(big.dtype)}
     torch.save(sd, tmp_path / "in.pt")
     ckpttool.convert(tmp_path / "in.pt", tmp_path / "out.pt", dtype=dtype)
     assert used == [dtype]  # the big storage (shared by two tensors), not the small one

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .. import dtypes
 from .cast_kernels import KERNELS, cores, fix_nan
 from .crc import crc32, crc32_combine
 from .writeback import start_writeback
@@ -25,7 +26,6 @@ from .writeback import start_writeback
 PIECE = 2 << 20  # input bytes per piece: a 4 MB tensor still goes to two cores
 MIN_BYTES = 2 * PIECE  # smaller casts are not worth the threads
 _NAN_LAYOUT = {"float16": (16, 5, 10), "bfloat16": (16, 8, 7)}
-_BITS = {"float32": ("uint32", 4), "float16": ("uint16", 2), "bfloat16": ("uint16", 2)}
 _local = threading.local()
 
 
@@ -35,9 +35,11 @@ def workers() -> int:
 
 
 def can_cast_range(src_dtype: str, dst_dtype: str, nbytes: int) -> bool:
-    """Whether :func:`cast_range` casts ``nbytes`` of ``src_dtype`` to ``dst_dtype``: a pair
-    with a kernel of its own, and enough bytes to spread."""
-    return (src_dtype, dst_dtype) in KERNELS and nbytes >= MIN_BYTES
+    """Whether :func:`cast_range` casts ``nbytes`` of ``src_dtype`` to ``dst_dtype``: two
+    different floating dtypes that :mod:`.numeric` casts, and enough bytes to spread."""
+    from .numeric import can_cast
+
+    return src_dtype != dst_dtype and can_cast(src_dtype, dst_dtype) and nbytes >= MIN_BYTES
 
 
 def cast_range(
@@ -60,7 +62,7 @@ def cast_range(
     Raises:
         EOFError: the input ends before ``count`` elements.
     """
-    src_item, dst_item = _BITS[src_dtype][1], _BITS[dst_dtype][1]
+    src_item, dst_item = dtypes.get(src_dtype).itemsize, dtypes.get(dst_dtype).itemsize
     per = PIECE // src_item
     pieces = -(-count // per)
     crcs: list[tuple[int, int] | None] = [None] * pieces
@@ -128,18 +130,22 @@ def _piece(
     """Read, cast and write one piece in this thread's buffers; its CRC-32."""
     import numpy as np
 
-    raw, out = _buffers(n * _BITS[src][1], n * _BITS[dst][1])
+    from .numeric import _cast_block, bits_dtype
+
+    in_type, out_type = bits_dtype(src), bits_dtype(dst)
+    raw, out = _buffers(n * in_type.itemsize, n * out_type.itemsize)
     got = os.preadv(src_fd, [raw], src_off)
     if got != len(raw):
         raise EOFError(f"{got} of {len(raw)} bytes at offset {src_off}")
-    bits = raw.view(_BITS[src][0])
-    cast = out.view(_BITS[dst][0])
-    kernel = KERNELS[(src, dst)]
+    bits, cast = raw.view(in_type), out.view(out_type)
+    kernel = KERNELS.get((src, dst))
     block = 1 << 15
     with np.errstate(all="ignore"):  # numpy's error state is per thread
         for i in range(0, n, block):
             b, o = bits[i : i + block], cast[i : i + block]
-            if kernel(b, o) and dst in _NAN_LAYOUT:
+            if kernel is None:  # a table of every pattern (2-byte and float8 sources)
+                o[...] = _cast_block(b, src, dst)
+            elif kernel(b, o) and dst in _NAN_LAYOUT:
                 fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
     view = memoryview(out)
     crc = crc32(view)
