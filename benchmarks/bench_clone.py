@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--image-size", default=16 << 30, type=int, help="bytes per loop image")
     ap.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the tables whose title holds TEXT (repeatable), e.g. --only cast",
+    )
+    ap.add_argument(
         "--size", default=SIZE, type=int, help="bytes of the benchmark file (default 2 GB)"
     )
     add_common_args(ap)
@@ -369,6 +375,8 @@ def _measure(
     if first:
         tables.append((f"{kind}: diff --values, 2 GB file against its converted copy",
                        diff_cases(p["bench"], root)))  # fmt: skip
+    if args.only:
+        tables = [(t, c) for t, c in tables if any(word in t for word in args.only)]
     out: list[tuple[str, list[CaseResult]]] = []
     for title, cases in tables:
         print(f"[bench] {title}", file=sys.stderr, flush=True)
