@@ -358,25 +358,32 @@ def side_by_side(sections: list[tuple[str, list[CaseResult]]], size: int) -> str
 def _measure(
     kind: str, root: Path, made: dict[str, Path], args: argparse.Namespace, first: bool
 ) -> list[tuple[str, list[CaseResult]]]:
-    p = {k: _copy_in(v, root) for k, v in made.items()}
     clones = kind != "ext4"
 
     def gb(path: Path) -> str:
         return f"{path.stat().st_size / 1e9:.2f} GB"
 
-    bench, st, dcp, plain, fp32 = (p[k] for k in ("bench", "st", "dcp", "plain", "fp32"))
-    tables = [
-        (f"{kind}: {bench.name} ({gb(bench)})", pt_cases(bench, root, clones)),
-        (f"{kind}: {st.name} ({gb(st)})", safetensors_cases(st, root, clones)),
-        (f"{kind}: {dcp.name} (DCP saved by one process)", dcp_cases(dcp, root, clones)),
-        (f"{kind}: {plain.name} ({gb(plain)}), cast to bfloat16", bf16_cases(plain, root)),
-        (f"{kind}: {fp32.name} ({gb(fp32)}, float32), cast to float16", f16_cases(fp32, root)),
-    ]
+    def on_fs(key: str) -> Path:  # inputs are copied in only for the tables that run
+        return _copy_in(made[key], root)
+
+    specs = [
+        ("bench", lambda q: f"{q.name} ({gb(q)})", lambda q: pt_cases(q, root, clones)),
+        ("st", lambda q: f"{q.name} ({gb(q)})", lambda q: safetensors_cases(q, root, clones)),
+        ("dcp", lambda q: f"{q.name} (DCP saved by one process)",
+         lambda q: dcp_cases(q, root, clones)),
+        ("plain", lambda q: f"{q.name} ({gb(q)}), cast to bfloat16", lambda q: bf16_cases(q, root)),
+        ("fp32", lambda q: f"{q.name} ({gb(q)}, float32), cast to float16",
+         lambda q: f16_cases(q, root)),
+    ]  # fmt: skip
     if first:
-        tables.append((f"{kind}: diff --values, 2 GB file against its converted copy",
-                       diff_cases(p["bench"], root)))  # fmt: skip
-    if args.only:
-        tables = [(t, c) for t, c in tables if any(word in t for word in args.only)]
+        specs.append(("bench", lambda q: "diff --values, 2 GB file against its converted copy",
+                      lambda q: diff_cases(q, root)))  # fmt: skip
+    tables = []
+    for key, title, cases in specs:
+        name = f"{kind}: {title(made[key])}"
+        if not args.only or any(word in name for word in args.only):
+            path = on_fs(key)
+            tables.append((f"{kind}: {title(path)}", cases(path)))
     out: list[tuple[str, list[CaseResult]]] = []
     for title, cases in tables:
         print(f"[bench] {title}", file=sys.stderr, flush=True)
