@@ -56,17 +56,18 @@ def overlap() -> bool:
     return cores() >= 3
 
 
-def _scratch(name: str, dtype: Any) -> np.ndarray:
-    """A buffer of :data:`BLOCK` elements owned by this thread (allocated once)."""
+def _scratch(name: str, dtype: Any, size: int = BLOCK) -> np.ndarray:
+    """A buffer of at least ``size`` elements (:data:`BLOCK` or more) owned by this thread,
+    cut to ``size`` (allocated once, grown when a caller passes bigger blocks)."""
     import numpy as np
 
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
     buf = bufs.get(name)
-    if buf is None:
-        buf = bufs[name] = np.empty(BLOCK, dtype=dtype)
-    return buf
+    if buf is None or buf.size < size:
+        buf = bufs[name] = np.empty(max(size, BLOCK), dtype=dtype)
+    return buf[:size]
 
 
 def fix_nan(
@@ -93,18 +94,18 @@ def fix_nan(
     out[mask] = (sign | exp | quiet | mant).astype(dt)
 
 
-def _constant(name: str, value: int, dtype: Any) -> np.ndarray:
-    """A :data:`BLOCK`-long array of ``value`` owned by this thread: numpy's minimum and
-    maximum against an array run several times faster than against a scalar."""
+def _constant(name: str, value: int, dtype: Any, size: int) -> np.ndarray:
+    """``size`` copies of ``value``, owned by this thread: numpy's minimum and maximum against
+    an array run several times faster than against a scalar."""
     import numpy as np
 
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
     buf = bufs.get(name)
-    if buf is None:
-        buf = bufs[name] = np.full(BLOCK, value, dtype=dtype)
-    return buf
+    if buf is None or buf.size < size:
+        buf = bufs[name] = np.full(max(size, BLOCK), value, dtype=dtype)
+    return buf[:size]
 
 
 def _f32_to_f16(u: np.ndarray, out: np.ndarray) -> bool:
@@ -120,18 +121,18 @@ def _f32_to_f16(u: np.ndarray, out: np.ndarray) -> bool:
 
     U, S = np.uint32, np.int32
     k = u.size
-    f, t, g = _scratch("a", U)[:k], _scratch("b", U)[:k], _scratch("c", U)[:k]
+    f, t, g = _scratch("a", U, k), _scratch("b", U, k), _scratch("c", U, k)
     fi, ti, gi = f.view(S), t.view(S), g.view(S)
     np.bitwise_and(u, U(0x7FFFFFFF), out=f)
     np.add(f.view(np.float32), np.float32(0.5), out=g.view(np.float32))  # before f is raised
     nan = bool(f.max() > U(0x7F800000))
-    np.maximum(fi, _constant("min_normal", 113 << 23, S)[:k], out=fi)  # 2**-14
+    np.maximum(fi, _constant("min_normal", 113 << 23, S, k), out=fi)  # 2**-14
     np.right_shift(f, U(13), out=t)
     np.bitwise_and(t, U(1), out=t)
     np.add(t, f, out=t)
     np.add(t, U(0xC8000FFF), out=t)  # ((15 - 127) << 23) + 0xFFF, modulo 2**32
     np.right_shift(t, U(13), out=t)
-    np.minimum(ti, _constant("f16_inf", 0x7C00, S)[:k], out=ti)  # 65520 and above: infinity
+    np.minimum(ti, _constant("f16_inf", 0x7C00, S, k), out=ti)  # 65520 and above: infinity
     np.subtract(g, U(0x3F000000), out=g)  # 0.5's bits: what is left is float16's
     np.minimum(ti, gi, out=ti)
     np.right_shift(u, U(16), out=g)
@@ -146,7 +147,7 @@ def _f32_to_bf16(u: np.ndarray, out: np.ndarray) -> bool:
     import numpy as np
 
     U = np.uint32
-    t = _scratch("b", U)[: u.size]
+    t = _scratch("b", U, u.size)
     np.right_shift(u, U(16), out=t)
     np.bitwise_and(t, U(1), out=t)
     np.add(t, U(0x7FFF), out=t)
