@@ -448,3 +448,65 @@ def test_refuses_item_that_contradicts_the_metadata(
     _rewrite_metadata(bad, edit)
     with pytest.raises(CheckpointError, match=r"item 'model\.pos' holds a float32 tensor"):
         open_checkpoint(bad)
+
+
+# -- the metadata is read as few times as it can be (issue 22: consolidation speed) ----------------
+def test_a_folders_metadata_is_read_once_for_its_verdict(
+    folders: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four .distcp files, one reading of .metadata into their items (it was one per file)."""
+    calls: list[str] = []
+    real = dcp_reader.item_ranges
+
+    def counted(folder: str) -> Any:
+        calls.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(dcp_reader, "item_ranges", counted)  # the readers import it late
+    dc = open_checkpoint(folders[4])
+    assert dc.verdict is not None and dc.verdict.safe
+    assert calls == [str(folders[4])]
+
+
+def test_a_bad_metadata_is_read_once_and_still_makes_every_file_unreadable(
+    folders: dict[int, Path], tmp_path: Path
+) -> None:
+    from ckpttool.unpickling.discover import scan_file, scan_files
+
+    bad = _copy(folders[4], tmp_path / "m")
+    calls: list[str] = []
+
+    def broken(folder: str) -> Any:
+        calls.append(folder)
+        raise CheckpointError(folder, "is unreadable on purpose")
+
+    files = sorted(str(p) for p in bad.glob("*.distcp"))
+    verdict = scan_files(files, dcp_items=broken)
+    assert len(calls) == 1
+    assert verdict.kind == "unreadable"
+    assert any("unreadable on purpose" in r for r in verdict.reasons("unreadable"))
+    for f in files:  # each file alone says the same, so merging lost nothing
+        assert scan_file(f, dcp_items=broken).reasons("unreadable") == verdict.reasons(
+            "unreadable"
+        )
+
+
+def test_the_metadata_the_verdict_walked_is_not_walked_again(
+    folders: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's pre-pass over a pickle (pickletools, ~0.1 s for a big .metadata) is skipped
+    for the bytes the verdict's walk parsed whole; a pickle with bytes after its STOP is not
+    one of them."""
+    from ckpttool.unpickling import loaders, parsed, scan
+    from ckpttool.unpickling.loaders import Found
+
+    walked: list[int] = []
+    monkeypatch.setattr(scan, "_scan", lambda f, end: walked.append(end) or (None, None))
+    parsed._PARSED.clear()
+    data = (folders[4] / ".metadata").read_bytes()
+    open_checkpoint(folders[4])
+    assert walked and len(data) not in walked  # the items' pickles were; the metadata not
+    assert parsed.was_parsed(data)
+    parsed._PARSED.clear()
+    loaders.pickle_chain(data + b"junk", 0, len(data) + 4, "x", Found())
+    assert not parsed.was_parsed(data) and not parsed.was_parsed(data + b"junk")

@@ -165,8 +165,31 @@ def _checkpoint_like(name: str) -> bool:
 
 
 def scan_files(paths: list[str], *, dcp_items: ItemRanges | None = None) -> Verdict:
-    """One verdict over several files (a folder checkpoint), worst use winning."""
+    """One verdict over several files (a folder checkpoint), worst use winning.
+
+    A folder's ``.metadata`` is read into its items once for all of its ``.distcp`` files
+    (with Adam state it is half a million opcodes; a folder from 4 ranks read it 4 times)."""
+    if dcp_items is not None:
+        dcp_items = _once_per_folder(dcp_items)
     return merge([scan_file(p, dcp_items=dcp_items) for p in paths])
+
+
+def _once_per_folder(dcp_items: ItemRanges) -> ItemRanges:
+    """``dcp_items``, asked once per folder (an error is raised again for each file)."""
+    known: dict[str, Any] = {}
+
+    def items(folder: str) -> Any:
+        if folder not in known:
+            try:
+                known[folder] = dcp_items(folder)
+            except Exception as exc:  # kept, raised again for every file that asks
+                known[folder] = exc
+        got = known[folder]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    return items
 
 
 def merge(verdicts: list[Verdict]) -> Verdict:

@@ -128,6 +128,8 @@ def pickle_chain(buf: Any, start: int, end: int, what: str, found: Found) -> Non
     first = found.walk(buf, start, end, what, "none")
     value = first.value
     if first.end is None or value is None or value.kind != "int" or value.num != LEGACY_MAGIC:
+        if first.end == end and first.error is None and not first.straddle:
+            _remember_whole(buf, start, end)  # a DCP .metadata, say: read whole, parsed
         return  # a plain pickle: torch.load stops after it, pickle.load reads nothing more
     pos = first.end
     for name, mode in (("protocol", "none"), ("system info", "none"), ("object", "legacy"),
@@ -136,6 +138,23 @@ def pickle_chain(buf: Any, start: int, end: int, what: str, found: Found) -> Non
         if w.end is None:
             return
         pos = w.end
+
+
+_REMEMBER_MAX = 256 << 20  # a bigger plain pickle is rare; hashing it would cost more than it saves
+
+
+def _remember_whole(buf: Any, start: int, end: int) -> None:
+    """Record a plain pickle that fills its file and that the walk parsed to its STOP, so
+    that the reader's unpickling (:func:`.scan.unpickle`) need not walk it again (DCP's
+    ``.metadata``: a pickle of every chunk of every tensor, half a million opcodes with
+    Adam state)."""
+    if start != 0 or end - start > _REMEMBER_MAX:
+        return
+    try:
+        view = memoryview(buf)  # a local file; a remote one has no buffer (and is small)
+    except TypeError:
+        return
+    remember_parsed(view[start:end])
 
 
 def npy(buf: Any, start: int, end: int, what: str, found: Found) -> None:
