@@ -365,6 +365,28 @@ def test_signal_mid_copy(sig: int, kind: str, big: Path, big_hash: str, tmp_path
     assert sha256(big) == big_hash
 
 
+CAST_CASES = [("convert", "float16", signal.SIGTERM), ("to-safetensors", "bfloat16", signal.SIGINT)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "sig"),
+    CAST_CASES,
+    ids=[f"{k}-{d}-{signal.Signals(s).name}" for k, d, s in CAST_CASES],
+)
+def test_signal_mid_cast(
+    kind: str, dtype: str, sig: int, big: Path, big_hash: str, tmp_path: Path
+) -> None:
+    """A third of the way through a cast spread over the cores (writers/cast_range.py): its
+    threads stop with the writer and nothing is left; the previous output stays."""
+    out = tmp_path / OUT_NAMES[kind]
+    before = make_previous(kind, out)
+    proc = start([*command(kind, big, out), "--dtype", dtype, "--force"])
+    assert wait_for_bytes(proc, tmp_path, out.name, DATA_BYTES // 6), proc.communicate()
+    proc.send_signal(sig)
+    assert_interrupted(finish(proc), out, before)
+    assert sha256(big) == big_hash
+
+
 def test_nohup_keeps_ignoring_sighup(big: Path, tmp_path: Path) -> None:
     """Under nohup (SIGHUP ignored) closing the terminal must not stop the write: an inherited
     SIG_IGN is kept, and the command completes."""
