@@ -88,36 +88,68 @@ def test_cast_range_is_torchs_cast_with_its_crc(
     _same_as_torch(got, x.to(getattr(torch, dst)))
 
 
-def test_a_short_input_fails_and_stops_every_thread(tmp_path: Path, threads: int) -> None:
+@pytest.fixture
+def in_flight(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Pieces being cast right now (a spy around ``_piece``; each takes a little while)."""
+    import time
+
+    real = cr._piece
+    now: list[int] = []
+
+    def piece(*args: object) -> int:
+        now.append(1)
+        try:
+            time.sleep(0.01)
+            return real(*args)  # type: ignore[arg-type]
+        finally:
+            now.pop()
+
+    monkeypatch.setattr(cr, "_piece", piece)
+    return now
+
+
+def test_a_short_input_fails_once_every_piece_has_stopped(
+    tmp_path: Path, threads: int, in_flight: list[int]
+) -> None:
     src = tmp_path / "in.bin"
     src.write_bytes(_values(N).numpy().tobytes()[: 4 * (N - 10)])  # the last piece is short
-    before = threading.active_count()
     out = open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
     with open(src, "rb") as fin, out, pytest.raises(EOFError):
         cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "bfloat16")
-    assert threading.active_count() == before
+    assert in_flight == []  # nothing writes into the output once the caller has the error
 
 
-def test_an_error_in_a_thread_reaches_the_caller(
-    tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+def test_an_error_in_a_thread_reaches_the_caller_once_every_piece_has_stopped(
+    tmp_path: Path, threads: int, in_flight: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = cr._piece
+    spied = cr._piece
     calls: list[int] = []
 
     def piece(*args: object) -> int:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real(*args)  # type: ignore[arg-type]
+        return spied(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cr, "_piece", piece)
     src = tmp_path / "in.bin"
     src.write_bytes(_values(N).numpy().tobytes())
-    before = threading.active_count()
     out = open(tmp_path / "out.bin", "w+b")  # noqa: SIM115
     with open(src, "rb") as fin, out, pytest.raises(OSError, match="No space"):
         cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "float16")
-    assert threading.active_count() == before
+    assert in_flight == []
+
+
+def test_workers_are_kept_between_casts(tmp_path: Path) -> None:
+    """Threads (and their buffers) are started once, not per storage."""
+    src = tmp_path / "in.bin"
+    src.write_bytes(_values(N).numpy().tobytes())
+    names: list[set[str]] = []
+    for _ in range(3):
+        with open(src, "rb") as fin, open(tmp_path / "out.bin", "w+b") as out:
+            cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "float16")
+        names.append({str(t.ident) for t in threading.enumerate() if t.name == "ckpttool-cast"})
+    assert names[0] and names[0] == names[1] == names[2]
 
 
 def test_crc32_combine_equals_the_crc_of_the_whole() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,16 +95,60 @@ def cast_range(
                 stop.set()
                 done.notify()
 
-    threads = [threading.Thread(target=work, name="ckpttool-cast", daemon=True)
-               for _ in range(min(workers(), pieces))]  # fmt: skip
-    for t in threads:
-        t.start()
+    n = min(workers(), pieces)
+    finished = [0]
+
+    def job() -> None:
+        try:
+            work()
+        finally:
+            with done:
+                finished[0] += 1
+                done.notify_all()
+
+    _start_workers(n)
+    for _ in range(n):
+        _jobs.put(job)
     try:
         return _gather(crcs, done, failed, progress)
     finally:
         stop.set()
-        for t in threads:  # nothing may write into dst_fd once this returns
-            t.join()
+        _wait_all(done, finished, n)  # nothing may write into dst_fd once this returns
+
+
+# -- the workers: started once, kept (their buffers and the kernels' scratch are per thread,
+# so fresh threads for every record would fault fresh pages in for every record) ----------------
+_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_started = [0]
+_start_lock = threading.Lock()
+
+
+def _start_workers(n: int) -> None:
+    with _start_lock:
+        while _started[0] < n:
+            threading.Thread(target=_serve, name="ckpttool-cast", daemon=True).start()
+            _started[0] += 1
+
+
+def _serve() -> None:
+    while True:
+        _jobs.get()()  # a job hands its own errors to the caller; it never raises
+
+
+def _wait_all(done: threading.Condition, finished: list[int], n: int) -> None:
+    """Until ``n`` jobs have finished, even through another interruption (which is raised
+    once they have: each stops at its next piece)."""
+    pending: BaseException | None = None
+    while True:
+        try:
+            with done:
+                while finished[0] < n:
+                    done.wait()
+            break
+        except BaseException as exc:  # a second signal while the workers stop
+            pending = exc
+    if pending is not None:
+        raise pending
 
 
 def _gather(
