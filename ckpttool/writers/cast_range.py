@@ -67,53 +67,89 @@ def cast_range(
     Raises:
         EOFError: the input ends before ``count`` elements.
     """
-    src_item, dst_item = dtypes.get(src_dtype).itemsize, dtypes.get(dst_dtype).itemsize
-    per = PIECE // src_item
-    pieces = -(-count // per)
-    crcs: list[tuple[int, int] | None] = [None] * pieces
-    done = threading.Condition()
-    failed: list[BaseException] = []
-    stop = threading.Event()
-    taken = itertools.count()
-
-    def work() -> None:
-        try:
-            while not stop.is_set():
-                k = next(taken)
-                if k >= pieces:
-                    return
-                first = k * per
-                n = min(per, count - first)
-                crc = _piece(src_fd, src_off + first * src_item, n, src_dtype, dst_fd,
-                             dst_off + first * dst_item, dst_dtype)  # fmt: skip
-                with done:
-                    crcs[k] = (crc, n * dst_item)
-                    done.notify()
-        except BaseException as exc:  # handed to the caller's thread
-            with done:
-                failed.append(exc)
-                stop.set()
-                done.notify()
-
-    n = min(workers(), pieces)
-    finished = [0]
-
-    def job() -> None:
-        try:
-            work()
-        finally:
-            with done:
-                finished[0] += 1
-                done.notify_all()
-
+    job = _Cast(count, (src_fd, src_off, src_dtype), (dst_fd, dst_off, dst_dtype))
+    n = min(workers(), job.pieces)
     _start_workers(n)
     for _ in range(n):
-        _jobs.put(job)
+        _jobs.put(job.work)
     try:
-        return _gather(crcs, done, failed, progress)
+        return job.gather(progress)
     finally:
-        stop.set()
-        _wait_all(done, finished, n)  # nothing may write into dst_fd once this returns
+        job.stop.set()
+        job.wait_workers(n)  # nothing may write into dst_fd once this returns
+
+
+class _Cast:
+    """One cast's pieces, shared by its workers and the caller's thread."""
+
+    def __init__(self, count: int, src: tuple[int, int, str], dst: tuple[int, int, str]) -> None:
+        self.count, self.src, self.dst = count, src, dst
+        self.src_item = dtypes.get(src[2]).itemsize
+        self.dst_item = dtypes.get(dst[2]).itemsize
+        self.per = PIECE // self.src_item
+        self.pieces = -(-count // self.per)
+        self.crcs: list[tuple[int, int] | None] = [None] * self.pieces
+        self.done = threading.Condition()
+        self.failed: list[BaseException] = []
+        self.stop = threading.Event()
+        self.taken = itertools.count()
+        self.finished = 0
+
+    def work(self) -> None:
+        """A worker's turn: pieces until none is left or the cast stops (never raises: an
+        error is handed to the caller's thread)."""
+        (src_fd, src_off, src), (dst_fd, dst_off, dst) = self.src, self.dst
+        try:
+            while not self.stop.is_set():
+                k = next(self.taken)
+                if k >= self.pieces:
+                    return
+                first = k * self.per
+                n = min(self.per, self.count - first)
+                crc = _piece(src_fd, src_off + first * self.src_item, n, src, dst_fd,
+                             dst_off + first * self.dst_item, dst)  # fmt: skip
+                with self.done:
+                    self.crcs[k] = (crc, n * self.dst_item)
+                    self.done.notify_all()
+        except BaseException as exc:
+            with self.done:
+                self.failed.append(exc)
+                self.stop.set()
+        finally:
+            with self.done:
+                self.finished += 1
+                self.done.notify_all()
+
+    def gather(self, progress: Callable[[int], None] | None) -> int:
+        """The CRC-32 of the pieces in order, as they are finished; progress as they come."""
+        crc = 0
+        for k in range(self.pieces):
+            with self.done:
+                while self.crcs[k] is None and not self.failed:
+                    self.done.wait()
+                if self.failed:
+                    raise self.failed[0]
+                got = self.crcs[k]
+            assert got is not None
+            crc = crc32_combine(crc, got[0], got[1])
+            if progress:
+                progress(got[1])
+        return crc
+
+    def wait_workers(self, n: int) -> None:
+        """Until ``n`` workers have left, even through another interruption (raised once
+        they have: each stops at its next piece)."""
+        pending: BaseException | None = None
+        while True:
+            try:
+                with self.done:
+                    while self.finished < n:
+                        self.done.wait()
+                break
+            except BaseException as exc:  # a second signal while the workers stop
+                pending = exc
+        if pending is not None:
+            raise pending
 
 
 # -- the workers: started once, kept (their buffers and the kernels' scratch are per thread,
@@ -133,44 +169,6 @@ def _start_workers(n: int) -> None:
 def _serve() -> None:
     while True:
         _jobs.get()()  # a job hands its own errors to the caller; it never raises
-
-
-def _wait_all(done: threading.Condition, finished: list[int], n: int) -> None:
-    """Until ``n`` jobs have finished, even through another interruption (which is raised
-    once they have: each stops at its next piece)."""
-    pending: BaseException | None = None
-    while True:
-        try:
-            with done:
-                while finished[0] < n:
-                    done.wait()
-            break
-        except BaseException as exc:  # a second signal while the workers stop
-            pending = exc
-    if pending is not None:
-        raise pending
-
-
-def _gather(
-    crcs: list[tuple[int, int] | None],
-    done: threading.Condition,
-    failed: list[BaseException],
-    progress: Callable[[int], None] | None,
-) -> int:
-    """The CRC-32 of the pieces in order, as they are finished; progress as they come."""
-    crc = 0
-    for k in range(len(crcs)):
-        with done:
-            while crcs[k] is None and not failed:
-                done.wait()
-            if failed:
-                raise failed[0]
-            got = crcs[k]
-        assert got is not None
-        crc = crc32_combine(crc, got[0], got[1])
-        if progress:
-            progress(got[1])
-    return crc
 
 
 def _piece(
