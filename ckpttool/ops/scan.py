@@ -143,16 +143,14 @@ def _folder_files(path: str) -> list[str] | None:
 
 def scan_one(path: str) -> FileScan:
     """The verdict of one file (see :func:`scan`)."""
-    from ..readers import _check_file, sniff
+    from ..readers import _check_file, dcp_items_of, sniff
     from ..unpickling.discover import scan_file
 
     try:
         size = _check_file(path)
         head = read_head(path)
         kind = sniff(head, path) if size else "empty"
-        from ..readers.dcp import item_ranges
-
-        verdict = scan_file(path, dcp_items=item_ranges)
+        verdict = scan_file(path, dcp_items=dcp_items_of)
         if kind == "safetensors":
             from ..readers import safetensors
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import ast
 import struct
-import tarfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tarfile
 
 from .opscan import PickleWalk, walk_all
 from .parsed import remember_parsed
@@ -253,6 +255,8 @@ def tar_file(f: Any, what: str, found: Found) -> bool:
     """A pre-1.0 tar checkpoint, if ``tarfile`` opens ``f`` (torch's first try on a non-zip
     file); returns whether it did. Every pickle torch reads from it is walked, also those
     that follow raw storage bytes."""
+    import tarfile  # here: only a file that is no zip is tried as a tar (5 ms to import)
+
     try:
         tar = tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError, ValueError):
@@ -272,6 +276,8 @@ def _tar_pickle(data: bytes, what: str, found: Found) -> bool:
 
 def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> bytes | None:
     """A member's bytes as ``tar.extract`` / ``tar.extractfile`` give them to torch."""
+    import tarfile  # imported already by tar_file, which opened ``tar``
+
     try:
         info = tar.getmember(name)  # the last member of that name, as tarfile picks it
         if info.issym() and name != "pickle":  # extract() makes the link; open() follows it
