@@ -6,6 +6,7 @@ record's position is taken from its local header so writers can copy it byte for
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zipfile
@@ -287,10 +288,7 @@ class _Records:
     def resolver(self, folder: str) -> Callable[[StorageType, str, str, int], StorageInfo]:
         """The persistent-id callback for a pickle whose records lie in ``folder``."""
 
-        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
-            return self.resolve(folder, storage_type, key, location, numel)
-
-        return resolve
+        return functools.partial(self.resolve, folder)  # called per storage: no extra frame
 
     def resolve(
         self, folder: str, storage_type: StorageType, key: str, location: str, numel: int
@@ -313,18 +311,18 @@ class _Records:
                 f"the pickle declares {numel:,} {storage_type.dtype} elements "
                 f"({numel * itemsize:,} bytes)",
             )
-        storage = StorageInfo(
-            key=key if folder == "data" else name,
-            dtype=storage_type.dtype,
-            numel=numel,
-            location=location,
-            file=path,
-            offset=archive.record_offset(info),
-            record=info.filename,
-            compressed=info.compress_type != zipfile.ZIP_STORED,
-            big_endian=self.big_endian,
+        storage = StorageInfo.quick(
+            key if folder == "data" else name,
+            storage_type.dtype,
+            numel,
+            location,
+            path,
+            archive.record_offset(info),
+            info.filename,
+            info.compress_type != zipfile.ZIP_STORED,  # compressed
+            self.big_endian,
             # torch can write records without CRCs (zeros): then there is none to check
-            crc=info.CRC if info.CRC or not info.file_size else None,
+            info.CRC if info.CRC or not info.file_size else None,
         )
         if (
             not storage.compressed

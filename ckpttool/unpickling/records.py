@@ -4,6 +4,7 @@ dtypes, storage persistent ids, and the globals ckpttool implements itself."""
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -63,17 +64,16 @@ class StorageValue:
         return f"StorageValue({self.type_name}, {self.base.key!r})"
 
 
-class _Named:
-    """A global ckpttool implements itself (a recorder); keeps the global's name."""
+class _Named(functools.partial[Any]):
+    """A global ckpttool implements itself (a recorder); keeps the global's name. (A
+    ``partial``: the C unpickler calls the recorder with no Python frame in between.)"""
 
-    __slots__ = ("__ck_global__", "fn")
+    __ck_global__: str
 
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+    def __new__(cls, name: str, fn: Callable[..., Any]) -> _Named:
+        self = super().__new__(cls, fn)
         self.__ck_global__ = name
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        return self
 
 
 def global_name(obj: Any) -> str | None:

@@ -58,11 +58,14 @@ class TypedTensorRef(TensorRef):
             TensorRef.__setstate__(self, state)
 
 
+_JUST_INT = frozenset({int})
+
+
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if (  # the common case, checked with the least work: a short tuple of plain ints >= 0
         type(value) is tuple
         and len(value) <= 64
-        and all(type(v) is int for v in value)
+        and _JUST_INT.issuperset(map(type, value))
         and (not value or min(value) >= 0)
     ):
         return value
@@ -179,6 +182,21 @@ class SafeUnpickler(pickle.Unpickler):
 
     # -- storages ----------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and self._resolve:
+            # torch.save's ('storage', type, key, location, numel), with the least work
+            storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+            if (
+                type(storage_type) is StorageType
+                and type(key) is str
+                and type(location) is str
+                and type(numel) is int
+                and numel >= 0
+            ):
+                storage = self._resolve(storage_type, key, location, numel)
+                return StorageValue(storage, storage_type.name)
+        return self._persistent_load(pid)
+
+    def _persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise UnpickleRefused(f"unknown persistent id {_short(pid)}")
         typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
