@@ -16,7 +16,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
-from ..source import file_view, open_source
+from ..source import file_view, is_url, open_source
+from ..unpickling.parsed import known_directory
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import StorageType
 
@@ -42,8 +43,7 @@ class ZipArchive:
         if base is not None and hasattr(self.source, "prefetch"):  # a zip inside a file at a
             tail = min(file_bytes, 4096)  # URL (a DCP item): its end record and directory at once
             self.source.prefetch(tail, self.base + file_bytes - tail)
-        self.zf = self._open_zip()
-        infos = self.zf.infolist()
+        infos = self._infos()
         if not infos:
             raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
         names = [i.filename for i in infos]
@@ -87,6 +87,18 @@ class ZipArchive:
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
         self._folded = {k.lower(): k for k in self.entries}
+
+    def _infos(self) -> list[zipfile.ZipInfo]:
+        """The archive's entries as ``zipfile`` lists them: as the verdict's zip model listed
+        them, when it did for these very bytes (``unpickling/parsed.py``), else afresh."""
+        if not is_url(self.path):
+            infos = known_directory(
+                self.file_bytes, lambda n, at: self.source.pread(n, self.base + at)
+            )
+            if infos is not None:
+                return infos
+        self.zf = self._open_zip()
+        return self.zf.infolist()
 
     def _open_zip(self) -> zipfile.ZipFile:
         try:

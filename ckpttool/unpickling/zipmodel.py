@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .parsed import directory_start, remember_directory
+
 MAX_MEMBER = 1 << 28  # a pickle larger than this is not scanned (the file is refused)
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _EOCD = struct.Struct("<4s4H2IH")
@@ -280,6 +282,8 @@ def _compare_zipfile(buf: Any, base: int, end: int, model: ZipModel) -> None:
     try:
         with zipfile.ZipFile(_BufFile(buf, base, end)) as zf:
             theirs = [(i.filename, base + i.header_offset) for i in zf.infolist()]
+            start = directory_start(end - base, zf.start_dir)  # what the read lists again
+            remember_directory(end - base, start, buf[base + start : end], zf.infolist())
     except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
         model.ambiguities.append(f"Python's zipfile cannot read it ({type(exc).__name__})")
         return
