@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..source import dirname, file_view, is_url, isfile, join, open_source, same_file
+from .gcpause import paused_gc
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
 from .zipmodel import ZipModel, read_zip
@@ -39,13 +40,13 @@ def scan_file(path: str, *, dcp_items: ItemRanges | None = None) -> Verdict:
     is scanned where DCP reads it; without it (or without a ``.metadata``) each torch zip that
     tiles the file is."""
     found = Found()
-    with open_source(path) as src:  # a local file (mmap) or a URL (range requests)
+    with open_source(path) as src, paused_gc():  # a local file (mmap) or a URL (ranges)
         if src.size == 0:
             found.problem(UNREADABLE, "the file is empty")
             return judge([], (), found.problems)
         with src.buffer() as buf:
             _models(buf, file_view(src), path, found, dcp_items)
-    return judge(found.walks, found.notes, found.problems)
+        return judge(found.walks, found.notes, found.problems)
 
 
 def _models(buf: Any, f: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> None:

@@ -4,6 +4,7 @@ the walk's result, and a reader that follows FRAMEs as CPython's C unpickler doe
 from __future__ import annotations
 
 import codecs
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,8 +76,8 @@ class GlobalRef:
     pos: int
     uses: set[str] = field(default_factory=set)  # filled by the walk and by the policy
 
-    @property
-    def full(self) -> str:
+    @functools.cached_property
+    def full(self) -> str:  # (cached: the policy asks for it once per call the pickle makes)
         return f"{self.module}.{self.name}"
 
 

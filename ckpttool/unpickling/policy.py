@@ -130,9 +130,9 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
     shapes: dict[int, set[str]] = {}
     nested = _nested_classes(w)
     for site in w.calls:
-        if id(site) in nested:
+        if nested and id(site) in nested:
             continue  # getattr(Outer, 'Inner'): its result stands for the class Outer.Inner
-        callee = _through(site.callee, nested)
+        callee = _through(site.callee, nested) if nested else site.callee
         if callee.kind == "result":
             if not _result_called(callee):
                 problems.append((DANGEROUS, "the pickle calls a value it computed"))
@@ -174,6 +174,8 @@ def _nested_classes(w: PickleWalk) -> dict[int, GlobalRef]:
     str) that name one of ``NESTED_CLASSES``, as protocols 0-3 pickle a nested class: each
     becomes the global ``Outer.Inner`` (by id of the call site). Any other getattr is a call."""
     out: dict[int, GlobalRef] = {}
+    if not any(g.full == "builtins.getattr" for g in w.globals):
+        return out  # (most pickles: no call below can be one)
     for site in w.calls:
         g = site.callee.gref if site.callee.kind == "global" else None
         args = site.args.items if site.args is not None and site.args.kind == "tuple" else None

@@ -11,6 +11,7 @@ from typing import IO, Any, cast
 
 from ..errors import CheckpointError
 from ..model import Opaque, StorageInfo, TensorRef
+from .gcpause import paused_gc
 from .parsed import was_parsed
 from .unpickler import SafeUnpickler, StorageType, UnpickleRefused
 
@@ -121,7 +122,7 @@ def unpickle(
             raise CheckpointError(path, f"{what} is corrupt")
     unpickler = SafeUnpickler(file, resolve, seen)
     try:
-        with _quiet_unraisable():
+        with _quiet_unraisable(), paused_gc():
             obj = unpickler.load()
     except CheckpointError:
         raise

@@ -36,6 +36,9 @@ _WINDOW = 0xFFFF + _EOCD.size  # how far back miniz looks for the end record
 _CD_COPY = 1 << 24  # a central directory up to this size is copied once and parsed in memory
 
 
+_tuple = tuple.__new__
+
+
 class Entry(NamedTuple):
     """One central-directory entry: its name and where its data is (offsets absolute).
     (A named tuple: made thousands of times per file, where a frozen dataclass costs 1 µs.)"""
@@ -160,12 +163,12 @@ def _entries(
     cd_start, stop = base + cd_off, base + cd_off + cd_size
     off = cd_start if cd_size <= _CD_COPY else 0  # a directory of usual size: one copy,
     cd = bytes(buf[cd_start:stop]) if off else buf  # parsed in memory (mmap slices cost more)
-    pos, stop = cd_start - off, stop - off
+    pos, stop, add, unpack = cd_start - off, stop - off, model.entries.append, _CDIR.unpack_from
     for _ in range(min(count, 1 << 20)):
-        if pos + _CDIR.size > stop or cd[pos : pos + 4] != b"PK\x01\x02":
+        f = unpack(cd, pos) if pos + _CDIR.size <= stop else None
+        if f is None or f[0] != b"PK\x01\x02":
             model.error = "a damaged central directory"
             return
-        f = _CDIR.unpack(cd[pos : pos + _CDIR.size])
         method, csize, usize = f[4], f[8], f[9]
         nlen, xlen, clen, header = f[10], f[11], f[12], f[16]
         name = bytes(cd[pos + 46 : pos + 46 + nlen]).decode("utf-8", "surrogateescape")
@@ -175,7 +178,7 @@ def _entries(
         if header + _LOCAL.size + csize > end - base:
             model.error = f"zip entry {name!r} lies past the end of the file"
             return
-        model.entries.append(Entry(name, base + header, csize, usize, method))
+        add(_tuple(Entry, (name, base + header, csize, usize, method)))  # Entry(...), at C speed
         pos += 46 + nlen + xlen + clen
     if len(model.entries) != count:
         model.error = "the central directory holds more entries than its end record says"
