@@ -4,7 +4,7 @@
   read for it (``unpickling/parsed.py``): a read of the same bytes reuses it, a read of an
   archive whose directory changed in any byte lists it afresh, and what the read returns is
   the same either way;
-* the cyclic garbage collector is paused while a pickle is walked or read, and left as it was;
+* the cyclic garbage collector is paused while the verdict walks, and left as it was;
 * the one-pass view extent, the depth check over containers, ``StorageInfo.quick`` and the
   short path for ``('storage', ...)`` persistent ids give what the longer code gave.
 """
@@ -25,7 +25,7 @@ from ckpttool.errors import CheckpointError
 from ckpttool.model import StorageInfo, TensorRef
 from ckpttool.nodes import PACKED
 from ckpttool.readers import file_verdict, open_checkpoint, torch_zip
-from ckpttool.unpickling import parsed, scan
+from ckpttool.unpickling import opscan, parsed, scan
 from ckpttool.unpickling.records import StorageType, StorageValue
 from ckpttool.unpickling.unpickler import SafeUnpickler
 
@@ -81,13 +81,13 @@ def test_a_directory_changed_after_the_verdict_is_listed_afresh(tmp_path: Path) 
 
 def test_the_collector_is_paused_and_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     states: list[bool] = []
-    real = SafeUnpickler.load
+    real = opscan.walk
 
-    def load(self: Any) -> Any:
+    def walk(*args: Any, **kwargs: Any) -> Any:
         states.append(gc.isenabled())
-        return real(self)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(SafeUnpickler, "load", load)
+    monkeypatch.setattr(opscan, "walk", walk)
     assert gc.isenabled()
     open_checkpoint(SMALL)
     assert gc.isenabled() and states and not any(states)
@@ -199,3 +199,44 @@ def test_the_short_storage_path_is_the_long_one(pid: tuple[Any, ...]) -> None:
         results.append((got.base, got.type_name, got.offset, got.size))
     assert results[0] == results[1]
     assert len(calls) in (0, 2) and (not calls or calls[0] == calls[1])
+
+
+class _Other(StorageValue):  # not the exact type: the short path does not apply
+    __slots__ = ()
+
+
+def _ref_picture(ref: TensorRef) -> Any:
+    return tuple(getattr(ref, slot) for slot in TensorRef.__slots__)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (0, (2, 3), (3, 1), False, None, None),
+        (5, (4,), (1,), True, None, None),
+        (0, (), (), False, None, {}),
+        (1, (2, 0), (0, 1), 1, None, None),  # requires_grad must be True itself
+        (0, (2, 3), (3,), False, None, None),  # lengths differ
+        (-1, (2,), (1,), False, None, None),
+        (True, (2,), (1,), False, None, None),
+        (0, (2, -3), (3, 1), False, None, None),
+        (0, (2, 3), (3, -1), False, None, None),
+        (0, [2, 3], (3, 1), False, None, None),
+        (0, (2, True), (3, 1), False, None, None),
+        (0, (2,), (1,), False, None, {"conj": True}),
+        (0, tuple([1] * 65), tuple([1] * 65), False, None, None),
+    ],
+)
+def test_the_short_rebuild_path_is_the_long_one(args: tuple[Any, ...]) -> None:
+    info = StorageInfo("0", "float16", 100, "cpu", "f", 0)
+    pictures = []
+    for cls in (StorageValue, _Other):
+        u = SafeUnpickler(io.BytesIO())
+        try:
+            ref = u._rebuild_tensor_v2(cls(info, "torch.HalfStorage", 3), *args)
+        except Exception as exc:  # the same refusal either way
+            pictures.append((type(exc).__name__, str(exc)))
+            continue
+        assert u.tensors == [ref]
+        pictures.append(_ref_picture(ref))
+    assert pictures[0] == pictures[1]

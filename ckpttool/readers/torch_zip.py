@@ -24,6 +24,7 @@ from ..unpickling.unpickler import StorageType
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint we can inspect
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+_NAME_EXTRA = struct.Struct("<2H")  # the local header's name and extra lengths, at 26
 
 
 class ZipArchive:
@@ -158,10 +159,9 @@ class ZipArchive:
         header = self.source.pread(_LOCAL_HEADER.size + len(utf8), header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
-        fields = _LOCAL_HEADER.unpack(header[: _LOCAL_HEADER.size])
-        if fields[0] != b"PK\x03\x04":
+        if header[:4] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
-        name_len, extra_len = fields[9], fields[10]
+        name_len, extra_len = _NAME_EXTRA.unpack_from(header, 26)
         name = header[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_len]
         if name_len != len(utf8):
             name = self.source.pread(name_len, header_offset + _LOCAL_HEADER.size)

@@ -39,14 +39,19 @@ def scan_file(path: str, *, dcp_items: ItemRanges | None = None) -> Verdict:
     length, read with weights_only=False``): with it, a ``.distcp`` file beside a ``.metadata``
     is scanned where DCP reads it; without it (or without a ``.metadata``) each torch zip that
     tiles the file is."""
+    with paused_gc():  # the walks are freed before it resumes: it never scans them
+        return _scan_file(path, dcp_items)
+
+
+def _scan_file(path: str, dcp_items: ItemRanges | None) -> Verdict:
     found = Found()
-    with open_source(path) as src, paused_gc():  # a local file (mmap) or a URL (ranges)
+    with open_source(path) as src:  # a local file (mmap) or a URL (range requests)
         if src.size == 0:
             found.problem(UNREADABLE, "the file is empty")
             return judge([], (), found.problems)
         with src.buffer() as buf:
             _models(buf, file_view(src), path, found, dcp_items)
-        return judge(found.walks, found.notes, found.problems)
+    return judge(found.walks, found.notes, found.problems)
 
 
 def _models(buf: Any, f: Any, path: str, found: Found, dcp_items: ItemRanges | None) -> None:

@@ -1,9 +1,11 @@
-"""Python's cyclic garbage collector, paused while a pickle is walked or read.
+"""Python's cyclic garbage collector, paused while the verdict walks a file's pickles.
 
-Walking or reading a checkpoint's pickle makes tens of thousands of small objects that all
-live until the end: the collector, triggered every 700 of them, scans them again and again
-for cycles it never finds (a tenth of the parse). Reference counting still frees what
-becomes garbage; only cycles wait for the collector, which runs again after the pause.
+The static walk makes tens of thousands of small objects that all live until the file is
+judged and then all die: the collector, triggered every 700 allocations, scans them again
+and again for cycles they do not form (a tenth of the verdict's time). Reference counting
+frees them when the walk's results are dropped, before the pause ends, so the collector never
+sees them; only a cycle would wait for it, and it runs again after the pause. (The read keeps
+what it makes, the tree: the collector scans it once either way, so the read is not paused.)
 """
 
 from __future__ import annotations

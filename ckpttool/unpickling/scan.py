@@ -11,7 +11,6 @@ from typing import IO, Any, cast
 
 from ..errors import CheckpointError
 from ..model import Opaque, StorageInfo, TensorRef
-from .gcpause import paused_gc
 from .parsed import was_parsed
 from .unpickler import SafeUnpickler, StorageType, UnpickleRefused
 
@@ -122,7 +121,7 @@ def unpickle(
             raise CheckpointError(path, f"{what} is corrupt")
     unpickler = SafeUnpickler(file, resolve, seen)
     try:
-        with _quiet_unraisable(), paused_gc():
+        with _quiet_unraisable():
             obj = unpickler.load()
     except CheckpointError:
         raise

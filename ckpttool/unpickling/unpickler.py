@@ -20,6 +20,7 @@ from . import records as builtins_
 from .lists import NESTED_CLASSES
 from .policy import classify
 from .records import (
+    _JUST_INT,
     DTypeRef,
     StorageType,
     StorageValue,
@@ -213,6 +214,24 @@ class SafeUnpickler(pickle.Unpickler):
         backward_hooks: Any = None,
         metadata: Any = None,
     ) -> TensorRef:
+        if (  # torch.save's own call, checked as _fill checks it, with the least work
+            type(storage) is StorageValue
+            and isinstance(storage.base, StorageInfo)
+            and type(offset) is int
+            and offset >= 0
+            and type(size) is tuple
+            and type(stride) is tuple
+            and len(size) == len(stride) <= 64
+            and _JUST_INT.issuperset(map(type, size))
+            and _JUST_INT.issuperset(map(type, stride))
+            and (not size or (min(size) >= 0 and min(stride) >= 0))
+            and not metadata
+        ):
+            base = storage.base
+            ref = TensorRef(base, offset + storage.offset, size, stride, dtype=base.dtype)
+            ref.requires_grad = requires_grad is True
+            self.tensors.append(ref)
+            return ref
         ref = self._rebuild_tensor(storage, offset, size, stride)
         ref.requires_grad = bool(requires_grad is True)
         _set_metadata(ref, metadata)
