@@ -148,7 +148,8 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
             g.uses.add("instantiated")
         else:
             g.uses.add("called")
-            shapes.setdefault(id(g), set()).add(_shape(args))
+            if g.full not in _SHAPE_FREE:  # what it was called with may decide its kind
+                shapes.setdefault(id(g), set()).add(_shape(args))
         arguments.check(g, args, extra)
     for _op, target in w.mutated:
         target = _through(target, nested)
@@ -273,6 +274,8 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
 
 
 _RISKY = frozenset({"called", "mutated", "result called"})
+# allowlisted: _kind decides their kind before it looks at what they were called with
+_SHAPE_FREE = TORCH_ALLOWED | TORCH_ON_IMPORT | DATA_ALLOWED
 
 
 def _denied(full: str, module: str, top: str) -> bool:

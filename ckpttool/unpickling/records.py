@@ -3,7 +3,6 @@ dtypes, storage persistent ids, and the globals ckpttool implements itself."""
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -163,10 +162,6 @@ def _bytes(self: Any, *args: Any) -> Any:
     if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
         return bytes(args[0])
     raise UnpickleRefused("bytes() with unexpected arguments")
-
-
-def _ordered_dict(self: Any, *args: Any) -> Any:
-    return collections.OrderedDict(*args)
 
 
 def _set(self: Any, items: Any = ()) -> Any:

@@ -10,6 +10,7 @@ its name and what it was called with. Storage persistent ids are handed to a rea
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import pickle
 from collections.abc import Callable
 from typing import IO, Any
@@ -80,6 +81,8 @@ class SafeUnpickler(pickle.Unpickler):
     def _handler(self, module: str, name: str, full: str) -> Any:
         special = _SPECIAL.get(full)
         if special is not None:
+            if full == "collections.OrderedDict":  # a type that runs no code: called as it is
+                return _Named(full, collections.OrderedDict)
             return _Named(full, special.__get__(self))
         if module in ("torch", "torch.cuda"):
             if name in dtypes.STORAGE_TYPES:
@@ -365,7 +368,7 @@ _SPECIAL: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_parameter_with_state": SafeUnpickler._rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": SafeUnpickler._rebuild_from_type_v2,
     "torch.nn.parameter.Parameter": SafeUnpickler._parameter,
-    "collections.OrderedDict": builtins_._ordered_dict,
+    "collections.OrderedDict": collections.OrderedDict,  # (not bound: see _handler)
     "builtins.set": builtins_._set,
     "builtins.frozenset": builtins_._frozenset,
     "builtins.complex": builtins_._complex,
