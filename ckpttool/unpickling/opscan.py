@@ -101,13 +101,10 @@ def _run(m: Machine) -> None:
             stack.append(_INT1[buf[pos]])
             pos += 1
             continue
-        elif code == 0x58:  # BINUNICODE
-            n = _U32(buf, pos)[0] if pos + 4 <= limit else limit
-            if pos + 4 + n <= limit:
-                v, pos = _new(StrValue), pos + 4 + n
-                v.text = buf[pos - n : pos].decode("utf-8", _ESC) if n <= MAX_STR else None
-                stack.append(v)
-                continue
+        elif code == 0x58 and pos + 4 <= limit and pos + 4 + (n := _U32(buf, pos)[0]) <= limit:
+            v, pos = _new(StrValue), pos + 4 + n  # BINUNICODE
+            v.text = buf[pos - n : pos].decode("utf-8", _ESC) if n <= MAX_STR else None
+            stack.append(v)
         elif code == 0x28:  # MARK
             marks.append(stack)
             stack = []
@@ -117,11 +114,9 @@ def _run(m: Machine) -> None:
             v.origin, v.attrs = CallSite("REDUCE", stack[-1], args, at), None
             calls.append(v.origin)
             stack[-1] = v
-            continue
         elif code == 0x74 and marks:  # TUPLE
             v, v.items, stack = _new(TupleValue), tuple(stack), marks.pop()
             stack.append(v)
-            continue
         elif code in _CONSTANTS:  # EMPTY_TUPLE, NEWFALSE, NEWTRUE, NONE
             stack.append(_CONSTANTS[code])
             continue
@@ -129,18 +124,21 @@ def _run(m: Machine) -> None:
             v, v.items = _new(TupleValue), tuple(stack[0x84 - code :])
             del stack[0x84 - code :]
             stack.append(v)
-            continue
         elif code == 0x75 and marks and marks[-1]:  # SETITEMS
-            items, stack = stack, marks.pop()
-            _setitems(m, stack[-1], items)
+            stack = _setitems(m, marks, stack)
             continue
         elif code >= 0 and _more(m, code, pos, limit, stack):
             pos = m.pos
             continue
-        pos, limit, stack = _slow(m, at, limit, stack)  # a handler, errors included
-        if m.res.end is not None:  # STOP
-            m.res.protocol, m.res.ops = max(m.res.protocol, m.proto), ops
-            return
+        else:
+            pos, limit, stack = _slow(m, at, limit, stack)  # a handler, errors included
+            if m.res.end is not None:  # STOP
+                m.res.protocol, m.res.ops = max(m.res.protocol, m.proto), ops
+                return
+            continue
+        # ``v`` was pushed: torch memoizes it next (LONG_BINPUT), done here in the same turn
+        if pos + 5 <= limit and buf[pos] == 0x72 and (i := _U32(buf, pos + 1)[0]) <= memo_max:
+            memo[i], pos, ops = v, pos + 5, ops + 1
 
 
 _U32 = struct.Struct("<I").unpack_from
@@ -149,11 +147,14 @@ _ESC = "surrogateescape"
 _CONSTANTS = {0x29: _EMPTY_TUPLE, 0x89: _BOOL, 0x88: _BOOL, 0x4E: _NONE}
 
 
-def _setitems(m: Machine, target: Value, items: list[Value]) -> None:
-    """SETITEMS on ``target``, as its handler does it (``opmachine._mutate``)."""
+def _setitems(m: Machine, marks: list[list[Value]], items: list[Value]) -> list[Value]:
+    """SETITEMS, as its handler does it (``opmachine._mutate``): the stack below the mark."""
+    stack = marks.pop()
+    target = stack[-1]
     m.res.mutated.append(("SETITEM", target))
     if target.entries is not None:
         target.entries.extend(zip(items[0::2], items[1::2], strict=False))
+    return stack
 
 
 def _more(m: Machine, code: int, pos: int, limit: int, stack: list[Value]) -> bool:
