@@ -240,3 +240,37 @@ def test_the_short_rebuild_path_is_the_long_one(args: tuple[Any, ...]) -> None:
         assert u.tensors == [ref]
         pictures.append(_ref_picture(ref))
     assert pictures[0] == pictures[1]
+
+
+class _Sliced:
+    """A buffer without the buffer protocol, as a remote file's is: indexing and slicing."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        return self.data.find(sub, start, end)
+
+
+def test_the_walk_reads_a_buffer_it_can_only_slice() -> None:
+    from ckpttool.unpickling.loaders import Found, pickle_chain
+
+    from .hostile.test_fast_paths import _walk
+
+    with zipfile.ZipFile(SMALL) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    plain, sliced = opscan.walk(data), opscan.walk(_Sliced(data))
+    assert plain.error is None and plain.ops > 100
+    assert _walk(sliced) == _walk(plain)
+    legacy = (FIXTURES / "legacy_format.pt").read_bytes()  # five pickles, storages between
+    found = [Found(), Found()]
+    pickle_chain(legacy, 0, len(legacy), "the file", found[0])
+    pickle_chain(_Sliced(legacy), 0, len(legacy), "the file", found[1])
+    assert len(found[0].walks) == 5 and not found[0].problems
+    assert [_walk(w) for w in found[1].walks] == [_walk(w) for w in found[0].walks]

@@ -14,6 +14,7 @@ disagree: it is flagged (``straddle``) and both readings can be asked for.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Any
 
@@ -86,11 +87,11 @@ def _run(m: Machine) -> None:
     frame (then :func:`_more`); anything else, across a boundary or failing: ``_slow``."""
     buf, stack, marks, memo, calls = m.buf, m.stack, m.marks, m.memo, m.res.calls
     pos, limit, ops, memo_max = m.pos, m.limit, 0, m.end - m.res.start  # memo_max: see _put
-    v: Value
+    u32, v = _U32 if isinstance(buf, _BUFFERS) else _u32_sliced, _NONE  # (remote: sliced)
     while True:
         at, pos, ops = pos, pos + 1, ops + 1
         code = buf[at] if at < limit else -1
-        if code == 0x72 and pos + 4 <= limit and stack and (i := _U32(buf, pos)[0]) <= memo_max:
+        if code == 0x72 and pos + 4 <= limit and stack and (i := u32(buf, pos)[0]) <= memo_max:
             memo[i], pos = stack[-1], pos + 4  # LONG_BINPUT
             continue
         elif code == 0x68 and pos < limit and (got := memo.get(buf[pos])) is not None:  # BINGET
@@ -101,7 +102,7 @@ def _run(m: Machine) -> None:
             stack.append(_INT1[buf[pos]])
             pos += 1
             continue
-        elif code == 0x58 and pos + 4 <= limit and pos + 4 + (n := _U32(buf, pos)[0]) <= limit:
+        elif code == 0x58 and pos + 4 <= limit and pos + 4 + (n := u32(buf, pos)[0]) <= limit:
             v, pos = _new(StrValue), pos + 4 + n  # BINUNICODE
             v.text = buf[pos - n : pos].decode("utf-8", _ESC) if n <= MAX_STR else None
             stack.append(v)
@@ -137,11 +138,18 @@ def _run(m: Machine) -> None:
                 return
             continue
         # ``v`` was pushed: torch memoizes it next (LONG_BINPUT), done here in the same turn
-        if pos + 5 <= limit and buf[pos] == 0x72 and (i := _U32(buf, pos + 1)[0]) <= memo_max:
+        if pos + 5 <= limit and buf[pos] == 0x72 and (i := u32(buf, pos + 1)[0]) <= memo_max:
             memo[i], pos, ops = v, pos + 5, ops + 1
 
 
-_U32 = struct.Struct("<I").unpack_from
+_U32 = struct.Struct("<I").unpack_from  # bytes and mmap; a remote file's buffer is sliced
+_BUFFERS = (bytes, bytearray, memoryview, mmap.mmap)
+
+
+def _u32_sliced(buf: Any, pos: int) -> tuple[int]:
+    return (int.from_bytes(buf[pos : pos + 4], "little"),)
+
+
 _new = object.__new__
 _ESC = "surrogateescape"
 _CONSTANTS = {0x29: _EMPTY_TUPLE, 0x89: _BOOL, 0x88: _BOOL, 0x4E: _NONE}
@@ -168,8 +176,12 @@ def _more(m: Machine, code: int, pos: int, limit: int, stack: list[Value]) -> bo
     elif code == 0x51 and stack:  # BINPERSID
         stack[-1] = persid(m, stack[-1], pos - 1)
         m.pos = pos
-    elif code == 0x6A and pos + 4 <= limit and _U32(buf, pos)[0] in m.memo:  # LONG_BINGET
-        stack.append(m.memo[_U32(buf, pos)[0]])
+    elif (
+        code == 0x6A
+        and pos + 4 <= limit
+        and (i := int.from_bytes(buf[pos : pos + 4], "little")) in m.memo
+    ):  # LONG_BINGET
+        stack.append(m.memo[i])
         m.pos = pos + 4
     elif code == 0x7D:  # EMPTY_DICT
         stack.append(Value("dict", None, None, None, None, None, []))

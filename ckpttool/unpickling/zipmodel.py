@@ -163,10 +163,10 @@ def _entries(
     cd_start, stop = base + cd_off, base + cd_off + cd_size
     off = cd_start if cd_size <= _CD_COPY else 0  # a directory of usual size: one copy,
     cd = bytes(buf[cd_start:stop]) if off else buf  # parsed in memory (mmap slices cost more)
-    pos, stop, add, unpack = cd_start - off, stop - off, model.entries.append, _CDIR.unpack_from
+    pos, stop, add, unpack = cd_start - off, stop - off, model.entries.append, _CDIR.unpack
     for _ in range(min(count, 1 << 20)):
-        f = unpack(cd, pos) if pos + _CDIR.size <= stop else None
-        if f is None or f[0] != b"PK\x01\x02":
+        f = unpack(cd[pos : pos + _CDIR.size]) if pos + _CDIR.size <= stop else None
+        if f is None or f[0] != b"PK\x01\x02":  # (sliced: a remote file's buffer is no mmap)
             model.error = "a damaged central directory"
             return
         method, csize, usize = f[4], f[8], f[9]
