@@ -285,8 +285,9 @@ def _compare_zipfile(buf: Any, base: int, end: int, model: ZipModel) -> None:
     try:
         with zipfile.ZipFile(_BufFile(buf, base, end)) as zf:
             theirs = [(i.filename, base + i.header_offset) for i in zf.infolist()]
-            start = directory_start(end - base, zf.start_dir)  # what the read lists again
-            remember_directory(end - base, start, buf[base + start : end], zf.infolist())
+            if not hasattr(buf, "prefetch"):  # a local file: the read lists it again
+                start = directory_start(end - base, zf.start_dir)
+                remember_directory(end - base, start, buf[base + start : end], zf.infolist())
     except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
         model.ambiguities.append(f"Python's zipfile cannot read it ({type(exc).__name__})")
         return
