@@ -74,6 +74,9 @@ class _Named(functools.partial[Any]):
         self.__ck_global__ = name
         return self
 
+    def __reduce__(self) -> Any:  # (partial's own would drop the name)
+        return (_Named, (self.__ck_global__, self.func))
+
 
 def global_name(obj: Any) -> str | None:
     """The ``module.name`` of a global the unpickler handed out, if ``obj`` is one."""
