@@ -274,3 +274,40 @@ def test_the_walk_reads_a_buffer_it_can_only_slice() -> None:
     pickle_chain(_Sliced(legacy), 0, len(legacy), "the file", found[1])
     assert len(found[0].walks) == 5 and not found[0].problems
     assert [_walk(w) for w in found[1].walks] == [_walk(w) for w in found[0].walks]
+
+
+def _pid(*items: bytes) -> bytes:
+    """A protocol-2 pickle: MARK, the items, TUPLE, BINPERSID, STOP."""
+    return b"\x80\x02(" + b"".join(items) + b"tQ."
+
+
+_STR = b"X\x07\x00\x00\x00storage"
+_TYPE = b"ctorch\nFloatStorage\n"
+_REST = b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _pid(_STR, _TYPE, _REST),  # torch.save's id
+        _pid(_STR, b"K\x01", _REST),  # no storage class: a finding
+        _pid(b"C\x07storage", _TYPE, _REST),  # bytes: torch decodes it
+        _pid(_STR, _TYPE, _REST, b"N"),  # six items: not the zip loader's
+        _pid(_STR, _TYPE, b"X\x01\x00\x00\x000K\x01"),  # four items
+        _pid(b"X\x07\x00\x00\x00Storage", _TYPE, _REST),
+        b"\x80\x02(" + _STR + _TYPE + _REST + b"tQQ.",  # a storage used as an id
+        b"\x80\x02K\x01Q.",  # not a tuple
+        b"\x80\x02)Q.",  # an empty tuple
+    ],
+)
+@pytest.mark.parametrize("mode", ["zip", "legacy", "tar", "none", "any"])
+def test_the_short_persistent_id_path_is_the_handlers(
+    data: bytes, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .hostile.test_fast_paths import _walk
+
+    fast = opscan.walk(data, persid_mode=mode)
+    monkeypatch.setattr(opscan, "_run", opscan._run_reference)
+    reference = opscan.walk(data, persid_mode=mode)
+    assert _walk(fast) == _walk(reference)
+    assert [sorted(g.uses) for g in fast.globals] == [sorted(g.uses) for g in reference.globals]

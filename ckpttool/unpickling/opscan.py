@@ -18,6 +18,7 @@ import mmap
 import struct
 from typing import Any
 
+from .opcalls import _PERSID
 from .opmachine import _BOOL, _EMPTY_TUPLE, _INT1, _NONE, HANDLERS, Machine, persid
 from .opvalues import (
     MAX_STR,
@@ -173,8 +174,15 @@ def _more(m: Machine, code: int, pos: int, limit: int, stack: list[Value]) -> bo
         v = _new(IntValue)
         v.num, m.pos = buf[pos] | buf[pos + 1] << 8, pos + 2
         stack.append(v)
-    elif code == 0x51 and stack:  # BINPERSID
-        stack[-1] = persid(m, stack[-1], pos - 1)
+    elif code == 0x51 and stack:  # BINPERSID: torch.save's ('storage', type, ...) without a call
+        pid = stack[-1]
+        items = (pid.items or ()) if pid.kind == "tuple" and m.persid_mode == "zip" else ()
+        typename = items[0].text if items and len(items) == 5 and items[0].kind == "str" else None
+        if typename == "storage" and items[1].kind == "global" and items[1].gref is not None:
+            items[1].gref.uses.add("storage type")  # what persid() does, without the call
+            stack[-1] = _PERSID
+        else:
+            stack[-1] = persid(m, pid, pos - 1)
         m.pos = pos
     elif (
         code == 0x6A

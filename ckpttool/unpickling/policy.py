@@ -150,7 +150,8 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
             g.uses.add("called")
             if g.full not in _SHAPE_FREE:  # what it was called with may decide its kind
                 shapes.setdefault(id(g), set()).add(_shape(args))
-        arguments.check(g, args, extra)
+        if g.full in arguments.RULED:  # a callable whose arguments have rules
+            arguments.check(g, args, extra)
     for _op, target in w.mutated:
         target = _through(target, nested)
         if target.kind == "global" and target.gref is not None:
