@@ -311,3 +311,28 @@ def test_the_short_persistent_id_path_is_the_handlers(
     reference = opscan.walk(data, persid_mode=mode)
     assert _walk(fast) == _walk(reference)
     assert [sorted(g.uses) for g in fast.globals] == [sorted(g.uses) for g in reference.globals]
+
+
+def test_tensor_info_of_is_the_dataclass() -> None:
+    from ckpttool.model import TensorInfo
+
+    storage = StorageInfo("0", "float32", 12, "cpu", "f", 0)
+    ref = TensorRef(storage, 2, (2, 5), (5, 1), dtype="float32", requires_grad=True)
+    quick = TensorInfo.of("model.w", ref)
+    slow = TensorInfo("model.w", "float32", (2, 5), (5, 1), 2, storage, "tensor", True, ref)
+    assert quick == slow and hash(quick) == hash(slow) and repr(quick) == repr(slow)
+    assert quick.ref is ref and quick.numel == 10
+    with pytest.raises(AttributeError):
+        quick.name = "x"  # type: ignore[misc]  # still frozen
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["", "w", "model.w", "optimizer.state.0.exp_avg", "a.OPTIM.b", "a.b.optimizer", "scaler.x.y"],
+)
+def test_the_optimizer_folder_test_is_the_per_part_one(path: str) -> None:
+    from ckpttool.analysis import state_dicts
+
+    keys = state_dicts._OPTIMIZER_KEYS
+    before = any(any(o in part.lower() for o in keys) for part in path.split(".")[:-1])
+    assert state_dicts._under_optimizer(path) == before
