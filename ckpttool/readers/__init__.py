@@ -131,9 +131,7 @@ def open_checkpoint(
     others = sorted({s.file for s in ckpt.storages.values()} - {path})
     if others:  # a sharded index: its shards are files of their own
         from ..unpickling.discover import merge, scan_files
-        from .dcp import item_ranges
-
-        verdict = merge([verdict, scan_files(others, dcp_items=item_ranges)])
+        verdict = merge([verdict, scan_files(others, dcp_items=_dcp_items)])
     _refuse_unproven(path, verdict)
     ckpt.verdict = verdict
     if chosen is not None:  # opened from a folder: which file, and the weight sets ignored
@@ -209,13 +207,19 @@ def _no_verdict() -> Verdict:
 def file_verdict(path: str) -> Verdict:
     """The security verdict of one file (see ``unpickling/discover.py``)."""
     from ..unpickling.discover import scan_file
-    from .dcp import item_ranges
 
     try:
-        return scan_file(path, dcp_items=item_ranges)
+        return scan_file(path, dcp_items=_dcp_items)
     except (OSError, ValueError) as exc:  # mmap of an unreadable or special file
         reason = getattr(exc, "strerror", None) or exc
         raise CheckpointError(path, f"read failed: {reason}") from None
+
+
+def _dcp_items(folder: str) -> list[tuple[str, int, int, bool]]:
+    """``dcp.item_ranges``, imported only for a ``.distcp`` file (most files are not)."""
+    from .dcp import item_ranges
+
+    return item_ranges(folder)
 
 
 def _refuse_dangerous(path: str, exc: CheckpointError, verdict: Verdict) -> None:
@@ -298,10 +302,9 @@ def _open_distributed(
 def folder_verdict(folder: str) -> Verdict:
     """The verdict over every checkpoint-like file under a folder checkpoint (DCP, DeepSpeed)."""
     from ..unpickling.discover import checkpoint_files, scan_files
-    from .dcp import item_ranges
 
     try:
-        return scan_files(checkpoint_files(folder), dcp_items=item_ranges)
+        return scan_files(checkpoint_files(folder), dcp_items=_dcp_items)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise CheckpointError(folder, f"read failed: {reason}") from None

@@ -15,15 +15,16 @@ which order, and with which ``persistent_load``. Each model adds walks and probl
 
 from __future__ import annotations
 
-import ast
 import struct
-import tarfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .opscan import PickleWalk, walk_all
 from .parsed import remember_parsed
 from .zipmodel import ZipModel, local_entries, member, read_zip
+
+if TYPE_CHECKING:  # tarfile and ast are imported where a tar or an .npy needs them
+    import tarfile
 
 DANGEROUS, UNVETTED, UNREADABLE = "dangerous", "unvetted code", "unreadable"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -163,6 +164,8 @@ def _npy_header(head: bytes, what: str, found: Found) -> tuple[Any, int] | None:
         if head[6] == 1
         else (struct.unpack("<I", head[8:12]), 12)
     )
+    import ast
+
     try:
         header = ast.literal_eval(head[at : at + min(n, 1 << 16)].decode("latin-1"))
         header["descr"]
@@ -234,6 +237,8 @@ def tar_file(f: Any, what: str, found: Found) -> bool:
     """A pre-1.0 tar checkpoint, if ``tarfile`` opens ``f`` (torch's first try on a non-zip
     file); returns whether it did. Every pickle torch reads from it is walked, also those
     that follow raw storage bytes."""
+    import tarfile
+
     try:
         tar = tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError, ValueError):
@@ -253,6 +258,8 @@ def _tar_pickle(data: bytes, what: str, found: Found) -> bool:
 
 def _tar_member(tar: tarfile.TarFile, name: str, what: str, found: Found) -> bytes | None:
     """A member's bytes as ``tar.extract`` / ``tar.extractfile`` give them to torch."""
+    import tarfile
+
     try:
         info = tar.getmember(name)  # the last member of that name, as tarfile picks it
         if info.issym() and name != "pickle":  # extract() makes the link; open() follows it
