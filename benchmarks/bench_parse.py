@@ -64,11 +64,13 @@ from ckpttool.unpickling import parsed
 path, n = sys.argv[1], int(sys.argv[2])
 out = {"parse": [], "verdict": [], "read": []}
 for _ in range(n):
-    parsed._PARSED.clear()  # as in a new process: nothing walked yet
+    parsed._PARSED.clear()  # as in a new process: nothing walked or listed yet
+    parsed._DIRS.clear()
     t0 = time.perf_counter()
     open_checkpoint(path)
     t1 = time.perf_counter()
     parsed._PARSED.clear()
+    parsed._DIRS.clear()
     file_verdict(path)
     t2 = time.perf_counter()
     open_checkpoint(path, _judge=False)  # the read after the verdict, as inspect does it

@@ -36,6 +36,24 @@ class TensorInfo:
     requires_grad: bool
     ref: TensorRef = field(repr=False, compare=False)
 
+    @classmethod
+    def of(cls, name: str, ref: TensorRef) -> TensorInfo:
+        """The tensor ``ref`` named ``name``: ``TensorInfo(name, ref.dtype, ..., ref=ref)``
+        without the frozen dataclass' setattr per field (a report makes one per tensor)."""
+        self = object.__new__(cls)
+        self.__dict__.update(
+            name=name,
+            dtype=ref.dtype,
+            shape=ref.shape,
+            stride=ref.stride,
+            storage_offset=ref.storage_offset,
+            storage=ref.storage,
+            kind=ref.kind,
+            requires_grad=ref.requires_grad,
+            ref=ref,
+        )
+        return self
+
     @property
     def numel(self) -> int:
         return self.ref.numel
@@ -67,20 +85,7 @@ class Checkpoint:
     def tensors(self) -> list[TensorInfo]:
         """Every tensor reachable from the root, named by its path (cached)."""
         if self._tensors is None:
-            self._tensors = [
-                TensorInfo(
-                    name=name,
-                    dtype=ref.dtype,
-                    shape=ref.shape,
-                    stride=ref.stride,
-                    storage_offset=ref.storage_offset,
-                    storage=ref.storage,
-                    kind=ref.kind,
-                    requires_grad=ref.requires_grad,
-                    ref=ref,
-                )
-                for name, ref in iter_tensors(self.root)
-            ]
+            self._tensors = [TensorInfo.of(name, ref) for name, ref in iter_tensors(self.root)]
         return self._tensors
 
     def iter_storages(self) -> Iterator[StorageInfo]:

@@ -36,6 +36,37 @@ class StorageInfo:
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
+    @classmethod
+    def quick(
+        cls,
+        key: str,
+        dtype: str,
+        numel: int,
+        location: str,
+        file: str,
+        offset: int,
+        record: str | None,
+        compressed: bool,
+        big_endian: bool,
+        crc: int | None,
+    ) -> StorageInfo:
+        """``StorageInfo(...)`` without the frozen dataclass' setattr per field (readers make
+        one per storage record: a thousand in a large checkpoint)."""
+        self = object.__new__(cls)
+        self.__dict__.update(
+            key=key,
+            dtype=dtype,
+            numel=numel,
+            location=location,
+            file=file,
+            offset=offset,
+            record=record,
+            compressed=compressed,
+            big_endian=big_endian,
+            crc=crc,
+        )
+        return self
+
 
 PACKED = {"quint4x2": 2, "quint2x4": 4}  # values per storage element of packed dtypes
 
@@ -109,14 +140,13 @@ class TensorRef:
 
     def extent(self) -> tuple[int, int]:
         """The element range [lo, hi) of the storage that this view touches (empty: lo == hi)."""
-        if self.numel == 0:
+        if 0 in self.shape:  # no elements
             return (self.storage_offset, self.storage_offset)
-        last = self.storage_offset + sum(
-            (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True)
-        )
-        first = self.storage_offset + sum(
-            (s - 1) * st for s, st in zip(self.shape, self.stride, strict=True) if st < 0
-        )
+        first = last = self.storage_offset  # one pass: checks read it for every tensor
+        for s, st in zip(self.shape, self.stride, strict=True):
+            if st < 0:
+                first += (s - 1) * st
+            last += (s - 1) * st
         per = PACKED.get(self.dtype, 1)  # quint4x2 & co.: several values in each storage byte
         return (first // per, -(-(last + 1) // per))
 

@@ -104,16 +104,22 @@ def walk(root: Any, enter: Callable[[Any], bool] | None = None) -> Iterator[tupl
     """
     seen: set[int] = set()
     stack: list[tuple[str, Any]] = [("", root)]
+    pop, push, add = stack.pop, stack.extend, seen.add
     while stack:
-        path, node = stack.pop()
+        path, node = pop()
         yield path, node
         if enter is not None and not enter(node):
             continue
-        if isinstance(node, (dict, list, tuple, set, frozenset, TensorRef)):  # Opaque is a dict
+        if isinstance(node, _ENTERED):  # Opaque is a dict
             if id(node) in seen:
                 continue
-            seen.add(id(node))
-            stack.extend(reversed(children(node, path)))
+            add(id(node))
+            kids = children(node, path)
+            if kids:
+                push(reversed(kids))
+
+
+_ENTERED = (dict, list, tuple, set, frozenset, TensorRef)
 
 
 def aliases(root: Any) -> list[tuple[str, str]]:

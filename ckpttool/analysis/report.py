@@ -207,11 +207,12 @@ def build(ckpt: Checkpoint, *, tensor_filter: str | None = None) -> dict[str, An
         "folder": _jsonable(ckpt.facts.get("folder")),
         "tensors": _tensor_rows(tensors, shared, pairs, tensor_filter, meta),
     }
-    from ..readers.distributed import describe_distributed
+    if "distributed" in ckpt.facts:  # a folder of shards (DCP, DeepSpeed): its layout
+        from ..readers.distributed import describe_distributed  # (3 ms to import)
 
-    distributed = describe_distributed(ckpt)
-    if distributed is not None:  # a folder of shards (DCP, DeepSpeed): its layout
-        report["distributed"] = _jsonable(distributed)
+        distributed = describe_distributed(ckpt)
+        if distributed is not None:
+            report["distributed"] = _jsonable(distributed)
     if meta:
         report["meta_tensors"] = [
             {k: row[k] for k in ("name", "dtype", "shape", "kind")} for _, row in meta

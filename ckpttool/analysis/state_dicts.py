@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,12 @@ _PARAM_STATE_KEYS = frozenset(
 
 def _under_optimizer(path: str) -> bool:
     """Inside an optimizer's state (``optimizer.state.3``, ``optimizer_states.0.state.fc.w``)."""
-    return any(any(o in part.lower() for o in _OPTIMIZER_KEYS) for part in path.split(".")[:-1])
+    return _optimizer_folder(path.rpartition(".")[0])
+
+
+@functools.lru_cache(maxsize=4096)  # siblings share their folder: asked once per folder
+def _optimizer_folder(folder: str) -> bool:
+    return any(any(o in part.lower() for o in _OPTIMIZER_KEYS) for part in folder.split("."))
 
 
 def _is_param_state(node: Any) -> bool:

@@ -6,6 +6,7 @@ record's position is taken from its local header so writers can copy it byte for
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zipfile
@@ -15,13 +16,15 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..model import Checkpoint, StorageInfo
-from ..source import file_view, open_source
+from ..source import file_view, is_url, open_source
+from ..unpickling.parsed import known_directory
 from ..unpickling.scan import check_views, unpickle
 from ..unpickling.unpickler import StorageType
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint we can inspect
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+_NAME_EXTRA = struct.Struct("<2H")  # the local header's name and extra lengths, at 26
 
 
 class ZipArchive:
@@ -41,8 +44,7 @@ class ZipArchive:
         if base is not None and hasattr(self.source, "prefetch"):  # a zip inside a file at a
             tail = min(file_bytes, 4096)  # URL (a DCP item): its end record and directory at once
             self.source.prefetch(tail, self.base + file_bytes - tail)
-        self.zf = self._open_zip()
-        infos = self.zf.infolist()
+        infos = self._infos()
         if not infos:
             raise CheckpointError(path, "is an empty zip archive, not a torch checkpoint")
         names = [i.filename for i in infos]
@@ -86,6 +88,18 @@ class ZipArchive:
                 )
         self.entries = {i.filename[len(self.root) + 1 :]: i for i in infos}
         self._folded = {k.lower(): k for k in self.entries}
+
+    def _infos(self) -> list[zipfile.ZipInfo]:
+        """The archive's entries as ``zipfile`` lists them: as the verdict's zip model listed
+        them, when it did for these very bytes (``unpickling/parsed.py``), else afresh."""
+        if not is_url(self.path):
+            infos = known_directory(
+                self.file_bytes, lambda n, at: self.source.pread(n, self.base + at)
+            )
+            if infos is not None:
+                return infos
+        self.zf = self._open_zip()
+        return self.zf.infolist()
 
     def _open_zip(self) -> zipfile.ZipFile:
         try:
@@ -145,10 +159,9 @@ class ZipArchive:
         header = self.source.pread(_LOCAL_HEADER.size + len(utf8), header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise CheckpointError(self.path, f"is truncated: {info.filename} is missing")
-        fields = _LOCAL_HEADER.unpack(header[: _LOCAL_HEADER.size])
-        if fields[0] != b"PK\x03\x04":
+        if header[:4] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"zip entry {info.filename!r} has a bad header")
-        name_len, extra_len = fields[9], fields[10]
+        name_len, extra_len = _NAME_EXTRA.unpack_from(header, 26)
         name = header[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_len]
         if name_len != len(utf8):
             name = self.source.pread(name_len, header_offset + _LOCAL_HEADER.size)
@@ -287,10 +300,7 @@ class _Records:
     def resolver(self, folder: str) -> Callable[[StorageType, str, str, int], StorageInfo]:
         """The persistent-id callback for a pickle whose records lie in ``folder``."""
 
-        def resolve(storage_type: StorageType, key: str, location: str, numel: int) -> StorageInfo:
-            return self.resolve(folder, storage_type, key, location, numel)
-
-        return resolve
+        return functools.partial(self.resolve, folder)  # called per storage: no extra frame
 
     def resolve(
         self, folder: str, storage_type: StorageType, key: str, location: str, numel: int
@@ -313,18 +323,18 @@ class _Records:
                 f"the pickle declares {numel:,} {storage_type.dtype} elements "
                 f"({numel * itemsize:,} bytes)",
             )
-        storage = StorageInfo(
-            key=key if folder == "data" else name,
-            dtype=storage_type.dtype,
-            numel=numel,
-            location=location,
-            file=path,
-            offset=archive.record_offset(info),
-            record=info.filename,
-            compressed=info.compress_type != zipfile.ZIP_STORED,
-            big_endian=self.big_endian,
+        storage = StorageInfo.quick(
+            key if folder == "data" else name,
+            storage_type.dtype,
+            numel,
+            location,
+            path,
+            archive.record_offset(info),
+            info.filename,
+            info.compress_type != zipfile.ZIP_STORED,  # compressed
+            self.big_endian,
             # torch can write records without CRCs (zeros): then there is none to check
-            crc=info.CRC if info.CRC or not info.file_size else None,
+            info.CRC if info.CRC or not info.file_size else None,
         )
         if (
             not storage.compressed

@@ -190,6 +190,7 @@ _RULES: dict[str, _Rule] = {
     "_codecs.encode": _encode,
     "torch.distributed.checkpoint.planner.WriteItemType": _enum_value,
 }
+RULED = frozenset(_RULES)  # the callables check() has rules for (it returns at once for others)
 VETTED_ARGUMENTS = TENSOR_TYPES | ARRAY_TYPES | BIT_GENERATORS | TORCH_ON_IMPORT
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..source import dirname, file_view, is_url, isfile, join, open_source, same_file
+from .gcpause import paused_gc
 from .loaders import UNREADABLE, Found, npy, npz, pickle_chain, tar_file, torch_zip
 from .policy import Verdict, judge
 from .zipmodel import ZipModel, read_zip
@@ -38,6 +39,11 @@ def scan_file(path: str, *, dcp_items: ItemRanges | None = None) -> Verdict:
     length, read with weights_only=False``): with it, a ``.distcp`` file beside a ``.metadata``
     is scanned where DCP reads it; without it (or without a ``.metadata``) each torch zip that
     tiles the file is."""
+    with paused_gc():  # the walks are freed before it resumes: it never scans them
+        return _scan_file(path, dcp_items)
+
+
+def _scan_file(path: str, dcp_items: ItemRanges | None) -> Verdict:
     found = Found()
     with open_source(path) as src:  # a local file (mmap) or a URL (range requests)
         if src.size == 0:

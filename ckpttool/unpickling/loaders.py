@@ -15,7 +15,6 @@ which order, and with which ``persistent_load``. Each model adds walks and probl
 
 from __future__ import annotations
 
-import ast
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,9 @@ if TYPE_CHECKING:
 from .opscan import PickleWalk, walk_all
 from .parsed import remember_parsed
 from .zipmodel import ZipModel, local_entries, member, read_zip
+
+if TYPE_CHECKING:  # tarfile and ast are imported where a tar or an .npy needs them
+    import tarfile
 
 DANGEROUS, UNVETTED, UNREADABLE = "dangerous", "unvetted code", "unreadable"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -184,6 +186,8 @@ def _npy_header(head: bytes, what: str, found: Found) -> tuple[Any, int] | None:
         if head[6] == 1
         else (struct.unpack("<I", head[8:12]), 12)
     )
+    import ast
+
     try:
         header = ast.literal_eval(head[at : at + min(n, 1 << 16)].decode("latin-1"))
         header["descr"]

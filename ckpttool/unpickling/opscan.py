@@ -14,18 +14,24 @@ disagree: it is flagged (``straddle``) and both readings can be asked for.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Any
 
+from .opcalls import _PERSID
 from .opmachine import _BOOL, _EMPTY_TUPLE, _INT1, _NONE, HANDLERS, Machine, persid
 from .opvalues import (
     MAX_STR,
     SCALARS,
     CallSite,
     GlobalRef,
+    IntValue,
     PickleWalk,
     Reader,
+    ResultValue,
     Stop,
+    StrValue,
+    TupleValue,
     Value,
 )
 
@@ -78,90 +84,125 @@ def walk(
 
 
 def _run(m: Machine) -> None:
-    """The opcodes torch pickles are made of, inline while their bytes lie inside the current
-    frame (the next most common in :func:`_more`); everything else (and every read across a
-    boundary) goes to ``HANDLERS``."""
+    """The opcodes torch pickles are made of, most common first, inline while they lie in the
+    frame (then :func:`_more`); anything else, across a boundary or failing: ``_slow``."""
     buf, stack, marks, memo, calls = m.buf, m.stack, m.marks, m.memo, m.res.calls
     pos, limit, ops, memo_max = m.pos, m.limit, 0, m.end - m.res.start  # memo_max: see _put
+    u32, v = _U32 if isinstance(buf, _BUFFERS) else _u32_sliced, _NONE  # (remote: sliced)
     while True:
-        at, ops = pos, ops + 1
-        code = buf[pos] if pos < limit else -1
-        pos += 1
-        if code == 0x72 and pos + 4 <= limit and stack:  # LONG_BINPUT
-            idx = int.from_bytes(buf[pos : pos + 4], "little")
-            if idx > memo_max:
-                code = -1
-            else:
-                memo[idx] = stack[-1]
-                pos += 4
-        elif code == 0x68 and pos < limit and buf[pos] in memo:  # BINGET
-            stack.append(memo[buf[pos]])
+        at, pos, ops = pos, pos + 1, ops + 1
+        code = buf[at] if at < limit else -1
+        if code == 0x72 and pos + 4 <= limit and stack and (i := u32(buf, pos)[0]) <= memo_max:
+            memo[i], pos = stack[-1], pos + 4  # LONG_BINPUT
+            continue
+        elif code == 0x68 and pos < limit and (got := memo.get(buf[pos])) is not None:  # BINGET
+            stack.append(got)
             pos += 1
-        elif code == 0x71 and pos < limit and stack:  # BINPUT
-            memo[buf[pos]] = stack[-1]
-            pos += 1
-        elif code == 0x58 and pos + 4 <= limit:  # BINUNICODE
-            n = int.from_bytes(buf[pos : pos + 4], "little")
-            if pos + 4 + n > limit:
-                code = -1
-            else:
-                pos += 4 + n
-                raw = buf[pos - n : pos] if n <= MAX_STR else None
-                text = raw.decode("utf-8", "surrogateescape") if raw is not None else None
-                stack.append(Value("str", text=text))
-        elif code == 0x28:  # MARK
-            marks.append(stack)
-            stack = []
+            continue
         elif code == 0x4B and pos < limit:  # BININT1
             stack.append(_INT1[buf[pos]])
             pos += 1
-        elif code in (0x85, 0x86, 0x87) and len(stack) >= code - 0x84:  # TUPLE1..3
-            items = tuple(stack[0x84 - code :])
-            del stack[0x84 - code :]
-            stack.append(Value("tuple", items=items))
-        elif code == 0x74 and marks:  # TUPLE
-            items, stack = tuple(stack), marks.pop()
-            stack.append(Value("tuple", items=items))
+            continue
+        elif code == 0x58 and pos + 4 <= limit and pos + 4 + (n := u32(buf, pos)[0]) <= limit:
+            v, pos = _new(StrValue), pos + 4 + n  # BINUNICODE
+            v.text = buf[pos - n : pos].decode("utf-8", _ESC) if n <= MAX_STR else None
+            stack.append(v)
+        elif code == 0x28:  # MARK
+            marks.append(stack)
+            stack = []
+            continue
         elif code == 0x52 and len(stack) >= 2:  # REDUCE
-            args = stack.pop()
-            stack[-1] = Value("result", origin=CallSite("REDUCE", stack[-1], args, at))
-            calls.append(stack[-1].origin)  # type: ignore[arg-type]
-        elif code in (0x88, 0x89, 0x29, 0x4E):  # NEWTRUE, NEWFALSE, EMPTY_TUPLE, NONE
-            stack.append(_BOOL if code > 0x80 else _EMPTY_TUPLE if code == 0x29 else _NONE)
-        else:  # the next most common, or -1: STOP and the rest go to HANDLERS
-            pos = _more(m, code, at, pos, limit, stack) if code >= 0 else -1
-            code = -1 if pos < 0 else code
-        if code == -1:  # the slow path: a handler, or a read across a boundary
-            pos, limit, stack = _slow(m, at, limit, stack)
+            args, v = stack.pop(), _new(ResultValue)
+            v.origin, v.attrs = CallSite("REDUCE", stack[-1], args, at), None
+            calls.append(v.origin)
+            stack[-1] = v
+        elif code == 0x74 and marks:  # TUPLE
+            v, v.items, stack = _new(TupleValue), tuple(stack), marks.pop()
+            stack.append(v)
+        elif code in _CONSTANTS:  # EMPTY_TUPLE, NEWFALSE, NEWTRUE, NONE
+            stack.append(_CONSTANTS[code])
+            continue
+        elif code in (0x85, 0x86, 0x87) and len(stack) >= code - 0x84:  # TUPLE1..3
+            v, v.items = _new(TupleValue), tuple(stack[0x84 - code :])
+            del stack[0x84 - code :]
+            stack.append(v)
+        elif code == 0x75 and marks and marks[-1]:  # SETITEMS
+            stack = _setitems(m, marks, stack)
+            continue
+        elif code >= 0 and _more(m, code, pos, limit, stack):
+            pos = m.pos
+            continue
+        else:
+            pos, limit, stack = _slow(m, at, limit, stack)  # a handler, errors included
             if m.res.end is not None:  # STOP
-                break
-    m.res.protocol = max(m.res.protocol, m.proto)
-    m.res.ops = ops
+                m.res.protocol, m.res.ops = max(m.res.protocol, m.proto), ops
+                return
+            continue
+        # ``v`` was pushed: torch memoizes it next (LONG_BINPUT), done here in the same turn
+        if pos + 5 <= limit and buf[pos] == 0x72 and (i := u32(buf, pos + 1)[0]) <= memo_max:
+            memo[i], pos, ops = v, pos + 5, ops + 1
 
 
-def _more(m: Machine, code: int, at: int, pos: int, limit: int, stack: list[Value]) -> int:
-    """The opcodes after :func:`_run`'s in how often torch pickles hold them: the position
-    after the opcode, or -1 for the slow path (a handler decides, errors included)."""
+_U32 = struct.Struct("<I").unpack_from  # bytes and mmap; a remote file's buffer is sliced
+_BUFFERS = (bytes, bytearray, memoryview, mmap.mmap)
+
+
+def _u32_sliced(buf: Any, pos: int) -> tuple[int]:
+    return (int.from_bytes(buf[pos : pos + 4], "little"),)
+
+
+_new = object.__new__
+_ESC = "surrogateescape"
+_CONSTANTS = {0x29: _EMPTY_TUPLE, 0x89: _BOOL, 0x88: _BOOL, 0x4E: _NONE}
+
+
+def _setitems(m: Machine, marks: list[list[Value]], items: list[Value]) -> list[Value]:
+    """SETITEMS, as its handler does it (``opmachine._mutate``): the stack below the mark."""
+    stack = marks.pop()
+    target = stack[-1]
+    m.res.mutated.append(("SETITEM", target))
+    if target.entries is not None:
+        target.entries.extend(zip(items[0::2], items[1::2], strict=False))
+    return stack
+
+
+def _more(m: Machine, code: int, pos: int, limit: int, stack: list[Value]) -> bool:
+    """The opcodes after :func:`_run`'s in how often torch pickles hold them: True when done
+    (the position after it in ``m.pos``), False for the slow path (a handler decides)."""
     buf = m.buf
-    if code == 0x51 and stack:  # BINPERSID
-        stack[-1] = persid(m, stack[-1], at)
-        return pos
-    if code == 0x6A and pos + 4 <= limit:  # LONG_BINGET
-        got = m.memo.get(int.from_bytes(buf[pos : pos + 4], "little"))
-        if got is None:
-            return -1
-        stack.append(got)
-        return pos + 4
     if code == 0x4D and pos + 2 <= limit:  # BININT2
-        stack.append(Value("int", num=buf[pos] | buf[pos + 1] << 8))
-        return pos + 2
-    if code == 0x4A and pos + 4 <= limit:  # BININT
+        v = _new(IntValue)
+        v.num, m.pos = buf[pos] | buf[pos + 1] << 8, pos + 2
+        stack.append(v)
+    elif code == 0x51 and stack:  # BINPERSID: torch.save's ('storage', type, ...) without a call
+        pid = stack[-1]
+        items = (pid.items or ()) if pid.kind == "tuple" and m.persid_mode == "zip" else ()
+        typename = items[0].text if items and len(items) == 5 and items[0].kind == "str" else None
+        if typename == "storage" and items[1].kind == "global" and items[1].gref is not None:
+            items[1].gref.uses.add("storage type")  # what persid() does, without the call
+            stack[-1] = _PERSID
+        else:
+            stack[-1] = persid(m, pid, pos - 1)
+        m.pos = pos
+    elif (
+        code == 0x6A
+        and pos + 4 <= limit
+        and (i := int.from_bytes(buf[pos : pos + 4], "little")) in m.memo
+    ):  # LONG_BINGET
+        stack.append(m.memo[i])
+        m.pos = pos + 4
+    elif code == 0x7D:  # EMPTY_DICT
+        stack.append(Value("dict", None, None, None, None, None, []))
+        m.pos = pos
+    elif code == 0x71 and pos < limit and stack:  # BINPUT
+        m.memo[buf[pos]] = stack[-1]
+        m.pos = pos + 1
+    elif code == 0x4A and pos + 4 <= limit:  # BININT
         stack.append(Value("int", num=int.from_bytes(buf[pos : pos + 4], "little", signed=True)))
-        return pos + 4
-    if code == 0x7D:  # EMPTY_DICT
-        stack.append(Value("dict", entries=[]))
-        return pos
-    return -1
+        m.pos = pos + 4
+    else:
+        return False
+    return True
 
 
 def _slow(m: Machine, at: int, limit: int, stack: list[Value]) -> tuple[int, int, list[Value]]:

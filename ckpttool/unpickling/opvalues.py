@@ -4,6 +4,7 @@ the walk's result, and a reader that follows FRAMEs as CPython's C unpickler doe
 from __future__ import annotations
 
 import codecs
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,9 @@ class Value:
 
     __slots__ = ("attrs", "entries", "gref", "items", "kind", "num", "origin", "text")
 
-    def __init__(
+    def __init__(  # positional in the walk's hot loop (keywords cost twice as much there)
         self,
         kind: str,
-        *,
         gref: GlobalRef | None = None,
         items: tuple[Value, ...] | None = None,
         origin: CallSite | None = None,
@@ -41,6 +41,28 @@ class Value:
         self.attrs: dict[str, Value] | None = None
 
 
+# Values of one kind that the walk's hot loop makes by the thousand: ``_new(StrValue)`` and one
+# slot set (the fields a kind never has are None on the class, and read-only there).
+class StrValue(Value):
+    __slots__ = ()
+    kind, gref, items, origin, num, entries, attrs = "str", None, None, None, None, None, None
+
+
+class TupleValue(Value):
+    __slots__ = ()
+    kind, gref, origin, text, num, entries, attrs = "tuple", None, None, None, None, None, None
+
+
+class IntValue(Value):
+    __slots__ = ()
+    kind, gref, items, origin, text, entries, attrs = "int", None, None, None, None, None, None
+
+
+class ResultValue(Value):  # BUILD sets ``attrs``: that slot stays writable
+    __slots__ = ()
+    kind, gref, items, text, num, entries = "result", None, None, None, None, None
+
+
 ANY_ATTR = "*"
 
 
@@ -54,12 +76,12 @@ class GlobalRef:
     pos: int
     uses: set[str] = field(default_factory=set)  # filled by the walk and by the policy
 
-    @property
-    def full(self) -> str:
+    @functools.cached_property
+    def full(self) -> str:  # (cached: the policy asks for it once per call the pickle makes)
         return f"{self.module}.{self.name}"
 
 
-@dataclass
+@dataclass(slots=True)
 class CallSite:
     """``callee(*args)`` (REDUCE, INST, OBJ) or ``cls.__new__(cls, *args)`` (NEWOBJ...)."""
 

@@ -130,9 +130,9 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
     shapes: dict[int, set[str]] = {}
     nested = _nested_classes(w)
     for site in w.calls:
-        if id(site) in nested:
+        if nested and id(site) in nested:
             continue  # getattr(Outer, 'Inner'): its result stands for the class Outer.Inner
-        callee = _through(site.callee, nested)
+        callee = _through(site.callee, nested) if nested else site.callee
         if callee.kind == "result":
             if not _result_called(callee):
                 problems.append((DANGEROUS, "the pickle calls a value it computed"))
@@ -148,8 +148,10 @@ def _judge_walk(w: PickleWalk, problems: list[tuple[str, str]]) -> list[tuple[Gl
             g.uses.add("instantiated")
         else:
             g.uses.add("called")
-            shapes.setdefault(id(g), set()).add(_shape(args))
-        arguments.check(g, args, extra)
+            if g.full not in _SHAPE_FREE:  # what it was called with may decide its kind
+                shapes.setdefault(id(g), set()).add(_shape(args))
+        if g.full in arguments.RULED:  # a callable whose arguments have rules
+            arguments.check(g, args, extra)
     for _op, target in w.mutated:
         target = _through(target, nested)
         if target.kind == "global" and target.gref is not None:
@@ -174,6 +176,8 @@ def _nested_classes(w: PickleWalk) -> dict[int, GlobalRef]:
     str) that name one of ``NESTED_CLASSES``, as protocols 0-3 pickle a nested class: each
     becomes the global ``Outer.Inner`` (by id of the call site). Any other getattr is a call."""
     out: dict[int, GlobalRef] = {}
+    if not any(g.full == "builtins.getattr" for g in w.globals):
+        return out  # (most pickles: no call below can be one)
     for site in w.calls:
         g = site.callee.gref if site.callee.kind == "global" else None
         args = site.args.items if site.args is not None and site.args.kind == "tuple" else None
@@ -271,6 +275,8 @@ def _kind(g: GlobalRef, shapes: set[str], extra: str | None) -> tuple[str, str]:
 
 
 _RISKY = frozenset({"called", "mutated", "result called"})
+# allowlisted: _kind decides their kind before it looks at what they were called with
+_SHAPE_FREE = TORCH_ALLOWED | TORCH_ON_IMPORT | DATA_ALLOWED
 
 
 def _denied(full: str, module: str, top: str) -> bool:

@@ -3,11 +3,11 @@ dtypes, storage persistent ids, and the globals ckpttool implements itself."""
 
 from __future__ import annotations
 
-import collections
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from ..model import Opaque, StorageInfo
+from ..model import Opaque, StorageInfo, TensorRef
 
 
 class UnpickleRefused(Exception):
@@ -63,17 +63,19 @@ class StorageValue:
         return f"StorageValue({self.type_name}, {self.base.key!r})"
 
 
-class _Named:
-    """A global ckpttool implements itself (a recorder); keeps the global's name."""
+class _Named(functools.partial[Any]):
+    """A global ckpttool implements itself (a recorder); keeps the global's name. (A
+    ``partial``: the C unpickler calls the recorder with no Python frame in between.)"""
 
-    __slots__ = ("__ck_global__", "fn")
+    __ck_global__: str
 
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+    def __new__(cls, name: str, fn: Callable[..., Any]) -> _Named:
+        self = super().__new__(cls, fn)
         self.__ck_global__ = name
-        self.fn = fn
+        return self
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    def __reduce__(self) -> Any:  # (partial's own would drop the name)
+        return (_Named, (self.__ck_global__, self.func))
 
 
 def global_name(obj: Any) -> str | None:
@@ -89,6 +91,70 @@ def global_name(obj: Any) -> str | None:
     return None
 
 
+# -- tensors' views, checked as the recorders fill them in ---------------------------------------
+class TypedTensorRef(TensorRef):
+    """A 2017-era ``torch.cuda.FloatTensor()`` whose view arrives later through BUILD.
+
+    BUILD is also how old pickles set a Parameter's ``(requires_grad, volatile, hooks)`` and a
+    tensor's Python attributes, so any state that is not a view goes to ``_set_extra``.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        if self.storage is None:
+            if not isinstance(state, tuple) or len(state) < 4:
+                raise UnpickleRefused(
+                    "a typed tensor's state is not (storage, offset, size, stride)"
+                )
+            storage, offset, size, stride = state[:4]
+            _fill(self, storage, offset, size, stride)
+        else:
+            TensorRef.__setstate__(self, state)
+
+
+_JUST_INT = frozenset({int})
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if (  # the common case, checked with the least work: a short tuple of plain ints >= 0
+        type(value) is tuple
+        and len(value) <= 64
+        and _JUST_INT.issuperset(map(type, value))
+        and (not value or min(value) >= 0)
+    ):
+        return value
+    if isinstance(value, Opaque) and value.global_name == "torch.Size" and value.args:
+        value = value.args[0]
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise UnpickleRefused(f"a tensor's {what} is not a tuple of non-negative integers")
+    if len(value) > 64:
+        raise UnpickleRefused(f"a tensor's {what} has {len(value)} dimensions")
+    return tuple(value)
+
+
+def _fill(ref: TensorRef, storage: Any, offset: Any, size: Any, stride: Any) -> None:
+    if isinstance(storage, StorageValue):
+        base_offset = storage.offset
+        storage = storage.base
+    else:
+        base_offset = 0
+    if not isinstance(storage, StorageInfo):
+        raise UnpickleRefused("a tensor's storage is not a storage record")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise UnpickleRefused("a tensor's storage offset is not a non-negative integer")
+    ref.storage = storage
+    ref.storage_offset = offset + base_offset
+    ref.shape = _ints(size, "size")
+    ref.stride = _ints(stride, "stride")
+    if len(ref.shape) != len(ref.stride):
+        raise UnpickleRefused("a tensor's size and stride have different lengths")
+    if ref.dtype is None or (isinstance(ref, TypedTensorRef) and storage.dtype != "uint8"):
+        ref.dtype = storage.dtype
+
+
 # -- the plain builtins created for real (bound to the unpickler like its recorders) ------------
 MAX_BYTEARRAY = 1 << 24  # bytearray(n) from a pickle: more than 16 MiB is an allocation bomb
 
@@ -99,10 +165,6 @@ def _bytes(self: Any, *args: Any) -> Any:
     if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
         return bytes(args[0])
     raise UnpickleRefused("bytes() with unexpected arguments")
-
-
-def _ordered_dict(self: Any, *args: Any) -> Any:
-    return collections.OrderedDict(*args)
 
 
 def _set(self: Any, items: Any = ()) -> Any:

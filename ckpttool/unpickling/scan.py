@@ -143,33 +143,43 @@ def unpickle(
 
 def _check_depth(path: str, what: str, root: Any) -> None:
     """Refuse trees nested deeper than MAX_DEPTH, so every later walk stays cheap."""
+    if not isinstance(root, _CONTAINERS):
+        return
     stack: list[tuple[Any, int]] = [(root, 0)]
     seen: set[int] = set()
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Opaque):
+            kids: Any = [*node.values(), *node.list_items, node.state, node.args]
+        else:
+            kids = node.values() if isinstance(node, dict) else node
+        if depth >= MAX_DEPTH and len(kids):  # a child, container or not, lies deeper
             raise CheckpointError(path, f"{what} is nested more than {MAX_DEPTH} levels deep")
-        if isinstance(node, (dict, list, tuple, set, frozenset)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, Opaque):
-                kids: list[Any] = [*node.values(), *node.list_items, node.state, node.args]
-            elif isinstance(node, dict):
-                kids = list(node.values())
-            else:
-                kids = list(node)
-            stack.extend((k, depth + 1) for k in kids)
+        # only containers go on the stack (a checkpoint's leaves, its tensors, are most nodes)
+        stack.extend((k, depth + 1) for k in kids if isinstance(k, _CONTAINERS))
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
 def check_views(path: str, tensors: list[TensorRef]) -> None:
     """Refuse any tensor whose view reaches past the end of its storage."""
+    sizes: dict[str, int] = {}  # itemsize by dtype, looked up once per dtype
     for ref in tensors:
         storage = ref.storage
         if storage is None:
             raise CheckpointError(path, "a tensor has no storage (corrupt pickle)")
         lo, hi = ref.extent()
-        if hi > lo and hi * ref.itemsize > storage.nbytes:
+        if hi <= lo:
+            continue
+        if ref.dtype not in sizes:
+            sizes[ref.dtype] = ref.itemsize
+        if storage.dtype not in sizes:
+            sizes[storage.dtype] = storage.itemsize
+        if hi * sizes[ref.dtype] > storage.numel * sizes[storage.dtype]:  # storage.nbytes
             raise CheckpointError(
                 path,
                 f"a {ref.dtype} tensor of shape {list(ref.shape)} at offset {ref.storage_offset} "

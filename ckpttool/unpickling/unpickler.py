@@ -10,6 +10,7 @@ its name and what it was called with. Storage persistent ids are handed to a rea
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import pickle
 from collections.abc import Callable
 from typing import IO, Any
@@ -19,7 +20,17 @@ from ..model import Opaque, StorageInfo, TensorRef
 from . import records as builtins_
 from .lists import NESTED_CLASSES
 from .policy import classify
-from .records import DTypeRef, StorageType, StorageValue, UnpickleRefused, _Named, global_name
+from .records import (
+    _JUST_INT,
+    DTypeRef,
+    StorageType,
+    StorageValue,
+    TypedTensorRef,
+    UnpickleRefused,
+    _fill,
+    _Named,
+    global_name,
+)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -35,66 +46,6 @@ __all__ = [
     "UnpickleRefused",
     "global_name",
 ]
-
-
-class TypedTensorRef(TensorRef):
-    """A 2017-era ``torch.cuda.FloatTensor()`` whose view arrives later through BUILD.
-
-    BUILD is also how old pickles set a Parameter's ``(requires_grad, volatile, hooks)`` and a
-    tensor's Python attributes, so any state that is not a view goes to ``_set_extra``.
-    """
-
-    __slots__ = ()
-
-    def __setstate__(self, state: Any) -> None:
-        if self.storage is None:
-            if not isinstance(state, tuple) or len(state) < 4:
-                raise UnpickleRefused(
-                    "a typed tensor's state is not (storage, offset, size, stride)"
-                )
-            storage, offset, size, stride = state[:4]
-            _fill(self, storage, offset, size, stride)
-        else:
-            TensorRef.__setstate__(self, state)
-
-
-def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if (  # the common case, checked with the least work: a short tuple of plain ints >= 0
-        type(value) is tuple
-        and len(value) <= 64
-        and all(type(v) is int for v in value)
-        and (not value or min(value) >= 0)
-    ):
-        return value
-    if isinstance(value, Opaque) and value.global_name == "torch.Size" and value.args:
-        value = value.args[0]
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    ):
-        raise UnpickleRefused(f"a tensor's {what} is not a tuple of non-negative integers")
-    if len(value) > 64:
-        raise UnpickleRefused(f"a tensor's {what} has {len(value)} dimensions")
-    return tuple(value)
-
-
-def _fill(ref: TensorRef, storage: Any, offset: Any, size: Any, stride: Any) -> None:
-    if isinstance(storage, StorageValue):
-        base_offset = storage.offset
-        storage = storage.base
-    else:
-        base_offset = 0
-    if not isinstance(storage, StorageInfo):
-        raise UnpickleRefused("a tensor's storage is not a storage record")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise UnpickleRefused("a tensor's storage offset is not a non-negative integer")
-    ref.storage = storage
-    ref.storage_offset = offset + base_offset
-    ref.shape = _ints(size, "size")
-    ref.stride = _ints(stride, "stride")
-    if len(ref.shape) != len(ref.stride):
-        raise UnpickleRefused("a tensor's size and stride have different lengths")
-    if ref.dtype is None or (isinstance(ref, TypedTensorRef) and storage.dtype != "uint8"):
-        ref.dtype = storage.dtype
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -130,6 +81,8 @@ class SafeUnpickler(pickle.Unpickler):
     def _handler(self, module: str, name: str, full: str) -> Any:
         special = _SPECIAL.get(full)
         if special is not None:
+            if full == "collections.OrderedDict":  # a type that runs no code: called as it is
+                return _Named(full, collections.OrderedDict)
             return _Named(full, special.__get__(self))
         if module in ("torch", "torch.cuda"):
             if name in dtypes.STORAGE_TYPES:
@@ -179,6 +132,21 @@ class SafeUnpickler(pickle.Unpickler):
 
     # -- storages ----------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and self._resolve:
+            # torch.save's ('storage', type, key, location, numel), with the least work
+            storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+            if (
+                type(storage_type) is StorageType
+                and type(key) is str
+                and type(location) is str
+                and type(numel) is int
+                and numel >= 0
+            ):
+                storage = self._resolve(storage_type, key, location, numel)
+                return StorageValue(storage, storage_type.name)
+        return self._persistent_load(pid)
+
+    def _persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise UnpickleRefused(f"unknown persistent id {_short(pid)}")
         typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
@@ -249,6 +217,24 @@ class SafeUnpickler(pickle.Unpickler):
         backward_hooks: Any = None,
         metadata: Any = None,
     ) -> TensorRef:
+        if (  # torch.save's own call, checked as _fill checks it, with the least work
+            type(storage) is StorageValue
+            and isinstance(storage.base, StorageInfo)
+            and type(offset) is int
+            and offset >= 0
+            and type(size) is tuple
+            and type(stride) is tuple
+            and len(size) == len(stride) <= 64
+            and _JUST_INT.issuperset(map(type, size))
+            and _JUST_INT.issuperset(map(type, stride))
+            and (not size or (min(size) >= 0 and min(stride) >= 0))
+            and not metadata
+        ):
+            base = storage.base
+            ref = TensorRef(base, offset + storage.offset, size, stride, dtype=base.dtype)
+            ref.requires_grad = requires_grad is True
+            self.tensors.append(ref)
+            return ref
         ref = self._rebuild_tensor(storage, offset, size, stride)
         ref.requires_grad = bool(requires_grad is True)
         _set_metadata(ref, metadata)
@@ -382,7 +368,7 @@ _SPECIAL: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_parameter_with_state": SafeUnpickler._rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": SafeUnpickler._rebuild_from_type_v2,
     "torch.nn.parameter.Parameter": SafeUnpickler._parameter,
-    "collections.OrderedDict": builtins_._ordered_dict,
+    "collections.OrderedDict": collections.OrderedDict,  # (not bound: see _handler)
     "builtins.set": builtins_._set,
     "builtins.frozenset": builtins_._frozenset,
     "builtins.complex": builtins_._complex,

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .parsed import directory_start, remember_directory
+
 MAX_MEMBER = 1 << 28  # a pickle larger than this is not scanned (the file is refused)
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1: larger claims are bombs
 _EOCD = struct.Struct("<4s4H2IH")
@@ -32,6 +34,9 @@ _CDIR = struct.Struct("<4s6H3I5H2I")
 _LOCAL = struct.Struct("<4s5H3I2H")
 _WINDOW = 0xFFFF + _EOCD.size  # how far back miniz looks for the end record
 _CD_COPY = 1 << 24  # a central directory up to this size is copied once and parsed in memory
+
+
+_tuple = tuple.__new__
 
 
 class Entry(NamedTuple):
@@ -158,12 +163,12 @@ def _entries(
     cd_start, stop = base + cd_off, base + cd_off + cd_size
     off = cd_start if cd_size <= _CD_COPY else 0  # a directory of usual size: one copy,
     cd = bytes(buf[cd_start:stop]) if off else buf  # parsed in memory (mmap slices cost more)
-    pos, stop = cd_start - off, stop - off
+    pos, stop, add, unpack = cd_start - off, stop - off, model.entries.append, _CDIR.unpack
     for _ in range(min(count, 1 << 20)):
-        if pos + _CDIR.size > stop or cd[pos : pos + 4] != b"PK\x01\x02":
+        f = unpack(cd[pos : pos + _CDIR.size]) if pos + _CDIR.size <= stop else None
+        if f is None or f[0] != b"PK\x01\x02":  # (sliced: a remote file's buffer is no mmap)
             model.error = "a damaged central directory"
             return
-        f = _CDIR.unpack(cd[pos : pos + _CDIR.size])
         method, csize, usize = f[4], f[8], f[9]
         nlen, xlen, clen, header = f[10], f[11], f[12], f[16]
         name = bytes(cd[pos + 46 : pos + 46 + nlen]).decode("utf-8", "surrogateescape")
@@ -173,7 +178,7 @@ def _entries(
         if header + _LOCAL.size + csize > end - base:
             model.error = f"zip entry {name!r} lies past the end of the file"
             return
-        model.entries.append(Entry(name, base + header, csize, usize, method))
+        add(_tuple(Entry, (name, base + header, csize, usize, method)))  # Entry(...), at C speed
         pos += 46 + nlen + xlen + clen
     if len(model.entries) != count:
         model.error = "the central directory holds more entries than its end record says"
@@ -280,6 +285,9 @@ def _compare_zipfile(buf: Any, base: int, end: int, model: ZipModel) -> None:
     try:
         with zipfile.ZipFile(_BufFile(buf, base, end)) as zf:
             theirs = [(i.filename, base + i.header_offset) for i in zf.infolist()]
+            if not hasattr(buf, "prefetch"):  # a local file: the read lists it again
+                start = directory_start(end - base, zf.start_dir)
+                remember_directory(end - base, start, buf[base + start : end], zf.infolist())
     except Exception as exc:  # zipfile raises many kinds of errors on damaged archives
         model.ambiguities.append(f"Python's zipfile cannot read it ({type(exc).__name__})")
         return
