@@ -1105,3 +1105,21 @@ def test_dtype_of_an_optimizer_entry_keeps_step_counters_exact(tmp_path: Path) -
     for s in got["state"].values():
         assert s["step"].dtype == torch.float32 and s["step"].item() == 1001.0
         assert s["exp_avg"].dtype == torch.bfloat16
+
+
+def test_the_writers_re_read_of_their_own_pickle_skips_the_bomb_pre_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input's data.pkl was walked by the verdict, the output's was written by ckpttool:
+    neither is walked again by the reader's pre-pass (pickletools, ~0.1 s for thousands of
+    tensors); a pickle changed on disk would be (tests/test_dcp.py holds the digest)."""
+    import ckpttool
+    from ckpttool.unpickling import parsed, scan
+
+    walked: list[int] = []
+    monkeypatch.setattr(scan, "_scan", lambda f, end: walked.append(end) or (None, None))
+    torch.save({"module.w": torch.ones(3), "module.b": torch.zeros(2)}, tmp_path / "in.pt")
+    parsed._PARSED.clear()
+    ckpttool.convert(tmp_path / "in.pt", tmp_path / "out.pt", strip_prefix="module.")
+    assert walked == []
+    assert list(torch.load(tmp_path / "out.pt", weights_only=True)) == ["w", "b"]

@@ -178,7 +178,14 @@ def add_torch_header(zw: ZipWriter, archive: str, pkl: bytes) -> None:
     keeps some records at their input's phase in a page (or a clone block), so torch would
     read the wrong bytes without an error (measured: 303 of 305 tensors); without the version
     torch reads every offset from the zip, as for files saved before it existed.
+
+    The pickle is ours: the writers' re-read of what they wrote (their verification) need
+    not walk it for size bombs first (``unpickling/parsed.py``; 0.05-0.1 s for a pickle of
+    thousands of tensors). If it reads back with other bytes, it is walked.
     """
+    from ..unpickling.parsed import remember_parsed
+
+    remember_parsed(pkl)
     zw.add_bytes(f"{archive}/data.pkl", pkl)
     zw.add_bytes(f"{archive}/.storage_alignment", b"64")
     zw.add_bytes(f"{archive}/byteorder", b"little")
