@@ -177,7 +177,7 @@ def _piece(
     """Read, cast and write one piece in this thread's buffers; its CRC-32."""
     import numpy as np
 
-    from .numeric import _cast_block, bits_dtype
+    from .numeric import _cast_block, bits_dtype, table_for
 
     in_type, out_type = bits_dtype(src), bits_dtype(dst)
     raw, out = _buffers(n * in_type.itemsize, n * out_type.itemsize)
@@ -186,11 +186,14 @@ def _piece(
         raise EOFError(f"{got} of {len(raw)} bytes at offset {src_off}")
     bits, cast = raw.view(in_type), out.view(out_type)
     kernel = KERNELS.get((src, dst))
+    table = table_for(src, dst) if kernel is None else None
     block = STEP
     with np.errstate(all="ignore"):  # numpy's error state is per thread
         for i in range(0, n, block):
             b, o = bits[i : i + block], cast[i : i + block]
-            if kernel is None:  # a table of every pattern (2-byte and float8 sources)
+            if table is not None:  # every pattern looked up, straight into the buffer: a
+                np.take(table, b, out=o, mode="clip")  # fresh array per step cost page faults
+            elif kernel is None:  # (mode="raise" would buffer; no index is out of range)
                 o[...] = _cast_block(b, src, dst)
             elif kernel(b, o) and dst in _NAN_LAYOUT:
                 fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])

@@ -177,6 +177,14 @@ def _from_f32(x: np.ndarray, dst: str) -> np.ndarray:
     raise ValueError(f"cannot cast to {dst}")
 
 
+def table_for(src: str, dst: str) -> np.ndarray | None:
+    """The table of every ``src`` pattern :func:`_cast_block` looks ``dst`` bits up in (1- and
+    2-byte sources), or None where it computes them (float64, float32, bfloat16 widened)."""
+    if src in ("float64", "float32") or (src == "bfloat16" and dst in ("float32", "float64")):
+        return None
+    return _table(src, dst)
+
+
 def _cast_block(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
     import numpy as np
 
@@ -186,9 +194,10 @@ def _cast_block(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
         x = bits.view(np.float64).astype(np.float32)  # float16/bfloat16 round through float32,
         _fix_nan(x.view(np.uint32), bits, 64, 11, 52, 32, 8, 23)  # as torch does
         return _from_f32(x, dst)
-    if src == "float32" or (src == "bfloat16" and dst in ("float32", "float64")):
+    table = table_for(src, dst)
+    if table is None:
         return _from_f32(_to_f32(bits, src), dst)
-    return np.take(_table(src, dst), bits)
+    return np.take(table, bits)
 
 
 def cast_bits(bits: np.ndarray, src: str, dst: str, ring: Ring | None = None) -> np.ndarray:
