@@ -208,3 +208,32 @@ def test_to_safetensors_casts_through_the_cores_like_torch(
     for name, t in sd.items():
         _same_as_torch(_bits(got[name]), t.to(torch.bfloat16).contiguous())
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_casts_with_workers_of_its_own(tmp_path: Path) -> None:
+    """A fork copies only the forking thread: a child of a process that has cast before must
+    start its own workers rather than queue pieces for threads it does not have (a hang)."""
+    src = tmp_path / "in.bin"
+    src.write_bytes(_values(N).numpy().tobytes())
+    with open(src, "rb") as fin, open(tmp_path / "parent.bin", "w+b") as out:
+        want = cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "float16")
+    import warnings
+
+    with warnings.catch_warnings():  # Python 3.12+ warns of fork() with threads: the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the cast finishes with the parent's CRC
+        code = 1
+        try:
+            import signal
+
+            signal.alarm(60)  # a hang fails the test instead of blocking it
+            with open(src, "rb") as fin, open(tmp_path / "child.bin", "w+b") as out:
+                got = cr.cast_range(fin.fileno(), 0, N, "float32", out.fileno(), 0, "float16")
+            code = 0 if got == want else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child.bin").read_bytes() == (tmp_path / "parent.bin").read_bytes()

@@ -171,6 +171,17 @@ def _serve() -> None:
         _jobs.get()()  # a job hands its own errors to the caller; it never raises
 
 
+def _forget_workers() -> None:
+    """In a forked child: the parent's workers did not come along (a fork copies only the
+    thread that forked), so the next cast starts its own."""
+    global _jobs, _start_lock
+    _jobs, _start_lock, _started[0] = queue.SimpleQueue(), threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
 def _piece(
     src_fd: int, src_off: int, n: int, src: str, dst_fd: int, dst_off: int, dst: str
 ) -> int:
