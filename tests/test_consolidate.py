@@ -14,6 +14,7 @@ from ckpttool.cli import cli
 from ckpttool.errors import CheckpointError
 from ckpttool.ops.consolidate import consolidate
 from tests.test_dcp import dcp_folders, torch_consolidated
+from tests.torch_objects import same
 
 torch = pytest.importorskip("torch")
 
@@ -27,24 +28,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def oracle(folders: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("oracle-c")
     return {w: torch_consolidated(f, tmp) for w, f in folders.items()}
-
-
-def same(a: Any, b: Any, path: str = "") -> None:
-    """Object-for-object equality as torch loads them (tensors: dtype, shape, stride, values)."""
-    assert type(a) is type(b), (path, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{path}.{i}")
-    else:
-        assert a == b, path
 
 
 @pytest.mark.parametrize("world", [2, 4])

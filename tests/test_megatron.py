@@ -33,6 +33,8 @@ from ckpttool.unpickling.policy import judge
 
 torch = pytest.importorskip("torch")
 
+from tests.torch_objects import same  # noqa: E402  (after the skip: it imports torch)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 GPT = FIXTURES / "megatron" / "mcore-0.16"  # Megatron-LM's parent folder
@@ -50,24 +52,6 @@ def _has_megatron() -> bool:
 
 
 needs_megatron = pytest.mark.skipif(not _has_megatron(), reason="megatron-core is not installed")
-
-
-def same(a: Any, b: Any, path: str = "") -> None:
-    """Object-for-object equality (tensors: dtype, shape, values; dicts: keys in order)."""
-    assert type(a) is type(b), (path, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{path}.{i}")
-    else:
-        assert a == b, path
 
 
 def unordered(d: dict[str, Any]) -> dict[str, Any]:
