@@ -159,7 +159,8 @@ def test_crc32_combine_equals_the_crc_of_the_whole() -> None:
         assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch, module: object) -> list[str]:
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The dtypes cast through the cores (the writers call cast_range via cast_here)."""
     used: list[str] = []
     real = cr.cast_range
 
@@ -167,7 +168,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: object) -> list[str]:
         used.append(str(args[6]))
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(module, "cast_range", spy)
+    monkeypatch.setattr(cr, "cast_range", spy)
     return used
 
 
@@ -177,9 +178,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: object) -> list[str]:
 def test_convert_casts_through_the_cores_like_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str, dtype: str
 ) -> None:
-    from ckpttool.writers import pt
-
-    used = _spy(monkeypatch, pt)
+    used = _spy(monkeypatch)
     size = torch.empty((), dtype=getattr(torch, src)).element_size()
     big = _values((N + 100) * 4 // size).to(getattr(torch, src))  # over MIN_BYTES
     sd = {"w": big, "view": big[100:].view(-1, 2), "small": _values(10).to(big.dtype)}
@@ -196,9 +195,7 @@ def test_convert_casts_through_the_cores_like_torch(
 def test_to_safetensors_casts_through_the_cores_like_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckpttool.writers import safetensors
-
-    used = _spy(monkeypatch, safetensors)
+    used = _spy(monkeypatch)
     big = _values(N + 100)
     sd = {"w": big[100:], "t": big[: 2 * 3000].view(2, 3000).t()}  # an offset; a transpose
     torch.save(sd, tmp_path / "in.pt")

@@ -174,36 +174,52 @@ KERNELS: dict[tuple[str, str], Callable[[Any, Any], bool]] = {
 _NAN_LAYOUT = {"float16": (16, 5, 10), "bfloat16": (16, 8, 7)}
 
 
-def _cast_part(
-    bits: np.ndarray, out: np.ndarray, src: str, dst: str, generic: Callable[..., Any]
+def cast_blocks(
+    bits: np.ndarray,
+    out: np.ndarray,
+    src: str,
+    dst: str,
+    generic: Callable[..., Any],
+    *,
+    block: int = BLOCK,
+    table: np.ndarray | None = None,
 ) -> None:
-    """Cast ``bits`` into ``out`` block by block (this thread's buffers)."""
+    """Cast ``bits`` into ``out``, ``block`` elements at a time (this thread's buffers): with a
+    kernel of this module, else by looking each pattern up in ``table`` straight into ``out``
+    (no array per block), else with ``generic(block, src, dst)``."""
+    import numpy as np
+
     kernel = KERNELS.get((src, dst))
-    for i in range(0, bits.size, BLOCK):
-        b, o = bits[i : i + BLOCK], out[i : i + BLOCK]
-        if kernel is None:
+    for i in range(0, bits.size, block):
+        b, o = bits[i : i + block], out[i : i + block]
+        if kernel is not None:
+            if kernel(b, o) and dst in _NAN_LAYOUT:
+                fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
+        elif table is not None:  # mode="raise" would buffer ``out``; no pattern is out of range
+            np.take(table, b, out=o, mode="clip")
+        else:
             o[...] = generic(b, src, dst)
-        elif kernel(b, o) and dst in _NAN_LAYOUT:
-            fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
 
 
 def cast_into(
-    bits: np.ndarray, out: np.ndarray, src: str, dst: str, generic: Callable[..., Any]
+    bits: np.ndarray,
+    out: np.ndarray,
+    src: str,
+    dst: str,
+    generic: Callable[..., Any],
+    table: np.ndarray | None = None,
 ) -> None:
     """Cast a 1-D contiguous array of ``src`` bits into ``out`` (``dst`` bits), in parts on a
-    pool of threads when it is big; ``generic(block, src, dst)`` casts what no kernel here
-    does."""
+    pool of threads when it is big (:func:`cast_blocks` says how)."""
     n = threads()
     if n == 1 or bits.size < 2 * PART:
-        _cast_part(bits, out, src, dst, generic)
+        cast_blocks(bits, out, src, dst, generic, table=table)
         return
     step = -(-bits.size // n)
     step += -step % BLOCK
     pool = _executor()
-    jobs = [
-        pool.submit(_part_with_errstate, bits[i : i + step], out[i : i + step], src, dst, generic)
-        for i in range(0, bits.size, step)
-    ]
+    parts = [(bits[i : i + step], out[i : i + step]) for i in range(0, bits.size, step)]
+    jobs = [pool.submit(_part_with_errstate, b, o, src, dst, generic, table) for b, o in parts]
     for job in jobs:
         job.result()
 
@@ -212,7 +228,7 @@ def _part_with_errstate(*args: Any) -> None:
     import numpy as np
 
     with np.errstate(all="ignore"):  # numpy's error state is per thread
-        _cast_part(*args)
+        cast_blocks(*args[:5], table=args[5])
 
 
 def _executor() -> Any:

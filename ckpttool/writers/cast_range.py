@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import dtypes
-from .cast_kernels import KERNELS, cores, fix_nan
+from ..errors import CheckpointError
+from .cast_kernels import cast_blocks, cores
 from .crc import crc32, crc32_combine
 from .writeback import start_writeback
 
@@ -30,7 +31,6 @@ MIN_BYTES = 2 * PIECE  # smaller casts are not worth the threads
 # in L2), so that each numpy call runs long without the GIL; with 32k-element steps two threads
 # were slower than one (each call holds the GIL about 1 us of its 5), with 128k 1.7x faster
 STEP = 1 << 17
-_NAN_LAYOUT = {"float16": (16, 5, 10), "bfloat16": (16, 8, 7)}
 _local = threading.local()
 
 
@@ -77,6 +77,28 @@ def cast_range(
     finally:
         job.stop.set()
         job.wait_workers(n)  # nothing may write into dst_fd once this returns
+
+
+def cast_here(
+    src_fd: int,
+    src_off: int,
+    count: int,
+    src_dtype: str,
+    dst_fd: int,
+    dst_dtype: str,
+    progress: Callable[[int], None] | None,
+    file: str,
+) -> int:
+    """:func:`cast_range` written at ``dst_fd``'s position, which is then moved past the
+    output (a writer's next record follows); a short input is a :class:`CheckpointError`
+    naming ``file``. Returns the CRC-32 of the bytes written."""
+    start = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    try:
+        crc = cast_range(src_fd, src_off, count, src_dtype, dst_fd, start, dst_dtype, progress)
+    except EOFError:
+        raise CheckpointError(file, "is truncated: a storage is cut short") from None
+    os.lseek(dst_fd, start + count * dtypes.get(dst_dtype).itemsize, os.SEEK_SET)
+    return crc
 
 
 class _Cast:
@@ -195,19 +217,9 @@ def _piece(
     got = os.preadv(src_fd, [raw], src_off)
     if got != len(raw):
         raise EOFError(f"{got} of {len(raw)} bytes at offset {src_off}")
-    bits, cast = raw.view(in_type), out.view(out_type)
-    kernel = KERNELS.get((src, dst))
-    table = table_for(src, dst) if kernel is None else None
-    block = STEP
     with np.errstate(all="ignore"):  # numpy's error state is per thread
-        for i in range(0, n, block):
-            b, o = bits[i : i + block], cast[i : i + block]
-            if table is not None:  # every pattern looked up, straight into the buffer: a
-                np.take(table, b, out=o, mode="clip")  # fresh array per step cost page faults
-            elif kernel is None:  # (mode="raise" would buffer; no index is out of range)
-                o[...] = _cast_block(b, src, dst)
-            elif kernel(b, o) and dst in _NAN_LAYOUT:
-                fix_nan(o, b, 32, 8, 23, *_NAN_LAYOUT[dst])
+        cast_blocks(raw.view(in_type), out.view(out_type), src, dst, _cast_block, block=STEP,
+                    table=table_for(src, dst))  # fmt: skip
     view = memoryview(out)
     crc = crc32(view)
     at = dst_off

@@ -233,7 +233,7 @@ def cast_bits(bits: np.ndarray, src: str, dst: str, ring: Ring | None = None) ->
             out = np.empty(bits.size, dtype=dt)
         else:
             out = ring.get(bits.size * dt.itemsize).view(dt)
-        cast_into(bits, out, src, dst, _cast_block)
+        cast_into(bits, out, src, dst, _cast_block, table_for(src, dst))
     return out
 
 

@@ -21,7 +21,7 @@ from ..progress import phase as progress_phase
 from ..readers import open_checkpoint
 from . import copy as bytecopy
 from .cast_kernels import Ring, ahead
-from .cast_range import can_cast_range, cast_range
+from .cast_range import can_cast_range, cast_here
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, Pickled, pickle_tree
@@ -51,14 +51,8 @@ def _write_transformed(
             progress(len(memory.data))
         return crc32(memory.data)
     if isinstance(src_fd, int) and _spreads(out, src):  # a plain cast: on every core
-        start = os.lseek(dst_fd, 0, os.SEEK_CUR)
-        try:
-            crc = cast_range(src_fd, src.offset, src.nbytes // dtypes.get(src.dtype).itemsize,
-                             src.dtype, dst_fd, start, out.dtype, progress)  # fmt: skip
-        except EOFError:
-            raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
-        os.lseek(dst_fd, start + out.nbytes, os.SEEK_SET)
-        return crc
+        return cast_here(src_fd, src.offset, out.numel, src.dtype, dst_fd, out.dtype, progress,
+                         src.file)  # fmt: skip
     crc = 0
     simple = out.dtype == src.dtype and not src.big_endian
     chunks: Iterator[Any] = bytecopy.iter_storage_chunks(src, src_fd, ring)

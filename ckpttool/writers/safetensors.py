@@ -23,7 +23,7 @@ from ..readers import open_checkpoint
 from . import copy as bytecopy
 from . import numeric
 from .cast_kernels import Ring, ahead
-from .cast_range import can_cast_range, cast_range
+from .cast_range import can_cast_range, cast_here
 from .clone import clone_block
 from .crc import crc32
 
@@ -117,14 +117,9 @@ def _write_gathered(
     assert src is not None
     map_fd = sources.fd(src.file) if src.file and not src.compressed else None
     if isinstance(map_fd, int) and _plain_cast(it):  # one range, cast: on every core
-        start = os.lseek(fd, 0, os.SEEK_CUR)
         at = src.offset + it.ref.storage_offset * it.ref.itemsize
-        try:
-            it.crc = cast_range(map_fd, at, it.ref.numel, it.ref.dtype, fd, start, it.dtype,
-                                progress)  # fmt: skip
-        except EOFError:
-            raise CheckpointError(src.file, "is truncated: a storage is cut short") from None
-        os.lseek(fd, start + it.nbytes, os.SEEK_SET)
+        it.crc = cast_here(map_fd, at, it.ref.numel, it.ref.dtype, fd, it.dtype, progress,
+                           src.file)  # fmt: skip
         return
     crc = 0
     pieces = numeric.iter_tensor_bytes(it.ref, it.dtype, fd=map_fd, ring=ring)
