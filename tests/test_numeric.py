@@ -11,6 +11,7 @@ bfloat16 0xFFFF, a strided one 0x7FC0), and ours are fixed (see ``test_nan_bits_
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,18 @@ UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 TARGETS = ["float64", "float32", "float16", "bfloat16"]
 FLOAT8 = list(numeric.FLOAT8)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a cast test with the compiled casts (where they were built) and with numpy's."""
+    from ckpttool.writers import cast_kernels
+
+    if request.param == "compiled" and cast_kernels._fastcast is None:
+        pytest.skip("the compiled casts were not built (no C compiler?)")
+    before = cast_kernels.use_compiled(request.param == "compiled")
+    yield request.param
+    cast_kernels.use_compiled(before)
 
 
 def torch_cast(bits: np.ndarray, src: str, dst: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +92,13 @@ def f32_specials() -> np.ndarray:
     return np.concatenate([np.array(edges, dtype=np.uint32), ties])
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dst", ["float64", "float32", "bfloat16"])
 def test_every_float16_pattern(dst: str) -> None:
     assert_same_as_torch(np.arange(1 << 16, dtype=np.uint16), "float16", dst)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dst", ["float64", "float32", "float16"])
 def test_every_bfloat16_pattern(dst: str) -> None:
     assert_same_as_torch(np.arange(1 << 16, dtype=np.uint16), "bfloat16", dst)
@@ -95,6 +110,7 @@ def test_every_float8_pattern(src: str, dst: str) -> None:
     assert_same_as_torch(np.arange(256, dtype=np.uint8), src, dst)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dst", ["float64", "float16", "bfloat16"])
 def test_float32_random_and_specials(dst: str) -> None:
     rng = np.random.default_rng(15)
@@ -123,6 +139,7 @@ def test_double_rounding_like_torch() -> None:
     assert numeric.cast_bits(bits, "float64", "float16").view(np.float16)[0] == 1.0
 
 
+@pytest.mark.usefixtures("kernels")
 def test_nan_bits_are_fixed() -> None:
     """NaN keeps its sign and top payload bits and becomes quiet, on every CPU."""
     f32 = np.array([0x7F800001, 0xFFC00000, 0x7FA00000, 0x7FFFFFFF], dtype=np.uint32)
@@ -277,6 +294,7 @@ def test_random_strided_views_gather_like_torch(tmp_path: Path) -> None:
 
 
 # -- every rounding case, the threaded kernels, the pipeline (issue 22) ---------------------------
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dst", ["float16", "bfloat16"])
 def test_float32_every_exponent_and_every_dropped_bit_pattern(dst: str) -> None:
     """For every sign and exponent (zeros and subnormals, normals, the float16 subnormal and
@@ -296,6 +314,7 @@ def test_float32_every_exponent_and_every_dropped_bit_pattern(dst: str) -> None:
     assert_same_as_torch((heads[:, None] | low[None, :]).reshape(-1), "float32", dst)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize(
     ("src", "dst"),
     [

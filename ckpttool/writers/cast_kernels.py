@@ -1,5 +1,8 @@
 """The hot casts, block by block into reused buffers, on every core.
 
+Casts between float32, float16 and bfloat16 run compiled where the optional extension
+``_fastcast`` was built (``setup.py``; one pass over memory, the GIL released): see
+:func:`compiled`. Else, and for the other pairs, numpy does the work:
 float32 -> float16 and float32 -> bfloat16 round with integer kernels that give the bits torch's
 ``.to(dtype)`` gives (round to nearest even, overflow to infinity, subnormals kept; NaN fixed by
 :func:`fix_nan`); 2-byte sources go through a table of every pattern. Each kernel
@@ -29,6 +32,27 @@ T = TypeVar("T")
 _local = threading.local()
 _pool: Any = None
 _pool_lock = threading.Lock()
+
+try:  # the compiled casts, where setup.py could build them
+    from . import _fastcast  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastcast = None
+_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}  # _fastcast's codes
+_use_compiled = _fastcast is not None
+
+
+def compiled(src: str, dst: str) -> bool:
+    """Whether a ``src`` -> ``dst`` cast runs in the compiled extension (float32, float16 and
+    bfloat16 among themselves, when it was built and not turned off by :func:`use_compiled`)."""
+    return _use_compiled and src != dst and src in _KIND and dst in _KIND
+
+
+def use_compiled(on: bool) -> bool:
+    """Turn the compiled casts on or off (tests compare both); returns the previous setting.
+    Turning them on without the extension built leaves them off."""
+    global _use_compiled
+    before, _use_compiled = _use_compiled, on and _fastcast is not None
+    return before
 
 
 def cores() -> int:
@@ -184,11 +208,15 @@ def cast_blocks(
     block: int = BLOCK,
     table: np.ndarray | None = None,
 ) -> None:
-    """Cast ``bits`` into ``out``, ``block`` elements at a time (this thread's buffers): with a
-    kernel of this module, else by looking each pattern up in ``table`` straight into ``out``
-    (no array per block), else with ``generic(block, src, dst)``."""
+    """Cast ``bits`` into ``out``: compiled in one call where :func:`compiled` says so; else
+    ``block`` elements at a time (this thread's buffers) with a kernel of this module, else by
+    looking each pattern up in ``table`` straight into ``out`` (no array per block), else with
+    ``generic(block, src, dst)``. The two arrays must not overlap."""
     import numpy as np
 
+    if compiled(src, dst):
+        _fastcast.cast(_KIND[src], _KIND[dst], bits, out)
+        return
     kernel = KERNELS.get((src, dst))
     for i in range(0, bits.size, block):
         b, o = bits[i : i + block], out[i : i + block]

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import dtypes
 from ..errors import CheckpointError
-from .cast_kernels import cast_blocks, cores
+from .cast_kernels import cast_blocks, compiled, cores
 from .crc import crc32, crc32_combine
 from .writeback import start_writeback
 
@@ -218,8 +218,9 @@ def _piece(
     if got != len(raw):
         raise EOFError(f"{got} of {len(raw)} bytes at offset {src_off}")
     with np.errstate(all="ignore"):  # numpy's error state is per thread
+        table = None if compiled(src, dst) else table_for(src, dst)
         cast_blocks(raw.view(in_type), out.view(out_type), src, dst, _cast_block, block=STEP,
-                    table=table_for(src, dst))  # fmt: skip
+                    table=table)  # fmt: skip
     view = memoryview(out)
     crc = crc32(view)
     at = dst_off

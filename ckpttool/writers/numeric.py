@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..model import StorageInfo, TensorRef
-from .cast_kernels import KERNELS, Ring, cast_into
+from .cast_kernels import KERNELS, Ring, cast_into, compiled
 from .cast_kernels import fix_nan as _fix_nan
 
 if TYPE_CHECKING:
@@ -226,14 +226,15 @@ def cast_bits(bits: np.ndarray, src: str, dst: str, ring: Ring | None = None) ->
 
     bits = np.ascontiguousarray(native(bits)).reshape(-1)
     with np.errstate(all="ignore"):  # overflow to inf and signalling NaNs are expected
-        if bits.size <= _BLOCK and (src, dst) not in KERNELS:
+        if bits.size <= _BLOCK and (src, dst) not in KERNELS and not compiled(src, dst):
             return np.ascontiguousarray(_cast_block(bits, src, dst))
         dt = bits_dtype(dst)
         if ring is None:
             out = np.empty(bits.size, dtype=dt)
         else:
             out = ring.get(bits.size * dt.itemsize).view(dt)
-        cast_into(bits, out, src, dst, _cast_block, table_for(src, dst))
+        table = None if compiled(src, dst) else table_for(src, dst)
+        cast_into(bits, out, src, dst, _cast_block, table)
     return out
 
 
