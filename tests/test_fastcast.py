@@ -54,9 +54,10 @@ def assert_same(bits: np.ndarray, src: str, dst: str) -> None:
 
 
 def test_ci_builds_the_extension() -> None:
-    """CI installs with a compiler: a build that silently lost the extension is a failure."""
-    if not os.environ.get("CI"):
-        pytest.skip("only CI promises a C compiler")
+    """CI installs with a compiler (.ci/run says so): a build that silently lost the
+    extension is a failure there."""
+    if not os.environ.get("CKPTTOOL_EXPECT_COMPILED"):
+        pytest.skip("only CI promises a C compiler (CKPTTOOL_EXPECT_COMPILED=1)")
     assert fast is not None and cast_kernels.compiled("float16", "bfloat16")
 
 
