@@ -1,14 +1,16 @@
 """Issue 22's casts, in process: where a cast's time goes once the interpreter has started.
 
-Two tables:
+Three tables:
 
-* the float32 -> float16 kernel on 64M elements, one thread against two, with the 32k-element
+* ns per element of each cast the writers' ``--dtype`` makes, one thread, weight-like values:
+  the compiled casts (``writers/_fastcast.c``, where it was built) and numpy's kernels/tables;
+* the numpy float32 -> float16 kernel on 64M elements, one thread against two, with the 32k-element
   steps a single thread is fastest with (``cast_kernels.BLOCK``) and the 128k-element steps
   ``cast_range`` uses (``cast_range.STEP``): numpy releases the GIL inside each call, so two
   threads only run at once when each call is long;
 * the library's ``convert(dtype="float16")`` (a float32 checkpoint) and ``to_safetensors(
-  dtype="bfloat16")`` with the cast spread over the cores (``writers/cast_range.py``) and with
-  the previous pipeline (read and cast one chunk ahead of a writer thread), interleaved with a
+  dtype="bfloat16")`` with the cast spread over the cores (``writers/cast_range.py``), with the
+  compiled casts and with numpy's, interleaved with a
   durable copy (``cp --reflink=never`` + ``sync``) of the same input; min and median of
   ``--repeat`` rounds. ``bench_clone.py`` measures the commands as a user runs them (a new
   process each time: add Python's start and the imports, about 0.15-0.2 s).
@@ -37,6 +39,39 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 CACHE = Path("/tmp/ckpttool-bench")
+
+
+def per_element_table(n: int = 1 << 25) -> str:
+    import numpy as np
+
+    from ckpttool.writers import cast_kernels as ck
+    from ckpttool.writers import numeric
+
+    x = np.random.default_rng(1).standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    x[::997] = 0  # zeros and float16 subnormals among them, as in real weights
+    srcs = {"float32": x.view(np.uint32), "float16": x.astype(np.float16).view(np.uint16)}
+    rows = ["| cast | compiled ns/element | numpy ns/element |", "|---|---:|---:|"]
+    for src, dst in (("float32", "float16"), ("float32", "bfloat16"), ("float16", "bfloat16")):
+        bits, cells = srcs[src], []
+        out = np.empty(n, np.uint16)
+        for on in (True, False):
+            if on and ck._fastcast is None:
+                cells.append("not built")
+                continue
+            before = ck.use_compiled(on)
+            table = None if on else numeric.table_for(src, dst)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with np.errstate(all="ignore"):
+                    for i in range(0, n, 1 << 17):  # cast_range's pieces are 1M elements
+                        ck.cast_blocks(bits[i : i + (1 << 17)], out[i : i + (1 << 17)], src,
+                                       dst, numeric._cast_block, table=table)  # fmt: skip
+                best = min(best, time.perf_counter() - t0)
+            ck.use_compiled(before)
+            cells.append(f"{best / n * 1e9:.2f}")
+        rows.append(f"| {src} -> {dst} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
 
 
 def kernel_table(n: int = 1 << 26) -> str:
@@ -71,15 +106,16 @@ def kernel_table(n: int = 1 << 26) -> str:
 
 def writer_table(path: Path, kind: str, repeat: int, work: Path) -> str:
     import ckpttool
-    from ckpttool.writers import cast_range, pt, safetensors
+    from ckpttool.writers import cast_kernels
 
-    real = cast_range.can_cast_range
-    modes = {"spread over the cores": real, "previous pipeline": lambda *a: False}
+    modes = {"compiled casts": True, "numpy casts": False}
     times: dict[str, list[float]] = {m: [] for m in [*modes, "durable copy"]}
     out = work / ("out.pt" if kind == "float16" else "out.safetensors")
     for _ in range(repeat):
-        for mode, fn in modes.items():
-            pt.can_cast_range = safetensors.can_cast_range = fn  # type: ignore[assignment]
+        for mode, on in modes.items():
+            if on and cast_kernels._fastcast is None:
+                continue
+            before = cast_kernels.use_compiled(on)
             subprocess.run(["sync"], check=True)
             t0 = time.perf_counter()
             if kind == "float16":
@@ -87,6 +123,7 @@ def writer_table(path: Path, kind: str, repeat: int, work: Path) -> str:
             else:
                 ckpttool.to_safetensors(path, out, dtype="bfloat16")
             times[mode].append(time.perf_counter() - t0)
+            cast_kernels.use_compiled(before)
             out.unlink()
         copy = work / "copy"
         subprocess.run(["sync"], check=True)
@@ -95,11 +132,12 @@ def writer_table(path: Path, kind: str, repeat: int, work: Path) -> str:
                         str(path), str(copy)], check=True)  # fmt: skip
         times["durable copy"].append(time.perf_counter() - t0)
         copy.unlink()
-    pt.can_cast_range = safetensors.can_cast_range = real  # type: ignore[assignment]
     base = statistics.median(times["durable copy"])
     rows = [f"#### {path.name} ({path.stat().st_size / 1e9:.2f} GB) to {kind}", "",
             "| what | min s | median s | x copy (medians) |", "|---|---:|---:|---:|"]  # fmt: skip
     for mode, ts in times.items():
+        if not ts:
+            continue
         med = statistics.median(ts)
         rows.append(f"| {mode} | {min(ts):.2f} | {med:.2f} | {med / base:.2f} |")
     return "\n".join(rows)
@@ -112,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=None, help="outputs (default: beside inputs)")
     args = ap.parse_args(argv)
-    print("# casts in process\n\n## the float32 -> float16 kernel, 64M elements\n")
+    print("# casts in process\n\n## each cast, one thread, 32M elements\n")
+    print(per_element_table())
+    print("\n## the numpy float32 -> float16 kernel, 64M elements\n")
     print(kernel_table())
     for path, kind in ((args.f16, "float16"), (args.bf16, "bfloat16")):
         if not path.is_file():
