@@ -406,6 +406,42 @@ def gcs(files: Path) -> Any:
     srv.stop()
 
 
+def test_gs_reads_are_pinned_to_the_generation_first_seen(
+    gcs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every range of a gs:// object asks for the generation its first stat saw, so a
+    replaced object is never read half old, half new. The emulator serves the newest
+    generation whatever is asked (Cloud Storage answers 404 for one that is gone): the asks
+    are recorded, and gcsfs' 404 is raised where the emulator would have answered it."""
+    from ckpttool.errors import CheckpointError
+    from ckpttool.remote.stores import FsspecBackend
+
+    for key, value in gcs.env().items():
+        monkeypatch.setenv(key, value)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"A" * 1000)
+    gcs.upload(blob, "pin/blob.bin")
+    backend = FsspecBackend("gs://ckpts/pin/blob.bin", lambda url, n: None)
+    stat = backend.stat()
+    asked: list[Any] = []
+    real = backend.fs.cat_file
+
+    def cat_file(path: str, **kw: Any) -> Any:
+        asked.append(kw.get("generation"))
+        if kw.get("generation") != backend.fs.info(path)["generation"]:
+            raise FileNotFoundError(path)  # what gcsfs raises for Cloud Storage's 404
+        return real(path, **kw)
+
+    monkeypatch.setattr(backend.fs, "cat_file", cat_file)
+    assert backend.fetch(0, 10) == b"A" * 10
+    blob.write_bytes(b"B" * 1000)
+    gcs.upload(blob, "pin/blob.bin")  # a new generation replaces the object
+    backend.fs.invalidate_cache()
+    with pytest.raises(CheckpointError, match="changed on the server while it was read"):
+        backend.fetch(10, 20)
+    assert asked == [stat.version, stat.version] and stat.version
+
+
 def test_gs_inspect_scan_and_convert_equal_local(gcs: Any, files: Path, tmp_path: Path) -> None:
     env = gcs.env()
     _same_report(_report(str(files / "big.pt")), _report("gs://ckpts/run1/big.pt", env))

@@ -3,7 +3,7 @@
 Credentials come from where each library looks (AWS environment, profile or instance role;
 ``HF_TOKEN`` or the token ``hf auth login`` saved); ckpttool never prints or stores them. Every
 read is pinned to the version first seen: an S3 ``VersionId`` or ``If-Match`` on its ETag, a Hub
-commit (the revision named is resolved to its commit once).
+commit (the revision named is resolved to its commit once), a Cloud Storage generation.
 """
 
 from __future__ import annotations
@@ -196,9 +196,15 @@ class HfBackend:
         return sorted(root + "/" + f[len(prefix) :] for f in found if f.startswith(prefix))
 
 
+def _protocols(fs: Any) -> set[str]:
+    proto = getattr(fs, "protocol", ())
+    return {proto} if isinstance(proto, str) else set(proto)
+
+
 class FsspecBackend:
-    """Any other fsspec URL (``gs://`` through gcsfs, ...): ``cat_file`` ranges, no pinning
-    beyond a size check."""
+    """Any other fsspec URL (``gs://`` through gcsfs, ...): ``cat_file`` ranges. A ``gs://``
+    object is read at the generation first seen (an object replaced meanwhile is no longer
+    found at it: "changed"); others get no pinning beyond a size check."""
 
     def __init__(self, url: str, count: Any) -> None:
         import fsspec
@@ -209,6 +215,7 @@ class FsspecBackend:
         except (ImportError, ValueError) as exc:
             raise CheckpointError(url, f"cannot be read: {exc}") from None
         self.size = -1
+        self.generation: str | None = None
 
     def stat(self) -> Stat:
         try:
@@ -219,12 +226,19 @@ class FsspecBackend:
         if info.get("type") == "directory":
             raise CheckpointError(self.url, "is a folder, not a checkpoint file")
         self.size = int(info["size"])
+        if info.get("generation") and _protocols(self.fs) & {"gs", "gcs"}:
+            self.generation = str(info["generation"])
         tag = info.get("generation") or info.get("etag") or info.get("ETag")
         return Stat(self.size, str(tag) if tag else None)
 
     def fetch(self, start: int, end: int) -> bytes:
+        pin = {"generation": self.generation} if self.generation else {}
         try:
-            body = self.fs.cat_file(self.path, start=start, end=end)
+            body = self.fs.cat_file(self.path, start=start, end=end, **pin)
+        except FileNotFoundError:
+            if self.size < 0:
+                raise errors.status_error(self.url, 404) from None
+            raise errors.changed(self.url, "it was replaced or deleted") from None
         except Exception as exc:
             raise _mapped(self.url, exc) from None
         self.count(self.url, len(body))
