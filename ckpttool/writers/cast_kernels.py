@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,9 +34,11 @@ _local = threading.local()
 _pool: Any = None
 _pool_lock = threading.Lock()
 
-try:  # the compiled casts, where setup.py could build them
+try:  # the compiled casts, where setup.py could build them (bits are little-endian here)
     from . import _fastcast  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastcast = None
+if sys.byteorder != "little":  # pragma: no cover - the C loops read native integers
     _fastcast = None
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}  # _fastcast's codes
 _use_compiled = _fastcast is not None
