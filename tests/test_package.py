@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -135,3 +136,42 @@ def test_every_command_is_in_readme(name: str) -> None:
     assert f"ckpttool {name}" in readme.read_text(encoding="utf-8"), (
         f"README.md never mentions `ckpttool {name}`"
     )
+
+
+def test_command_table_names_each_command_and_its_module() -> None:
+    """``app.COMMAND_MODULES`` says which module defines each command: a command missing
+    from it would be found only once another command's lookup had imported every module."""
+    from ckpttool.cli.app import COMMAND_MODULES
+
+    assert set(COMMAND_MODULES) == set(cli.commands)
+    for name, module in COMMAND_MODULES.items():
+        assert cli.commands[name].callback.__module__ == f"ckpttool.cli.{module}", name
+
+
+def test_a_command_imports_only_its_own_module(tmp_path: Path) -> None:
+    """``ckpttool scan FILE`` imports the module of scan, not those of the other commands
+    (nor what they import); ``--help`` and a misspelt command import them all."""
+    probe = (
+        "import sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m.rpartition('.')[2] for m in sys.modules if m.startswith('ckpttool.cli.')))"
+    )
+    f = tmp_path / "a.json"
+    f.write_text("{}")
+
+    def loaded(*args: str) -> list[str]:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60
+        )
+        return ast.literal_eval(res.stdout.strip().splitlines()[-1])
+
+    commands = {"compare", "dcp", "inspect", "write"}
+    assert commands & set(loaded("scan", str(f))) == {"inspect"}
+    assert commands & set(loaded("convert", "--help")) == {"write"}
+    assert commands <= set(loaded("--help"))
+    assert commands <= set(loaded("convrt"))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib import import_module
 from typing import Any
 
 import click
@@ -101,10 +102,43 @@ def run_library(fn: Callable[[], Any]) -> Any:
         fail(err)
 
 
+# Each command and the module of this package that defines it. Only the module of the command
+# that runs is imported (the others cost ~5 ms of every short command); help, and a name that
+# is no command (for Click's "did you mean"), import them all. test_package checks the table.
+COMMAND_MODULES = {
+    "check": "compare",
+    "consolidate": "write",
+    "convert": "write",
+    "diff": "compare",
+    "inspect": "inspect",
+    "scan": "inspect",
+    "to-dcp": "dcp",
+    "to-safetensors": "write",
+}
+
+
+def load_commands(names: Iterable[str] | None = None) -> None:
+    """Import the modules defining the commands ``names`` (default: every command), which
+    register their commands on :data:`cli`."""
+    wanted = COMMAND_MODULES.values() if names is None else (COMMAND_MODULES[n] for n in names)
+    for module in sorted(set(wanted)):
+        import_module(f"{__package__}.{module}")
+
+
 class _Group(click.Group):
     """The root group: a reader that closes stdout early (``| head``) ends the command quietly,
     with exit 0: what it read was printed in full. Its command list shows each command's
-    first sentence whole (wrapped), where Click would cut it with "..."."""
+    first sentence whole (wrapped), where Click would cut it with "...". A command's module
+    is imported when the command is looked up (:data:`COMMAND_MODULES`)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            load_commands([cmd_name] if cmd_name in COMMAND_MODULES else None)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_commands()
+        return super().list_commands(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
