@@ -175,3 +175,34 @@ def test_a_command_imports_only_its_own_module(tmp_path: Path) -> None:
     assert commands & set(loaded("convert", "--help")) == {"write"}
     assert commands <= set(loaded("--help"))
     assert commands <= set(loaded("convrt"))
+
+
+def test_short_commands_import_only_what_they_use(fixtures_dir: Path, tmp_path: Path) -> None:
+    """What a short command does not need is not imported (each costs milliseconds of every
+    run): a file's convert imports no folder reader, no hashlib (OpenSSL), no table renderer
+    and no other command; inspect no writer."""
+    probe = (
+        "import sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(sys.modules))"
+    )
+
+    def loaded(*args: str) -> set[str]:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 0, res.stderr
+        return set(ast.literal_eval(res.stdout.strip().splitlines()[-1]))
+
+    src = str(fixtures_dir / "dataparallel_state_dict.pt")
+    convert = loaded("convert", "--strip-module", "-q", src, str(tmp_path / "out.pt"))
+    assert "ckpttool.writers.pt" in convert  # the probe ran the writer
+    unused = {"ckpttool.readers.deepspeed", "ckpttool.readers.per_rank", "hashlib", "tabulate"}
+    assert convert & (unused | {"ckpttool.cli.inspect", "ckpttool.cli.compare"}) == set()
+    inspect = loaded("inspect", "-q", src)
+    assert inspect & {"ckpttool.writers.pt", "ckpttool.cli.write", "hashlib"} == set()

@@ -22,8 +22,8 @@ pickler then writes the tree, or raises, as before.
 from __future__ import annotations
 
 import io
+import os
 import pickle
-import secrets
 from collections import OrderedDict
 from typing import Any
 
@@ -39,6 +39,12 @@ _REAL = {id(g): g for g in REAL_GLOBALS}  # OrderedDict & co.: the C pickler fin
 _MODULE = pickle_globals.__name__.encode("ascii")
 
 
+def _nonce() -> str:
+    """This run's prefix of keys: 64 random bits (``os.urandom``; ``secrets`` would import
+    hashlib and OpenSSL, ~4 ms)."""
+    return "g" + os.urandom(8).hex() + "_"
+
+
 class _Unsupported(Exception):
     """The C pickler would not write this tree as the Python one does."""
 
@@ -51,7 +57,7 @@ class CTreePickler(Reductions, pickle.Pickler):
     ) -> None:
         super().__init__(file, protocol=2, fix_imports=False)
         self._init_reductions(storage_of, dtype_of)
-        self.nonce = "g" + secrets.token_hex(8) + "_"
+        self.nonce = _nonce()
         self.lent: list[str] = []  # keys lent to pickle_globals, in the order written
         self.spelt: list[bytes] = []  # the GLOBAL argument each key stands for
         self._stand_ins: dict[int, GlobalRef] = {}  # id(Opaque class) -> its stand-in

@@ -151,7 +151,7 @@ def test_a_key_met_in_the_data_gives_up(monkeypatch: pytest.MonkeyPatch) -> None
     from ckpttool.writers import pt_cpickle
     from ckpttool.writers.pickle_globals import GlobalRef
 
-    monkeypatch.setattr(pt_cpickle.secrets, "token_hex", lambda n: "00" * n)
+    monkeypatch.setattr(pt_cpickle, "_nonce", lambda: f"g{'00' * 8}_")
     key = f"c{pickle_globals.__name__}\ng{'00' * 8}_0\n"
     tree = {"s": key, "f": GlobalRef("torch.float16")}
     assert pickle_fast(tree, {}, {}) is None
