@@ -206,3 +206,38 @@ def test_short_commands_import_only_what_they_use(fixtures_dir: Path, tmp_path: 
     assert convert & (unused | {"ckpttool.cli.inspect", "ckpttool.cli.compare"}) == set()
     inspect = loaded("inspect", "-q", src)
     assert inspect & {"ckpttool.writers.pt", "ckpttool.cli.write", "hashlib"} == set()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_command_line_keeps_openblas_to_one_thread(fixtures_dir: Path) -> None:
+    """numpy's OpenBLAS would start a thread per core on import (tens of ms of CPU of every
+    cast); the command line asks it for one, unless the user set OPENBLAS_NUM_THREADS."""
+    pytest.importorskip("numpy")
+    probe = (
+        "import os, sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', 'scan', '-q', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "import numpy\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')) - before)"
+    )
+    src = str(fixtures_dir / "dataparallel_state_dict.pt")
+
+    def run(**env: str) -> list[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        res = subprocess.run(
+            [sys.executable, "-c", probe, src],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**environ, **env},
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()
+
+    assert run() == ["1", "0"]  # no thread started by importing numpy
+    assert run(OPENBLAS_NUM_THREADS="2")[0] == "2"  # the user's choice stands

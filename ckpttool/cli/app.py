@@ -196,6 +196,7 @@ def main() -> None:
     early (``| head``) ends it with exit 0.
     """
     signals.install()
+    _one_blas_thread()
     try:
         signals.release()
         cli(standalone_mode=True)
@@ -214,6 +215,15 @@ def main() -> None:
         raise
     if signals.received() is not None:
         _interrupted()
+
+
+def _one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when numpy is imported (50-80 ms of CPU of a
+    short cast on 2 cores, more with more cores) for BLAS calls the commands hardly make: casts
+    and comparisons are elementwise, spread over ckpttool's own workers. One thread, unless
+    the user chose otherwise (set before numpy is imported: OpenBLAS reads it when loaded)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _interrupted() -> None:
