@@ -241,3 +241,40 @@ def test_the_command_line_keeps_openblas_to_one_thread(fixtures_dir: Path) -> No
 
     assert run() == ["1", "0"]  # no thread started by importing numpy
     assert run(OPENBLAS_NUM_THREADS="2")[0] == "2"  # the user's choice stands
+
+
+def test_the_program_collects_garbage_less_often_the_library_as_before() -> None:
+    """The ckpttool program (console script, ``python -m``) raises the collector's first
+    threshold (a short command is not scanned tens of times for cycles it does not form);
+    a program importing the library keeps its own."""
+    probe = (
+        "import gc, sys\n"
+        "sys.argv[0] = sys.argv[1]\n"
+        "if sys.argv[2] == 'off':\n"
+        "    gc.set_threshold(0)\n"
+        "import ckpttool.cli\n"
+        "print(gc.get_threshold()[0])"
+    )
+
+    def first_threshold(argv0: str, gc_state: str = "on") -> int:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, argv0, gc_state], capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return int(res.stdout)
+
+    from ckpttool.program import GC_FIRST_GENERATION
+
+    assert first_threshold("/usr/bin/ckpttool") == GC_FIRST_GENERATION
+    import gc
+
+    assert first_threshold("train.py") == gc.get_threshold()[0]  # the interpreter's default
+    assert first_threshold("/usr/bin/ckpttool", "off") == 0  # turned off: left off
+    res = subprocess.run(
+        [sys.executable, "-c", "import gc, runpy, sys; sys.argv = ['x', '--version']\n"
+         "try:\n    runpy.run_module('ckpttool', run_name='__main__')\n"
+         "except SystemExit:\n    print(gc.get_threshold()[0])"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.stdout.split()[-1] == str(GC_FIRST_GENERATION)  # python -m ckpttool

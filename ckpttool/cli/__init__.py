@@ -15,8 +15,10 @@ if signals.running_as("ckpttool"):
     # This process is the ckpttool program (its console script imports this package before it
     # calls main): take the signals now, before click is imported, and raise one caught
     # meanwhile once main() is running. Library users and tests importing this package keep
-    # their own handlers.
-    signals.install(defer=True)
+    # their own handlers (and collector).
+    from .. import program
+
+    program.start()
 
 from importlib import import_module
 from typing import Any
