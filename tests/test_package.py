@@ -245,8 +245,9 @@ def test_the_command_line_keeps_openblas_to_one_thread(fixtures_dir: Path) -> No
 
 def test_the_program_collects_garbage_less_often_the_library_as_before() -> None:
     """The ckpttool program (console script, ``python -m``) raises the collector's first
-    threshold (a short command is not scanned tens of times for cycles it does not form);
-    a program importing the library keeps its own."""
+    threshold (a short command is not scanned tens of times for cycles it does not form) and
+    freezes what is left once the command is done; a program importing the library keeps its
+    own collector."""
     probe = (
         "import gc, sys\n"
         "sys.argv[0] = sys.argv[1]\n"
@@ -274,7 +275,16 @@ def test_the_program_collects_garbage_less_often_the_library_as_before() -> None
     res = subprocess.run(
         [sys.executable, "-c", "import gc, runpy, sys; sys.argv = ['x', '--version']\n"
          "try:\n    runpy.run_module('ckpttool', run_name='__main__')\n"
-         "except SystemExit:\n    print(gc.get_threshold()[0])"],
+         "except SystemExit:\n    print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert res.stdout.split()[-1] == str(GC_FIRST_GENERATION)  # python -m ckpttool
+    # python -m ckpttool; its objects, once the command is done, are left to the process's end
+    assert res.stdout.split()[-2:] == [str(GC_FIRST_GENERATION), "True"]
+    res = subprocess.run(
+        [sys.executable, "-c", "import gc, sys; sys.argv = ['x', '--version']\n"
+         "from ckpttool.cli import main\n"
+         "try:\n    main()\n"
+         "except SystemExit:\n    print(gc.get_freeze_count())"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.stdout.split()[-1] == "0"  # main() called by another program: nothing frozen

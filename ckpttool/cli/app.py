@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .. import __version__, signals
+from .. import __version__, program, signals
 from ..errors import EXIT_DANGEROUS, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentError, CheckpointError
 
 EPILOG = """\b
@@ -203,6 +203,7 @@ def main() -> None:
     except signals.Interrupted:
         _interrupted()
     except SystemExit:
+        program.finish()  # the command is done: what it made needs no collection before exit
         if signals.received() is not None:  # caught, then swallowed on its way: still stop
             _interrupted()
         raise
