@@ -1,22 +1,25 @@
 """The tree pickle at C speed: CPython's C pickler writing, byte for byte, what the Python
 ``TreePickler`` (``pt_pickle``) writes at protocol 2; None where it might not.
 
-The two picklers write the same opcodes for the same objects, with three exceptions this
-module steers around:
+The two picklers write the same opcodes for the same objects, except where this module
+steers around them:
 
-- the C pickler writes a global only after importing its module and finding the very object
-  there. Each global of the tree (a ``GlobalRef``, or an Opaque class through a stand-in) is
-  therefore written under a key of ``pickle_globals``, unique to this run and resolved there
-  while it lasts; the keys are spelt as the real names afterwards, each checked to be where
-  and in the order it was lent (a key has 64 random bits: no data can guess it);
+- the C pickler writes a global only after importing its module (``obj.__module__``) and
+  finding the very object there. Each global of the tree is therefore written under a key of
+  ``pickle_globals``, unique to the run and resolved there while it lasts, and spelt as its
+  real name afterwards, each key checked to be where and in the order it was lent (a key holds
+  64 random bits: no data can guess it). A ``GlobalRef`` is lent as it is; for the globals the
+  reader made (Opaque classes, dtypes, recorders), the ``__module__`` the C pickler reads is
+  moved to ``pickle_globals`` for the run and put back after (one run at a time);
 - an exact dict of 1000n or 1000n + 1 items, and an exact list of 1000n + 1 items, end in
-  a batch that the two write differently: such trees go to the Python pickler;
-- empty bytes are ``bytes()`` for the C pickler and ``codecs.encode('', 'latin1')`` for ours.
+  a batch that the two write differently; empty bytes are ``bytes()`` for the C pickler and
+  ``codecs.encode('', 'latin1')`` for ours: such trees go to the Python pickler;
+- an object whose own arguments hold it is memoised before its items and state are written:
+  the Python pickler then writes them twice, the C pickler once. The C pickler's run counts the
+  objects whose items it did not ask for; one such object, and its bytes are dropped.
 
-Anything else the C pickler would meet outside the plain containers (an object built with
-``__new__``, a recorder, a dtype or class as a value, ...) also goes to the Python pickler, as
-do a tree nested deeper than the interpreter's recursion limit and every error: the Python
-pickler then writes the tree, or raises, as before.
+Anything else (protocol 4, an unknown type, a tree nested deeper than the recursion limit,
+every error) goes to the Python pickler, which then writes the tree, or raises, as before.
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
 from collections import OrderedDict
 from typing import Any
 
 from ..model import Opaque
+from ..unpickling.unpickler import DTypeRef, StorageType, _Named
 from . import pickle_globals
 from .pickle_globals import GlobalRef
-from .pt_reduce import REAL_GLOBALS, OutStorage, Pickled, Reductions, spelling
+from .pt_reduce import REAL_GLOBALS, OutStorage, Pickled, Reductions, __newobj__, spelling
 
 _BATCH = 1000  # items per APPENDS / SETITEMS (both picklers)
 # never a storage (a tuple: `in` compares types by identity first)
 _PLAIN = (str, int, float, tuple, GlobalRef, OrderedDict, bool, type(None), bytes)
 _REAL = {id(g): g for g in REAL_GLOBALS}  # OrderedDict & co.: the C pickler finds them itself
 _MODULE = pickle_globals.__name__.encode("ascii")
+_MOVING = threading.Lock()
 
 
 def _nonce() -> str:
@@ -60,7 +66,8 @@ class CTreePickler(Reductions, pickle.Pickler):
         self.nonce = _nonce()
         self.lent: list[str] = []  # keys lent to pickle_globals, in the order written
         self.spelt: list[bytes] = []  # the GLOBAL argument each key stands for
-        self._stand_ins: dict[int, GlobalRef] = {}  # id(Opaque class) -> its stand-in
+        self.moved: dict[type, str] = {}  # Opaque class -> its own __module__ (put back)
+        self.unasked = 0  # objects whose items the C pickler did not ask for (see _Items)
 
     def persistent_id(self, obj: Any) -> Any:
         t = type(obj)
@@ -79,7 +86,11 @@ class CTreePickler(Reductions, pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
         if t is GlobalRef:
-            return self._lend(obj)
+            return self._lend(obj, obj.module, obj.name)
+        if isinstance(obj, type) and issubclass(obj, Opaque):  # a class the pickle named
+            return self._lend_moved(obj, obj)
+        if t is DTypeRef or t is StorageType or t is _Named:  # a global held as a value
+            return self._lend_moved(obj, t)
         reduced = self._reduce_tensor(obj)
         if reduced is not None:
             return reduced
@@ -89,27 +100,35 @@ class CTreePickler(Reductions, pickle.Pickler):
             module, attr = spelling(obj)
             self.written_globals[f"{module}.{attr}"] = None
             return NotImplemented
-        if isinstance(obj, Opaque) and obj.how == "call" and not obj.kwargs:
-            listitems = iter(obj.list_items) if obj.list_items else None
-            dictitems = iter(dict.items(obj)) if len(obj) else None
-            return (self._stand_in(t), obj.args, obj.state, listitems, dictitems)
+        if isinstance(obj, Opaque) and not obj.kwargs:
+            return self._reduce_object(obj)
         raise _Unsupported
 
-    def _stand_in(self, cls: type) -> GlobalRef:
-        """The GlobalRef written for an Opaque class (one per class, as the class is memoised
-        once by the Python pickler)."""
-        if cls.__name__ in ("__newobj__", "__newobj_ex__"):  # the Python pickler's NEWOBJ path
-            raise _Unsupported
-        ref = self._stand_ins.get(id(cls))
-        if ref is None:
-            module, attr = spelling(cls)
-            ref = self._stand_ins[id(cls)] = GlobalRef(f"{module}.{attr}")
-            ref.module, ref.name = module, attr  # as spelt (a qualname may hold dots)
-        return ref
+    def _reduce_object(self, obj: Opaque) -> Any:
+        """``TreePickler._reduce_opaque``'s tuple, its dict items counted: the C pickler asks
+        for them unless the object is already memoised once its arguments are written (they
+        hold the object itself), where the Python pickler writes items and state twice."""
+        listitems = iter(obj.list_items) if obj.list_items else None
+        dictitems = _Items(self, iter(dict.items(obj)) if len(obj) else iter(()))
+        self.unasked += 1
+        cls = type(obj)
+        if obj.how == "newobj":
+            return (__newobj__, (cls, *obj.args), obj.state, listitems, dictitems)
+        return (cls, obj.args, obj.state, listitems, dictitems)
 
-    def _lend(self, ref: GlobalRef) -> str:
-        """The key ``ref`` is written under (the C pickler writes GLOBAL module key)."""
-        module, attr = ref.module, ref.name
+    def _lend_moved(self, obj: Any, owner: type) -> str:
+        """The key of a global the reader made (an Opaque class, a dtype, a recorder): lent
+        itself, with the ``__module__`` the C pickler reads (the class's, or its type's)
+        moved to ``pickle_globals`` for the run, where it finds the object by its key."""
+        module, attr = spelling(obj)
+        key = self._lend(obj, module, attr)
+        if owner not in self.moved:
+            self.moved[owner] = owner.__dict__["__module__"]
+            owner.__module__ = pickle_globals.__name__
+        return key
+
+    def _lend(self, obj: Any, module: str, attr: str) -> str:
+        """The key ``obj`` is written under (the C pickler writes GLOBAL module key)."""
         if "\n" in module + attr or not module or not attr or "." in attr:
             raise _Unsupported  # an error, or protocol 4: the Python pickler's to say
         try:
@@ -117,11 +136,29 @@ class CTreePickler(Reductions, pickle.Pickler):
         except UnicodeError:
             raise _Unsupported from None
         key = f"{self.nonce}{len(self.lent)}"
-        pickle_globals.lend(key, ref)
+        pickle_globals.lend(key, obj)
         self.lent.append(key)
         self.spelt.append(spelt)
         self.written_globals[f"{module}.{attr}"] = None
         return key
+
+
+class _Items:
+    """An object's dict items for the C pickler, which counts the objects it asked for them."""
+
+    __slots__ = ("asked", "items", "pickler")
+
+    def __init__(self, pickler: CTreePickler, items: Any) -> None:
+        self.pickler, self.items, self.asked = pickler, items, False
+
+    def __iter__(self) -> _Items:
+        return self
+
+    def __next__(self) -> Any:
+        if not self.asked:
+            self.asked = True
+            self.pickler.unasked -= 1
+        return next(self.items)
 
 
 def pickle_fast(
@@ -131,13 +168,16 @@ def pickle_fast(
     the Python pickler must write it (or raise)."""
     buf = io.BytesIO()
     pickler = CTreePickler(buf, storage_of, dtype_of)
-    try:
-        pickler.dump(root)
-    except Exception:  # _Unsupported, or an error: the Python pickler writes or raises
-        return None
-    finally:
-        pickle_globals.take_back(pickler.lent)
-    data = _spell(buf.getvalue(), pickler)
+    with _MOVING:  # one run at a time moves classes' __module__ (and puts it back)
+        try:
+            pickler.dump(root)
+        except Exception:  # _Unsupported, or an error: the Python pickler writes or raises
+            return None
+        finally:
+            pickle_globals.take_back(pickler.lent)
+            for cls, module in pickler.moved.items():
+                cls.__module__ = module
+    data = _spell(buf.getvalue(), pickler) if pickler.unasked == 0 else None
     if data is None:
         return None
     return Pickled(data, 2, list(pickler.written_globals))
