@@ -66,7 +66,7 @@ class CTreePickler(Reductions, pickle.Pickler):
         self.nonce = _nonce()
         self.lent: list[str] = []  # keys lent to pickle_globals, in the order written
         self.spelt: list[bytes] = []  # the GLOBAL argument each key stands for
-        self.moved: dict[type, str] = {}  # Opaque class -> its own __module__ (put back)
+        self.moved: dict[type, str] = {}  # class -> its own __module__ (put back after)
         self.unasked = 0  # objects whose items the C pickler did not ask for (see _Items)
 
     def persistent_id(self, obj: Any) -> Any:
