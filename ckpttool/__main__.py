@@ -1,8 +1,9 @@
-"""``python -m ckpttool``: take the signals first, then import the command line and run it."""
+"""``python -m ckpttool``: set up the process first (the signals), then import the command line
+and run it."""
 
-from ckpttool import signals
+from ckpttool import program
 
-signals.install(defer=True)  # a signal during the imports below is raised once main() runs
+program.start()  # a signal during the imports below is raised once main() runs
 
 from ckpttool.cli import main  # noqa: E402
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .tables import tabulate
-
 _FORMAT_NAMES = {
     "zip": "torch zip",
     "legacy": "torch legacy (pre-1.6)",
@@ -39,6 +37,8 @@ def to_json(report: dict[str, Any]) -> str:
 
 def summary(report: dict[str, Any], fmt: str = "simple") -> str:
     """The text report of ``inspect``: the file, then one table per part, then the warnings."""
+    from .tables import tabulate  # here: a writer's report needs only escape (~5 ms)
+
     lines = _header(report)
 
     def table(title: str, rows: list[list[Any]], headers: list[str]) -> None:
@@ -225,6 +225,8 @@ def tensors_table(report: dict[str, Any], fmt: str = "simple") -> str:
         ]
         for t in report["tensors"]
     ]
+    from .tables import tabulate
+
     return tabulate(
         rows,
         headers=["name", "dtype", "shape", "saved device", "size", "shared with"],

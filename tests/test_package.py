@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -135,3 +136,155 @@ def test_every_command_is_in_readme(name: str) -> None:
     assert f"ckpttool {name}" in readme.read_text(encoding="utf-8"), (
         f"README.md never mentions `ckpttool {name}`"
     )
+
+
+def test_command_table_names_each_command_and_its_module() -> None:
+    """``app.COMMAND_MODULES`` says which module defines each command: a command missing
+    from it would be found only once another command's lookup had imported every module."""
+    from ckpttool.cli.app import COMMAND_MODULES
+
+    assert set(COMMAND_MODULES) == set(cli.commands)
+    for name, module in COMMAND_MODULES.items():
+        assert cli.commands[name].callback.__module__ == f"ckpttool.cli.{module}", name
+
+
+def test_a_command_imports_only_its_own_module(tmp_path: Path) -> None:
+    """``ckpttool scan FILE`` imports the module of scan, not those of the other commands
+    (nor what they import); ``--help`` and a misspelt command import them all."""
+    probe = (
+        "import sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m.rpartition('.')[2] for m in sys.modules if m.startswith('ckpttool.cli.')))"
+    )
+    f = tmp_path / "a.json"
+    f.write_text("{}")
+
+    def loaded(*args: str) -> list[str]:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60
+        )
+        return ast.literal_eval(res.stdout.strip().splitlines()[-1])
+
+    commands = {"compare", "dcp", "inspect", "write"}
+    assert commands & set(loaded("scan", str(f))) == {"inspect"}
+    assert commands & set(loaded("convert", "--help")) == {"write"}
+    assert commands <= set(loaded("--help"))
+    assert commands <= set(loaded("convrt"))
+
+
+def test_short_commands_import_only_what_they_use(fixtures_dir: Path, tmp_path: Path) -> None:
+    """What a short command does not need is not imported (each costs milliseconds of every
+    run): a file's convert imports no folder reader, no hashlib (OpenSSL), no table renderer
+    and no other command; inspect no writer."""
+    probe = (
+        "import sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(sys.modules))"
+    )
+
+    def loaded(*args: str) -> set[str]:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 0, res.stderr
+        return set(ast.literal_eval(res.stdout.strip().splitlines()[-1]))
+
+    src = str(fixtures_dir / "dataparallel_state_dict.pt")
+    convert = loaded("convert", "--strip-module", "-q", src, str(tmp_path / "out.pt"))
+    assert "ckpttool.writers.pt" in convert  # the probe ran the writer
+    unused = {"ckpttool.readers.deepspeed", "ckpttool.readers.per_rank", "hashlib", "tabulate"}
+    assert convert & (unused | {"ckpttool.cli.inspect", "ckpttool.cli.compare"}) == set()
+    inspect = loaded("inspect", "-q", src)
+    assert inspect & {"ckpttool.writers.pt", "ckpttool.cli.write", "hashlib"} == set()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_command_line_keeps_openblas_to_one_thread(fixtures_dir: Path) -> None:
+    """numpy's OpenBLAS would start a thread per core on import (tens of ms of CPU of every
+    cast); the command line asks it for one, unless the user set OPENBLAS_NUM_THREADS."""
+    pytest.importorskip("numpy")
+    probe = (
+        "import os, sys\n"
+        "from ckpttool.cli import main\n"
+        "sys.argv = ['ckpttool', 'scan', '-q', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "import numpy\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')) - before)"
+    )
+    src = str(fixtures_dir / "dataparallel_state_dict.pt")
+
+    def run(**env: str) -> list[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        res = subprocess.run(
+            [sys.executable, "-c", probe, src],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**environ, **env},
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()
+
+    assert run() == ["1", "0"]  # no thread started by importing numpy
+    assert run(OPENBLAS_NUM_THREADS="2")[0] == "2"  # the user's choice stands
+
+
+def test_the_program_collects_garbage_less_often_the_library_as_before() -> None:
+    """The ckpttool program (console script, ``python -m``) raises the collector's first
+    threshold (a short command is not scanned tens of times for cycles it does not form) and
+    freezes what is left once the command is done; a program importing the library keeps its
+    own collector."""
+    probe = (
+        "import gc, sys\n"
+        "sys.argv[0] = sys.argv[1]\n"
+        "if sys.argv[2] == 'off':\n"
+        "    gc.set_threshold(0)\n"
+        "import ckpttool.cli\n"
+        "print(gc.get_threshold()[0])"
+    )
+
+    def first_threshold(argv0: str, gc_state: str = "on") -> int:
+        res = subprocess.run(
+            [sys.executable, "-c", probe, argv0, gc_state], capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return int(res.stdout)
+
+    from ckpttool.program import GC_FIRST_GENERATION
+
+    assert first_threshold("/usr/bin/ckpttool") == GC_FIRST_GENERATION
+    import gc
+
+    assert first_threshold("train.py") == gc.get_threshold()[0]  # the interpreter's default
+    assert first_threshold("/usr/bin/ckpttool", "off") == 0  # turned off: left off
+    res = subprocess.run(
+        [sys.executable, "-c", "import gc, runpy, sys; sys.argv = ['x', '--version']\n"
+         "try:\n    runpy.run_module('ckpttool', run_name='__main__')\n"
+         "except SystemExit:\n    print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # python -m ckpttool; its objects, once the command is done, are left to the process's end
+    assert res.stdout.split()[-2:] == [str(GC_FIRST_GENERATION), "True"]
+    res = subprocess.run(
+        [sys.executable, "-c", "import gc, sys; sys.argv = ['x', '--version']\n"
+         "from ckpttool.cli import main\n"
+         "try:\n    main()\n"
+         "except SystemExit:\n    print(gc.get_freeze_count())"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.stdout.split()[-1] == "0"  # main() called by another program: nothing frozen

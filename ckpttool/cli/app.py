@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib import import_module
 from typing import Any
 
 import click
 
-from .. import __version__, signals
+from .. import __version__, program, signals
 from ..errors import EXIT_DANGEROUS, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentError, CheckpointError
 
 EPILOG = """\b
@@ -101,10 +102,43 @@ def run_library(fn: Callable[[], Any]) -> Any:
         fail(err)
 
 
+# Each command and the module of this package that defines it. Only the module of the command
+# that runs is imported (the others cost ~5 ms of every short command); help, and a name that
+# is no command (for Click's "did you mean"), import them all. test_package checks the table.
+COMMAND_MODULES = {
+    "check": "compare",
+    "consolidate": "write",
+    "convert": "write",
+    "diff": "compare",
+    "inspect": "inspect",
+    "scan": "inspect",
+    "to-dcp": "dcp",
+    "to-safetensors": "write",
+}
+
+
+def load_commands(names: Iterable[str] | None = None) -> None:
+    """Import the modules defining the commands ``names`` (default: every command), which
+    register their commands on :data:`cli`."""
+    wanted = COMMAND_MODULES.values() if names is None else (COMMAND_MODULES[n] for n in names)
+    for module in sorted(set(wanted)):
+        import_module(f"{__package__}.{module}")
+
+
 class _Group(click.Group):
     """The root group: a reader that closes stdout early (``| head``) ends the command quietly,
     with exit 0: what it read was printed in full. Its command list shows each command's
-    first sentence whole (wrapped), where Click would cut it with "..."."""
+    first sentence whole (wrapped), where Click would cut it with "...". A command's module
+    is imported when the command is looked up (:data:`COMMAND_MODULES`)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            load_commands([cmd_name] if cmd_name in COMMAND_MODULES else None)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_commands()
+        return super().list_commands(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
@@ -162,12 +196,14 @@ def main() -> None:
     early (``| head``) ends it with exit 0.
     """
     signals.install()
+    _one_blas_thread()
     try:
         signals.release()
         cli(standalone_mode=True)
     except signals.Interrupted:
         _interrupted()
     except SystemExit:
+        program.finish()  # the command is done: what it made needs no collection before exit
         if signals.received() is not None:  # caught, then swallowed on its way: still stop
             _interrupted()
         raise
@@ -180,6 +216,15 @@ def main() -> None:
         raise
     if signals.received() is not None:
         _interrupted()
+
+
+def _one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when numpy is imported (50-80 ms of CPU of a
+    short cast on 2 cores, more with more cores) for BLAS calls the commands hardly make: casts
+    and comparisons are elementwise, spread over ckpttool's own workers. One thread, unless
+    the user chose otherwise (set before numpy is imported: OpenBLAS reads it when loaded)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _interrupted() -> None:

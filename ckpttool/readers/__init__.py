@@ -246,8 +246,6 @@ def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``open_checkpoint`` reads ``path`` as a folder of shards (DCP, DeepSpeed,
     per-rank DTensor saves)."""
     from ..source import isdir, isfile
-    from . import deepspeed, megatron, per_rank
-    from .hf_folder import choose
 
     path = os.fspath(path)
     if is_url(path):
@@ -255,7 +253,10 @@ def is_distributed_folder(path: str | os.PathLike[str]) -> bool:
 
         remote_files.enable()
     if not isdir(path):  # a local folder, or a folder URL (see remote/tree.py)
-        return False
+        return False  # (a file: the folder readers are not imported, ~8 ms of every convert)
+    from . import deepspeed, megatron, per_rank
+    from .hf_folder import choose
+
     if isfile(join(path, ".metadata")) or deepspeed.is_deepspeed_folder(path):
         return True
     if is_url(path):  # per-rank and Megatron saves are read from local folders only
