@@ -151,53 +151,49 @@ def test_command_table_names_each_command_and_its_module() -> None:
 def test_a_command_imports_only_its_own_module(tmp_path: Path) -> None:
     """``ckpttool scan FILE`` imports the module of scan, not those of the other commands
     (nor what they import); ``--help`` and a misspelt command import them all."""
-    probe = (
-        "import sys\n"
-        "from ckpttool.cli import main\n"
-        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print(sorted(m.rpartition('.')[2] for m in sys.modules if m.startswith('ckpttool.cli.')))"
-    )
     f = tmp_path / "a.json"
     f.write_text("{}")
 
-    def loaded(*args: str) -> list[str]:
-        res = subprocess.run(
-            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60
-        )
-        return ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    def loaded(*args: str) -> set[str]:
+        prefix = "ckpttool.cli."
+        return {m[len(prefix) :] for m in _modules_after(*args) if m.startswith(prefix)}
 
     commands = {"compare", "dcp", "inspect", "write"}
-    assert commands & set(loaded("scan", str(f))) == {"inspect"}
-    assert commands & set(loaded("convert", "--help")) == {"write"}
-    assert commands <= set(loaded("--help"))
-    assert commands <= set(loaded("convrt"))
+    assert commands & loaded("scan", str(f)) == {"inspect"}
+    assert commands & loaded("convert", "--help") == {"write"}
+    assert commands <= loaded("--help")
+    assert commands <= loaded("convrt")
+
+
+def _modules_after(*args: str, ok: bool = False) -> set[str]:
+    """The modules a new process has imported once ``ckpttool ARGS`` has run (``ok``: and it
+    must have exited 0)."""
+    probe = (
+        "import sys\n"
+        "from ckpttool.cli import main\n"
+        "must_pass, sys.argv = sys.argv[1] == '1', ['ckpttool', *sys.argv[2:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not (must_pass and e.code), e.code\n"
+        "print(sorted(sys.modules))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe, "1" if ok else "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return set(ast.literal_eval(res.stdout.strip().splitlines()[-1]))
 
 
 def test_short_commands_import_only_what_they_use(fixtures_dir: Path, tmp_path: Path) -> None:
     """What a short command does not need is not imported (each costs milliseconds of every
     run): a file's convert imports no folder reader, no hashlib (OpenSSL), no table renderer
     and no other command; inspect no writer."""
-    probe = (
-        "import sys\n"
-        "from ckpttool.cli import main\n"
-        "sys.argv = ['ckpttool', *sys.argv[1:]]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "print(sorted(sys.modules))"
-    )
-
     def loaded(*args: str) -> set[str]:
-        res = subprocess.run(
-            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
-        )
-        assert res.returncode == 0, res.stderr
-        return set(ast.literal_eval(res.stdout.strip().splitlines()[-1]))
+        return _modules_after(*args, ok=True)
 
     src = str(fixtures_dir / "dataparallel_state_dict.pt")
     convert = loaded("convert", "--strip-module", "-q", src, str(tmp_path / "out.pt"))
