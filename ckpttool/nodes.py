@@ -27,6 +27,7 @@ class StorageInfo:
     compressed: bool = False  # a deflated zip record: bytes must be inflated, not copied
     big_endian: bool = False
     crc: int | None = None  # the CRC-32 the zip archive records for this storage's bytes
+    header: int | None = None  # absolute offset of the zip record's local header
 
     @property
     def itemsize(self) -> int:
@@ -49,6 +50,7 @@ class StorageInfo:
         compressed: bool,
         big_endian: bool,
         crc: int | None,
+        header: int | None = None,
     ) -> StorageInfo:
         """``StorageInfo(...)`` without the frozen dataclass' setattr per field (readers make
         one per storage record: a thousand in a large checkpoint)."""
@@ -64,6 +66,7 @@ class StorageInfo:
             compressed=compressed,
             big_endian=big_endian,
             crc=crc,
+            header=header,
         )
         return self
 

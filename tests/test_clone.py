@@ -416,3 +416,123 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     for k, v in items:
         out.update(_flat(v, f"{prefix}.{k}"))
     return out
+
+
+# -- runs of records taken over with their zip framing (writers/zip_runs.py) -------------------
+def _entries(path: Path) -> list[Any]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None  # every entry's bytes match the CRC-32 the directory records
+        return zf.infolist()
+
+
+def test_strip_module_takes_the_records_over_as_one_clone(work: Path) -> None:
+    sd = _tensors()
+    sd["module.tied"] = sd["module.layer0.weight"]
+    src, out = work / "in.pt", work / "out.pt"
+    torch.save({"model": sd, "step": 7}, src)
+    result = ckpttool.convert(src, out, strip_prefix="module.")
+    assert result.verified and "extents compared" in result.verification
+    for mmap in (False, True):
+        got = torch.load(out, map_location="cpu", weights_only=True, mmap=mmap)
+        want = torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
+        _same_tensors(got["model"], {k[len("module.") :]: v for k, v in want["model"].items()})
+        assert got["step"] == 7
+    ins, outs = _entries(src), _entries(out)
+    records = [i for i in ins if "/data/" in i.filename]
+    taken = [i for i in outs if "/data/" in i.filename]
+    # the input's records, under its names and flags (data descriptors), one block phase
+    assert [(i.filename, i.CRC, i.flag_bits) for i in taken] == [
+        (i.filename, i.CRC, i.flag_bits) for i in records
+    ]
+    shift = taken[0].header_offset - records[0].header_offset
+    assert shift % BLOCK == 0
+    pairs = zip(taken, records, strict=True)
+    assert all(o.header_offset - i.header_offset == shift for o, i in pairs)
+    # every whole block from the first record's header to the last record's end is shared
+    # (the small records between the big ones included)
+    start = records[0].header_offset
+    end = max(s.offset + s.nbytes for s in open_checkpoint(src).storages.values())
+    assert _shared_fraction(out, [(start + shift, end - start)]) == 1.0
+    # storage records keep torch's 64-byte alignment
+    assert all(s.offset % 64 == 0 for s in open_checkpoint(out).storages.values())
+
+
+def test_a_run_ends_where_a_record_is_cast(work: Path) -> None:
+    sd = {f"module.i{i}": torch.arange(3 * BLOCK + i, dtype=torch.int64) for i in range(3)}
+    sd["module.w"] = torch.arange(5 * BLOCK, dtype=torch.float32) % 251  # cast: not taken over
+    sd["module.j"] = torch.arange(BLOCK + 3, dtype=torch.int32)
+    src, out = work / "in.pt", work / "out.pt"
+    torch.save(sd, src)
+    ckpttool.convert(src, out, strip_prefix="module.", dtype="float16")
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    for k, v in sd.items():
+        assert torch.equal(got[k[len("module.") :]], v.half() if v.is_floating_point() else v)
+    flags = {i.filename.rsplit("/", 1)[1]: i.flag_bits for i in _entries(out)}
+    assert [flags[k] & 0x8 for k in "012"] == [0x8, 0x8, 0x8]  # taken over, descriptors too
+    assert flags["3"] & 0x8 == 0 and flags["4"] & 0x8 == 0  # written here
+
+
+def test_our_own_output_is_taken_over_again(work: Path) -> None:
+    """Records without data descriptors (this writer's) form a run as well."""
+    sd = _tensors(2)
+    src, mid, out = work / "in.pt", work / "mid.pt", work / "out.pt"
+    torch.save(sd, src)
+    ckpttool.convert(src, mid, strip_prefix="module.", dtype="float16")  # written here
+    ckpttool.convert(mid, out, add_prefix="net.")
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    want = torch.load(mid, map_location="cpu", weights_only=True)
+    _same_tensors(got, {f"net.{k}": v for k, v in want.items()})
+    assert [i.flag_bits & 0x8 for i in _entries(out)] == [0] * len(_entries(out))
+
+
+def test_a_descriptor_that_disagrees_with_the_directory_ends_the_run(work: Path) -> None:
+    from ckpttool.writers.pt_reduce import OutStorage
+    from ckpttool.writers.zip_runs import find_run
+
+    sd = {f"k{i}": torch.arange(BLOCK + 16 * i, dtype=torch.int64) for i in range(4)}
+    src = work / "in.pt"
+    torch.save(sd, src)
+    storages = sorted(open_checkpoint(src).storages.values(), key=lambda s: s.offset)
+    outs = [OutStorage(s.key, s.dtype, s.numel, s) for s in storages]
+    fd = os.open(src, os.O_RDWR)
+    try:
+        run = find_run(outs, {}, fd)
+        assert run is not None and [o.key for o in run.outs] == ["0", "1", "2", "3"]
+        # the descriptor after record 2 records another CRC-32: records 0 and 1 only
+        end = storages[2].offset + storages[2].nbytes
+        assert os.pread(fd, 4, end) == b"PK\x07\x08"
+        os.pwrite(fd, bytes([os.pread(fd, 1, end + 4)[0] ^ 1]), end + 4)
+        run = find_run(outs, {}, fd)
+        assert run is not None and [o.key for o in run.outs] == ["0", "1"]
+        # a record whose key changes (a renumbered output) is not taken over
+        outs[1].key = "9"
+        assert find_run(outs, {}, fd) is None
+    finally:
+        os.close(fd)
+
+
+def test_a_run_copied_wrong_fails_the_write(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 'clone' that is a copy with a changed byte: its extents are not the input's, so the
+    run is compared byte for byte and the write fails, leaving nothing."""
+    from ckpttool.errors import CheckpointError
+
+    sd = _tensors(2)
+    src, out = work / "in.pt", work / "out.pt"
+    torch.save(sd, src)
+    real = clone.clone_range
+
+    def bad_clone(src_fd: int, src_off: int, n: int, dst_fd: int, dst_off: int) -> bool:
+        data = bytearray(os.pread(src_fd, n, src_off))
+        data[n // 2] ^= 1
+        os.pwrite(dst_fd, data, dst_off)
+        return True
+
+    monkeypatch.setattr(clone, "clone_range", bad_clone)
+    with pytest.raises(CheckpointError, match="corrupt or changed while it was copied"):
+        ckpttool.convert(src, out, strip_prefix="module.")
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == ["in.pt"]
+    monkeypatch.setattr(clone, "clone_range", real)
+    ckpttool.convert(src, out, strip_prefix="module.")
+    assert out.exists()

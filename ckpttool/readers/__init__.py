@@ -92,7 +92,11 @@ def _check_file(path: str) -> int:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], *, _allow_index: bool = True, _judge: bool = True
+    path: str | os.PathLike[str],
+    *,
+    _allow_index: bool = True,
+    _judge: bool = True,
+    _headers: dict[int, tuple[bytes, int]] | None = None,
 ) -> Checkpoint:
     """Read a checkpoint's structure without reading tensor bytes or running pickled code.
 
@@ -101,7 +105,8 @@ def open_checkpoint(
     (``readers/hf_folder.py``: ``model.safetensors`` first; ``facts["folder"]`` says which and
     what it ignored), another folder holding one ``*.index.json`` as that sharded checkpoint.
     (``_judge=False``: no safety verdict, for a writer re-reading the output it has just
-    written itself.)
+    written itself; ``_headers``: zip local headers that writer proved, see
+    ``torch_zip.ZipArchive``.)
     """
     path = os.fspath(path)
     chosen = None
@@ -124,7 +129,7 @@ def open_checkpoint(
     verdict = file_verdict(path) if _judge else _no_verdict()  # every pickle, judged once
     seen: dict[str, str] = {}  # every global any pickle in the file names, even if it is broken
     try:
-        ckpt = _read(path, size, kind, head, seen, _allow_index)
+        ckpt = _read(path, size, kind, head, seen, _allow_index, _headers)
     except CheckpointError as exc:
         _refuse_dangerous(path, exc, verdict)
         raise
@@ -313,13 +318,19 @@ def folder_verdict(folder: str) -> Verdict:
 
 
 def _read(
-    path: str, size: int, kind: str, head: bytes, seen: dict[str, str], allow_index: bool
+    path: str,
+    size: int,
+    kind: str,
+    head: bytes,
+    seen: dict[str, str],
+    allow_index: bool,
+    headers: dict[int, tuple[bytes, int]] | None = None,
 ) -> Checkpoint:
     try:
         if kind == "zip":
             from . import torch_zip
 
-            return torch_zip.read(path, size, seen)
+            return torch_zip.read(path, size, seen, headers=headers)
         if kind == "legacy":
             from . import torch_legacy
 

@@ -33,10 +33,22 @@ class ZipArchive:
     ``base`` (not None) reads an archive stored inside a larger file at that offset (``file_bytes``
     is then the archive's length): DCP's items are such archives. Offsets it returns are
     absolute in the file.
+
+    ``headers`` maps local header offsets to (name, data offset) where the caller has proved
+    what the header holds: a writer re-reading records it cloned from an input whose headers
+    it read and checked (``writers/zip_runs.py``; a clone has no page cache of its own, so
+    each header would be a read from the disk). Such a header is not read again.
     """
 
-    def __init__(self, path: str, file_bytes: int, base: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        file_bytes: int,
+        base: int | None = None,
+        headers: dict[int, tuple[bytes, int]] | None = None,
+    ) -> None:
         self.path = path
+        self.headers = headers or {}
         self.file_bytes = file_bytes
         self.base = base or 0
         self.source = open_source(path)  # a local file or a URL read by range requests
@@ -155,6 +167,9 @@ class ZipArchive:
         """Absolute offset of an entry's (possibly compressed) bytes, checked against its header."""
         header_offset = self.base + info.header_offset
         utf8 = info.orig_filename.encode("utf-8")
+        proven = self.headers.get(header_offset)
+        if proven is not None and proven[0] == utf8:
+            return proven[1]
         # one read for the header and the name it should hold (torch's writer: always so)
         header = self.source.pread(_LOCAL_HEADER.size + len(utf8), header_offset)
         if len(header) < _LOCAL_HEADER.size:
@@ -223,10 +238,16 @@ def _torch_data_offset(header: int, info: zipfile.ZipInfo, alignment: int) -> in
 
 
 def read(
-    path: str, file_bytes: int, seen: dict[str, str] | None = None, *, base: int | None = None
+    path: str,
+    file_bytes: int,
+    seen: dict[str, str] | None = None,
+    *,
+    base: int | None = None,
+    headers: dict[int, tuple[bytes, int]] | None = None,
 ) -> Checkpoint:
-    """Read a torch zip; with ``base``, the archive lying at that offset, ``file_bytes`` long."""
-    archive = ZipArchive(path, file_bytes, base)
+    """Read a torch zip; with ``base``, the archive lying at that offset, ``file_bytes`` long
+    (``headers``: see :class:`ZipArchive`)."""
+    archive = ZipArchive(path, file_bytes, base, headers)
     try:
         return _read(archive, path, file_bytes, {} if seen is None else seen)
     finally:
@@ -335,6 +356,7 @@ class _Records:
             self.big_endian,
             # torch can write records without CRCs (zeros): then there is none to check
             info.CRC if info.CRC or not info.file_size else None,
+            archive.base + info.header_offset,
         )
         if (
             not storage.compressed

@@ -24,6 +24,7 @@ from .cast_range import can_cast_range, cast_here
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, Pickled, pickle_tree
+from .zip_runs import Run, find_run
 from .zipwriter import ZipWriter, add_torch_header
 
 try:  # hashlib's own SHA-1, without importing hashlib and OpenSSL's _hashlib (~4 ms)
@@ -104,6 +105,9 @@ class StoragePlan:
     dtype_of: dict[int, str]  # id(TensorRef) -> the dtype it is written as, when cast
     named: list[tuple[str, TensorRef]]  # every tensor by its path, in document order
     memory: dict[str, MemoryStorage] = field(default_factory=dict)  # made in memory, by key
+    # local headers the write proved (records cloned with their framing, the clone checked):
+    # header offset -> (name, data offset), so the re-read need not fetch them from the disk
+    headers: dict[int, tuple[bytes, int]] = field(default_factory=dict)
 
 
 def pickle_for(root: Any, plan: StoragePlan) -> Pickled:
@@ -135,11 +139,20 @@ def write_pt(
     offsets: dict[str, int] = {}
     try:
         zw = ZipWriter(fd)
-        add_torch_header(zw, archive, pkl)
         pending: list[tuple[int, OutStorage, Any]] = []
         blocks: dict[str, int] = {}  # source file -> its clone block (0: no cloning)
         folder = os.path.dirname(os.path.abspath(dst_tmp))
-        for out in plan.outs:
+        run = _run_for(plan, sources, folder, blocks)
+        run_job = None
+        if run is None:
+            add_torch_header(zw, archive, pkl)
+        else:  # the input's first records, taken over whole under its archive name
+            archive, block = run.root, blocks[run.file]
+            add_torch_header(zw, archive, pkl, (block, run.start % block))
+            run_job = _take_run(run, zw, sources, background, progress, check_copies, block)
+            first = len(zw.entries) - len(run.outs)
+            pending += [(first + i, out, None) for i, out in enumerate(run.outs)]
+        for out in plan.outs[len(run.outs) if run else 0 :]:
             src = out.source
             assert src is not None
             mem = plan.memory.get(src.key) if not src.file else None
@@ -166,6 +179,11 @@ def write_pt(
         zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
         # what is left: the read-backs still running, then verify_pt's re-read of the rest
         verifying = progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
+        if run is not None and run_job is not None:
+            _check_run(run, run_job, verifying)
+            for index in range(first, first + len(run.outs)):
+                e = zw.entries[index]
+                plan.headers[e.header_offset] = (e.name, e.data_offset)
         _set_crcs(zw, pending, verifying)
         zw.finish()
     finally:
@@ -183,6 +201,71 @@ def _block(file: str, sources: bytecopy.Sources, folder: str, blocks: dict[str, 
         fd = sources.fd(file)  # a remote source has no blocks to share
         blocks[file] = clone_block(fd, folder) if isinstance(fd, int) else 0
     return blocks[file]
+
+
+def _run_for(
+    plan: StoragePlan, sources: bytecopy.Sources, folder: str, blocks: dict[str, int]
+) -> Run | None:
+    """The input records the output takes over as one run (:mod:`.zip_runs`): only where
+    their blocks can be shared (elsewhere a record-by-record copy checks each against its
+    CRC-32, where a run's copy would be compared with the input byte for byte)."""
+    src = plan.outs[0].source if plan.outs else None
+    if src is None or not src.file or not _block(src.file, sources, folder, blocks):
+        return None
+    return find_run(plan.outs, plan.memory, sources.fd(src.file))
+
+
+def _take_run(
+    run: Run,
+    zw: ZipWriter,
+    sources: bytecopy.Sources,
+    background: bytecopy.Background,
+    progress: Progress | None,
+    check_copies: bool,
+    block: int,
+) -> Any:
+    """Clone (or copy) a run of records with their zip framing, list them in the zip; return
+    the job that checks the copy (None: not checked)."""
+    src_fd, fd = sources.fd(run.file), zw.fd
+    start, n = zw.pos, run.end - run.start
+    assert (start - run.start) % block == 0
+    try:
+        cloned = bytecopy.copy_range(src_fd, run.start, n, fd, None, block)
+    except EOFError:
+        raise CheckpointError(run.file, "is truncated: a storage is cut short") from None
+    zw.moved()
+    shift = start - run.start
+    lo, hi = run.start + cloned.start, run.start + cloned.start + cloned.nbytes
+    for out, flags in zip(run.outs, run.flags, strict=True):
+        src = out.source
+        assert src is not None and src.header is not None and src.crc is not None
+        name = f"{run.root}/data/{out.key}"
+        zw.adopt(name, src.header + shift, src.offset + shift, src.nbytes, src.crc, flags)
+        out.crc, out.read_back = src.crc, check_copies
+        out.cloned = max(0, min(hi, src.offset + src.nbytes) - max(lo, src.offset))
+    if progress:
+        progress(run.nbytes)
+    if not cloned.nbytes and n >= bytecopy.WRITEBACK_MIN:
+        background.submit(bytecopy.start_writeback, fd, start, n)
+    if not check_copies:
+        return None
+    return background.check(fd, start, n, src_fd, run.start, None, cloned, want_crc=False)
+
+
+def _check_run(run: Run, job: Any, progress: Progress | None) -> None:
+    """Wait for the check of a run's copy (its records' CRC-32s are the input's)."""
+    try:
+        job.result()
+    except bytecopy.CopyMismatch as exc:
+        first, last = run.outs[0].source, run.outs[-1].source
+        names = f"{first.record if first else ''} to {last.record if last else ''}"
+        raise CheckpointError(
+            run.file,
+            f"storage records {names}: the copy {exc}: the input is corrupt or changed while "
+            "it was copied",
+        ) from None
+    if progress:
+        progress(run.nbytes)
 
 
 def _copy_verbatim(
@@ -270,7 +353,7 @@ def verify_pt(path: str, plan: StoragePlan, progress: Progress | None = None) ->
         return CheckpointError(path, f"verification failed: {what}; nothing was written")
 
     try:
-        back = open_checkpoint(path, _judge=False)  # our own output: structure only
+        back = open_checkpoint(path, _judge=False, _headers=plan.headers)  # structure only
     except CheckpointError as exc:
         raise fail(exc.message) from None
     named, storage_of, dtype_of = plan.named, plan.storage_of, plan.dtype_of

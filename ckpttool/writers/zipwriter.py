@@ -30,6 +30,7 @@ class _Entry:
     size: int
     crc: int
     zip64: bool
+    flags: int = _FLAGS  # as in its local header
 
 
 class ZipWriter:
@@ -95,9 +96,20 @@ class ZipWriter:
         if self.pos != entry.data_offset + entry.size:
             raise OSError(f"zip entry {entry.name!r} has {self.pos - entry.data_offset} bytes")
 
-    def add_bytes(self, name: str, data: bytes, align: int = 64) -> None:
-        self.begin(name, len(data), crc32(data), align)
+    def add_bytes(self, name: str, data: bytes, align: int = 64, phase: int = 0) -> None:
+        self.begin(name, len(data), crc32(data), align, phase)
         self._write(data)
+
+    def adopt(self, name: str, header: int, data: int, size: int, crc: int, flags: int) -> None:
+        """List an entry whose local header (at absolute offset ``header``, with ``flags``) and
+        data (at ``data``) the caller wrote (:mod:`.zip_runs`: taken over from another zip).
+        """
+        self.entries.append(_Entry(name.encode("utf-8"), header - self.base, data, size, crc,
+                                   size >= _U32, flags))  # fmt: skip
+
+    def moved(self) -> None:
+        """Take the file position as the end of what is written (after the caller wrote)."""
+        self.pos = os.lseek(self.fd, 0, os.SEEK_CUR)
 
     def set_crc(self, index: int, crc: int) -> None:
         """Patch an entry's CRC-32 in its local header (computed after its data was copied)."""
@@ -133,7 +145,7 @@ class ZipWriter:
                     b"PK\x01\x02",
                     version,
                     version,
-                    _FLAGS,
+                    e.flags,
                     0,
                     0,
                     0,
@@ -167,9 +179,15 @@ class ZipWriter:
             self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, n, n, cd_size, cd_start, 0))
 
 
-def add_torch_header(zw: ZipWriter, archive: str, pkl: bytes) -> None:
+def add_torch_header(
+    zw: ZipWriter, archive: str, pkl: bytes, end: tuple[int, int] | None = None
+) -> None:
     """The entries torch.save writes before the storage records: the pickle, the storage
     alignment and the byte order.
+
+    With ``end`` = (block, phase), the last of them (the byte order, read whole by torch:
+    its alignment does not matter) ends at an offset ``≡ phase (mod block)``, where a run of
+    records taken over from the input begins (:mod:`.zip_runs`).
 
     Not ``.format_version``: version 1 lets torch compute where each record lies instead of
     reading the zip (``torch.utils.serialization.config.load.calculate_storage_offsets`` with
@@ -188,4 +206,9 @@ def add_torch_header(zw: ZipWriter, archive: str, pkl: bytes) -> None:
     remember_parsed(pkl)
     zw.add_bytes(f"{archive}/data.pkl", pkl)
     zw.add_bytes(f"{archive}/.storage_alignment", b"64")
-    zw.add_bytes(f"{archive}/byteorder", b"little")
+    order = b"little"
+    if end is None:
+        zw.add_bytes(f"{archive}/byteorder", order)
+    else:
+        block, phase = end
+        zw.add_bytes(f"{archive}/byteorder", order, block, (phase - len(order)) % block)
