@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 _FORMAT_NAMES = {
@@ -32,6 +31,8 @@ def human_bytes(n: int) -> str:
 
 
 def to_json(report: dict[str, Any]) -> str:
+    import json  # here: a writer's report needs only escape
+
     return json.dumps(report, indent=2, ensure_ascii=True)
 
 
