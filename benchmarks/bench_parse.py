@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import python_env, wait_for_load
+from _harness import measured_python, python_env, wait_for_load
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,8 +117,9 @@ def measure(path: Path, n: int, torch_rows: bool) -> dict[str, list[float]]:
     if torch_rows:
         out.update(_in_process(TORCH_CODE, path, n))
     out.update(_in_process(OURS_CODE, path, n))
-    out["inspect"] = _walls([sys.executable, "-m", "ckpttool", "inspect", str(path)], n)
-    out["pass"] = _walls([sys.executable, "-c", "pass"], n)
+    python = measured_python()  # as a regular install runs: no editable-install hook
+    out["inspect"] = _walls([python, "-m", "ckpttool", "inspect", str(path)], n)
+    out["pass"] = _walls([python, "-c", "pass"], n)
     return out
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     paths = [Path(p) for p in made.stdout.split()]
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules compiled once
-    subprocess.run([sys.executable, "-m", "ckpttool", "--help"], env=python_env(), check=True,
+    subprocess.run([measured_python(), "-m", "ckpttool", "--help"], env=python_env(), check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
     raw: dict[str, dict[str, list[float]]] = {}
     print(f"# ckpttool parse vs torch's unpickling ({'full' if args.full else 'tiny'} storages)")
