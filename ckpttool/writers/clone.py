@@ -5,7 +5,7 @@ range of the output point at the input's blocks: a 1 GiB range takes well under 
 instead of a second, and uses no space. The kernel shares whole blocks only, so both offsets
 must be equal modulo the filesystem's block size; the writers place each record at its input
 offset modulo :func:`clone_block` and clone the block-aligned middle, copying only the head
-and the tail.
+and the tail (a ``.pt`` writer takes a run of whole records over as one range: ``zip_runs``).
 
 A cloned range is verified by comparing extents (``FS_IOC_FIEMAP``): the output's blocks must
 be the input's blocks, at the same place. That proves that the output holds exactly the input's

@@ -24,7 +24,7 @@ from .cast_range import can_cast_range, cast_here
 from .clone import clone_block
 from .crc import crc32
 from .pt_pickle import OutStorage, Pickled, pickle_tree
-from .zip_runs import Run, find_run
+from .zip_runs import Run, check_run, find_run, take_run
 from .zipwriter import ZipWriter, add_torch_header
 
 try:  # hashlib's own SHA-1, without importing hashlib and OpenSSL's _hashlib (~4 ms)
@@ -143,47 +143,28 @@ def write_pt(
         blocks: dict[str, int] = {}  # source file -> its clone block (0: no cloning)
         folder = os.path.dirname(os.path.abspath(dst_tmp))
         run = _run_for(plan, sources, folder, blocks)
-        run_job = None
         if run is None:
             add_torch_header(zw, archive, pkl)
         else:  # the input's first records, taken over whole under its archive name
             archive, block = run.root, blocks[run.file]
             add_torch_header(zw, archive, pkl, (block, run.start % block))
-            run_job = _take_run(run, zw, sources, background, progress, check_copies, block)
-            first = len(zw.entries) - len(run.outs)
-            pending += [(first + i, out, None) for i, out in enumerate(run.outs)]
+            run_job = take_run(run, zw, sources, background, progress, check_copies, block)
+            pending += [(run.first + i, out, None) for i, out in enumerate(run.outs)]
+            offsets.update((e.name.decode().rsplit("/", 1)[1], e.data_offset) for e in run.entries)
         for out in plan.outs[len(run.outs) if run else 0 :]:
-            src = out.source
-            assert src is not None
-            mem = plan.memory.get(src.key) if not src.file else None
-            verbatim = out.copies_verbatim and mem is None
-            block = _block(src.file, sources, folder, blocks) if verbatim else 0
-            align, phase = record_alignment(src.offset if verbatim else None, block)
-            # a verbatim copy's CRC-32 is the input record's (its read-back checks it): known
-            # now, it needs no patching (a write into a page already being written back)
-            known = (src.crc or 0) * verbatim
-            start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, known, align, phase)
-            offsets[out.key] = start
-            job = None
-            if verbatim:
-                job = _copy_verbatim(
-                    out, fd, start, sources, background, progress, check_copies, block
-                )
-            else:
-                out.crc = _write_transformed(
-                    out, sources.fd(src.file) if src.file else -1, fd, mem, progress, ring
-                )
-            zw.end()
+            job = _write_record(
+                out, zw, archive, plan, sources, folder, blocks, background, progress,
+                check_copies, ring,
+            )  # fmt: skip
+            offsets[out.key] = zw.entries[-1].data_offset
             pending.append((len(zw.entries) - 1, out, job))
         zw.add_bytes(f"{archive}/version", b"3")
         zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
         # what is left: the read-backs still running, then verify_pt's re-read of the rest
         verifying = progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
         if run is not None and run_job is not None:
-            _check_run(run, run_job, verifying)
-            for index in range(first, first + len(run.outs)):
-                e = zw.entries[index]
-                plan.headers[e.header_offset] = (e.name, e.data_offset)
+            check_run(run, run_job, verifying)
+            plan.headers.update((e.header_offset, (e.name, e.data_offset)) for e in run.entries)
         _set_crcs(zw, pending, verifying)
         zw.finish()
     finally:
@@ -191,6 +172,40 @@ def write_pt(
         os.close(fd)
         sources.close()
     return offsets
+
+
+def _write_record(
+    out: OutStorage,
+    zw: ZipWriter,
+    archive: str,
+    plan: StoragePlan,
+    sources: bytecopy.Sources,
+    folder: str,
+    blocks: dict[str, int],
+    background: bytecopy.Background,
+    progress: Progress | None,
+    check_copies: bool,
+    ring: Ring,
+) -> Any:
+    """Write one storage record with its local header; return its read-back job, if any."""
+    src, fd = out.source, zw.fd
+    assert src is not None
+    mem = plan.memory.get(src.key) if not src.file else None
+    verbatim = out.copies_verbatim and mem is None
+    block = _block(src.file, sources, folder, blocks) if verbatim else 0
+    align, phase = record_alignment(src.offset if verbatim else None, block)
+    # a verbatim copy's CRC-32 is the input record's (its read-back checks it): known now, it
+    # needs no patching (a write into a page already being written back)
+    known = (src.crc or 0) * verbatim
+    start = zw.begin(f"{archive}/data/{out.key}", out.nbytes, known, align, phase)
+    job = None
+    if verbatim:
+        job = _copy_verbatim(out, fd, start, sources, background, progress, check_copies, block)
+    else:
+        src_fd = sources.fd(src.file) if src.file else -1
+        out.crc = _write_transformed(out, src_fd, fd, mem, progress, ring)
+    zw.end()
+    return job
 
 
 def _block(file: str, sources: bytecopy.Sources, folder: str, blocks: dict[str, int]) -> int:
@@ -213,59 +228,6 @@ def _run_for(
     if src is None or not src.file or not _block(src.file, sources, folder, blocks):
         return None
     return find_run(plan.outs, plan.memory, sources.fd(src.file))
-
-
-def _take_run(
-    run: Run,
-    zw: ZipWriter,
-    sources: bytecopy.Sources,
-    background: bytecopy.Background,
-    progress: Progress | None,
-    check_copies: bool,
-    block: int,
-) -> Any:
-    """Clone (or copy) a run of records with their zip framing, list them in the zip; return
-    the job that checks the copy (None: not checked)."""
-    src_fd, fd = sources.fd(run.file), zw.fd
-    start, n = zw.pos, run.end - run.start
-    assert (start - run.start) % block == 0
-    try:
-        cloned = bytecopy.copy_range(src_fd, run.start, n, fd, None, block)
-    except EOFError:
-        raise CheckpointError(run.file, "is truncated: a storage is cut short") from None
-    zw.moved()
-    shift = start - run.start
-    lo, hi = run.start + cloned.start, run.start + cloned.start + cloned.nbytes
-    for out, flags in zip(run.outs, run.flags, strict=True):
-        src = out.source
-        assert src is not None and src.header is not None and src.crc is not None
-        name = f"{run.root}/data/{out.key}"
-        zw.adopt(name, src.header + shift, src.offset + shift, src.nbytes, src.crc, flags)
-        out.crc, out.read_back = src.crc, check_copies
-        out.cloned = max(0, min(hi, src.offset + src.nbytes) - max(lo, src.offset))
-    if progress:
-        progress(run.nbytes)
-    if not cloned.nbytes and n >= bytecopy.WRITEBACK_MIN:
-        background.submit(bytecopy.start_writeback, fd, start, n)
-    if not check_copies:
-        return None
-    return background.check(fd, start, n, src_fd, run.start, None, cloned, want_crc=False)
-
-
-def _check_run(run: Run, job: Any, progress: Progress | None) -> None:
-    """Wait for the check of a run's copy (its records' CRC-32s are the input's)."""
-    try:
-        job.result()
-    except bytecopy.CopyMismatch as exc:
-        first, last = run.outs[0].source, run.outs[-1].source
-        names = f"{first.record if first else ''} to {last.record if last else ''}"
-        raise CheckpointError(
-            run.file,
-            f"storage records {names}: the copy {exc}: the input is corrupt or changed while "
-            "it was copied",
-        ) from None
-    if progress:
-        progress(run.nbytes)
 
 
 def _copy_verbatim(

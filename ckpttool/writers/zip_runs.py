@@ -22,7 +22,12 @@ import os
 import struct
 from typing import Any
 
+from ..errors import CheckpointError
+from . import copy as bytecopy
 from .pt_pickle import OutStorage
+from .zipwriter import ZipWriter
+
+Progress = bytecopy.Progress
 
 _LOCAL = struct.Struct("<4s5H3I2H")  # signature, version, flags, method, time, date, ...
 _DESCRIPTOR = b"PK\x07\x08"
@@ -38,11 +43,13 @@ class Run:
     (after the last descriptor) in ``file``, named ``root/data/KEY``; ``flags``: each one's
     local header flags. (A plain class: a dataclass costs ~0.5 ms to import.)"""
 
-    __slots__ = ("end", "file", "flags", "outs", "root", "start")
+    __slots__ = ("end", "entries", "file", "first", "flags", "outs", "root", "start")
 
     def __init__(self, file: str, root: str, start: int, out: OutStorage, flags: int) -> None:
         self.file, self.root, self.start, self.end = file, root, start, 0
         self.outs, self.flags = [out], [flags]
+        self.first = 0  # once written: the index of its first entry in the output's zip
+        self.entries: list[Any] = []  # and those entries (``zipwriter._Entry``)
 
     @property
     def nbytes(self) -> int:
@@ -153,3 +160,58 @@ def _end_of(src_fd: int, out: OutStorage, flags: int) -> int | None:
         if after[gap : gap + 4] in _FOLLOWS and _framed(after[:gap], flags, out):
             return data_end + gap
     return None
+
+
+# -- writing a run -----------------------------------------------------------------------------
+def take_run(
+    run: Run,
+    zw: ZipWriter,
+    sources: bytecopy.Sources,
+    background: bytecopy.Background,
+    progress: Progress | None,
+    check_copies: bool,
+    block: int,
+) -> Any:
+    """Clone (or copy) a run of records with their zip framing, list them in the zip; return
+    the job that checks the copy (None: not checked)."""
+    src_fd, fd = sources.fd(run.file), zw.fd
+    start, n = zw.pos, run.end - run.start
+    assert (start - run.start) % block == 0
+    try:
+        cloned = bytecopy.copy_range(src_fd, run.start, n, fd, None, block)
+    except EOFError:
+        raise CheckpointError(run.file, "is truncated: a storage is cut short") from None
+    zw.moved()
+    run.first, shift = len(zw.entries), start - run.start
+    lo, hi = run.start + cloned.start, run.start + cloned.start + cloned.nbytes
+    for out, flags in zip(run.outs, run.flags, strict=True):
+        src = out.source
+        assert src is not None and src.header is not None and src.crc is not None
+        name = f"{run.root}/data/{out.key}"
+        zw.adopt(name, src.header + shift, src.offset + shift, src.nbytes, src.crc, flags)
+        out.crc, out.read_back = src.crc, check_copies
+        out.cloned = max(0, min(hi, src.offset + src.nbytes) - max(lo, src.offset))
+    run.entries = zw.entries[run.first :]
+    if progress:
+        progress(run.nbytes)
+    if not cloned.nbytes and n >= bytecopy.WRITEBACK_MIN:
+        background.submit(bytecopy.start_writeback, fd, start, n)
+    if not check_copies:
+        return None
+    return background.check(fd, start, n, src_fd, run.start, None, cloned, want_crc=False)
+
+
+def check_run(run: Run, job: Any, progress: Progress | None) -> None:
+    """Wait for the check of a run's copy (its records' CRC-32s are the input's)."""
+    try:
+        job.result()
+    except bytecopy.CopyMismatch as exc:
+        first, last = run.outs[0].source, run.outs[-1].source
+        names = f"{first.record if first else ''} to {last.record if last else ''}"
+        raise CheckpointError(
+            run.file,
+            f"storage records {names}: the copy {exc}: the input is corrupt or changed while "
+            "it was copied",
+        ) from None
+    if progress:
+        progress(run.nbytes)
