@@ -142,7 +142,7 @@ def write_pt(
         pending: list[tuple[int, OutStorage, Any]] = []
         blocks: dict[str, int] = {}  # source file -> its clone block (0: no cloning)
         folder = os.path.dirname(os.path.abspath(dst_tmp))
-        run = _run_for(plan, sources, folder, blocks)
+        run, run_job = _run_for(plan, sources, folder, blocks), None
         if run is None:
             add_torch_header(zw, archive, pkl)
         else:  # the input's first records, taken over whole under its archive name
@@ -150,7 +150,7 @@ def write_pt(
             add_torch_header(zw, archive, pkl, (block, run.start % block))
             run_job = take_run(run, zw, sources, background, progress, check_copies, block)
             pending += [(run.first + i, out, None) for i, out in enumerate(run.outs)]
-            offsets.update((e.name.decode().rsplit("/", 1)[1], e.data_offset) for e in run.entries)
+            offsets.update((run.outs[i].key, e.data_offset) for i, e in enumerate(run.entries))
         for out in plan.outs[len(run.outs) if run else 0 :]:
             job = _write_record(
                 out, zw, archive, plan, sources, folder, blocks, background, progress,
@@ -162,7 +162,8 @@ def write_pt(
         zw.add_bytes(f"{archive}/.data/serialization_id", _serialization_id(pkl, plan.outs))
         # what is left: the read-backs still running, then verify_pt's re-read of the rest
         verifying = progress_phase(progress, "verifying", verify_bytes(plan.outs, check_copies))
-        if run is not None and run_job is not None:
+        if run_job is not None:
+            assert run is not None
             check_run(run, run_job, verifying)
             plan.headers.update((e.header_offset, (e.name, e.data_offset)) for e in run.entries)
         _set_crcs(zw, pending, verifying)
