@@ -14,6 +14,7 @@ import io
 import mmap
 import os
 import re
+from collections.abc import Iterable
 from typing import IO, Any, Protocol
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -56,6 +57,18 @@ class LocalSource:
     def buffer(self) -> Any:
         """The whole file as a read-only ``mmap`` (the caller closes it)."""
         return mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+
+    def will_read(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Tell the kernel that these ``(offset, length)`` ranges are read next.
+
+        Small reads scattered over a file that is not in the page cache (a zip's thousand
+        local headers) otherwise reach the disk one after another, each waiting for the last;
+        advised, they are queued together. A cached range costs about a microsecond.
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is not None:
+            for off, n in ranges:
+                advise(self.fd, off, n, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self.fd >= 0:

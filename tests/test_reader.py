@@ -121,6 +121,50 @@ def test_tied_weights_share_storages(fixtures_dir: Path) -> None:
     assert shared["attn.k.weight"] == ["attn.qkv.weight"]
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+@pytest.mark.parametrize("records", [40, 3])
+def test_record_headers_are_advised_before_they_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, records: int
+) -> None:
+    """A file out of the page cache reads its thousand local headers in one queue: every
+    storage record's header the reader reads was advised first (``WILLNEED``), and nothing
+    else was; a file of a few records is read unadvised."""
+    import zipfile
+
+    import torch
+
+    path = tmp_path / "many.pt"
+    torch.save({f"w{i}": torch.full((3,), float(i)) for i in range(records)}, path)
+    with zipfile.ZipFile(path) as zf:
+        headers = {i.header_offset for i in zf.infolist() if "/data/" in i.filename}
+    assert len(headers) == records
+    advised: list[tuple[int, int]] = []
+    reads: list[tuple[int, int]] = []
+    fadvise, pread = os.posix_fadvise, os.pread
+
+    def spy_fadvise(fd: int, off: int, n: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        advised.append((off, off + n))
+        fadvise(fd, off, n, advice)
+
+    def spy_pread(fd: int, n: int, off: int) -> bytes:
+        if off in headers:
+            reads.append((off, off + n))
+        return pread(fd, n, off)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy_fadvise)
+    monkeypatch.setattr(os, "pread", spy_pread)
+    ckpt = open_checkpoint(path)
+    assert len(ckpt.storages) == records
+    assert {start for start, _ in reads} == headers  # each header read for its data offset
+    if records < 16:
+        assert advised == []
+        return
+    assert {start for start, _ in advised} == headers
+    for start, end in reads:
+        assert any(a <= start and end <= b for a, b in advised), (start, end)
+
+
 def test_noncontiguous_views(fixtures_dir: Path) -> None:
     ckpt = open_checkpoint(fixtures_dir / "noncontiguous_view.pt")
     t = {x.name: x for x in ckpt.tensors()}
