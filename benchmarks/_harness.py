@@ -341,6 +341,28 @@ def remove_outputs(paths: Sequence[Path]) -> None:
             shutil.rmtree(p)
 
 
+def evict_inputs(argv: Sequence[str], outputs: Sequence[Path], under: Path) -> None:
+    """Drop from the page cache every file ``argv`` names below ``under`` (a folder: its
+    files), outputs excepted: the command then reads its input from the disk, as it does for
+    a checkpoint nobody touched since it was written, while the interpreter and the tool
+    stay cached. ``POSIX_FADV_DONTNEED`` drops clean pages only: call after ``sync``."""
+    root = under.resolve()
+    skip = {p.resolve() for p in outputs}
+    for arg in argv:
+        path = Path(arg)
+        if not path.is_absolute() or not path.exists():
+            continue
+        path = path.resolve()
+        if path in skip or root not in path.parents:
+            continue
+        for f in [path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def wait_for_load(max_load: float, max_wait_s: float, *, verbose: bool = True) -> float:
     """Sleep until the 1-minute load average is ≤ ``max_load`` or ``max_wait_s`` passed."""
     t0 = time.perf_counter()
@@ -378,6 +400,7 @@ def run_cases(
     max_load: float | None = None,
     max_wait_s: float = 120.0,
     interleave: bool = False,
+    cold: Path | None = None,
 ) -> list[CaseResult]:
     """Run each case ``repeat`` times (plus ``warmup`` discarded runs).
 
@@ -387,6 +410,8 @@ def run_cases(
     1-minute load average is at most ``max_load`` -- a crude guard on a shared machine.
     With ``interleave``, the cases take turns (cp, A, B, cp, A, B, ...) so that a disk whose
     speed drifts over minutes (a shared virtual machine) biases no row against another.
+    With ``cold`` (a folder), each run's inputs below it leave the page cache first
+    (:func:`evict_inputs`): every row reads them from the disk.
     A failing command (non-zero exit or a failed ``check``) marks the row
     FAILED, its stderr tail is kept, and the remaining cases still run.
     """
@@ -408,8 +433,10 @@ def run_cases(
             announced.add(k)
         n_warm = warmup + case.warmup
         remove_outputs(case.outputs)
-        if sync:
+        if sync or cold is not None:
             os.sync()
+        if cold is not None:
+            evict_inputs(case.argv, case.outputs, cold)
         if max_load is not None:
             wait_for_load(max_load, max_wait_s, verbose=verbose)
         stats = run_once(case.argv, env=case.env, capture_stdout=case.capture_stdout, tree=tree)
@@ -628,6 +655,12 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the rows in turns (cp, A, B, cp, A, B, ...) instead of one row after another",
     )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="before each run, drop the inputs (files below --workdir that a row names) from "
+        "the page cache: every row reads them from the disk (the interpreter stays cached)",
+    )
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
 
 
@@ -641,6 +674,7 @@ def run_with_args(cases: Sequence[Case], args: argparse.Namespace) -> list[CaseR
         max_load=args.max_load,
         interleave=args.interleave,
         keep_outputs=False,
+        cold=args.workdir if args.cold else None,
     )
 
 
