@@ -510,3 +510,34 @@ def test_the_metadata_the_verdict_walked_is_not_walked_again(
     parsed._PARSED.clear()
     loaders.pickle_chain(data + b"junk", 0, len(data) + 4, "x", Found())
     assert not parsed.was_parsed(data) and not parsed.was_parsed(data + b"junk")
+
+
+def test_a_metadata_the_verdict_unpickled_is_not_unpickled_again(
+    folders: dict[int, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a folder unpickles its .metadata once: the read takes the tree the verdict's
+    item list made of the same bytes. Bytes that changed in between are unpickled afresh."""
+    from ckpttool.unpickling import scan
+
+    real = scan.unpickle
+    metas: list[str] = []
+
+    def counted(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith(".metadata"):
+            metas.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(scan, "unpickle", counted)
+    whole = open_checkpoint(folders[4])
+    assert len(metas) == 1
+    folder = _copy(folders[4], tmp_path / "m")
+    dcp_reader.item_ranges(str(folder))
+    assert len(metas) == 2
+    with open(folder / ".metadata", "rb") as f:
+        md = pickle.load(f)  # our own fixture, written by torch a moment ago
+    (folder / ".metadata").write_bytes(pickle.dumps(md, protocol=2))  # the same tree, new bytes
+    again = dcp_reader.read(str(folder))
+    assert len(metas) == 3
+    first = dcp_reader.read(str(folders[4]))
+    assert [t.name for t in again.tensors] == [t.name for t in first.tensors]
+    assert len(first.tensors) == len(whole.tensors())
