@@ -541,3 +541,54 @@ def test_a_metadata_the_verdict_unpickled_is_not_unpickled_again(
     first = dcp_reader.read(str(folders[4]))
     assert [t.name for t in again.tensors] == [t.name for t in first.tensors]
     assert len(first.tensors) == len(whole.tensors())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_every_item_byte_the_read_takes_was_advised_first(
+    folders: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder out of the page cache has its items' headers, pickles and directories read in
+    one queue: every read of a .distcp file while the folder is read lies in a range advised
+    (``WILLNEED``) before it, and each item's first and last bytes were advised."""
+    from ckpttool.readers import dcp_items
+
+    monkeypatch.setattr(dcp_items, "ADVISE_MIN", 1)  # the fixture's files hold few items
+    folder = str(folders[4])
+    items = dcp_reader.item_ranges(folder)
+    inode = {os.stat(f).st_ino: f for f, *_ in items}
+    advised: list[tuple[str, int, int]] = []
+    reads: list[tuple[str, int, int]] = []
+    fadvise, pread, preadv = os.posix_fadvise, os.pread, os.preadv
+
+    def file_of(fd: int) -> str | None:
+        return inode.get(os.fstat(fd).st_ino)
+
+    def spy_fadvise(fd: int, off: int, n: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        advised.append((str(file_of(fd)), off, off + n))
+        fadvise(fd, off, n, advice)
+
+    def spy_pread(fd: int, n: int, off: int) -> bytes:
+        got = pread(fd, n, off)
+        if file_of(fd) is not None:
+            reads.append((str(file_of(fd)), off, off + len(got)))
+        return got
+
+    def spy_preadv(fd: int, buffers: Any, off: int) -> int:
+        got = preadv(fd, buffers, off)
+        if file_of(fd) is not None:
+            reads.append((str(file_of(fd)), off, off + got))
+        return got
+
+    monkeypatch.setattr(os, "posix_fadvise", spy_fadvise)
+    monkeypatch.setattr(os, "pread", spy_pread)
+    monkeypatch.setattr(os, "preadv", spy_preadv)
+    dcp_reader.read(folder)
+    assert reads
+    for f, start, end in reads:
+        assert any(f == g and a <= start and end <= b for g, a, b in advised), (f, start, end)
+    for f, off, length, _plain in items:
+        assert (f, off, off + min(length, dcp_items.EDGE)) in advised
+        assert (f, off + length - min(length, dcp_items.EDGE), off + length) in advised or (
+            length <= dcp_items.EDGE
+        )

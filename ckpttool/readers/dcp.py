@@ -25,7 +25,7 @@ from ..unpickling.unpickler import DTypeRef
 from .dcp_globals import MCORE_CLASSES
 from .dcp_globals import META as _META
 from .dcp_globals import allowed as _allowed
-from .dcp_items import Item, chunk_item, read_item
+from .dcp_items import Item, chunk_item, read_item, will_read
 from .dcp_items import chunk_segments as _chunk_segments  # also reached here by its tests
 from .distributed import (
     DistributedCheckpoint,
@@ -332,6 +332,7 @@ def read(folder: str, seen: dict[str, str] | None = None) -> DistributedCheckpoi
     planner = planner if isinstance(planner, dict) else {}
     sizes: dict[str, int] = {meta: getsize(meta)}
     index = _storage_index(folder, fields.get("storage_data"), sizes)
+    will_read(index.values())
     tensors, entries = _read_keys(folder, sdm, planner, index, seen)
     order = [fqn for fqn in sdm if isinstance(fqn, str)]
     extra = _lightning_meta(folder, sizes, seen)
