@@ -66,9 +66,13 @@ class LocalSource:
         advised, they are queued together. A cached range costs about a microsecond.
         """
         advise = getattr(os, "posix_fadvise", None)
-        if advise is not None:
+        if advise is None:
+            return
+        try:
             for off, n in ranges:
                 advise(self.fd, off, n, os.POSIX_FADV_WILLNEED)
+        except OSError:  # advice only: the reads that follow say what is wrong, if anything
+            pass
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -165,6 +165,28 @@ def test_record_headers_are_advised_before_they_are_read(
         assert any(a <= start and end <= b for a, b in advised), (start, end)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_advice_the_kernel_refuses_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Advice is only advice: a filesystem that refuses it reads the file all the same."""
+    import errno
+
+    import torch
+
+    path = tmp_path / "many.pt"
+    torch.save({f"w{i}": torch.full((3,), float(i)) for i in range(40)}, path)
+    calls: list[int] = []
+
+    def refuse(fd: int, off: int, n: int, advice: int) -> None:
+        calls.append(off)
+        raise OSError(errno.ESPIPE, "Illegal seek")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    ckpt = open_checkpoint(path)
+    assert calls and len(ckpt.storages) == 40
+
+
 def test_noncontiguous_views(fixtures_dir: Path) -> None:
     ckpt = open_checkpoint(fixtures_dir / "noncontiguous_view.pt")
     t = {x.name: x for x in ckpt.tensors()}

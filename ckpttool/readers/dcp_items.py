@@ -46,7 +46,11 @@ def will_read(items: Iterable[Item]) -> None:
             edges.append((st.offset + st.length - EDGE, EDGE))
     for file, edges in ranges.items():
         if len(edges) >= ADVISE_MIN:
-            with LocalSource(file) as src:
+            try:
+                src = LocalSource(file)
+            except OSError:  # advice only: reading the items says what is wrong
+                continue
+            with src:
                 src.will_read(edges)
 
 
