@@ -175,8 +175,7 @@ _buffers = threading.local()
 
 def _buffer(which: int, size: int) -> memoryview:
     """A reused read buffer of this thread (``which`` of two), at least ``size`` bytes long,
-    cut to ``size`` (fresh 8 MB buffers cost their zeroing on every call; a first one of 1 MB
-    cost a rename ~1.4 ms in page faults to compare a run's ends of a few hundred bytes)."""
+    cut to ``size`` (fresh 8 MB buffers cost their zeroing; a first 1 MB one, page faults)."""
     bufs = getattr(_buffers, "bufs", None)
     if bufs is None:
         bufs = _buffers.bufs = [bytearray(), bytearray()]
